@@ -1,0 +1,215 @@
+"""Typed inventory objects: what a lab is made of.
+
+The models describe the canonical ("native") shape; the Ansible shape is
+translated into it before validation (see ansible.py).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DRIVER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Capability(StrEnum):
+    """What a device advertises (v2 MIGRATION flags, v1 region features)."""
+
+    STOP_COPY = "stop_copy"
+    P2P = "p2p"
+    PRE_COPY = "pre_copy"
+    DIRTY_LOGGING = "dirty_logging"
+    MMAP_DATA = "mmap_data"
+
+
+class ResetMethod(StrEnum):
+    IOCTL = "ioctl"  # VFIO_DEVICE_RESET
+    NONE = "none"  # the device cannot be reset: recovery tests are skipped
+
+
+class HostKeyPolicy(StrEnum):
+    STRICT = "strict"
+    ACCEPT_NEW = "accept-new"
+
+
+class _DeviceBase(Strict):
+    name: str | None = Field(default=None, description="short name; defaults from the address")
+    model: str | None = Field(default=None, description="devices of one model on different hosts pair up")
+    protocol: Literal["v1", "v2"]
+    capabilities: tuple[Capability, ...] = (Capability.STOP_COPY,)
+    reset: ResetMethod = ResetMethod.IOCTL
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid name (letters, digits, '_', '.', '-')")
+        return v
+
+    @model_validator(mode="after")
+    def _v2_needs_stop_copy(self) -> _DeviceBase:
+        if self.protocol == "v2" and Capability.STOP_COPY not in self.capabilities:
+            raise ValueError("a v2 device must list stop_copy in its capabilities (it is mandatory)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.default_name()
+
+    def default_name(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def model_key(self) -> str:
+        return self.model or self.default_model()
+
+    def default_model(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class PciDevice(_DeviceBase):
+    kind: Literal["pci"]
+    pci: str
+
+    @field_validator("pci")
+    @classmethod
+    def _bdf(cls, v: str) -> str:
+        if not BDF_RE.match(v):
+            raise ValueError(f"'{v}' is not a PCI address of the form 0000:65:00.0")
+        return v.lower()
+
+    def default_name(self) -> str:
+        return self.pci
+
+    def default_model(self) -> str:
+        return f"pci:{self.pci}"
+
+
+class MdevDevice(_DeviceBase):
+    kind: Literal["mdev"]
+    parent: str
+    type: str
+    uuid: str
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        if not UUID_RE.match(v):
+            raise ValueError(f"'{v}' is not a UUID")
+        return v.lower()
+
+    def default_name(self) -> str:
+        return self.type
+
+    def default_model(self) -> str:
+        return self.type
+
+
+class SimDevice(_DeviceBase):
+    kind: Literal["sim"]
+    driver: str = Field(description="package.module:ClassName of a labs.sim driver model")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("driver")
+    @classmethod
+    def _driver(cls, v: str) -> str:
+        if not DRIVER_RE.match(v):
+            raise ValueError(f"'{v}' is not of the form package.module:ClassName")
+        return v
+
+    def default_name(self) -> str:
+        return self.driver.rsplit(":", 1)[1].lower()
+
+    def default_model(self) -> str:
+        return self.driver
+
+
+Device = Annotated[PciDevice | MdevDevice | SimDevice, Field(discriminator="kind")]
+
+
+class JumpHost(Strict):
+    address: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = "root"
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    host_key_policy: HostKeyPolicy = HostKeyPolicy.STRICT
+
+
+class Host(Strict):
+    address: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = "root"
+    identity_file: Path | None = None
+    identity_passphrase_env: str | None = Field(
+        default=None, description="name of the environment variable that holds the key's passphrase"
+    )
+    known_hosts: Path | None = None
+    host_key_policy: HostKeyPolicy = HostKeyPolicy.STRICT
+    jump: str | JumpHost | None = Field(default=None, description="another host's name, or a jump host")
+    libvirt_uri: str | None = None
+    migration_address: str | None = Field(
+        default=None, description="address other hosts use for migration traffic to this host"
+    )
+    python: str = "python3"
+    sudo: bool = False
+    devices: tuple[Device, ...] = ()
+
+
+class Timeouts(Strict):
+    connect: float = Field(default=15.0, gt=0)
+    command: float = Field(default=120.0, gt=0)
+    agent_op: float = Field(default=60.0, gt=0)
+    migration: float = Field(default=600.0, gt=0)
+    test: float = Field(default=900.0, gt=0)
+
+
+class SimSettings(Strict):
+    """The embedded sim lab: the framework runs each host's sshd itself."""
+
+    dir: Path = Field(description="where generated keys, sshd configs and device state live")
+    port: int = Field(default=2222, ge=1, le=65535)
+
+
+class LabSettings(Strict):
+    name: str = "lab"
+    timeouts: Timeouts = Timeouts()
+    artifact_dir: Path = Path("reports")
+    keepalive: float = Field(default=15.0, ge=0)
+    sim: SimSettings | None = None
+
+
+class PairSpec(Strict):
+    source: str = Field(description="host:device")
+    destination: str = Field(description="host:device")
+
+
+class InventoryDoc(Strict):
+    """The file as validated, before cross-references are resolved."""
+
+    lab: LabSettings = LabSettings()
+    hosts: dict[str, Host]
+    pairs: tuple[PairSpec, ...] | None = Field(
+        default=None, description="explicit pairs; when absent, devices of one model on different hosts pair up"
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: dict[str, Host]) -> dict[str, Host]:
+        if not v:
+            raise ValueError("an inventory needs at least one host")
+        for name in v:
+            if not NAME_RE.match(name):
+                raise ValueError(f"'{name}' is not a valid host name")
+        return v
