@@ -1,0 +1,175 @@
+"""`lab`: the command a lab engineer types.
+
+Every LabError ends as one line on stderr and exit status 2; a traceback means
+a bug in labs itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from labs.errors import LabError
+from labs.paths import REPO_ROOT, default_inventory
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "n/a": "dim", "skipped": "dim"}
+
+
+def one_line_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LabError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+inventory_option = click.option(
+    "--inventory",
+    "-i",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="inventory YAML (default: $LABS_INVENTORY, else inventories/sim.yaml)",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """labs: hardware-in-the-loop tests for VFIO device migration."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@inventory_option
+@click.option("--suites", default=None, help="suite paths (default: suites/)")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+@one_line_errors
+def run(inventory: Path | None, suites: str | None, pytest_args: tuple[str, ...]) -> None:
+    """Run the suites against a lab and write Allure results under reports/."""
+    from labs.reporting.run import run_suites
+
+    sys.exit(run_suites(inventory or default_inventory(), suites, list(pytest_args), console))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("tox_args", nargs=-1, type=click.UNPROCESSED)
+def test(tox_args: tuple[str, ...]) -> None:
+    """Run the framework's own tests through tox (lint, type checks, tests)."""
+    args = list(tox_args) or ["-e", "lint,tests"]
+    tox = Path(sys.executable).with_name("tox")
+    os.chdir(REPO_ROOT)
+    sys.exit(subprocess.call([str(tox), *args]))
+
+
+@main.command()
+@inventory_option
+@click.option("--host", "hosts", multiple=True, help="only these hosts")
+@one_line_errors
+def doctor(inventory: Path | None, hosts: tuple[str, ...]) -> None:
+    """Preflight every host of an inventory; exit 1 when something fails."""
+    from labs.doctor import Status, check_lab
+    from labs.hostagent import migration_probe
+    from labs.runtime import LabSession, open_inventory
+
+    inv = open_inventory(inventory or default_inventory())
+    chosen = [h for h in inv.hosts if not hosts or h.name in hosts]
+    with LabSession(inv) as session:
+        reports = check_lab(session, chosen, migration_probe)
+    failed = False
+    for report in reports.values():
+        table = Table(title=f"{report.host}", title_justify="left", show_lines=False)
+        table.add_column("check")
+        table.add_column("device")
+        table.add_column("status")
+        table.add_column("detail", overflow="fold")
+        for c in report.checks:
+            style = STATUS_STYLE.get(c.status.value, "")
+            table.add_row(c.name, c.device or "", f"[{style}]{c.status.value}[/]", c.detail)
+            failed |= c.status == Status.FAIL
+        console.print(table)
+    console.print("[bold red]doctor: some checks failed[/]" if failed else "[green]doctor: all hosts healthy[/]")
+    sys.exit(1 if failed else 0)
+
+
+@main.group("inventory")
+def inventory_group() -> None:
+    """Inventory files."""
+
+
+@inventory_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@one_line_errors
+def inventory_check(file: Path) -> None:
+    """Validate FILE without touching any host."""
+    from labs.runtime import open_inventory
+
+    inv = open_inventory(file)
+    console.print(
+        f"{file}: ok ({inv.shape} shape): {len(inv.hosts)} hosts, {len(inv.devices)} devices, {len(inv.pairs)} pairs",
+        highlight=False,
+    )
+    for pair in inv.pairs:
+        console.print(f"  pair {pair.id}", highlight=False)
+
+
+@main.group("sim")
+def sim_group() -> None:
+    """The embedded sim lab (real sshd on loopback addresses)."""
+
+
+def _simlab(inventory: Path | None) -> Any:
+    from labs.runtime import open_inventory
+    from labs.simlab import SimLab
+
+    return SimLab(open_inventory(inventory or default_inventory()))
+
+
+@sim_group.command("up")
+@inventory_option
+@one_line_errors
+def sim_up(inventory: Path | None) -> None:
+    """Start the sim hosts and keep them up until `lab sim down`."""
+    from labs.simlab.lab import CLI_USER
+
+    lab = _simlab(inventory)
+    lab.start(CLI_USER)
+    for host, pid in lab.status().items():
+        console.print(f"{host}: sshd pid {pid}")
+
+
+@sim_group.command("down")
+@inventory_option
+@one_line_errors
+def sim_down(inventory: Path | None) -> None:
+    """Stop the sim hosts (even if a crashed run left them registered)."""
+    lab = _simlab(inventory)
+    console.print("stopped" if lab.stop(force=True) else "nothing was running")
+
+
+@sim_group.command("status")
+@inventory_option
+@one_line_errors
+def sim_status(inventory: Path | None) -> None:
+    lab = _simlab(inventory)
+    for host, pid in lab.status().items():
+        console.print(f"{host}: {'sshd pid ' + str(pid) if pid else 'down'}")
+    console.print(f"users: {', '.join(lab.users()) or 'none'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

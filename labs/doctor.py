@@ -1,0 +1,208 @@
+"""Preflight: is each host of an inventory fit to run the suites?
+
+`lab doctor` prints these checks; the pytest plugin runs them once per session
+and skips an unhealthy host's tests with the reason, instead of letting each
+test fail on its own.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from labs.errors import LabError
+from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import MdevDevice, PciDevice, SimDevice
+from labs.runtime import LabSession
+from labs.transport import HostConnection
+from labs.virt.connection import probe as probe_libvirt
+
+
+class Status(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    NA = "n/a"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    device: str | None = None  # the device id for per-device checks
+
+
+# Without these nothing on the host can run; any other failure is narrower
+# (a missing device skips that device's tests, a broken libvirt the VM tests).
+ESSENTIAL = ("ssh", "python")
+MIN_AGENT_PYTHON = (3, 6)
+V2_KERNEL = (5, 18)
+PRECOPY_KERNEL = (6, 2)
+
+# Set by the device layer: reads the device's migration capability through the agent.
+MigrationProbe = Callable[[LabSession, LabDevice], str]
+
+
+@dataclass
+class HostReport:
+    host: str
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, status: Status, detail: str, device: str | None = None) -> Check:
+        check = Check(name, status, detail, device)
+        self.checks.append(check)
+        return check
+
+    @property
+    def problem(self) -> str | None:
+        """Why this host cannot run anything, or None."""
+        for c in self.checks:
+            if c.name in ESSENTIAL and c.status == Status.FAIL:
+                return f"{c.name}: {c.detail}"
+        return None
+
+    def device_problem(self, device_id: str) -> str | None:
+        for c in self.checks:
+            if c.device == device_id and c.status == Status.FAIL:
+                return f"{c.name}: {c.detail}"
+        return None
+
+    def check(self, name: str) -> Check | None:
+        return next((c for c in self.checks if c.name == name and c.device is None), None)
+
+    @property
+    def healthy(self) -> bool:
+        return self.problem is None and not any(c.status == Status.FAIL for c in self.checks)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else ()
+
+
+def check_host(
+    session: LabSession,
+    host: LabHost,
+    migration_probe: MigrationProbe | None = None,
+) -> HostReport:
+    report = HostReport(host.name)
+    ssh = session.ssh(host.name)
+    try:
+        res = ssh.run("true", timeout=session.inventory.settings.timeouts.connect, idempotent=True)
+        report.add("ssh", Status.OK if res.ok else Status.FAIL, f"{ssh.endpoint.where} ({res.duration * 1000:.0f} ms)")
+    except LabError as exc:
+        report.add("ssh", Status.FAIL, str(exc).removeprefix(f"{host.name}: "))
+        for name in ("python", "kernel", "modules", "libvirt"):
+            report.add(name, Status.SKIPPED, "ssh unreachable")
+        return report
+    _check_python(report, ssh, host)
+    kernel = _check_kernel(report, ssh, host)
+    _check_modules(report, ssh, host)
+    _check_libvirt(report, host)
+    for device in session.inventory.devices:
+        if device.host.name == host.name:
+            _check_device(report, ssh, device, kernel)
+            if migration_probe is not None and report.device_problem(device.id) is None:
+                try:
+                    report.add("migration", Status.OK, migration_probe(session, device), device.id)
+                except LabError as exc:
+                    report.add("migration", Status.FAIL, str(exc), device.id)
+    return report
+
+
+def _check_python(report: HostReport, ssh: HostConnection, host: LabHost) -> None:
+    py = host.spec.python
+    res = ssh.run(f"{shlex.quote(py)} -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])'", idempotent=True)
+    if not res.ok:
+        report.add("python", Status.FAIL, f"{py} does not run: {res.stderr.strip()[-200:]}")
+        return
+    version = res.stdout.strip()
+    ok = _version_tuple(version) >= MIN_AGENT_PYTHON
+    report.add("python", Status.OK if ok else Status.FAIL, f"{py} {version}" + ("" if ok else " (agent needs 3.6+)"))
+
+
+def _check_kernel(report: HostReport, ssh: HostConnection, host: LabHost) -> tuple[int, ...]:
+    res = ssh.run("uname -r", idempotent=True)
+    release = res.stdout.strip()
+    kernel = _version_tuple(release)
+    real_v2 = [d for d in host.spec.devices if d.kind != "sim" and d.protocol == "v2"]
+    if real_v2 and kernel < V2_KERNEL:
+        report.add("kernel", Status.FAIL, f"{release}: v2 migration needs Linux 5.18+")
+    else:
+        report.add("kernel", Status.OK, release)
+    return kernel
+
+
+def _check_modules(report: HostReport, ssh: HostConnection, host: LabHost) -> None:
+    kinds = {d.kind for d in host.spec.devices}
+    wanted = ["vfio"]
+    if "pci" in kinds:
+        wanted.append("vfio_pci")
+    if "mdev" in kinds:
+        wanted.append("mdev")
+    if kinds <= {"sim"}:
+        report.add("modules", Status.NA, "simulated devices only")
+        return
+    # built-in modules also appear under /sys/module
+    res = ssh.run(" ; ".join(f"test -d /sys/module/{m} && echo {m}" for m in wanted) + " ; true", idempotent=True)
+    present = set(res.stdout.split())
+    missing = [m for m in wanted if m not in present]
+    status = Status.FAIL if missing else Status.OK
+    report.add("modules", status, f"missing {', '.join(missing)}" if missing else ", ".join(wanted))
+
+
+def _check_libvirt(report: HostReport, host: LabHost) -> None:
+    uri = host.spec.libvirt_uri
+    if not uri:
+        report.add("libvirt", Status.NA, "no libvirt_uri in the inventory")
+        return
+    try:
+        info = probe_libvirt(uri, host.name)
+    except LabError as exc:
+        report.add("libvirt", Status.FAIL, str(exc).removeprefix(f"{host.name}: "))
+        return
+    where = uri.split("?")[0]
+    report.add("libvirt", Status.OK, f"{info.driver} {info.hv_version}, libvirt {info.lib_version} ({where})")
+
+
+def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, kernel: tuple[int, ...]) -> None:
+    spec = device.spec
+    if isinstance(spec, SimDevice):
+        report.add("device", Status.OK, f"simulated by {spec.driver}", device.id)
+        return
+    if isinstance(spec, PciDevice):
+        path = f"/sys/bus/pci/devices/{spec.pci}"
+    else:
+        assert isinstance(spec, MdevDevice)
+        path = f"/sys/bus/mdev/devices/{spec.uuid}"
+    probe = f"test -e {path} && basename $(readlink -f {path}/driver 2>/dev/null) 2>/dev/null; true"
+    res = ssh.run(probe, idempotent=True)
+    driver = res.stdout.strip()
+    if not driver and not ssh.run(f"test -e {path}", idempotent=True).ok:
+        report.add("device", Status.FAIL, f"{path} does not exist", device.id)
+        return
+    if "vfio" not in driver:
+        report.add("device", Status.FAIL, f"bound to {driver or 'no driver'}, not a vfio driver", device.id)
+        return
+    note = ""
+    if "pre_copy" in spec.capabilities and kernel and kernel < PRECOPY_KERNEL:
+        note = " (pre_copy needs Linux 6.2+)"
+    report.add("device", Status.WARN if note else Status.OK, f"bound to {driver}{note}", device.id)
+
+
+def check_lab(
+    session: LabSession,
+    hosts: Iterable[LabHost] | None = None,
+    migration_probe: MigrationProbe | None = None,
+) -> dict[str, HostReport]:
+    """Check all hosts in parallel: a dead host costs one connect timeout, not one per host."""
+    chosen = list(hosts if hosts is not None else session.inventory.hosts)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(chosen)))) as pool:
+        reports = pool.map(lambda h: check_host(session, h, migration_probe), chosen)
+        return {r.host: r for r in reports}

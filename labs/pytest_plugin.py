@@ -1,0 +1,301 @@
+"""pytest plugin: parametrize suites over an inventory's hosts, devices and pairs.
+
+Loaded by the root conftest.py and, from an installed package, through the
+pytest11 entry point. Nothing touches an inventory or a host until a test asks
+for a lab fixture, so the plugin costs nothing in unrelated test runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from filelock import FileLock
+
+from labs.doctor import HostReport, Status, check_lab
+from labs.errors import LabError
+from labs.inventory import Inventory, LabDevice, LabHost, LabPair
+from labs.inventory.models import Capability
+from labs.paths import SIM_INVENTORY
+from labs.runtime import LabSession, open_inventory
+from labs.transport import HostConnection
+
+MARKERS = {
+    "conformance": "device-level rule checks against the VFIO migration uAPI",
+    "save_resume": "save and resume (device level or VM level)",
+    "live_migration": "live migration between the hosts of a pair",
+    "fault": "induces a failure on purpose",
+    "recovery": "drives a device into ERROR and recovers it",
+    "destructive": "may leave a device needing a reset or a host needing care",
+    "slow": "takes minutes on a real lab",
+    "requires(*capabilities)": "skip devices lacking these capabilities (stop_copy, p2p, pre_copy, ...)",
+    "protocol(name)": "only parametrize over devices speaking this protocol (v1 or v2)",
+    "sim_only(reason)": "only for simulated devices (e.g. requests known to hang real kernels)",
+    "rule(*ids)": "the spec rule ids (V1-R*, V2-R*) this test checks",
+}
+LAB_FIXTURES = ("lab", "host", "device", "pair", "ssh")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("labs", "VFIO migration lab")
+    group.addoption("--inventory", default=None, help="inventory YAML (default: $LABS_INVENTORY, else the sim lab)")
+    group.addoption(
+        "--lab-host", action="append", default=[], metavar="GLOB", help="only hosts matching GLOB (repeatable)"
+    )
+    group.addoption(
+        "--lab-device",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only devices whose id matches GLOB, e.g. 'hostA:*' or '*:mtty-2' (repeatable)",
+    )
+    group.addoption("--lab-no-doctor", action="store_true", help="skip the per-session host preflight")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[STATE] = LabState(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is not None:
+        state.close()
+
+
+class LabState:
+    """Per-process plugin state: the inventory, the live session, the health report."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._inventory: Inventory | None = None
+        self._session: LabSession | None = None
+        self._health: dict[str, HostReport] | None = None
+
+    @property
+    def inventory_path(self) -> Path:
+        opt = self.config.getoption("--inventory")
+        if opt:
+            return Path(opt)
+        if os.environ.get("LABS_INVENTORY"):
+            return Path(os.environ["LABS_INVENTORY"])
+        local = Path(str(self.config.rootpath)) / "inventories" / "sim.yaml"
+        return local if local.exists() else SIM_INVENTORY
+
+    @property
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            try:
+                self._inventory = open_inventory(self.inventory_path)
+            except LabError as exc:
+                # pytest prints a UsageError as one line, without a traceback
+                raise pytest.UsageError(str(exc)) from None
+        return self._inventory
+
+    @property
+    def session(self) -> LabSession:
+        if self._session is None:
+            self._session = LabSession(self.inventory).start()
+        return self._session
+
+    def health(self) -> dict[str, HostReport]:
+        if self._health is None:
+            if self.config.getoption("--lab-no-doctor"):
+                self._health = {}
+            else:
+                from labs.hostagent import migration_probe
+
+                self._health = check_lab(self.session, self.hosts(), migration_probe)
+        return self._health
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # -- selection ----------------------------------------------------------
+    def _host_ok(self, host: LabHost) -> bool:
+        globs = self.config.getoption("--lab-host")
+        return not globs or any(fnmatch.fnmatchcase(host.name, g) for g in globs)
+
+    def _device_ok(self, device: LabDevice) -> bool:
+        globs = self.config.getoption("--lab-device")
+        host_ok = self._host_ok(device.host)
+        return host_ok and (not globs or any(fnmatch.fnmatchcase(device.id, g) for g in globs))
+
+    def hosts(self) -> list[LabHost]:
+        return [h for h in self.inventory.hosts if self._host_ok(h)]
+
+    def devices(self) -> list[LabDevice]:
+        return [d for d in self.inventory.devices if self._device_ok(d)]
+
+    def pairs(self) -> list[LabPair]:
+        return [p for p in self.inventory.pairs if self._device_ok(p.source) and self._device_ok(p.destination)]
+
+    def lock_dir(self) -> Path:
+        inv = self.inventory
+        if inv.settings.sim is not None:
+            base = inv.settings.sim.dir.expanduser()
+        else:
+            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labs" / inv.name
+        path = base / "locks"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+STATE = pytest.StashKey[LabState]()
+
+
+def _state(config: pytest.Config) -> LabState:
+    return config.stash[STATE]
+
+
+# -- parametrization ---------------------------------------------------------
+def _protocol_filter(metafunc: pytest.Metafunc) -> str | None:
+    mark = metafunc.definition.get_closest_marker("protocol")
+    return str(mark.args[0]) if mark else None
+
+
+def _empty(what: str, why: str) -> list[Any]:
+    return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} in this lab{why}"), id=f"no-{what}")]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    names = metafunc.fixturenames
+    if not any(n in names for n in ("host", "device", "pair")):
+        return
+    state = _state(metafunc.config)
+    protocol = _protocol_filter(metafunc)
+    why = f" (inventory {state.inventory_path})"
+    if protocol:
+        why = f" speaking {protocol}{why}"
+    if "pair" in names:
+        pairs = [p for p in state.pairs() if protocol in (None, p.source.spec.protocol)]
+        params = [pytest.param(p, id=p.id) for p in pairs] or _empty("pair", why)
+        metafunc.parametrize("pair", params, indirect=True)
+    elif "device" in names:
+        devices = [d for d in state.devices() if protocol in (None, d.spec.protocol)]
+        params = [pytest.param(d, id=d.id) for d in devices] or _empty("device", why)
+        metafunc.parametrize("device", params, indirect=True)
+    elif "host" in names:
+        params = [pytest.param(h, id=h.name) for h in state.hosts()] or _empty("host", why)
+        metafunc.parametrize("host", params, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = _state(config)
+    for item in items:
+        if not any(n in getattr(item, "fixturenames", ()) for n in LAB_FIXTURES):
+            continue
+        if item.get_closest_marker("timeout") is None and state._inventory is not None:
+            item.add_marker(pytest.mark.timeout(state.inventory.settings.timeouts.test))
+        for mark in item.iter_markers("rule"):
+            for rule_id in mark.args:
+                item.user_properties.append(("rule", str(rule_id)))
+
+
+# -- skips ---------------------------------------------------------------------
+def _skip_unhealthy(state: LabState, host: LabHost) -> None:
+    report = state.health().get(host.name)
+    if report is not None and report.problem:
+        pytest.skip(f"host {host.name} unhealthy: {report.problem}")
+
+
+def _skip_device(request: pytest.FixtureRequest, state: LabState, device: LabDevice) -> None:
+    _skip_unhealthy(state, device.host)
+    report = state.health().get(device.host.name)
+    problem = report.device_problem(device.id) if report else None
+    if problem:
+        pytest.skip(f"device {device.id} unhealthy: {problem}")
+    wanted: list[Capability] = []
+    for mark in request.node.iter_markers("requires"):
+        wanted.extend(Capability(c) for c in mark.args)
+    missing = [c.value for c in wanted if c not in device.capabilities]
+    if missing:
+        pytest.skip(f"{device.id} lacks capability {', '.join(missing)}")
+    sim_only = request.node.get_closest_marker("sim_only")
+    if sim_only and device.spec.kind != "sim":
+        reason = sim_only.args[0] if sim_only.args else "simulated devices only"
+        pytest.skip(f"{device.id} is a real device: {reason}")
+
+
+def _reserve(stack: ExitStack, state: LabState, devices: list[LabDevice]) -> None:
+    """Hold each device exclusively for the test (xdist workers, parallel runs); sorted to avoid deadlock."""
+    timeout = state.inventory.settings.timeouts.test
+    for dev in sorted(devices, key=lambda d: d.id):
+        lock = FileLock(str(state.lock_dir() / f"{dev.id.replace(':', '_').replace('/', '_')}.lock"), timeout=timeout)
+        stack.enter_context(lock)
+
+
+# -- fixtures ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> LabSession:
+    """The lab in use: inventory, SSH pool, run id (the sim lab is started on first use)."""
+    try:
+        return _state(request.config).session
+    except LabError as exc:
+        pytest.exit(f"lab could not start: {exc}", returncode=3)
+
+
+@pytest.fixture
+def host(request: pytest.FixtureRequest, lab: LabSession) -> LabHost:
+    h: LabHost = request.param
+    _skip_unhealthy(_state(request.config), h)
+    return h
+
+
+@pytest.fixture
+def ssh(lab: LabSession, request: pytest.FixtureRequest) -> HostConnection:
+    """The SSH connection to the test's host (or its device's host)."""
+    for name in ("host", "device", "pair"):
+        if name in request.fixturenames:
+            obj = request.getfixturevalue(name)
+            h = obj if isinstance(obj, LabHost) else obj.host if isinstance(obj, LabDevice) else obj.source.host
+            return lab.ssh(h.name)
+    raise pytest.UsageError("the ssh fixture needs a host, device or pair fixture in the same test")
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest, lab: LabSession) -> Iterator[LabDevice]:
+    d: LabDevice = request.param
+    state = _state(request.config)
+    _skip_device(request, state, d)
+    with ExitStack() as stack:
+        _reserve(stack, state, [d])
+        yield d
+
+
+@pytest.fixture
+def pair(request: pytest.FixtureRequest, lab: LabSession) -> Iterator[LabPair]:
+    p: LabPair = request.param
+    state = _state(request.config)
+    _skip_device(request, state, p.source)
+    _skip_device(request, state, p.destination)
+    with ExitStack() as stack:
+        _reserve(stack, state, [p.source, p.destination])
+        yield p
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    state = config.stash.get(STATE, None)
+    if state is None or state._inventory is None:
+        return None
+    inv = state.inventory
+    return f"lab: {inv.name} ({state.inventory_path}), {len(inv.hosts)} hosts, {len(inv.devices)} devices"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None or not state._health:
+        return
+    bad = [(r.host, c) for r in state._health.values() for c in r.checks if c.status == Status.FAIL]
+    if bad:
+        terminalreporter.section("lab health")
+        for host, c in bad:
+            terminalreporter.write_line(f"{host}{' ' + c.device if c.device else ''}: {c.name}: {c.detail}")

@@ -1,0 +1,1 @@
+"""Allure results, summaries and rendered reports."""
