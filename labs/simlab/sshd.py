@@ -131,22 +131,44 @@ class SimSshd:
         raise InfraError(f"sim host {self.host}: sshd did not listen on {self.address}:{self.port} in {timeout:g}s")
 
     def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the listener and every session it spawned, like a host going down."""
         pid = self.pid()
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return False
+        # Session processes call setsid() and outlive their listener: collect them first.
+        victims = [pid, *_descendants(pid)]
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
+            for victim in victims:
+                try:
+                    os.kill(victim, sig)
+                except ProcessLookupError:
+                    pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and any(_alive(v) for v in victims):
                 time.sleep(0.05)
-            if not _alive(pid):
+            victims = [v for v in victims if _alive(v)]
+            if not victims:
                 break
         self.pidfile.unlink(missing_ok=True)
         return True
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name may contain spaces: the ppid follows the last ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -250,12 +250,12 @@ class HostConnection:
                 _drain(chan, out, err)
                 if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
-                if chan.closed and not chan.exit_status_ready():
-                    raise ConnectionLost(f"{self.name}: connection lost while running: {command}")
                 if time.monotonic() > deadline:
                     text = out.decode(errors="replace"), err.decode(errors="replace")
                     raise CommandTimeout(self.name, command, limit, *text)
             status = chan.recv_exit_status()
+            if status == -1:  # paramiko: the channel closed without an exit status
+                raise ConnectionLost(f"{self.name}: connection lost while running: {command}")
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self.close()
             raise ConnectionLost(f"{self.name}: connection lost while running {command!r}: {exc}") from exc

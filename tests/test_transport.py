@@ -1,0 +1,187 @@
+"""The SSH transport against real OpenSSH sshd instances (the sim lab)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from labs.errors import CommandTimeout, SSHError
+from labs.inventory.models import Host, HostKeyPolicy
+from labs.runtime import LabSession, open_inventory
+from labs.simlab import keys
+from labs.simlab.sshd import SimSshd
+from labs.transport import CommandFailed, ConnectionLost, HostConnection, HostKeyError
+
+
+def fresh_connection(session: LabSession, host: str, **changes: object) -> HostConnection:
+    spec = session.inventory.host(host).spec.model_copy(update=changes)
+    return HostConnection(host, spec, connect_timeout=5)
+
+
+def test_run_returns_status_output_and_duration(sim_session: LabSession) -> None:
+    result = sim_session.ssh("hostA").run("echo out; echo err >&2; exit 3")
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    assert result.duration > 0
+    with pytest.raises(CommandFailed, match="exit 3"):
+        result.check()
+
+
+def test_each_host_is_its_own_sshd(sim_session: LabSession) -> None:
+    hosts = sim_session.inventory.hosts
+    seen = {h.name: sim_session.ssh(h.name).run("echo $LABS_SIM_HOST").stdout.strip() for h in hosts}
+    assert seen == {"hostA": "hostA", "hostB": "hostB"}
+
+
+def test_pool_reuses_one_connection_per_host(sim_session: LabSession) -> None:
+    conn = sim_session.ssh("hostA")
+    transport = conn.client().get_transport()
+    conn.run("true")
+    assert sim_session.ssh("hostA") is conn
+    assert conn.client().get_transport() is transport
+
+
+def test_stdin_is_passed(sim_session: LabSession) -> None:
+    assert sim_session.ssh("hostB").run("wc -c", stdin=b"x" * 1000).stdout.strip() == "1000"
+
+
+def test_timeout_kills_the_remote_command_and_its_children(sim_session: LabSession) -> None:
+    conn = sim_session.ssh("hostA")
+    marker = f"60.{uuid.uuid4().int % 10**6:06d}"  # a unique sleep length identifies our processes
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        conn.run(f"echo started; sleep {marker} & sh -c 'sleep {marker}'", timeout=1)
+    assert time.monotonic() - start < 10
+    assert info.value.stdout == "started\n"
+    assert "timed out after 1s" in str(info.value)
+    time.sleep(0.5)
+    left = conn.run(f"pgrep -af '[s]leep {marker}' || true").stdout.strip()
+    assert left == "", f"remote processes survived the timeout: {left}"
+
+
+def test_sftp_put_and_get(sim_session: LabSession, tmp_path: Path) -> None:
+    conn = sim_session.ssh("hostB")
+    src = tmp_path / "payload.bin"
+    src.write_bytes(bytes(range(256)) * 100)
+    remote = f"/tmp/labs-sftp-{uuid.uuid4().hex[:8]}"
+    try:
+        conn.put(src, remote, mode=0o600)
+        assert conn.run(f"stat -c %a {remote}").stdout.strip() == "600"
+        conn.get(remote, tmp_path / "back.bin")
+        assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    finally:
+        conn.run(f"rm -f {remote}")
+
+
+def test_wrong_host_key_is_refused(sim_session: LabSession, tmp_path: Path) -> None:
+    # pin hostA's address to a key that is not its host key
+    other = tmp_path / "other_key"
+    keys.keygen(other, "not-the-host")
+    spec = sim_session.inventory.host("hostA").spec
+    known = tmp_path / "known_hosts"
+    keys.write_known_hosts(known, [(spec.address, spec.port, other)])
+    conn = fresh_connection(sim_session, "hostA", known_hosts=known)
+    with pytest.raises(HostKeyError, match="host key mismatch"):
+        conn.run("true")
+    # ...also with accept-new, which only ever adds keys for unknown hosts
+    conn = fresh_connection(sim_session, "hostA", known_hosts=known, host_key_policy=HostKeyPolicy.ACCEPT_NEW)
+    with pytest.raises(HostKeyError, match="host key mismatch"):
+        conn.run("true")
+
+
+def test_unknown_host_is_refused_under_strict_checking(sim_session: LabSession, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    conn = fresh_connection(sim_session, "hostB", known_hosts=empty)
+    with pytest.raises(HostKeyError, match=r"not in .*known_hosts.*accept-new"):
+        conn.run("true")
+    assert empty.read_text() == "", "strict checking must never add a key"
+
+
+def test_accept_new_pins_the_key_on_first_use(sim_session: LabSession, tmp_path: Path) -> None:
+    known = tmp_path / "sub" / "known_hosts"
+    conn = fresh_connection(sim_session, "hostB", known_hosts=known, host_key_policy=HostKeyPolicy.ACCEPT_NEW)
+    assert conn.run("true").ok
+    spec = sim_session.inventory.host("hostB").spec
+    line = known.read_text().strip()
+    assert line.startswith(f"[{spec.address}]:{spec.port} ssh-ed25519 ")
+    # and the pinned key is then trusted under strict checking
+    assert fresh_connection(sim_session, "hostB", known_hosts=known).run("true").ok
+
+
+def test_jump_host(sim_session: LabSession) -> None:
+    jump = sim_session.ssh("hostA")
+    spec = sim_session.inventory.host("hostB").spec
+    conn = HostConnection("hostB", spec, connect_timeout=5, jump=jump)
+    assert conn.run("echo $LABS_SIM_HOST").stdout.strip() == "hostB"
+    # the connection rides inside the jump host's: closing that one ends it
+    transport = conn.client().get_transport()
+    assert transport is not None and transport.is_active()
+    jump.close()
+    deadline = time.monotonic() + 5
+    while transport.is_active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not transport.is_active()
+    assert conn.run("echo $LABS_SIM_HOST", idempotent=True).stdout.strip() == "hostB"
+
+
+def test_sudo_is_used_only_for_non_root_users() -> None:
+    base = Host(address="127.0.0.1", user="lab", sudo=True)
+    assert HostConnection("h", base).wrap("id", 5).startswith("sudo -n -- timeout -k 3 5 sh -c ")
+    root = Host(address="127.0.0.1", user="root", sudo=True)
+    assert HostConnection("h", root).wrap("id", 5).startswith("timeout ")
+    plain = Host(address="127.0.0.1", user="lab")
+    assert not HostConnection("h", plain).wrap("id", 5).startswith("sudo")
+
+
+def test_unreachable_host_is_one_clear_error(sim_session: LabSession) -> None:
+    conn = fresh_connection(sim_session, "hostA", port=1)
+    with pytest.raises(SSHError, match=r"hostA: cannot reach root@127\.0\.0\.2:1|hostA: cannot reach .*:1"):
+        conn.run("true")
+
+
+def test_reconnect_after_sshd_restart(tmp_path: Path) -> None:
+    from tests.conftest import write_sim_inventory
+
+    inventory = open_inventory(write_sim_inventory(tmp_path))
+    with LabSession(inventory) as session:
+        assert session.sim is not None
+        conn = session.ssh("hostA")
+        assert conn.run("true").ok
+        sshd: SimSshd = next(s for s in session.sim.sshds() if s.host == "hostA")
+        sshd.stop()  # the "host" goes down, its sessions with it
+        sshd.start()
+        # a non-idempotent call is never retried after the connection dropped under it...
+        try:
+            conn.run("true")
+        except (ConnectionLost, SSHError):
+            pass  # allowed: the dead transport may only be noticed mid-call
+        # ...while an idempotent one reconnects and succeeds
+        assert conn.run("echo back", idempotent=True).stdout == "back\n"
+        sshd.stop()
+        sshd.start()
+        assert conn.run("echo again", idempotent=True).stdout == "again\n"
+
+
+def test_non_idempotent_call_is_not_retried(tmp_path: Path) -> None:
+    from tests.conftest import write_sim_inventory
+
+    inventory = open_inventory(write_sim_inventory(tmp_path))
+    with LabSession(inventory) as session:
+        assert session.sim is not None
+        conn = session.ssh("hostB")
+        counter = tmp_path / "count"
+        sshd = next(s for s in session.sim.sshds() if s.host == "hostB")
+        # the command kills its own sshd session mid-call: the connection drops with the call in flight
+        kill_session = (
+            "p=$$; while p=$(ps -o ppid= -p $p | tr -d ' '); [ \"$p\" -gt 1 ]; do "
+            "[ \"$(ps -o comm= -p $p)\" = sshd ] && { kill -9 $p; break; }; done"
+        )
+        cmd = f"echo x >> {counter}; {kill_session}; sleep 5"
+        with pytest.raises((ConnectionLost, SSHError)):
+            conn.run(cmd)
+        assert counter.read_text() == "x\n", "a non-idempotent command ran more than once"
+        assert sshd.pid() is not None
+
