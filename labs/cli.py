@@ -22,7 +22,7 @@ from labs.errors import LabError
 from labs.paths import REPO_ROOT, default_inventory
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "n/a": "dim", "skipped": "dim"}

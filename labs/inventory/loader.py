@@ -75,6 +75,8 @@ def load_inventory(
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = _clean_loc(data, err["loc"])
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "kind")
         raise fail(loc, _problem(err)) from None
 
     inventory = _resolve(path, model, shape, fail)
@@ -126,7 +128,9 @@ def _clean_loc(data: Any, loc: tuple[str | int, ...]) -> KeyPath:
     node = data
     tag_skipped_at: object = None
     for part in loc:
-        if isinstance(node, dict) and tag_skipped_at is not node and part not in node and part == node.get("kind"):
+        # the tag sits right after a list index; a field may share its name (kind pci, field pci)
+        after_index = bool(out) and isinstance(out[-1], int)
+        if isinstance(node, dict) and after_index and tag_skipped_at is not node and part == node.get("kind"):
             tag_skipped_at = node
             continue
         out.append(part)

@@ -34,6 +34,7 @@ class InventoryError(ConfigError):
 
     def __init__(self, file: Path | str, path: KeyPath | str, problem: str, line: int | None = None) -> None:
         where = path if isinstance(path, str) else format_path(path)
+        problem = " ".join(problem.split())  # parser messages span lines; ours is always one
         loc = f"{file}:{line}" if line else str(file)
         super().__init__(f"{loc}: {where}: {problem}")
         self.file = str(file)
