@@ -60,7 +60,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    config.stash[STATE] = LabState(config)
+    state = LabState(config)
+    config.stash[STATE] = state
+    if config.getoption("--inventory"):
+        # asked for by name: validate now, so a bad file is one usage-error line, not a collection error
+        _ = state.inventory
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
