@@ -1,0 +1,56 @@
+"""The `lab` command: one-line errors, inventory check, doctor, sim lab lifecycle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from labs.cli import main
+from labs.paths import INVENTORIES
+
+
+def lab(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real console script, so stderr and exit codes are what a user sees."""
+    return subprocess.run([sys.executable, "-m", "labs.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inventory_check_ok() -> None:
+    result = CliRunner().invoke(main, ["inventory", "check", str(INVENTORIES / "example-ansible.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ok (ansible shape): 2 hosts, 2 devices, 2 pairs" in result.output
+    assert "pair hostA->hostB:mtty-2" in result.output
+
+
+def test_inventory_check_bad_is_one_line_on_stderr(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hosts:\n  b:\n    address: 10.0.0.1\n    devices:\n      - {kind: pci, protocol: v2}\n")
+    result = lab("inventory", "check", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"error: {bad}:5: hosts.b.devices[0].pci: required key is missing\n"
+
+
+def test_doctor_on_the_sim_lab(sim_inventory_file: Path) -> None:
+    result = lab("doctor", "--inventory", str(sim_inventory_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for word in ("hostA", "hostB", "ssh", "python", "kernel", "libvirt", "all hosts healthy"):
+        assert word in result.stdout
+
+
+def test_sim_up_status_down(tmp_path: Path) -> None:
+    from tests.conftest import write_sim_inventory
+
+    inv = str(write_sim_inventory(tmp_path))
+    try:
+        up = lab("sim", "up", "--inventory", inv)
+        assert up.returncode == 0, up.stderr
+        assert "hostA: sshd pid" in up.stdout
+        status = lab("sim", "status", "--inventory", inv)
+        assert "users: cli" in status.stdout and "down" not in status.stdout
+    finally:
+        down = lab("sim", "down", "--inventory", inv)
+    assert down.stdout.strip() == "stopped"
+    assert "hostA: down" in lab("sim", "status", "--inventory", inv).stdout
