@@ -66,6 +66,18 @@ def run(inventory: Path | None, suites: str | None, pytest_args: tuple[str, ...]
     sys.exit(run_suites(inventory or default_inventory(), suites, list(pytest_args), console))
 
 
+@main.command()
+@click.argument("run", required=False, type=click.Path(file_okay=False, path_type=Path))
+@one_line_errors
+def report(run: Path | None) -> None:
+    """Render a run's Allure results to HTML (default: reports/latest)."""
+    from labs.paths import REPORTS
+    from labs.reporting.render import render
+
+    rendered = render((run or REPORTS / "latest").resolve())
+    console.print(f"html report: {rendered.html}\nsingle file: {rendered.single}", highlight=False)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("tox_args", nargs=-1, type=click.UNPROCESSED)
 def test(tox_args: tuple[str, ...]) -> None:

@@ -62,6 +62,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     state = LabState(config)
     config.stash[STATE] = state
+    from labs.reporting import allure_hooks
+
+    if not config.pluginmanager.is_registered(allure_hooks):
+        config.pluginmanager.register(allure_hooks, "labs.reporting.allure_hooks")
     if config.getoption("--inventory"):
         # asked for by name: validate now, so a bad file is one usage-error line, not a collection error
         _ = state.inventory

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from labs.errors import InfraError
 from labs.paths import REPO_ROOT, REPORTS, SUITES
+from labs.reporting.render import render
 from labs.runtime import new_run_id, open_inventory
 
 
@@ -76,4 +78,12 @@ def run_suites(inventory: Path, suites: str | None, pytest_args: list[str], cons
     console.print(f"allure results: {results.relative_to(REPO_ROOT)}", highlight=False)
     console.print(f"junit:          {junit.relative_to(REPO_ROOT)}", highlight=False)
     console.print(f"latest run:     {(REPORTS / 'latest').relative_to(REPO_ROOT)} -> {run_id}", highlight=False)
+    if results.is_dir():
+        try:
+            rendered = render(run_dir, f"labs {inv.name} {run_id}")
+        except InfraError as exc:
+            console.print(f"[yellow]report not rendered: {exc}[/]", highlight=False)
+        else:
+            console.print(f"html report:    {rendered.html.relative_to(REPO_ROOT)}", highlight=False)
+            console.print(f"single file:    {rendered.single.relative_to(REPO_ROOT)}", highlight=False)
     return rc

@@ -1,0 +1,207 @@
+"""What the Allure report knows about each lab test: labels, parameters, dmesg, environment.
+
+Registered by the labs pytest plugin. Everything here is a no-op when the run
+has no --alluredir, except the environment and category files, which are
+written only into an Allure results directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import allure
+import pytest
+
+import labs
+from labs.errors import LabError
+from labs.inventory import LabDevice, LabHost, LabPair
+from labs.reporting.evidence import attach, register_secret_env
+
+# Exceptions whose presence in a trace means "the lab broke", not "the driver broke".
+INFRA_EXCEPTIONS = (
+    "InfraError|SSHError|ConnectionLost|HostKeyError|CommandTimeout|CommandFailed|AgentInfraError|"
+    "libvirtError|NoValidConnectionsError|socket.timeout|TimeoutError|Timeout >"
+)
+CATEGORIES = [
+    {
+        "name": "Lab infrastructure (SSH, libvirt, timeouts)",
+        "matchedStatuses": ["broken", "failed"],
+        "traceRegex": f"(?s).*({INFRA_EXCEPTIONS}).*",
+    },
+    {
+        "name": "Driver defect (a rule or readback assertion failed)",
+        "matchedStatuses": ["failed"],
+    },
+    {
+        "name": "Framework error (a bug in labs)",
+        "matchedStatuses": ["broken"],
+    },
+]
+FEATURES = {
+    "smoke": "Lab smoke",
+    "conformance": "Device conformance",
+    "save_resume": "Save and resume",
+    "migration": "Live migration",
+    "recovery": "ERROR recovery",
+    "faults": "Induced failures",
+}
+
+
+def results_dir(config: pytest.Config) -> Path | None:
+    value = getattr(config.option, "allure_report_dir", None)
+    return Path(value) if value else None
+
+
+def _subject(item: pytest.Item) -> tuple[list[LabHost], LabDevice | None, LabPair | None]:
+    callspec = getattr(item, "callspec", None)
+    params: dict[str, Any] = callspec.params if callspec else {}
+    pair = params.get("pair") if isinstance(params.get("pair"), LabPair) else None
+    device = params.get("device") if isinstance(params.get("device"), LabDevice) else None
+    host = params.get("host") if isinstance(params.get("host"), LabHost) else None
+    if pair is not None:
+        return [pair.source.host, pair.destination.host], pair.source, pair
+    if device is not None:
+        return [device.host], device, None
+    return ([host] if host else []), None, None
+
+
+def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
+    hosts, device, pair = _subject(item)
+    parts = Path(str(item.path)).parts
+    suite = parts[parts.index("suites") + 1] if "suites" in parts and parts.index("suites") + 1 < len(parts) else ""
+    allure.dynamic.epic("VFIO device migration")
+    allure.dynamic.feature(FEATURES.get(suite, suite or "labs"))
+    name = getattr(item, "originalname", item.name)
+    allure.dynamic.story(name.removeprefix("test_").replace("_", " "))
+    for mark in item.iter_markers("rule"):
+        for rule_id in mark.args:
+            allure.dynamic.label("rule", str(rule_id))
+            allure.dynamic.tag(str(rule_id))
+    for name in ("conformance", "save_resume", "live_migration", "fault", "recovery", "destructive", "slow"):
+        if item.get_closest_marker(name):
+            allure.dynamic.tag(name)
+    for h in hosts:
+        # "host" is Allure's own label (the controller's hostname)
+        allure.dynamic.label("lab_host", h.name)
+    if pair is not None:
+        allure.dynamic.parameter("pair", pair.id)
+    if device is not None:
+        spec = device.spec
+        allure.dynamic.parameter("device", device.id)
+        allure.dynamic.parameter("driver", getattr(spec, "driver", None) or spec.kind)
+        allure.dynamic.parameter("protocol", spec.protocol)
+    for h in hosts:
+        if h.name in kernels:
+            allure.dynamic.parameter(f"kernel {h.name}", kernels[h.name])
+
+
+class DmesgCursor:
+    """The host's kernel log lines written while a test ran (sim hosts may deny dmesg: then nothing)."""
+
+    def __init__(self, lab: Any, host: str) -> None:
+        self.lab, self.host = lab, host
+        self.start = self._count()
+
+    def _count(self) -> int | None:
+        try:
+            res = self.lab.ssh(self.host).run("dmesg 2>/dev/null | wc -l", timeout=15)
+            return int(res.stdout.strip()) if res.ok and res.stdout.strip().isdigit() else None
+        except (LabError, ValueError):
+            return None
+
+    def new_lines(self) -> str:
+        if self.start is None:
+            return ""
+        try:
+            cmd = f"dmesg 2>/dev/null | tail -n +{self.start + 1} | tail -n 400"
+            res = self.lab.ssh(self.host).run(cmd, timeout=15)
+        except LabError:
+            return ""
+        return res.stdout if res.ok else ""
+
+
+@pytest.fixture(autouse=True)
+def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
+    from labs.pytest_plugin import LAB_FIXTURES, STATE
+
+    if not any(n in request.fixturenames for n in LAB_FIXTURES):
+        yield
+        return
+    state = request.config.stash[STATE]
+    health = state._health or {}
+    kernels = {}
+    for name, report in health.items():
+        check = report.check("kernel")
+        if check is not None:
+            kernels[name] = check.detail
+    label_test(request.node, kernels)
+    collect = results_dir(request.config) is not None and state._session is not None
+    cursors = [DmesgCursor(state.session, h.name) for h in _subject(request.node)[0]] if collect else []
+    yield
+    for cursor in cursors:
+        lines = cursor.new_lines()
+        if lines.strip():
+            attach(f"dmesg {cursor.host}", lines)
+
+
+def environment_properties(state: Any) -> dict[str, str]:
+    env = {"labs.version": labs.__version__}
+    if state._inventory is None:
+        return env
+    inv = state.inventory
+    env["inventory"] = f"{inv.name} ({state.inventory_path})"
+    for name, report in (state._health or {}).items():
+        for c in report.checks:
+            if c.device is None and c.name in ("kernel", "libvirt", "python"):
+                env[f"{name}.{c.name}"] = c.detail
+    for d in inv.devices:
+        env[f"{d.id}.driver"] = getattr(d.spec, "driver", None) or d.spec.kind
+    return env
+
+
+def write_run_files(config: pytest.Config) -> None:
+    """environment.properties and categories.json, once per run.
+
+    xdist workers know the hosts (they ran the doctor); the controller does not.
+    Each worker leaves its part in the results directory and the controller,
+    which finishes last, merges them.
+    """
+    from labs.pytest_plugin import STATE
+
+    out = results_dir(config)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    state = config.stash.get(STATE, None)
+    env = environment_properties(state) if state is not None else {"labs.version": labs.__version__}
+    if hasattr(config, "workerinput"):
+        (out / f".labs-env-{os.getpid()}.json").write_text(json.dumps(env))
+        return
+    for part in out.glob(".labs-env-*.json"):
+        env = {**json.loads(part.read_text()), **env}
+        part.unlink()
+    lines = [f"{k}={_escape(v)}" for k, v in sorted(env.items())]
+    (out / "environment.properties").write_text("\n".join(lines) + "\n")
+    (out / "categories.json").write_text(json.dumps(CATEGORIES, indent=2))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", " ").replace("=", "\\=").replace(":", "\\:")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from labs.pytest_plugin import STATE
+
+    state = session.config.stash.get(STATE, None)
+    if state is not None and state._inventory is not None:
+        names = [h.spec.identity_passphrase_env for h in state.inventory.hosts]
+        register_secret_env(n for n in names if n)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    write_run_files(session.config)
+
