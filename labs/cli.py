@@ -139,6 +139,30 @@ def inventory_check(file: Path) -> None:
         console.print(f"  pair {pair.id}", highlight=False)
 
 
+@main.command()
+@inventory_option
+@click.option("--clear", is_flag=True, help="end every reservation (kills the holders; their locks go with them)")
+@one_line_errors
+def locks(inventory: Path | None, clear: bool) -> None:
+    """List (or clear) device reservations on every host of an inventory."""
+    import time
+
+    from labs.reservations import clear_reservations, list_reservations
+    from labs.runtime import LabSession, open_inventory
+
+    inv = open_inventory(inventory or default_inventory())
+    with LabSession(inv) as session:
+        for host in inv.hosts:
+            ssh = session.ssh(host.name)
+            if clear:
+                for name in clear_reservations(ssh):
+                    console.print(f"{host.name}: cleared {name}", highlight=False)
+                continue
+            for name, rec in list_reservations(ssh):
+                until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("expires", 0)))
+                console.print(f"{host.name}: {name} held by {rec.get('owner')} run {rec.get('run')} until {until}")
+
+
 @main.group("sim")
 def sim_group() -> None:
     """The embedded sim lab (real sshd on loopback addresses)."""

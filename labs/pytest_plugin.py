@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from filelock import FileLock
 
 from labs.doctor import HostReport, Status, check_lab
 from labs.errors import LabError
 from labs.inventory import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
 from labs.paths import SIM_INVENTORY
+from labs.reservations import ReservationBusy, reserve
 from labs.runtime import LabSession, open_inventory
 from labs.transport import HostConnection
 
@@ -55,6 +55,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="only devices whose id matches GLOB, e.g. 'hostA:*' or '*:mtty-2' (repeatable)",
     )
     group.addoption("--lab-no-doctor", action="store_true", help="skip the per-session host preflight")
+    group.addoption(
+        "--lab-no-reserve",
+        action="store_true",
+        help="do not reserve devices on their hosts (only when nobody else can use the lab)",
+    )
+    group.addoption(
+        "--lab-reserve-wait",
+        default=120.0,
+        type=float,
+        metavar="SECONDS",
+        help="how long a test waits for a device another run holds before it is skipped (default 120)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -146,16 +158,6 @@ class LabState:
     def pairs(self) -> list[LabPair]:
         return [p for p in self.inventory.pairs if self._device_ok(p.source) and self._device_ok(p.destination)]
 
-    def lock_dir(self) -> Path:
-        inv = self.inventory
-        if inv.settings.sim is not None:
-            base = inv.settings.sim.dir.expanduser()
-        else:
-            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labs" / inv.name
-        path = base / "locks"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
 
 STATE = pytest.StashKey[LabState]()
 
@@ -234,11 +236,18 @@ def _skip_device(request: pytest.FixtureRequest, state: LabState, device: LabDev
 
 
 def _reserve(stack: ExitStack, state: LabState, devices: list[LabDevice]) -> None:
-    """Hold each device exclusively for the test (xdist workers, parallel runs); sorted to avoid deadlock."""
-    timeout = state.inventory.settings.timeouts.test
+    """Hold each device on its host for the test; sorted, so two pair tests cannot deadlock."""
+    t = state.inventory.settings.timeouts
+    if state.config.getoption("--lab-no-reserve"):
+        return
+    wait = float(state.config.getoption("--lab-reserve-wait"))
+    session = state.session
     for dev in sorted(devices, key=lambda d: d.id):
-        lock = FileLock(str(state.lock_dir() / f"{dev.id.replace(':', '_').replace('/', '_')}.lock"), timeout=timeout)
-        stack.enter_context(lock)
+        try:
+            held = reserve(session.ssh(dev.host.name), dev, session.run_id, wait=wait, expires_in=2 * t.test)
+        except ReservationBusy as exc:
+            pytest.skip(str(exc))
+        stack.callback(held.release)
 
 
 # -- fixtures ------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Device reservations held on the device's host, over the SSH connection.
+
+A reservation is an flock on a file under /run/labs/locks on the host, held by
+a small shell process whose stdin is our SSH channel. When we release, or our
+process dies, or the connection drops, the channel closes, the holder exits
+and the kernel drops the lock: a dead owner never leaves a lock behind. A
+sidecar `.owner` file says who holds it, for which run, and until when; a
+holder past its expiry (a controller that hangs but keeps its connection) is
+killed by the next claimant.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paramiko
+
+from labs.errors import InfraError
+from labs.inventory import LabDevice
+from labs.transport import HostConnection
+
+LOCK_DIR_SCRIPT = (
+    'd=/run/labs/locks; { mkdir -p "$d" && [ -w "$d" ]; } 2>/dev/null '
+    '|| { d="${TMPDIR:-/tmp}/labs-locks-$(id -u)"; mkdir -p "$d"; }'
+)
+
+HOLD_SCRIPT = """
+{lockdir}
+f="$d/{name}.lock"
+exec 9>>"$f"
+if ! flock -n 9; then echo BUSY; cat "$f.owner" 2>/dev/null; echo; exit 3; fi
+printf '%s\\n' {owner} | sed "s/@HOLDER@/$$/" > "$f.owner"
+echo LOCKED
+cat >/dev/null
+rm -f "$f.owner"
+"""
+
+LIST_SCRIPT = """
+{lockdir}
+for o in "$d"/*.lock.owner; do [ -e "$o" ] && {{ printf '%s\\t' "$(basename "$o" .lock.owner)"; cat "$o"; }}; done
+true
+"""
+
+
+class ReservationBusy(InfraError):
+    def __init__(self, device: str, owner: dict[str, Any]) -> None:
+        until = time.strftime("%H:%M:%S", time.localtime(owner.get("expires", 0)))
+        super().__init__(
+            f"{device} is reserved by {owner.get('owner', '?')} (run {owner.get('run', '?')}, until {until})"
+        )
+        self.owner = owner
+
+
+def lock_name(device: LabDevice) -> str:
+    # the sim lab's hosts share one machine: the host name keeps their locks apart
+    return f"{device.host.name}_{device.name}".replace("/", "_").replace(":", "_")
+
+
+def owner_record(run_id: str, expires_in: float) -> dict[str, Any]:
+    return {
+        "owner": f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
+        "run": run_id,
+        "since": time.time(),
+        "expires": time.time() + expires_in,
+        "holder": "@HOLDER@",
+    }
+
+
+@dataclass
+class Reservation:
+    device: LabDevice
+    channel: paramiko.Channel
+    owner: dict[str, Any]
+
+    def release(self) -> None:
+        try:
+            self.channel.shutdown_write()  # the holder's `cat` sees EOF, cleans up and exits
+            self.channel.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the connection is gone; so is the holder, and with it the lock
+        finally:
+            self.channel.close()
+
+
+def _try_once(ssh: HostConnection, device: LabDevice, owner: dict[str, Any]) -> Reservation | dict[str, Any]:
+    script = HOLD_SCRIPT.format(lockdir=LOCK_DIR_SCRIPT, name=lock_name(device), owner=shlex.quote(json.dumps(owner)))
+    chan = ssh.exec_channel(f"sh -c {shlex.quote(script)}")
+    chan.settimeout(ssh.connect_timeout)
+    first = b""
+    try:
+        while not first.endswith(b"\n"):
+            data = chan.recv(1)
+            if not data:
+                break
+            first += data
+    except (OSError, paramiko.SSHException) as exc:
+        chan.close()
+        raise InfraError(f"{device.id}: reservation failed: {exc}") from exc
+    if first.strip() == b"LOCKED":
+        chan.settimeout(None)
+        return Reservation(device, chan, owner)
+    rest = b""
+    while not chan.exit_status_ready() or chan.recv_ready():
+        data = chan.recv(4096)
+        if not data:
+            break
+        rest += data
+    chan.close()
+    if first.strip() != b"BUSY":
+        raise InfraError(f"{device.id}: reservation failed: {(first + rest).decode(errors='replace').strip()}")
+    try:
+        return dict(json.loads(rest.decode().strip() or "{}"))
+    except json.JSONDecodeError:
+        return {}  # the holder is between taking the lock and writing its record
+
+
+def reserve(
+    ssh: HostConnection, device: LabDevice, run_id: str, *, wait: float, expires_in: float, poll: float = 0.5
+) -> Reservation:
+    """Reserve `device`; wait up to `wait` seconds for another owner, taking over an expired one."""
+    owner = owner_record(run_id, expires_in)
+    deadline = time.monotonic() + wait
+    while True:
+        got = _try_once(ssh, device, owner)
+        if isinstance(got, Reservation):
+            return got
+        holder = got.get("holder")
+        if got.get("expires", float("inf")) < time.time() and str(holder).isdigit():
+            _kill_holder(ssh, str(holder))
+            continue
+        if time.monotonic() >= deadline:
+            raise ReservationBusy(device.id, got)
+        time.sleep(poll)
+
+
+def list_reservations(ssh: HostConnection) -> list[tuple[str, dict[str, Any]]]:
+    res = ssh.run(LIST_SCRIPT.format(lockdir=LOCK_DIR_SCRIPT), timeout=30, idempotent=True)
+    out = []
+    for line in res.stdout.splitlines():
+        name, _, record = line.partition("\t")
+        try:
+            out.append((name, dict(json.loads(record))))
+        except json.JSONDecodeError:
+            out.append((name, {"owner": record}))
+    return out
+
+
+def clear_reservations(ssh: HostConnection) -> list[str]:
+    """Kill every holder on the host (their locks go with them); returns the lock names."""
+    cleared = []
+    for name, record in list_reservations(ssh):
+        holder = str(record.get("holder", ""))
+        if holder.isdigit():
+            _kill_holder(ssh, holder)
+        cleared.append(name)
+    return cleared
+
+
+def _kill_holder(ssh: HostConnection, holder: str) -> None:
+    # the shell's `cat` child shares the locked descriptor: it must go too
+    ssh.run(f"pkill -P {int(holder)} 2>/dev/null; kill {int(holder)} 2>/dev/null; true", timeout=15)
