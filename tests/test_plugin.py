@@ -85,7 +85,8 @@ def test_host_and_device_filters(pytester: pytest.Pytester, real_lab: Path) -> N
 
 
 def test_missing_capability_is_a_skip_naming_it(pytester: pytest.Pytester, real_lab: Path) -> None:
-    result = pytester.runpytest("--inventory", str(real_lab), "--lab-no-doctor", "--lab-no-reserve", "-rs", "-k", "precopy")
+    args = ["--inventory", str(real_lab), "--lab-no-doctor", "--lab-no-reserve", "-rs", "-k", "precopy"]
+    result = pytester.runpytest(*args)
     result.assert_outcomes(passed=2, skipped=2)
     result.stdout.fnmatch_lines(
         ["*hostA:0000:65:00.0 lacks capability pre_copy*", "*hostB:0000:65:00.0 lacks capability pre_copy*"]

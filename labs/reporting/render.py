@@ -41,7 +41,7 @@ def ensure_allure() -> Path:
     return ALLURE_BIN
 
 
-def render(run_dir: Path, name: str | None = None) -> Rendered:
+def render(run_dir: Path, name: str | None = None, history: Path = HISTORY) -> Rendered:
     results = run_dir / "allure-results"
     if not results.is_dir():
         raise InfraError(f"{results}: no Allure results to render")
@@ -50,7 +50,7 @@ def render(run_dir: Path, name: str | None = None) -> Rendered:
     config = {
         "name": title,
         "output": str(out),
-        "historyPath": str(HISTORY),
+        "historyPath": str(history),
         "plugins": {
             "awesome": {"options": {"reportName": title, "groupBy": ["epic", "feature", "story"]}},
             "single": {"import": "@allurereport/plugin-awesome", "options": {"reportName": title, "singleFile": True}},

@@ -1,0 +1,107 @@
+"""Allure output: labels, environment, categories, no secrets, and the rendered HTML in a real browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from labs.reporting.evidence import REDACTED, redact, register_secret_env
+
+KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----"
+)
+
+
+def test_redact_scrubs_keys_assignments_and_registered_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABS_TEST_PASSPHRASE", "correct-horse-battery")
+    register_secret_env(["LABS_TEST_PASSPHRASE"])
+    text = f"key:\n{KEY}\npassword=hunter2 token: abc123 ok=1\nsaid correct-horse-battery twice"
+    out = redact(text)
+    for secret in ("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ", "hunter2", "abc123", "correct-horse-battery"):
+        assert secret not in out
+    assert out.count(REDACTED) == 4 and "ok=1" in out
+
+
+SUITE = """
+import os
+from labs.reporting.evidence import attach
+
+def test_leaky(host):
+    secrets = {"key": os.environ["LEAK_KEY"], "pp": os.environ["LEAK_PP"]}
+    attach("transcript", {"note": "password=hunter2", **secrets}, "json")
+    attach("log", "login with token: s3cr3t-t0ken")
+"""
+
+
+def test_no_secret_reaches_the_results(
+    pytester: pytest.Pytester, sim_inventory_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    doc = yaml.safe_load(sim_inventory_file.read_text())
+    doc["hosts"]["hostA"]["identity_passphrase_env"] = "LEAK_PP"
+    inventory = pytester.path / "lab.yaml"
+    inventory.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("LEAK_KEY", KEY)
+    monkeypatch.setenv("LEAK_PP", "passphrase-value-42")
+    pytester.makepyfile(test_leak=SUITE)
+    results = pytester.path / "results"
+    result = pytester.runpytest_subprocess(
+        "--inventory", str(inventory), f"--alluredir={results}", "--lab-host", "hostA"
+    )
+    result.assert_outcomes(passed=1)
+    blob = "".join(p.read_text(errors="replace") for p in results.iterdir() if p.is_file())
+    for secret in ("hunter2", "s3cr3t-t0ken", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ", "passphrase-value-42"):
+        assert secret not in blob
+    assert REDACTED in blob
+    env = (results / "environment.properties").read_text()
+    assert "hostA.kernel=" in env and "labs.version=" in env
+    categories = json.loads((results / "categories.json").read_text())
+    assert [c["name"].split(" ")[0] for c in categories] == ["Lab", "Driver", "Framework"]
+    labels = next(json.loads(p.read_text())["labels"] for p in results.glob("*-result.json"))
+    assert {"name": "lab_host", "value": "hostA"} in labels
+    assert {"name": "epic", "value": "VFIO device migration"} in labels
+
+
+def test_rendered_report_shows_the_run_in_chromium(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (./lab test installs it as root)")
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed (./lab installs it as root)")
+    from labs.reporting.render import render
+
+    pytester.makepyfile(
+        test_statuses="""
+        import pytest
+        def test_passes(): pass
+        def test_fails(): assert 1 == 2
+        @pytest.mark.skip(reason="not applicable here")
+        def test_skipped(): pass
+        """
+    )
+    run_dir = tmp_path / "run"
+    pytester.runpytest_subprocess(f"--alluredir={run_dir / 'allure-results'}")
+    rendered = render(run_dir, "labs report test", history=tmp_path / "history.jsonl")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000", "--window-size=1400,1000",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", rendered.single.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "labs report test" in dom
+    for word in ("Passed", "Failed", "Skipped"):
+        assert word in dom, f"{word} not shown in the rendered report"
+    from labs.paths import REPORTS
+
+    shot = REPORTS / "report-screenshot.png"
+    shot.parent.mkdir(exist_ok=True)
+    subprocess.run([chromium, *flags, f"--screenshot={shot.resolve()}", rendered.single.as_uri()],
+                   capture_output=True, timeout=120)  # fmt: skip
+    assert shot.exists() and shot.stat().st_size > 10_000
