@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from labs.inventory import Inventory
 from labs.runtime import LabSession, open_inventory
+from labs.simlab import generate
 
 pytest_plugins = ["pytester"]
 
@@ -21,31 +21,9 @@ def free_port(address: str = "127.0.0.2") -> int:
         return int(s.getsockname()[1])
 
 
-def sim_inventory_doc(sim_dir: Path, port: int, devices: bool = False) -> dict:
-    """A two-host sim inventory of our own, so tests never disturb a user's `lab sim up`."""
-    hosts = {}
-    for name, address in (("hostA", "127.0.0.2"), ("hostB", "127.0.0.3")):
-        hosts[name] = {
-            "address": address,
-            "port": port,
-            "user": "${LABS_SIM_USER}",
-            "identity_file": f"{sim_dir}/id_ed25519",
-            "known_hosts": f"{sim_dir}/known_hosts",
-            "python": "${LABS_PYTHON}",
-            "libvirt_uri": f"test://{sim_dir}/hosts/{name}/libvirt-node.xml",
-        }
-        if devices:
-            hosts[name]["devices"] = yaml.safe_load(
-                (Path(__file__).parent.parent / "inventories" / "sim.yaml").read_text()
-            )["hosts"][name]["devices"]
-    return {"lab": {"name": "test-sim", "sim": {"dir": str(sim_dir)}, "timeouts": {"connect": 5}}, "hosts": hosts}
-
-
-def write_sim_inventory(directory: Path, devices: bool = False) -> Path:
-    sim_dir = directory / "sim"
-    path = directory / "sim.yaml"
-    path.write_text(yaml.safe_dump(sim_inventory_doc(sim_dir, free_port(), devices), sort_keys=False))
-    return path
+def write_sim_inventory(directory: Path, devices: bool = False, pairs: int = 1) -> Path:
+    """A sim inventory of our own (own dir, own port), so tests never disturb a user's `lab sim up`."""
+    return generate.write_sim_inventory(directory / "sim.yaml", directory / "sim", free_port(), pairs, devices)
 
 
 @pytest.fixture(scope="session")

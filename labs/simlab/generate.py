@@ -1,0 +1,54 @@
+"""Sim inventories of any size: N host pairs on consecutive loopback addresses.
+
+Benchmarks (xdist scaling over 1, 2, 4 pairs) and the framework's tests use
+them; the devices are those of the embedded sim lab's first host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from labs.paths import SIM_INVENTORY
+
+
+def sim_inventory_doc(
+    sim_dir: Path, port: int, pairs: int = 1, devices: bool = True, name: str = "sim-generated"
+) -> dict[str, Any]:
+    base = yaml.safe_load(SIM_INVENTORY.read_text())
+    template = base["hosts"]["hostA"]
+    hosts: dict[str, Any] = {}
+    for i in range(2 * pairs):
+        # hostA/hostB for one pair, like the embedded lab; p<k>a/p<k>b beyond
+        host = ("hostA", "hostB")[i] if pairs == 1 else f"p{i // 2 + 1}{'ab'[i % 2]}"
+        spec = {
+            "address": f"127.0.0.{2 + i}",
+            "port": port,
+            "user": template["user"],
+            "identity_file": f"{sim_dir}/id_ed25519",
+            "known_hosts": f"{sim_dir}/known_hosts",
+            "python": template["python"],
+            "libvirt_uri": f"test://{sim_dir}/hosts/{host}/libvirt-node.xml",
+        }
+        if devices:
+            spec["devices"] = template["devices"]
+        hosts[host] = spec
+    lab = {"name": name, "sim": {"dir": str(sim_dir)}, "timeouts": base["lab"]["timeouts"]}
+    doc: dict[str, Any] = {"lab": lab, "hosts": hosts}
+    if pairs > 1:
+        # pair hosts within their pair only, so pairs are independent units of work
+        names = list(hosts)
+        doc["pairs"] = [
+            {"source": f"{src}:{d['name']}", "destination": f"{dst}:{d['name']}"}
+            for k in range(pairs)
+            for src, dst in ((names[2 * k], names[2 * k + 1]), (names[2 * k + 1], names[2 * k]))
+            for d in (template["devices"] if devices else [])
+        ]
+    return doc
+
+
+def write_sim_inventory(path: Path, sim_dir: Path, port: int, pairs: int = 1, devices: bool = True) -> Path:
+    path.write_text(yaml.safe_dump(sim_inventory_doc(sim_dir, port, pairs, devices), sort_keys=False))
+    return path
