@@ -139,6 +139,18 @@ def inventory_check(file: Path) -> None:
         console.print(f"  pair {pair.id}", highlight=False)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@inventory_option
+@click.option("--device", "-d", required=True, help="the device id to certify, e.g. hostA:0000:65:00.0")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+@one_line_errors
+def certify(inventory: Path | None, device: str, pytest_args: tuple[str, ...]) -> None:
+    """Certify one device: conformance rules and scenarios -> certification.json/.md/.html."""
+    from labs.certify.run import certify as run_certify
+
+    sys.exit(run_certify(inventory or default_inventory(), device, list(pytest_args), console))
+
+
 @main.command()
 @inventory_option
 @click.option("--clear", is_flag=True, help="end every reservation (kills the holders; their locks go with them)")
