@@ -13,6 +13,8 @@ from rich.console import Console
 
 from labs.errors import InfraError
 from labs.paths import REPO_ROOT, REPORTS, SUITES
+from labs.reporting.metrics import read_run_metrics
+from labs.reporting.plots import append_history, plot_run, plot_trend
 from labs.reporting.render import render
 from labs.runtime import new_run_id, open_inventory
 
@@ -52,6 +54,17 @@ def _link_latest(run_dir: Path) -> None:
     tmp.replace(latest)
 
 
+def plot_metrics(run_dir: Path, run_id: str) -> list[Path]:
+    metrics = read_run_metrics(run_dir / "allure-results")
+    if not metrics:
+        return []
+    history = REPORTS / "metrics-history.jsonl"
+    append_history(history, run_id, metrics)
+    written = plot_run(metrics, run_dir / "plots", run_id)
+    trend = plot_trend(history, run_dir / "plots" / "trend-downtime.png")
+    return [*written, *([trend] if trend else [])]
+
+
 def run_suites(inventory: Path, suites: str | None, pytest_args: list[str], console: Console) -> int:
     inv = open_inventory(inventory)  # a bad inventory stops here, in one line, before pytest starts
     run_id = new_run_id()
@@ -79,6 +92,8 @@ def run_suites(inventory: Path, suites: str | None, pytest_args: list[str], cons
     console.print(f"junit:          {junit.relative_to(REPO_ROOT)}", highlight=False)
     console.print(f"latest run:     {(REPORTS / 'latest').relative_to(REPO_ROOT)} -> {run_id}", highlight=False)
     if results.is_dir():
+        for png in plot_metrics(run_dir, run_id):
+            console.print(f"plot:           {png.relative_to(REPO_ROOT)}", highlight=False)
         try:
             rendered = render(run_dir, f"labs {inv.name} {run_id}")
         except InfraError as exc:

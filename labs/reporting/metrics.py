@@ -1,0 +1,41 @@
+"""Migration metrics: recorded by scenarios as Allure attachments, read back after the run.
+
+A metric record is one JSON object per scenario run: the device (or pair), the
+scenario, and numbers such as downtime_ms, total_ms, device_data_bytes and
+throughput_mbps. Recording through the attachment keeps them beside the test
+that produced them, and needs no shared file between xdist workers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from labs.reporting.evidence import attach
+
+ATTACHMENT_NAME = "metrics"
+
+
+def record(subject: str, scenario: str, **values: float | int | str | None) -> dict[str, Any]:
+    numbers = {k: v for k, v in values.items() if v is not None}
+    rec: dict[str, Any] = {"subject": subject, "scenario": scenario, **numbers}
+    attach(ATTACHMENT_NAME, rec, "json")
+    return rec
+
+
+def read_run_metrics(results_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for path in sorted(results_dir.glob("*-result.json")):
+        data = json.loads(path.read_text())
+        for att in _attachments(data):
+            if att.get("name") == ATTACHMENT_NAME and (results_dir / att["source"]).exists():
+                out.append(json.loads((results_dir / att["source"]).read_text()))
+    return out
+
+
+def _attachments(node: dict[str, Any]) -> list[dict[str, Any]]:
+    found = list(node.get("attachments", []))
+    for step in node.get("steps", []):
+        found += _attachments(step)
+    return found
