@@ -1,0 +1,121 @@
+"""The nested lab's image recipe, as data, and its hash.
+
+Everything that changes what ends up in the base image lives here, so that the
+image cache key (a hash of this recipe) changes exactly when the image must be
+rebuilt. Per-host identity (keys, addresses) is *not* part of the image: it is
+injected at `up` time through a small seed disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Host-side tools the controller needs to build and run the nested lab (Debian
+# package names); the bootstrap installs these.
+HOST_PACKAGES: tuple[str, ...] = (
+    "debootstrap",
+    "qemu-system-x86",
+    "qemu-utils",
+    "e2fsprogs",
+    "openssh-client",
+    "xz-utils",
+)
+
+# Packages inside each nested host. --no-install-recommends keeps the image
+# small; everything listed is needed for a reason noted beside it.
+GUEST_PACKAGES: tuple[str, ...] = (
+    "systemd-sysv",  # PID 1; libvirtd is a systemd service
+    "udev",
+    "kmod",
+    "iproute2",
+    "iputils-ping",  # the smoke test pings across the private link
+    "openssh-server",
+    "python3",  # the labs agent runs here
+    "linux-image-amd64",
+    "linux-headers-amd64",  # kbuild for mtty.ko
+    "linux-source-6.12",  # samples/vfio-mdev/mtty.c
+    "build-essential",
+    "xz-utils",
+    "initramfs-tools",
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "libvirt-daemon-driver-qemu",
+    "qemu-system-x86",
+    "qemu-utils",
+    "seabios",
+    "ipxe-qemu",  # q35's default NIC ROMs
+    "netcat-openbsd",  # libvirt's ssh transport falls back to nc on old clients
+    "ca-certificates",
+)
+
+# Modules loaded at boot, in dependency order (modprobe resolves the rest).
+BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty")
+
+
+def default_mirror() -> str:
+    """The Debian mirror this machine already uses; LABS_NESTED_MIRROR overrides it."""
+    env = os.environ.get("LABS_NESTED_MIRROR")
+    if env:
+        return env.rstrip("/")
+    pattern = re.compile(r"(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s*)?)(https?://\S+/debian)/?(?:\s|$)")
+    for path in sorted(Path("/etc/apt").glob("sources.list*")) + sorted(Path("/etc/apt/sources.list.d").glob("*")):
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            m = pattern.search(line)
+            if m:
+                return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: str = "trixie"
+    arch: str = "amd64"
+    kernel_series: str = "6.12"
+    packages: tuple[str, ...] = GUEST_PACKAGES
+    boot_modules: tuple[str, ...] = BOOT_MODULES
+    mtty_source: str = "samples/vfio-mdev/mtty.c"
+    image_size_gb: int = 6
+    sshd_config: tuple[str, ...] = (
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UseDNS no",
+        # libvirt's qemu+ssh and the agent each hold a channel open for a long time
+        "MaxSessions 64",
+        "ClientAliveInterval 30",
+    )
+    # Bumped by hand when image.py changes how it assembles the image.
+    builder_version: int = 1
+    mirror: str = field(default_factory=default_mirror)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def digest(self) -> str:
+        """A short, stable hash of everything that shapes the image.
+
+        The mirror is left out: it says where packages come from, not what they
+        are, and CI and a developer may reach the same archive by different URLs.
+        """
+        doc_dict = self.as_dict()
+        doc_dict.pop("mirror")
+        doc = json.dumps(doc_dict, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "labs" / "nested"
+
+
+def image_dir(recipe: Recipe) -> Path:
+    return cache_root() / recipe.digest()

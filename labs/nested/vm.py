@@ -1,0 +1,256 @@
+"""One nested host as a QEMU process: command line, seed disk, start, stop, status.
+
+Every file a VM needs or leaves lives in its own run directory (overlay, seed
+disk, pidfile, QMP socket, console log), so `stop` can kill exactly the process
+`start` made: the pid comes from QEMU's own pidfile and is only signalled when
+its command line still names that run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from labs.errors import InfraError
+from labs.nested.image import BaseImage
+
+LINK_NET = "192.168.123"
+LINK_PREFIX = 24
+# user-mode networking: the guest's fixed address; sshd is reached via hostfwd
+MGMT_ADDRESS = "10.0.2.15"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What makes one nested host different from the other."""
+
+    name: str  # inventory host name and guest hostname
+    index: int  # 1-based: link address .index, MAC suffix
+    ssh_port: int  # 127.0.0.1:ssh_port -> guest :22
+    link_port: int  # this VM's UDP end of the private link
+    peer_link_port: int  # the other VM's UDP end
+    memory_mb: int = 3072
+    cpus: int = 2
+    accel: str = "tcg"
+
+    @property
+    def link_ip(self) -> str:
+        return f"{LINK_NET}.{self.index}"
+
+    @property
+    def mgmt_mac(self) -> str:
+        return f"52:54:00:00:00:{self.index:02x}"
+
+    @property
+    def link_mac(self) -> str:
+        return f"52:54:00:7b:00:{self.index:02x}"
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    dir: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def seed(self) -> Path:
+        return self.dir / "seed.img"
+
+    @property
+    def seed_dir(self) -> Path:
+        return self.dir / "seed"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def started(self) -> Path:
+        return self.dir / "started.json"
+
+
+def kernel_cmdline(spec: VmSpec) -> str:
+    # panic=-1 with -no-reboot: a guest panic ends the QEMU process, so `status` sees it dead.
+    # mitigations=off: speculative-execution workarounds only slow TCG down.
+    return f"root=/dev/vda rw console=ttyS0,115200 panic=-1 mitigations=off labs.host={spec.name}"
+
+
+def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths, qemu: str = "qemu-system-x86_64") -> list[str]:
+    accel = "kvm" if spec.accel == "kvm" else "tcg,thread=multi,tb-size=256"
+    cpu = "host" if spec.accel == "kvm" else "max"
+    return [
+        qemu,
+        "-name", f"{spec.name},process=labs-{spec.name}",
+        "-machine", "q35",
+        "-accel", accel,
+        "-cpu", cpu,
+        "-smp", str(spec.cpus),
+        "-m", str(spec.memory_mb),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", kernel_cmdline(spec),
+        # cache=unsafe: the overlay is thrown away at `down`, host crashes don't matter
+        "-drive", f"file={paths.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+        "-drive", f"file={paths.seed},if=virtio,format=raw,readonly=on",
+        "-netdev", f"user,id=mgmt,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+        "-device", f"virtio-net-pci,netdev=mgmt,mac={spec.mgmt_mac}",
+        # the private link: a point-to-point UDP tunnel on loopback, no start order needed
+        "-netdev", f"socket,id=link,udp=127.0.0.1:{spec.peer_link_port},localaddr=127.0.0.1:{spec.link_port}",
+        "-device", f"virtio-net-pci,netdev=link,mac={spec.link_mac}",
+        # sshd and the kernel want entropy early; TCG boots are slow enough already
+        "-device", "virtio-rng-pci",
+        "-serial", f"file:{paths.console}",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-pidfile", str(paths.pidfile),
+        "-daemonize",
+    ]  # fmt: skip
+
+
+def make_overlay(image: BaseImage, overlay: Path) -> None:
+    overlay.unlink(missing_ok=True)
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(overlay)])
+
+
+def make_seed(seed_dir: Path, seed: Path) -> None:
+    """A small read-only ext4 disk holding the files the guest's labs-seed script applies."""
+    seed.unlink(missing_ok=True)
+    _run(["mkfs.ext4", "-q", "-F", "-L", "labsseed", "-d", str(seed_dir), str(seed), "8M"])
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise InfraError(f"{argv[0]} not found: install the nested lab's host packages") from None
+    except subprocess.CalledProcessError as exc:
+        raise InfraError(f"{' '.join(argv[:3])}... failed: {exc.stderr.strip()}") from None
+
+
+def port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Vm:
+    def __init__(self, spec: VmSpec, run_dir: Path) -> None:
+        self.spec = spec
+        self.paths = VmPaths(run_dir / spec.name)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, image: BaseImage) -> int:
+        if self.pid() is not None:
+            raise InfraError(f"{self.spec.name} is already running (pid {self.pid()}); run `lab nested down` first")
+        if not port_free(self.spec.ssh_port):
+            raise InfraError(f"127.0.0.1:{self.spec.ssh_port} is busy: set LABS_NESTED_BASE_PORT to another range")
+        if not port_free(self.spec.link_port, socket.SOCK_DGRAM):
+            raise InfraError(f"udp 127.0.0.1:{self.spec.link_port} is busy: set LABS_NESTED_BASE_PORT")
+        p = self.paths
+        p.dir.mkdir(parents=True, exist_ok=True)
+        for stale in (p.pidfile, p.qmp, p.console, p.started):
+            stale.unlink(missing_ok=True)
+        make_overlay(image, p.overlay)
+        make_seed(p.seed_dir, p.seed)
+        argv = qemu_argv(self.spec, image, p)
+        with p.qemu_log.open("w") as log:
+            log.write(" ".join(argv) + "\n")
+            log.flush()
+            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        pid = self.pid()
+        if proc.returncode != 0 or pid is None:
+            raise InfraError(f"{self.spec.name}: QEMU did not start; see {p.qemu_log}: {p.qemu_log.read_text()[-500:]}")
+        p.started.write_text(json.dumps({"pid": pid, "time": time.time(), "argv": argv}))
+        return pid
+
+    def pid(self) -> int | None:
+        """The running QEMU's pid, only if it is still the process we started."""
+        try:
+            pid = int(self.paths.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return None
+        # a reused pid will not name our run directory
+        return pid if str(self.paths.dir) in cmdline else None
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Kill our QEMU (SIGTERM, then SIGKILL) and remove the disposable files. True if it was running."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self._alive(pid):
+                time.sleep(0.1)
+            if self._alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                while self._alive(pid):
+                    time.sleep(0.05)
+        p = self.paths
+        for f in (p.pidfile, p.qmp, p.overlay, p.seed, p.started):
+            f.unlink(missing_ok=True)
+        shutil.rmtree(p.seed_dir, ignore_errors=True)
+        return pid is not None
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
+
+    # -- observation ------------------------------------------------------------
+
+    def uptime(self) -> float | None:
+        try:
+            started = json.loads(self.paths.started.read_text())["time"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return time.time() - float(started)
+
+    def ssh_banner(self, timeout: float = 2.0) -> bool:
+        """sshd answered on the forward (slirp accepts the TCP connection even before sshd listens)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.spec.ssh_port), timeout=timeout) as s:
+                s.settimeout(timeout)
+                return s.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def console_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.paths.console.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
