@@ -1,0 +1,24 @@
+"""Named fault injectors, each recorded and undone (see base.FaultLedger)."""
+
+from labs.faults.base import Fault, FaultLedger, FaultRecord
+from labs.faults.device import (
+    CorruptResumeStream,
+    DestinationLacksDevice,
+    DeviceTransitionFailure,
+    IncompatibleDestinationMdev,
+)
+from labs.faults.job import AbortJob, KillDestinationQemu
+from labs.faults.network import CutMigrationLink
+
+__all__ = [
+    "AbortJob",
+    "CorruptResumeStream",
+    "CutMigrationLink",
+    "DestinationLacksDevice",
+    "DeviceTransitionFailure",
+    "Fault",
+    "FaultLedger",
+    "FaultRecord",
+    "IncompatibleDestinationMdev",
+    "KillDestinationQemu",
+]

@@ -1,0 +1,110 @@
+"""Fault injectors: named, recorded, and always undone.
+
+A fault is injected through a FaultLedger, which remembers it before it is
+injected: a fault that fails halfway (a rule added, the next command timed out)
+is still undone at teardown. `undo` is idempotent and safe on a fault that
+never got injected, so teardown can call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from labs.reporting.evidence import attach, step
+
+
+@dataclass
+class FaultRecord:
+    name: str
+    target: str
+    injected_at: float | None = None
+    undone_at: float | None = None
+    actions: list[str] = field(default_factory=list)  # what was done on the hosts, in order
+    error: str | None = None  # the last error of inject or undo
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Fault(ABC):
+    """One induced failure. Subclasses set `name` and implement _inject/_undo."""
+
+    name: str = "fault"
+
+    def __init__(self, target: str) -> None:
+        self.record = FaultRecord(self.name, target)
+        self._attempted = False
+        self._undone = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.record.target})"
+
+    @property
+    def injected(self) -> bool:
+        return self.record.injected_at is not None and not self._undone
+
+    @property
+    def needs_undo(self) -> bool:
+        return self._attempted and not self._undone
+
+    def note(self, action: str) -> None:
+        self.record.actions.append(action)
+
+    def inject(self) -> None:
+        with step(f"fault {self.name}: inject on {self.record.target}"):
+            self._attempted = True
+            self._undone = False
+            try:
+                self._inject()
+            except Exception as exc:
+                self.record.error = f"inject: {exc}"
+                raise
+            self.record.injected_at = time.time()
+
+    def undo(self) -> None:
+        if not self.needs_undo:
+            return
+        with step(f"fault {self.name}: undo on {self.record.target}"):
+            try:
+                self._undo()
+            except Exception as exc:
+                self.record.error = f"undo: {exc}"
+                raise
+            self._undone = True
+            self.record.undone_at = time.time()
+
+    @abstractmethod
+    def _inject(self) -> None: ...
+
+    @abstractmethod
+    def _undo(self) -> None: ...
+
+
+class FaultLedger:
+    """Every fault of one test, undone in reverse order at teardown."""
+
+    def __init__(self) -> None:
+        self.faults: list[Fault] = []
+
+    def inject(self, fault: Fault) -> Fault:
+        self.faults.append(fault)  # before inject: a half-injected fault is undone too
+        fault.inject()
+        return fault
+
+    def pending(self) -> list[Fault]:
+        return [f for f in self.faults if f.needs_undo]
+
+    def undo_all(self) -> list[str]:
+        """Undo everything still in place; keep going past errors and return them."""
+        errors: list[str] = []
+        for fault in reversed(self.faults):
+            try:
+                fault.undo()
+            except Exception as exc:
+                errors.append(f"{fault!r}: undo failed: {exc}")
+        if self.faults:
+            attach("faults", [f.record.as_dict() for f in self.faults], "json")
+        return errors

@@ -1,0 +1,167 @@
+"""Faults on the device: missing or incompatible on the destination, failing transitions, bad streams.
+
+Host-side faults (mdev removed or created) act over SSH on sysfs. Device-level
+faults act through the device layer (`DeviceAccess`): on simulated drivers a
+fault knob; on real devices the spec's recipes (section 5.4): a truncated
+stream, or a header with a flipped magic. Never the port payload of mtty: a
+corrupted FIFO index there writes past the FIFO in host kernel memory.
+"""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from typing import Any, Literal
+
+from labs.errors import InfraError, LabError
+from labs.faults.base import Fault
+from labs.inventory import LabDevice
+from labs.inventory.models import MdevDevice, PciDevice
+from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
+from labs.transport import HostConnection
+from labs.virt.xml import Hostdev, hostdev_for
+
+ABSENT_PCI = "0000:fe:1f.7"  # a function no lab host has; the destination XML points there
+
+
+class DestinationLacksDevice(Fault):
+    """The destination has no such device.
+
+    mdev: remove the destination's mdev over sysfs (undo creates it again with
+    the same UUID and type). PCI and simulated devices: the destination XML
+    names a device the host does not have (nothing on the host to undo).
+    """
+
+    name = "destination-lacks-device"
+
+    def __init__(self, ssh: HostConnection, device: LabDevice) -> None:
+        super().__init__(device.id)
+        self.ssh = ssh
+        self.device = device
+        self.hostdev: Hostdev = hostdev_for(device)
+
+    def _inject(self) -> None:
+        spec = self.device.spec
+        if isinstance(spec, MdevDevice):
+            path = shlex.quote(f"/sys/bus/mdev/devices/{spec.uuid}/remove")
+            self.ssh.run(f"echo 1 > {path}", timeout=30, sudo=True, check=True)
+            self.note(f"removed mdev {spec.uuid} on {self.ssh.name}")
+        elif isinstance(spec, PciDevice):
+            self.hostdev = Hostdev("pci", ABSENT_PCI)
+            self.note(f"destination XML names absent PCI function {ABSENT_PCI}")
+        else:
+            self.hostdev = Hostdev("mdev", str(uuid.uuid4()))
+            self.note(f"destination XML names absent mdev {self.hostdev.address}")
+
+    def _undo(self) -> None:
+        spec = self.device.spec
+        if isinstance(spec, MdevDevice):
+            if self.ssh.run(f"test -e /sys/bus/mdev/devices/{spec.uuid}", timeout=15).ok:
+                self.note(f"mdev {spec.uuid} already present")
+                return
+            create = f"/sys/class/mdev_bus/{spec.parent}/mdev_supported_types/{spec.type}/create"
+            self.ssh.run(f"echo {spec.uuid} > {shlex.quote(create)}", timeout=30, sudo=True, check=True)
+            self.note(f"re-created mdev {spec.uuid} ({spec.type}) on {self.ssh.name}")
+        else:
+            self.note("nothing to restore on the host")
+
+
+class IncompatibleDestinationMdev(Fault):
+    """An mdev of another type on the destination (mtty-1 for an mtty-2 stream): resume must refuse it."""
+
+    name = "incompatible-destination-device"
+
+    def __init__(self, ssh: HostConnection, device: LabDevice, other_type: str) -> None:
+        super().__init__(f"{device.id} as {other_type}")
+        if not isinstance(device.spec, MdevDevice):
+            raise InfraError(f"{device.id}: an incompatible mdev needs an mdev device")
+        self.ssh = ssh
+        self.device = device
+        self.spec: MdevDevice = device.spec
+        self.other_type = other_type
+        self.uuid = str(uuid.uuid4())
+        self.hostdev = Hostdev("mdev", self.uuid)
+        self.created = False
+
+    def _inject(self) -> None:
+        create = f"/sys/class/mdev_bus/{self.spec.parent}/mdev_supported_types/{self.other_type}/create"
+        self.ssh.run(f"echo {self.uuid} > {shlex.quote(create)}", timeout=30, sudo=True, check=True)
+        self.created = True
+        self.note(f"created mdev {self.uuid} of type {self.other_type} on {self.ssh.name}")
+
+    def _undo(self) -> None:
+        path = f"/sys/bus/mdev/devices/{self.uuid}"
+        if self.ssh.run(f"test -e {path}", timeout=15).ok:
+            self.ssh.run(f"echo 1 > {path}/remove", timeout=30, sudo=True, check=True)
+            self.note(f"removed mdev {self.uuid}")
+
+
+class DeviceTransitionFailure(Fault):
+    """A simulated driver fails a transition (fault knob through the device layer); undo disarms it."""
+
+    name = "device-transition-failure"
+
+    def __init__(self, dev: DeviceAccess, device: LabDevice, knob: str = "fail_transition", **params: Any) -> None:
+        super().__init__(f"{device.id} {knob} {params}")
+        if device.spec.kind != "sim":
+            raise InfraError(
+                f"{device.id}: a transition fault knob exists only on simulated drivers; "
+                "on real devices use CorruptResumeStream (spec 5.4)"
+            )
+        self.dev = dev
+        self.knob = knob
+        self.params = params
+
+    def _inject(self) -> None:
+        self.dev.set_fault(self.knob, **self.params)
+        self.note(f"armed {self.knob} {self.params}")
+
+    def _undo(self) -> None:
+        self.dev.clear_faults()
+        self.note("cleared fault knobs")
+        if self.dev.state() not in RUNNING_STATES:
+            self.dev.reset()
+            self.note(f"reset the device (was {self.dev.state()})")
+
+
+StreamDamage = Literal["truncate", "bad-magic", "too-long"]
+
+
+def damage(stream: bytes, how: StreamDamage) -> bytes:
+    """The spec's safe recipes (5.4): never the port payload."""
+    if how == "truncate":
+        return stream[: max(1, len(stream) // 2)]
+    if how == "bad-magic":
+        return bytes(b ^ 0xFF for b in stream[:8]) + stream[8:]
+    return stream + b"\0" * 64
+
+
+class CorruptResumeStream(Fault):
+    """Resume a damaged stream into the device (device level); it must refuse, and undo resets it.
+
+    `refused` tells whether the device layer reported the refusal; the state the
+    device is left in is recorded for the readback.
+    """
+
+    name = "corrupt-resume-stream"
+
+    def __init__(self, dev: DeviceAccess, device: LabDevice, stream: bytes, how: StreamDamage) -> None:
+        super().__init__(f"{device.id} ({how}, {len(stream)} bytes)")
+        self.name = f"corrupt-resume-stream:{how}"
+        self.record.name = self.name
+        self.dev = dev
+        self.stream = damage(stream, how)
+        self.refused: str | None = None
+        self.state_after: str | None = None
+
+    def _inject(self) -> None:
+        try:
+            self.dev.resume(self.stream)
+        except LabError as exc:
+            self.refused = str(exc)
+        self.state_after = self.dev.state()
+        self.note(f"resumed {len(self.stream)} damaged bytes: {self.refused or 'ACCEPTED'}; state {self.state_after}")
+
+    def _undo(self) -> None:
+        self.dev.reset()
+        self.note(f"VFIO_DEVICE_RESET; state {self.dev.state()}")

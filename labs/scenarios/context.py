@@ -1,0 +1,128 @@
+"""One test's scenario: its hypervisors, steps and faults, and everything it must clean up.
+
+Whatever a scenario creates (a domain on some host, a save image, a fault) is
+registered here the moment it exists, so `cleanup()` removes it after a pass,
+a failure or a timeout alike. Domains are searched on every hypervisor the
+scenario touched: after a migration, or a failed one, a copy may be on either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import uuid
+from pathlib import Path
+
+from labs.errors import LabError
+from labs.faults.base import Fault, FaultLedger
+from labs.inventory import LabDevice, LabHost
+from labs.runtime import LabSession
+from labs.scenarios.steps import StepLog
+from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor
+from labs.virt.xml import spec_for
+
+_counter = itertools.count(1)
+
+
+class Scenario:
+    def __init__(self, session: LabSession, label: str = "vm") -> None:
+        self.session = session
+        self.label = label
+        self.steps = StepLog()
+        self.faults = FaultLedger()
+        self.timeouts = session.inventory.settings.timeouts
+        self._hvs: dict[str, Hypervisor] = {}
+        self._domains: set[str] = set()
+        self._images: list[tuple[str | None, str]] = []  # (host or None for the controller, path)
+        self.cleanup_log: list[str] = []
+
+    @property
+    def run_id(self) -> str:
+        return self.session.run_id
+
+    def hv(self, host: str | LabHost) -> Hypervisor:
+        hv = hypervisor(self.session, host)
+        self._hvs[hv.name] = hv
+        return hv
+
+    @property
+    def hypervisors(self) -> list[Hypervisor]:
+        return list(self._hvs.values())
+
+    def vm_name(self, label: str) -> str:
+        # run id first (the janitor's key); a random part, since xdist workers share the run id
+        return f"{self.run_id}-{next(_counter)}{uuid.uuid4().hex[:4]}-{label}"
+
+    def define_vm(self, device: LabDevice, label: str | None = None) -> VM:
+        hv = self.hv(device.host)
+        name = self.vm_name(label or f"{self.label}-{device.name}")
+        self._domains.add(name)
+        with self.steps.step(f"define {name} on {hv.name} with {device.id}"):
+            return hv.define(spec_for(name, [device], hv.virt_type))
+
+    def track_domain(self, name: str) -> None:
+        self._domains.add(name)
+
+    def inject(self, fault: Fault) -> Fault:
+        return self.faults.inject(fault)
+
+    # -- save images --------------------------------------------------------
+    def image_path(self, hv: Hypervisor, name: str) -> str:
+        """A fresh image path on `hv`'s side (the controller for test:///), registered for removal."""
+        path = f"{hv.image_dir}/{name}.{next(_counter)}.save"
+        if hv.files_local:
+            LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+            self._images.append((None, path))
+        else:
+            # libvirtd (root) writes it; the SSH user must be able to fetch and remove it later
+            prep = f"mkdir -p {REMOTE_IMAGE_DIR} && chmod 1777 {REMOTE_IMAGE_DIR}"
+            self.session.ssh(hv.name).run(prep, timeout=30, sudo=True, idempotent=True, check=True)
+            self._images.append((hv.name, path))
+        return path
+
+    def transfer_image(self, src: Hypervisor, path: str, dst: Hypervisor) -> str:
+        """Make the image at `path` on src readable by dst's libvirt: through the controller, over SFTP."""
+        if src.files_local and dst.files_local:
+            return path
+        local = path
+        if not src.files_local:
+            ssh = self.session.ssh(src.name)
+            ssh.run(f"chmod 0644 {shlex.quote(path)}", timeout=30, sudo=True, check=True)
+            LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+            local = str(LOCAL_IMAGE_DIR / Path(path).name)
+            self._images.append((None, local))
+            ssh.get(path, local)
+        if dst.files_local:
+            return local
+        remote = self.image_path(dst, Path(path).name.removesuffix(".save") + ".moved")
+        self.session.ssh(dst.name).put(local, remote)
+        return remote
+
+    # -- teardown -----------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        """Undo faults, remove domains and images; return what went wrong (empty when all is clean)."""
+        errors = self.faults.undo_all()
+        for name in sorted(self._domains):
+            for hv in self.hypervisors:
+                try:
+                    self.cleanup_log += VM(hv, name).remove()
+                except LabError as exc:
+                    errors.append(f"{hv.name}/{name}: {exc}")
+        for host, path in self._images:
+            try:
+                if host is None:
+                    Path(path).unlink(missing_ok=True)
+                else:
+                    self.session.ssh(host).run(f"rm -f {shlex.quote(path)}", timeout=30, sudo=True, check=True)
+                self.cleanup_log.append(f"removed {host or 'controller'}:{path}")
+            except (LabError, OSError) as exc:
+                errors.append(f"{host or 'controller'}:{path}: {exc}")
+        self.cleanup_log += [f"error: {e}" for e in errors]
+        self.steps.attach()
+        return errors
+
+    def leftovers(self) -> list[str]:
+        """What of this scenario still exists (after cleanup: must be empty)."""
+        out = [f"{hv.name}/{n}" for n in self._domains for hv in self.hypervisors if hv.exists(n)]
+        out += [p for h, p in self._images if h is None and Path(p).exists()]
+        return out

@@ -1,0 +1,102 @@
+"""Migrations under an induced fault, and the migration that must succeed afterwards.
+
+For every fault: the migration fails with an error within its timeout, the
+source keeps running with its device RUNNING, the destination keeps nothing
+(the readback after the leg checks all three), the fault is undone, and a
+following migration succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from labs.faults.base import Fault
+from labs.inventory import LabPair
+from labs.scenarios.context import Scenario
+from labs.scenarios.migration import Leg, migrate_leg
+from labs.virt.domain import VM
+from labs.virt.migrate import JobSample
+from labs.virt.xml import Hostdev, with_hostdevs
+
+# A low bandwidth cap keeps even a tiny idle VM in flight for seconds, so a
+# mid-flight fault lands while the job runs, not after it finished.
+SLOW_MIB_S = 2
+Trigger = Literal["before", "mid-flight"]
+
+
+@dataclass
+class FaultedMigration:
+    fault: Fault
+    failed: Leg
+    undone: bool
+    following: Leg | None
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if self.failed.result.ok:
+            out.append(f"migration under {self.fault.name} succeeded; it should have failed")
+        elif not self.failed.result.error:
+            out.append(f"migration under {self.fault.name} failed without an error message")
+        out += [f"after {self.fault.name}: {p}" for p in self.failed.problems]
+        if not self.undone:
+            out.append(f"{self.fault.name} was not undone: {self.fault.record.error}")
+        if self.following is None:
+            out.append("no following migration was run")
+        else:
+            if not self.following.result.ok:
+                out.append(f"the migration after {self.fault.name} failed: {self.following.result.error}")
+            out += [f"following migration: {p}" for p in self.following.problems]
+        return out
+
+
+def migrate_under_fault(
+    sc: Scenario,
+    vm: VM,
+    pair: LabPair,
+    make_fault: Callable[[VM], Fault],
+    trigger: Trigger,
+    *,
+    timeout: float | None = None,
+    dest_hostdev: Callable[[Fault], Hostdev | None] | None = None,
+) -> tuple[VM, FaultedMigration]:
+    """Migrate pair.source -> pair.destination with the fault injected before or during the job."""
+    fault = make_fault(vm)
+    dest_xml = None
+    if trigger == "before":
+        sc.inject(fault)
+        hostdev = dest_hostdev(fault) if dest_hostdev else None
+        if hostdev is not None:
+            import libvirt
+
+            dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
+
+    def mid_flight(sample: JobSample) -> None:
+        if not fault.needs_undo and not fault.injected:
+            sc.inject(fault)
+
+    vm_after, failed = migrate_leg(
+        sc,
+        vm,
+        pair.source,
+        pair.destination,
+        scenario=f"migrate under {fault.name}",
+        bandwidth_mib=SLOW_MIB_S if trigger == "mid-flight" else None,
+        dest_xml=dest_xml,
+        timeout=timeout,
+        on_progress=mid_flight if trigger == "mid-flight" else None,
+    )
+    undone = True
+    with sc.steps.step(f"undo {fault.name}"):
+        try:
+            fault.undo()
+        except Exception:
+            undone = False
+    following: Leg | None = None
+    if not failed.result.ok:
+        vm_after, following = migrate_leg(
+            sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"
+        )
+    return vm_after, FaultedMigration(fault, failed, undone, following)

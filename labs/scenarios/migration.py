@@ -1,0 +1,154 @@
+"""Live-migration scenarios: A -> B, back, ping-pong, parallel, post-copy refused, and under faults.
+
+Each migration is followed by a readback on both hosts. Success means one
+running copy, on the destination, owning the destination's device, and nothing
+left on the source. Failure (faults, post-copy) means the reverse: the source
+keeps running with its device RUNNING and the destination keeps nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import libvirt
+
+from labs.inventory import LabDevice, LabPair
+from labs.reporting import metrics
+from labs.scenarios.context import Scenario
+from labs.scenarios.readback import Readback, read_back
+from labs.virt.domain import VM, Hypervisor
+from labs.virt.migrate import JobSample, MigrationOptions, MigrationResult, migrate
+from labs.virt.xml import hostdev_for, with_hostdevs
+
+
+@dataclass
+class Leg:
+    """One migration and what was read back after it."""
+
+    source: str
+    destination: str
+    result: MigrationResult
+    readback: Readback
+
+    @property
+    def problems(self) -> list[str]:
+        expect = self.destination if self.result.ok else self.source
+        return self.readback.problems(expect_on=expect)
+
+
+@dataclass
+class MigrationRun:
+    legs: list[Leg] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [
+            f"leg {i + 1} {leg.source}->{leg.destination}: {p}" for i, leg in enumerate(self.legs) for p in leg.problems
+        ]
+
+
+def _dest_xml(vm: VM, src: LabDevice, dst: LabDevice, override: str | None = None) -> str | None:
+    """The domain XML with the destination's device, when it differs from the source's."""
+    target = hostdev_for(dst) if override is None else None
+    if override is None and target == hostdev_for(src):
+        return None
+    xml = str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    return override if override is not None else with_hostdevs(xml, (target,))  # type: ignore[arg-type]
+
+
+def migrate_leg(
+    sc: Scenario,
+    vm: VM,
+    src: LabDevice,
+    dst: LabDevice,
+    *,
+    scenario: str,
+    parallel: int | None = None,
+    postcopy: bool = False,
+    bandwidth_mib: int | None = None,
+    dest_xml: str | None = None,
+    timeout: float | None = None,
+    on_progress: Callable[[JobSample], None] | None = None,
+) -> tuple[VM, Leg]:
+    """Migrate `vm` (on src's host) to dst's host, read back both sides; returns where the VM runs now."""
+    dst_hv: Hypervisor = sc.hv(dst.host)
+    opts = MigrationOptions(
+        timeout=timeout or sc.timeouts.migration,
+        parallel=parallel,
+        postcopy=postcopy,
+        bandwidth_mib=bandwidth_mib,
+        dest_xml=dest_xml if dest_xml is not None else _dest_xml(vm, src, dst),
+    )
+    how = ", ".join(
+        x
+        for x in (
+            f"{parallel} connections" if parallel else "",
+            "post-copy" if postcopy else "",
+            f"{bandwidth_mib} MiB/s" if bandwidth_mib else "",
+        )
+        if x
+    )
+    with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
+        result = migrate(vm, dst_hv, opts, on_progress)
+        rec.detail = result.summary()
+    rb = read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title=f"readback after {scenario}")
+    leg = Leg(vm.hv.name, dst_hv.name, result, rb)
+    subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
+    total_ms = result.metric("time_elapsed")
+    processed = result.metric("data_processed")
+    metrics.record(
+        subject,
+        scenario,
+        ok=int(result.ok),
+        downtime_ms=result.metric("downtime"),
+        total_ms=total_ms,
+        data_total=result.metric("data_total"),
+        device_data_bytes=result.device_data_bytes,
+        throughput_mbps=round(processed / 1e6 / (total_ms / 1000), 3) if processed and total_ms else None,
+    )
+    return (VM(dst_hv, vm.name) if result.ok else vm), leg
+
+
+def there_and_back(sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, **kw: object) -> tuple[VM, MigrationRun]:
+    """A -> B, B -> A, `rounds` times (ping-pong); stops at the first failed leg."""
+    run = MigrationRun()
+    for i in range(rounds):
+        for src, dst in ((pair.source, pair.destination), (pair.destination, pair.source)):
+            vm, leg = migrate_leg(sc, vm, src, dst, scenario=f"ping-pong {i + 1}" if rounds > 1 else "migrate", **kw)  # type: ignore[arg-type]
+            run.legs.append(leg)
+            if not leg.result.ok:
+                return vm, run
+    return vm, run
+
+
+def postcopy_refused(sc: Scenario, vm: VM, pair: LabPair) -> Leg:
+    """Request post-copy for a VM with a VFIO device: QEMU must refuse it (spec 4.2 blockers), not hang.
+
+    If QEMU accepted the post-copy flag, we ask for the switch to post-copy at
+    the first progress sample; that request must be refused too.
+    """
+    switch_errors: list[str] = []
+
+    def switch(sample: JobSample) -> None:
+        if switch_errors:
+            return
+        try:
+            vm.dom.migrateStartPostCopy(0)
+            switch_errors.append("accepted")
+        except libvirt.libvirtError as exc:
+            switch_errors.append(exc.get_error_message() or "refused")
+
+    _vm, leg = migrate_leg(
+        sc,
+        vm,
+        pair.source,
+        pair.destination,
+        scenario="post-copy refused",
+        postcopy=True,
+        timeout=min(sc.timeouts.migration, 120.0),
+        on_progress=switch,
+    )
+    if switch_errors:
+        leg.readback.sides[0].notes.append(f"migrateStartPostCopy: {switch_errors[0]}")
+    return leg

@@ -1,0 +1,209 @@
+"""Readback after every scenario and every failure, on every side.
+
+Three views, each recorded even when an earlier one already failed:
+1. libvirt: the domain's state on each host of the scenario; exactly one
+   running copy, nothing left on the losing side.
+2. QEMU (where the connection has a monitor): the vfio part of query-migrate.
+3. the device, through the device layer, once no VM holds it: its migration
+   state (RUNNING / 001) and pending data size.
+
+The device layer is reached through a small Protocol of our own
+(`DeviceAccess`), opened by `labs.hostagent.open_device(session, device)` when
+that glue exists; until then the device view is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from labs.errors import LabError
+from labs.inventory import LabDevice
+from labs.reporting.evidence import attach, step
+from labs.runtime import LabSession
+from labs.virt.capabilities import VirtCapability
+from labs.virt.domain import Hypervisor
+from labs.virt.monitor import query_migrate, vfio_view
+from labs.virt.xml import Hostdev, hostdevs_of
+
+RUNNING_STATES = ("RUNNING", "001")  # v2 name, v1 device_state bits
+
+
+class DeviceAccess(Protocol):
+    """What the scenarios need from a device handle of the device layer (labs.vfio)."""
+
+    def state(self) -> str:
+        """The migration state by name: RUNNING, STOP, ... (v2) or the 3-bit value `001` (v1)."""
+        ...
+
+    def data_size(self) -> int | None:
+        """Pending data size where the protocol reports one (v2 MIG_DATA_SIZE, v1 pending_bytes)."""
+        ...
+
+    def save(self) -> bytes:
+        """A full device-level save: the stream, with the device left stopped."""
+        ...
+
+    def resume(self, data: bytes) -> None:
+        """Load a stream and return the device to RUNNING; raises on any refusal."""
+        ...
+
+    def reset(self) -> None:
+        """VFIO_DEVICE_RESET."""
+        ...
+
+    def digest(self) -> str | None:
+        """Content digest (simulated devices; None for real ones)."""
+        ...
+
+    def set_fault(self, name: str, **params: Any) -> None:
+        """Arm a simulated driver's fault knob (e.g. fail a transition with an errno)."""
+        ...
+
+    def clear_faults(self) -> None: ...
+
+
+DeviceOpener = Callable[[LabSession, LabDevice], AbstractContextManager[DeviceAccess]]
+NO_DEVICE_LAYER = "device layer not wired yet (labs.hostagent.open_device is missing)"
+
+
+def device_opener() -> DeviceOpener | None:
+    """`labs.hostagent.open_device` once the device layer provides it."""
+    try:
+        module = importlib.import_module("labs.hostagent")
+    except ImportError:
+        return None
+    opener = getattr(module, "open_device", None)
+    return opener if callable(opener) else None
+
+
+@dataclass
+class SideView:
+    host: str
+    domain_state: str  # running, paused, shutoff, absent, ...
+    hostdevs: list[Hostdev] = field(default_factory=list)
+    qemu: dict[str, Any] | None = None  # vfio part of query-migrate
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeviceView:
+    device: str
+    state: str | None = None
+    data_size: int | None = None
+    skipped: str | None = None  # why the device was not read
+
+
+@dataclass
+class Readback:
+    domain: str
+    sides: list[SideView] = field(default_factory=list)
+    devices: list[DeviceView] = field(default_factory=list)
+
+    @property
+    def running_on(self) -> list[str]:
+        return [s.host for s in self.sides if s.domain_state in ("running", "paused")]
+
+    def state_on(self, host: str) -> str:
+        for s in self.sides:
+            if s.host == host:
+                return s.domain_state
+        raise KeyError(host)
+
+    def problems(self, expect_on: str | None, expect_device_running: bool = True) -> list[str]:
+        """What is wrong, given where the one running copy should be (None: nowhere)."""
+        out: list[str] = []
+        running = self.running_on
+        if expect_on is None and running:
+            out.append(f"{self.domain} should run nowhere, runs on {', '.join(running)}")
+        if expect_on is not None and running != [expect_on]:
+            out.append(f"{self.domain} should run exactly once, on {expect_on}; runs on {running or 'no host'}")
+        for s in self.sides:
+            if s.host != expect_on and s.domain_state != "absent":
+                out.append(f"{s.host} keeps a leftover {self.domain} ({s.domain_state})")
+        if expect_device_running:
+            for d in self.devices:
+                if d.skipped is None and d.state not in RUNNING_STATES:
+                    out.append(f"device {d.device} is {d.state}, not RUNNING")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "sides": [
+                {
+                    "host": s.host,
+                    "state": s.domain_state,
+                    "hostdevs": [h.describe() for h in s.hostdevs],
+                    "qemu": s.qemu,
+                    "notes": s.notes,
+                }
+                for s in self.sides
+            ],
+            "devices": [vars(d) for d in self.devices],
+        }
+
+
+def domain_side(hv: Hypervisor, name: str, run_id: str) -> SideView:
+    from labs.virt.domain import VM
+
+    vm = VM(hv, name)
+    view = SideView(hv.name, vm.state())
+    if view.domain_state == "absent":
+        return view
+    try:
+        view.hostdevs = hostdevs_of(vm.xml())
+    except LabError as exc:
+        view.notes.append(f"xml: {exc}")
+    if view.domain_state in ("running", "paused"):
+        if hv.can(run_id, VirtCapability.QEMU_MONITOR):
+            try:
+                view.qemu = vfio_view(query_migrate(vm.dom))
+            except LabError as exc:
+                view.notes.append(f"query-migrate: {exc}")
+        else:
+            view.notes.append(hv.capabilities(run_id).missing_reason(VirtCapability.QEMU_MONITOR))
+    return view
+
+
+def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> DeviceView:
+    """The device's migration state through the device layer; only when no VM holds it."""
+    view = DeviceView(device.id)
+    if held_by_vm and device.spec.kind != "sim":
+        # a real device belongs to QEMU while the VM runs; opening it would fail (EBUSY) or disturb it
+        view.skipped = "held by a running VM (read after the VM is gone)"
+        return view
+    opener = device_opener()
+    if opener is None:
+        view.skipped = NO_DEVICE_LAYER
+        return view
+    try:
+        with opener(session, device) as dev:
+            view.state = dev.state()
+            view.data_size = dev.data_size()
+    except LabError as exc:
+        view.skipped = f"device layer error: {exc}"
+    return view
+
+
+def read_back(
+    session: LabSession,
+    hvs: list[Hypervisor],
+    name: str,
+    devices: list[LabDevice],
+    *,
+    title: str = "readback",
+) -> Readback:
+    """Record every side's view of domain `name` and its devices (never raises for what it finds)."""
+    rb = Readback(name)
+    with step(f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"):
+        for hv in hvs:
+            rb.sides.append(domain_side(hv, name, session.run_id))
+        for device in devices:
+            held = any(s.host == device.host.name and s.domain_state in ("running", "paused") for s in rb.sides)
+            rb.devices.append(device_view(session, device, held))
+        attach(title, rb.as_dict(), "json")
+    return rb

@@ -1,0 +1,161 @@
+"""Domain XML from one template: a minimal VM that owns the device under test.
+
+The VM needs no disk: SeaBIOS finds nothing to boot and idles, which is all a
+migration of the device needs. Small RAM keeps TCG migrations in the nested lab
+quick. The device is a PCI hostdev or an mdev hostdev (`type='mdev'
+model='vfio-pci'`); a simulated device becomes an mdev hostdev with a UUID
+derived from host and device name, so the same device always gets the same
+UUID (libvirt's test:/// driver accepts it without a real mdev behind it).
+"""
+
+from __future__ import annotations
+
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from labs.inventory import LabDevice
+from labs.inventory.models import MdevDevice, PciDevice, SimDevice
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# uuid5 namespace for simulated devices: any fixed UUID will do, it only has to never change
+SIM_MDEV_NAMESPACE = uuid.UUID("6c1f0d1e-3b59-4f7e-9a51-2f1d0c6a9e10")
+# QEMU trace events of the VFIO migration state machine (QEMU 8+ names); written to the domain's QEMU log
+VFIO_TRACE_EVENTS = ("vfio_migration_set_state", "vfio_vmstate_change", "vfio_save_*", "vfio_load_*")
+
+
+@dataclass(frozen=True)
+class Hostdev:
+    kind: Literal["pci", "mdev"]
+    address: str  # PCI BDF (0000:65:00.0) or mdev UUID
+
+    def describe(self) -> str:
+        return f"{self.kind} hostdev {self.address}"
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    hostdevs: tuple[Hostdev, ...] = ()
+    virt_type: str = "kvm"  # 'test' on test:///, 'qemu' under TCG (the nested lab)
+    arch: str = "x86_64"
+    machine: str = "q35"
+    memory_mib: int = 128
+    vcpus: int = 1
+    trace_events: tuple[str, ...] = field(default=())
+
+
+def sim_mdev_uuid(host: str, device: str) -> str:
+    return str(uuid.uuid5(SIM_MDEV_NAMESPACE, f"{host}:{device}"))
+
+
+def hostdev_for(device: LabDevice) -> Hostdev:
+    spec = device.spec
+    if isinstance(spec, PciDevice):
+        return Hostdev("pci", spec.pci)
+    if isinstance(spec, MdevDevice):
+        return Hostdev("mdev", spec.uuid)
+    assert isinstance(spec, SimDevice)
+    return Hostdev("mdev", sim_mdev_uuid(device.host.name, device.name))
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _hostdev(devices: ET.Element, dev: Hostdev) -> None:
+    if dev.kind == "mdev":
+        el = _sub(devices, "hostdev", mode="subsystem", type="mdev", model="vfio-pci")
+        _sub(_sub(el, "source"), "address", uuid=dev.address)
+        return
+    domain, bus, rest = dev.address.split(":")
+    slot, function = rest.split(".")
+    # managed: libvirt binds the function to vfio-pci on start and gives it back on stop
+    el = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
+    _sub(
+        _sub(el, "source"),
+        "address",
+        domain=f"0x{domain}",
+        bus=f"0x{bus}",
+        slot=f"0x{slot}",
+        function=f"0x{function}",
+    )
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    ET.register_namespace("qemu", QEMU_NS)
+    root = ET.Element("domain", type=spec.virt_type)
+    _sub(root, "name", spec.name)
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.vcpus))
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    for dev in spec.hostdevs:
+        _hostdev(devices, dev)
+    if spec.virt_type != "test":
+        # nothing the migration does not need: no balloon, no display, one serial console for debugging
+        _sub(devices, "memballoon", model="none")
+        _sub(_sub(devices, "video"), "model", type="none")
+        _sub(_sub(devices, "serial", type="pty"), "target", port="0")
+    if spec.trace_events:
+        cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        for event in spec.trace_events:
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value="-trace")
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=event)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def hostdevs_of(xml: str) -> list[Hostdev]:
+    """The hostdevs a live domain XML names (readback: which device a running copy owns)."""
+    out: list[Hostdev] = []
+    for el in ET.fromstring(xml).iter("hostdev"):
+        addr = el.find("source/address")
+        if addr is None:
+            continue
+        if el.get("type") == "mdev" and addr.get("uuid"):
+            out.append(Hostdev("mdev", str(addr.get("uuid")).lower()))
+        elif el.get("type") == "pci":
+            parts = [int(str(addr.get(k, "0")), 16) for k in ("domain", "bus", "slot", "function")]
+            out.append(Hostdev("pci", f"{parts[0]:04x}:{parts[1]:02x}:{parts[2]:02x}.{parts[3]:x}"))
+    return out
+
+
+def with_hostdevs(xml: str, hostdevs: tuple[Hostdev, ...]) -> str:
+    """The same domain owning other host devices: the destination's device on migration or cross-host restore.
+
+    Only the host side (`<source>`) changes; the guest side (PCI address, alias)
+    stays, because libvirt refuses a destination XML whose guest ABI differs.
+    """
+    root = ET.fromstring(xml)
+    devices = root.find("devices")
+    existing = list(devices.findall("hostdev")) if devices is not None else []
+    if devices is None or len(existing) != len(hostdevs):
+        raise ValueError(f"domain has {len(existing)} hostdevs, {len(hostdevs)} given")
+    for el, dev in zip(existing, hostdevs, strict=True):
+        scratch = ET.Element("devices")
+        _hostdev(scratch, dev)
+        fresh = scratch[0]
+        for key in list(el.attrib):
+            del el.attrib[key]
+        el.attrib.update(fresh.attrib)
+        old = el.find("source")
+        index = list(el).index(old) if old is not None else 0
+        if old is not None:
+            el.remove(old)
+        source = fresh.find("source")
+        assert source is not None
+        el.insert(index, source)
+    return ET.tostring(root, encoding="unicode")
+
+
+def spec_for(name: str, devices: list[LabDevice], virt_type: str, **overrides: object) -> DomainSpec:
+    spec = DomainSpec(name=name, hostdevs=tuple(hostdev_for(d) for d in devices), virt_type=virt_type)
+    return replace(spec, **overrides)  # type: ignore[arg-type]
