@@ -48,20 +48,27 @@ BOOT_TIMEOUT = 300.0
 MIGRATION_PROBE = r"""
 import fcntl, os, struct, sys, json
 uuid = sys.argv[1]
-VFIO = 0x3B64
-def io(n): return VFIO + n
+def io(n): return 0x3B64 + n                                     # _IO(';', VFIO_BASE + n)
 group = os.path.basename(os.readlink("/sys/bus/mdev/devices/%s/iommu_group" % uuid))
 container = os.open("/dev/vfio/vfio", os.O_RDWR)
 gfd = os.open("/dev/vfio/%s" % group, os.O_RDWR)
-fcntl.ioctl(gfd, io(104), struct.pack("i", container))          # GROUP_SET_CONTAINER
-fcntl.ioctl(container, io(102), 3)                               # SET_IOMMU VFIO_TYPE1v2_IOMMU
-buf = bytearray(uuid.encode() + b"\0")
-dev = fcntl.ioctl(gfd, io(106), buf, True)                       # GROUP_GET_DEVICE_FD
-# vfio_device_feature {argsz, flags} + vfio_device_feature_migration {u64 flags}
-feat = bytearray(struct.pack("=IIQ", 16, (1 << 16) | 1, 0))      # GET | MIGRATION
-fcntl.ioctl(dev, io(117), feat, True)
-flags = struct.unpack_from("=Q", feat, 8)[0]
-print(json.dumps({"group": group, "migration_flags": flags}))
+fcntl.ioctl(gfd, io(4), struct.pack("i", container))            # GROUP_SET_CONTAINER
+fcntl.ioctl(container, io(2), 3)                                 # SET_IOMMU VFIO_TYPE1v2_IOMMU
+dev = fcntl.ioctl(gfd, io(6), bytearray(uuid.encode() + b"\0"), True)  # GROUP_GET_DEVICE_FD
+def feature(fid, fmt):
+    buf = bytearray(struct.pack("=II", 8 + struct.calcsize(fmt), (1 << 16) | fid) + bytes(struct.calcsize(fmt)))
+    fcntl.ioctl(dev, io(17), buf, True)                          # DEVICE_FEATURE GET
+    return struct.unpack_from(fmt, buf, 8)
+info = bytearray(struct.pack("=IIII", 16, 0, 0, 0))
+fcntl.ioctl(dev, io(7), info, True)                              # DEVICE_GET_INFO
+print(json.dumps({
+    "group": group,
+    "device_info_flags": struct.unpack_from("=I", info, 4)[0],
+    "num_regions": struct.unpack_from("=I", info, 8)[0],
+    "migration_flags": feature(1, "=Q")[0],                      # MIGRATION
+    "device_state": feature(2, "=Ii")[0],                        # MIG_DEVICE_STATE
+    "stop_copy_length": feature(9, "=Q")[0],                     # MIG_DATA_SIZE
+}))
 """
 MIGRATION_FLAG_NAMES = {1: "stop_copy", 2: "p2p", 4: "pre_copy"}
 
@@ -393,7 +400,9 @@ def _prepare_host(spec: VmSpec, keys: Keys) -> list[str]:
     # The first connection makes libvirtd probe QEMU's capabilities: slow under TCG, so pay it here.
     ssh_ok(spec, keys, "virsh -c qemu:///system version", timeout=300)
     out = ssh_ok(spec, keys, f"python3 -c {shlex.quote(MIGRATION_PROBE)} {MTTY_UUID}")
-    flags = int(json.loads(out.strip().splitlines()[-1])["migration_flags"])
+    probe = json.loads(out.strip().splitlines()[-1])
+    (run_dir() / f"{spec.name}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+    flags = int(probe["migration_flags"])
     return [name for bit, name in sorted(MIGRATION_FLAG_NAMES.items()) if flags & bit]
 
 

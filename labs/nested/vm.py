@@ -153,6 +153,8 @@ def _run(argv: list[str]) -> None:
 
 def port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     with socket.socket(socket.AF_INET, kind) as s:
+        # QEMU's hostfwd sets SO_REUSEADDR too: TIME_WAIT leftovers of the last run don't block it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
