@@ -1,0 +1,40 @@
+"""Helpers the suites' conftest files share: a cleaned-up Scenario, capability skips."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from labs.errors import LabError
+from labs.inventory import LabHost
+from labs.runtime import LabSession
+from labs.scenarios.context import Scenario
+from labs.virt.capabilities import VirtCapability
+from labs.virt.domain import hypervisor
+
+
+def scenario_for(lab: LabSession, label: str) -> Iterator[Scenario]:
+    """A Scenario whose VMs, images and faults are removed at teardown, also after a failure or timeout."""
+    sc = Scenario(lab, label)
+    try:
+        yield sc
+    finally:
+        errors = sc.cleanup()
+        left = sc.leftovers()
+        if errors or left:
+            pytest.fail(f"cleanup incomplete: {'; '.join(errors + [f'left {x}' for x in left])}", pytrace=False)
+
+
+def require(lab: LabSession, hosts: list[LabHost], *caps: VirtCapability) -> None:
+    """Skip unless every host's libvirt has every capability; the reason names the capability."""
+    for host in hosts:
+        if not host.spec.libvirt_uri:
+            pytest.skip(f"{host.name} has no libvirt_uri in the inventory")
+        try:
+            found = hypervisor(lab, host).capabilities(lab.run_id)
+        except LabError as exc:
+            pytest.skip(f"{host.name}: libvirt unavailable: {exc}")
+        for cap in caps:
+            if not found.has(cap):
+                pytest.skip(found.missing_reason(cap))

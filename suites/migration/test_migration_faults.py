@@ -1,0 +1,96 @@
+"""Migrations under induced faults: each fails cleanly, the source keeps its device, the next one succeeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from labs.faults import (
+    AbortJob,
+    CutMigrationLink,
+    DestinationLacksDevice,
+    IncompatibleDestinationMdev,
+    KillDestinationQemu,
+)
+from labs.faults.base import Fault
+from labs.faults.network import rule_tag
+from labs.inventory import LabPair
+from labs.inventory.models import MdevDevice
+from labs.scenarios import save_resume as sr
+from labs.scenarios.context import Scenario
+from labs.scenarios.faulted import migrate_under_fault
+from labs.scenarios.support import require
+from labs.virt.capabilities import VirtCapability
+from labs.virt.domain import VM
+
+pytestmark = [pytest.mark.live_migration, pytest.mark.fault]
+STALL_TIMEOUT = 30.0  # a cut link stalls the job; our deadline then aborts it
+
+
+def _check(problems: list[str]) -> None:
+    assert not problems, "; ".join(problems)
+
+
+def test_abort_mid_flight(migratable: LabPair, scenario: Scenario) -> None:
+    require(scenario.session, [migratable.source.host], VirtCapability.ABORT_JOB)
+    vm = sr.start_vm(scenario, migratable.source, "abort")
+    _vm, run = migrate_under_fault(scenario, vm, migratable, AbortJob, "mid-flight")
+    _check(run.problems)
+
+
+def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario) -> None:
+    ssh = scenario.session.ssh(migratable.destination.host.name)
+    vm = sr.start_vm(scenario, migratable.source, "killdst")
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), "mid-flight")
+    _check(run.problems)
+
+
+def test_cut_migration_link(migratable: LabPair, scenario: Scenario) -> None:
+    src, dst = migratable.source.host, migratable.destination.host
+    if not dst.spec.migration_address:
+        pytest.skip(f"{dst.name} has no migration_address: cutting its link could cut the lab's own connections")
+    ssh = scenario.session.ssh(dst.name)
+    source_address = src.spec.migration_address or src.spec.address
+
+    def cut(_vm: VM) -> Fault:
+        return CutMigrationLink(ssh, source_address, rule_tag(scenario.run_id, f"cut_{_vm.name[-12:]}"))
+
+    vm = sr.start_vm(scenario, migratable.source, "cut")
+    _vm, run = migrate_under_fault(scenario, vm, migratable, cut, "mid-flight", timeout=STALL_TIMEOUT)
+    assert run.failed.result.timed_out or run.failed.result.error
+    _check(run.problems)
+
+
+def test_destination_lacks_device(migratable: LabPair, scenario: Scenario) -> None:
+    ssh = scenario.session.ssh(migratable.destination.host.name)
+    vm = sr.start_vm(scenario, migratable.source, "nodev")
+
+    def lacking(_vm: VM) -> Fault:
+        return DestinationLacksDevice(ssh, migratable.destination)
+
+    def hostdev(f: Fault):  # type: ignore[no-untyped-def]
+        return f.hostdev if not isinstance(migratable.destination.spec, MdevDevice) else None  # type: ignore[attr-defined]
+
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lacking, "before", dest_hostdev=hostdev)
+    _check(run.problems)
+
+
+def test_incompatible_destination_device(
+    migratable: LabPair, scenario: Scenario, request: pytest.FixtureRequest
+) -> None:
+    dst = migratable.destination
+    if not isinstance(dst.spec, MdevDevice):
+        pytest.skip(f"{dst.id}: an incompatible device is made as an mdev of another type")
+    other = {"mtty-1": "mtty-2", "mtty-2": "mtty-1"}.get(dst.spec.type)
+    if other is None:
+        pytest.skip(f"{dst.id}: no known incompatible type for {dst.spec.type}")
+    ssh = scenario.session.ssh(dst.host.name)
+    vm = sr.start_vm(scenario, migratable.source, "incompat")
+    _vm, run = migrate_under_fault(
+        scenario,
+        vm,
+        migratable,
+        lambda _v: IncompatibleDestinationMdev(ssh, dst, other),
+        "before",
+        dest_hostdev=lambda f: f.hostdev,  # type: ignore[attr-defined]
+    )
+    _check(run.problems)
