@@ -1,0 +1,221 @@
+"""A v1 (migration region) simulated driver, following the v14 KABI thread to the letter.
+
+The region (index 9, TYPE cap 3/1) starts with vfio_device_migration_info:
+    device_state u32 @0 (rw), reserved u32 @4, pending_bytes u64 @8 (ro),
+    data_offset u64 @16 (ro), data_size u64 @24 (rw)
+and has a data window at `data_offset` (page aligned). Field accesses are only
+valid at native width and alignment (anything else: EINVAL).
+
+Save (spec 2.4): pending_bytes reads have no side effect except acknowledging a
+staged chunk; a data_offset read stages the next chunk (and re-reads return the
+same offset/size); the chunk is consumed only at the next pending_bytes read.
+Resume (2.5): the user writes a chunk into the window, then data_size; the
+driver applies it before the write returns. Leaving RESUMING validates.
+Errors (2.6): a failed state write leaves the prior state or ERROR (110), which
+only VFIO_DEVICE_RESET leaves, to 001.
+
+Options:
+    window: data window size in bytes (default 64 KiB)
+    mmap: advertise the window as mmappable (sparse mmap cap)
+    resume_failure: "stay" (default: stay in 100) | "error" (go to 110)
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any
+
+from labs.sim.base import RW, Region, SimDriver, StreamSink, StreamSource, err, parse_size, sparse_cap, type_cap
+from labs.vfio import agent as uapi
+
+MIG_INDEX = uapi.VFIO_PCI_NUM_REGIONS  # first device-specific index
+DATA_OFFSET = 4096
+FIELDS = {off: (name, width) for name, (off, width) in uapi.V1_FIELDS.items()}
+RUNNING, SAVING, RESUMING, MASK = uapi.V1_RUNNING, uapi.V1_SAVING, uapi.V1_RESUMING, uapi.V1_STATE_MASK
+ERROR = uapi.V1_ERROR
+
+
+class V1Driver(SimDriver):
+    def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
+        super().__init__(state_dir, options)
+        self.window = parse_size(options.get("window", 64 << 10))
+        self.mmap = bool(options.get("mmap", False))
+        self.resume_failure = str(options.get("resume_failure", "stay"))
+        self.state_reg = RUNNING  # V1-R5: 001 after open
+        self.source: StreamSource | None = None
+        self.sink: StreamSink | None = None
+        self.staged: bytes | None = None  # the chunk made available by the last data_offset read
+        self.window_buf = bytearray(self.window)
+        self.last_data_size = 0
+
+    @property
+    def state(self) -> int:
+        return self.state_reg & MASK
+
+    def state_name(self) -> str:
+        return uapi.V1_STATE_NAMES[self.state]
+
+    # -- region layout ----------------------------------------------------------------
+    def num_regions(self) -> int:
+        return MIG_INDEX + 1
+
+    def region(self, index: int) -> Region | None:
+        if index != MIG_INDEX:
+            return super().region(index)
+        caps = [type_cap(uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION)]
+        flags = RW
+        if self.mmap:
+            caps.append(sparse_cap([(DATA_OFFSET, self.window)]))
+            flags |= uapi.VFIO_REGION_INFO_FLAG_MMAP
+        return Region(flags, DATA_OFFSET + self.window, caps)
+
+    def region_read(self, index: int, offset: int, n: int) -> bytes:
+        if index != MIG_INDEX:
+            return super().region_read(index, offset, n)
+        if offset < uapi.V1_INFO_SIZE:
+            return struct.pack(_fmt(n), self.read_field(self.field_at(offset, n)))
+        if offset >= DATA_OFFSET:
+            return self.window_read(offset - DATA_OFFSET, n)
+        return bytes(n)  # the gap between the registers and the window
+
+    def region_write(self, index: int, offset: int, data: bytes) -> int:
+        if index != MIG_INDEX:
+            return super().region_write(index, offset, data)
+        if offset < uapi.V1_INFO_SIZE:
+            name = self.field_at(offset, len(data))
+            self.write_field(name, struct.unpack(_fmt(len(data)), data)[0])
+            return len(data)
+        if offset >= DATA_OFFSET:
+            return self.window_write(offset - DATA_OFFSET, data)
+        raise err(errno.EINVAL, f"write to the gap at {offset}")
+
+    def field_at(self, offset: int, width: int) -> str:
+        """V1-R2: only whole fields at their native width and alignment."""
+        found = FIELDS.get(offset)
+        if found is None or found[1] != width:
+            raise err(errno.EINVAL, f"{width}-byte access at offset {offset} is not a field")
+        return found[0]
+
+    # -- registers --------------------------------------------------------------------
+    def read_field(self, name: str) -> int:
+        if name == "device_state":
+            return self.state_reg
+        if name == "reserved":
+            return 0  # V1-R3
+        if name == "pending_bytes":
+            return self.read_pending()
+        if name == "data_offset":
+            return self.read_data_offset()
+        return self.read_data_size()
+
+    def write_field(self, name: str, value: int) -> None:
+        if name == "device_state":
+            self.write_state(value)
+        elif name == "reserved":
+            pass  # writes ignored (V1-R3)
+        elif name == "data_size":
+            self.write_data_size(value)
+        else:
+            raise err(errno.EINVAL, f"{name} is read-only")
+
+    def read_pending(self) -> int:
+        if self.source is None or not self.state & SAVING:
+            return 0  # undefined when !SAVING; 0 is the harmless answer
+        self.staged = None  # acknowledgement: the previous chunk was consumed
+        return self.source.remaining()
+
+    def read_data_offset(self) -> int:
+        if self.source is not None and self.state & SAVING and self.staged is None:
+            self.staged = self.stage_chunk()
+        return DATA_OFFSET
+
+    def stage_chunk(self) -> bytes:
+        assert self.source is not None
+        return self.source.read(self.window)
+
+    def read_data_size(self) -> int:
+        if self.state & SAVING:
+            return len(self.staged) if self.staged is not None else 0
+        if self.state & RESUMING:
+            return self.last_data_size
+        return 0
+
+    def write_data_size(self, size: int) -> None:
+        if not self.state & RESUMING or self.sink is None:
+            raise err(errno.EINVAL, "data_size is written only in RESUMING")
+        if size > self.window:
+            raise err(errno.EINVAL, f"data_size {size} > window {self.window}")
+        self.last_data_size = size
+        self.sink.feed(bytes(self.window_buf[:size]))  # applied before the write returns (V1-R16)
+
+    def window_read(self, offset: int, n: int) -> bytes:
+        if self.state & SAVING and self.staged is not None:
+            return self.staged[offset : offset + n].ljust(min(n, self.window - offset), b"\0")
+        return bytes(self.window_buf[offset : offset + n])
+
+    def window_write(self, offset: int, data: bytes) -> int:
+        if offset + len(data) > self.window:
+            raise err(errno.EINVAL, "write past the data window")
+        self.window_buf[offset : offset + len(data)] = data
+        return len(data)
+
+    # -- transitions ---------------------------------------------------------------------
+    def write_state(self, value: int) -> None:
+        cur, new = self.state, value & MASK
+        if cur == ERROR:
+            raise err(errno.EINVAL, "device is in ERROR: only reset leaves it")  # V1-R9
+        if not uapi.v1_user_writable(new):
+            raise err(errno.EINVAL, f"state {new:03b} is not valid")  # V1-R6
+        fault = self.faults.transition(uapi.V1_STATE_NAMES[cur], uapi.V1_STATE_NAMES[new])
+        if fault is not None:
+            if fault.to_error:
+                self.enter_error()
+            raise err(fault.errno, f"injected failure of {cur:03b}->{new:03b}")
+        try:
+            self.transition(cur, new)
+        except OSError:
+            if self.resume_failure == "error":
+                self.enter_error()
+            raise
+        self.arcs.append((uapi.V1_STATE_NAMES[cur], uapi.V1_STATE_NAMES[new]))
+        self.state_reg = value & 0xFFFFFFFF  # reserved bits as the user wrote them (V1-R4)
+
+    def transition(self, cur: int, new: int) -> None:
+        if cur & RESUMING and not new & RESUMING:
+            assert self.sink is not None
+            self.sink.finish()  # validation; raises EINVAL and leaves 100 on a bad stream
+            self.sink = None
+        if not cur & SAVING and new & SAVING:
+            self.source = self.new_source(precopy=bool(new & RUNNING))
+            self.staged = None
+        elif cur & SAVING and new & SAVING and not new & RUNNING and self.source is not None:
+            self.source.stop_copy()  # 011 -> 010, regardless of pending_bytes (V1-R10)
+        elif cur & SAVING and not new & SAVING:
+            self.source = None
+            self.staged = None
+        if not cur & RESUMING and new & RESUMING:
+            self.sink = self.new_sink()
+            self.window_buf = bytearray(self.window)
+            self.last_data_size = 0
+
+    def enter_error(self) -> None:
+        self.state_reg = uapi.v1_set_error(self.state_reg)
+        self.source = None
+        self.sink = None
+        self.staged = None
+
+    def active_source(self) -> StreamSource | None:
+        return self.source
+
+    def reset(self) -> None:
+        """Back to 001, any SAVING/RESUMING session ended (V1-R9, V1-R19)."""
+        super().reset()
+        self.state_reg = RUNNING
+        self.source = None
+        self.sink = None
+        self.staged = None
+
+
+def _fmt(width: int) -> str:
+    return {1: "=B", 2: "=H", 4: "=I", 8: "=Q"}[width]
