@@ -39,14 +39,15 @@ class KillDestinationQemu(Fault):
 
     name = "kill-destination-qemu"
 
-    def __init__(self, ssh: HostConnection, domain: str) -> None:
+    def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR) -> None:
         super().__init__(f"{ssh.name}/{domain}")
         self.ssh = ssh
         self.domain = domain
+        self.pid_dir = pid_dir
         self.pid: int | None = None
 
     def _inject(self) -> None:
-        pidfile = shlex.quote(f"{QEMU_PID_DIR}/{self.domain}.pid")
+        pidfile = shlex.quote(f"{self.pid_dir}/{self.domain}.pid")
         res = self.ssh.run(f"cat {pidfile}", timeout=15, sudo=True)
         if not res.ok or not res.stdout.strip().isdigit():
             raise InfraError(f"{self.ssh.name}: no QEMU pid for {self.domain} ({res.stderr.strip() or 'empty'})")

@@ -92,7 +92,7 @@ def migrate_leg(
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
         result = migrate(vm, dst_hv, opts, on_progress)
         rec.detail = result.summary()
-    rb = read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title=f"readback after {scenario}")
+    rb = read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title=f"readback after {scenario}", steps=sc.steps)
     leg = Leg(vm.hv.name, dst_hv.name, result, rb)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
     total_ms = result.metric("time_elapsed")

@@ -24,6 +24,7 @@ from labs.errors import LabError
 from labs.inventory import LabDevice
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
+from labs.scenarios.steps import StepLog
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
 from labs.virt.monitor import query_migrate, vfio_view
@@ -196,10 +197,12 @@ def read_back(
     devices: list[LabDevice],
     *,
     title: str = "readback",
+    steps: StepLog | None = None,
 ) -> Readback:
     """Record every side's view of domain `name` and its devices (never raises for what it finds)."""
     rb = Readback(name)
-    with step(f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"):
+    heading = f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"
+    with steps.step(heading) if steps is not None else step(heading):
         for hv in hvs:
             rb.sides.append(domain_side(hv, name, session.run_id))
         for device in devices:

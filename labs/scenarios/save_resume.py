@@ -66,10 +66,14 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
     with sc.steps.step(f"save {vm} to {path}{_note(vm)}"):
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
-    result.readbacks.append(read_back(sc.session, [vm.hv], vm.name, [device], title="readback after save"))
+    result.readbacks.append(
+        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after save", steps=sc.steps)
+    )
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from {path}"):
         vm.hv.restore(path, vm.name)
-    result.readbacks.append(read_back(sc.session, [vm.hv], vm.name, [device], title="readback after restore"))
+    result.readbacks.append(
+        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after restore", steps=sc.steps)
+    )
     return result
 
 
@@ -80,7 +84,9 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
         vm.managed_save()
         if not vm.has_managed_save():
             raise InfraError(f"{vm}: no managed save image after managed save")
-    result.readbacks.append(read_back(sc.session, [vm.hv], vm.name, [device], title="readback after managed save"))
+    result.readbacks.append(
+        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after managed save", steps=sc.steps)
+    )
     with sc.steps.step(f"start {vm} from its managed save image"):
         mark = vm.hv.events.mark()
         vm.start()
@@ -88,7 +94,9 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
         result.notes.append(f"start event: {event}" if event else "no start event seen")
         if vm.has_managed_save():
             raise InfraError(f"{vm}: managed save image still present after start")
-    result.readbacks.append(read_back(sc.session, [vm.hv], vm.name, [device], title="readback after start"))
+    result.readbacks.append(
+        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after start", steps=sc.steps)
+    )
     return result
 
 
@@ -118,7 +126,14 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
             moved_vm = dst_hv.restore(moved, vm.name)
     result.vm = moved_vm
     result.readbacks.append(
-        read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title="readback after restore on the other host")
+        read_back(
+            sc.session,
+            [vm.hv, dst_hv],
+            vm.name,
+            [src, dst],
+            title="readback after restore on the other host",
+            steps=sc.steps,
+        )
     )
     return result
 

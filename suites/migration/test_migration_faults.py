@@ -21,6 +21,7 @@ from labs.scenarios.faulted import migrate_under_fault
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import VM
+from labs.virt.xml import Hostdev
 
 pytestmark = [pytest.mark.live_migration, pytest.mark.fault]
 STALL_TIMEOUT = 30.0  # a cut link stalls the job; our deadline then aborts it
@@ -67,8 +68,10 @@ def test_destination_lacks_device(migratable: LabPair, scenario: Scenario) -> No
     def lacking(_vm: VM) -> Fault:
         return DestinationLacksDevice(ssh, migratable.destination)
 
-    def hostdev(f: Fault):  # type: ignore[no-untyped-def]
-        return f.hostdev if not isinstance(migratable.destination.spec, MdevDevice) else None  # type: ignore[attr-defined]
+    def hostdev(f: Fault) -> Hostdev | None:
+        # an mdev is really removed from the host; PCI and sim devices are replaced by an absent one in the XML
+        assert isinstance(f, DestinationLacksDevice)
+        return None if isinstance(migratable.destination.spec, MdevDevice) else f.hostdev
 
     _vm, run = migrate_under_fault(scenario, vm, migratable, lacking, "before", dest_hostdev=hostdev)
     _check(run.problems)
@@ -85,12 +88,17 @@ def test_incompatible_destination_device(
         pytest.skip(f"{dst.id}: no known incompatible type for {dst.spec.type}")
     ssh = scenario.session.ssh(dst.host.name)
     vm = sr.start_vm(scenario, migratable.source, "incompat")
+
+    def hostdev(f: Fault) -> Hostdev | None:
+        assert isinstance(f, IncompatibleDestinationMdev)
+        return f.hostdev
+
     _vm, run = migrate_under_fault(
         scenario,
         vm,
         migratable,
         lambda _v: IncompatibleDestinationMdev(ssh, dst, other),
         "before",
-        dest_hostdev=lambda f: f.hostdev,  # type: ignore[attr-defined]
+        dest_hostdev=hostdev,
     )
     _check(run.problems)

@@ -1,0 +1,298 @@
+"""Every fault injector undoes itself; the ledger undoes what was injected, also after a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labs.errors import InfraError, LabError
+from labs.faults import (
+    AbortJob,
+    CorruptResumeStream,
+    CutMigrationLink,
+    DestinationLacksDevice,
+    DeviceTransitionFailure,
+    IncompatibleDestinationMdev,
+    KillDestinationQemu,
+)
+from labs.faults.base import Fault, FaultLedger
+from labs.faults.device import damage
+from labs.faults.network import rule_tag
+from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import Host, MdevDevice, PciDevice, SimDevice
+from labs.runtime import LabSession
+from labs.transport import Result
+from labs.virt.domain import hypervisor
+from labs.virt.janitor import janitor
+from labs.virt.xml import DomainSpec
+
+UUID = "0b0c5a3e-7c1d-4c8e-9a57-6d1f0e2b3c4d"
+
+
+class FakeHost:
+    """A host's firewall and mdev sysfs, driven by the same commands the faults send over SSH."""
+
+    def __init__(self, name: str = "hostB", nft: bool = True) -> None:
+        self.name = name
+        self.nft = nft
+        self.tables: set[str] = set()
+        self.rules: list[str] = []
+        self.mdevs: dict[str, str] = {UUID: "mtty-2"}
+        self.log: list[str] = []
+
+    def run(self, command: str, timeout: float | None = None, **kw: Any) -> Result:
+        self.log.append(command)
+        status = self._do(command, kw.get("stdin"))
+        res = Result(self.name, command, status, "", "" if status == 0 else "No such file or directory", 0.0)
+        return res.check() if kw.get("check") else res
+
+    def _do(self, command: str, stdin: bytes | None) -> int:
+        if command == "command -v nft":
+            return 0 if self.nft else 1
+        if command == "nft -f -":
+            assert stdin is not None
+            table = re.search(r"add table inet (\S+)", stdin.decode())
+            assert table and "drop" in stdin.decode()
+            self.tables.add(table.group(1))
+            return 0
+        if m := re.fullmatch(r"nft (delete|list) table inet (\S+)", command):
+            if m.group(2) not in self.tables:
+                return 1
+            if m.group(1) == "delete":
+                self.tables.remove(m.group(2))
+            return 0
+        if m := re.fullmatch(r"iptables -([ICD]) (.*)", command):
+            rule = m.group(2)
+            if m.group(1) == "I":
+                self.rules.append(rule)
+            elif rule not in self.rules:
+                return 1
+            elif m.group(1) == "D":
+                self.rules.remove(rule)
+            return 0
+        if m := re.fullmatch(r"while iptables -D (.*) 2>/dev/null; do :; done", command):
+            self.rules = [r for r in self.rules if r != m.group(1)]
+            return 0
+        if m := re.fullmatch(r"echo 1 > /sys/bus/mdev/devices/(\S+)/remove", command):
+            return 0 if self.mdevs.pop(m.group(1), None) else 1
+        if m := re.fullmatch(r"echo (\S+) > /sys/class/mdev_bus/mtty/mdev_supported_types/(\S+)/create", command):
+            if m.group(1) in self.mdevs:
+                return 1
+            self.mdevs[m.group(1)] = m.group(2)
+            return 0
+        if m := re.fullmatch(r"test -e /sys/bus/mdev/devices/(\S+)", command):
+            return 0 if m.group(1) in self.mdevs else 1
+        raise AssertionError(f"unexpected command {command!r}")
+
+
+def _mdev() -> LabDevice:
+    spec = MdevDevice(kind="mdev", parent="mtty", type="mtty-2", uuid=UUID, protocol="v2")
+    return LabDevice(LabHost("hostB", Host(address="10.0.0.2", devices=(spec,))), 0, spec)
+
+
+class Boom(Fault):
+    name = "boom"
+
+    def __init__(self, fail_inject: bool = False, fail_undo: bool = False) -> None:
+        super().__init__("nowhere")
+        self.fail_inject, self.fail_undo = fail_inject, fail_undo
+        self.undos = 0
+
+    def _inject(self) -> None:
+        self.note("half done")
+        if self.fail_inject:
+            raise InfraError("inject broke halfway")
+
+    def _undo(self) -> None:
+        self.undos += 1
+        if self.fail_undo:
+            raise InfraError("undo broke")
+
+
+# -- the ledger -----------------------------------------------------------------
+def test_ledger_undoes_in_reverse_and_once() -> None:
+    ledger, order = FaultLedger(), []
+    a, b = Boom(), Boom()
+    a._undo = lambda: order.append("a")  # type: ignore[method-assign]
+    b._undo = lambda: order.append("b")  # type: ignore[method-assign]
+    ledger.inject(a)
+    ledger.inject(b)
+    assert a.injected and b.injected and ledger.pending() == [a, b]
+    assert ledger.undo_all() == []
+    assert order == ["b", "a"] and ledger.pending() == []
+    assert ledger.undo_all() == [] and order == ["b", "a"], "undo ran twice"
+    assert a.record.injected_at and a.record.undone_at
+
+
+def test_half_injected_fault_is_undone() -> None:
+    ledger, fault = FaultLedger(), Boom(fail_inject=True)
+    with pytest.raises(InfraError):
+        ledger.inject(fault)
+    assert not fault.injected and fault.needs_undo
+    assert ledger.undo_all() == [] and fault.undos == 1
+    assert fault.record.error == "inject: inject broke halfway"
+
+
+def test_one_failed_undo_does_not_stop_the_others() -> None:
+    ledger, bad, good = FaultLedger(), Boom(fail_undo=True), Boom()
+    ledger.inject(good)
+    ledger.inject(bad)
+    errors = ledger.undo_all()
+    assert len(errors) == 1 and "undo broke" in errors[0]
+    assert good.undos == 1 and ledger.pending() == [bad]
+    bad.fail_undo = False
+    assert ledger.undo_all() == [] and ledger.pending() == []
+
+
+def test_a_never_injected_fault_needs_no_undo() -> None:
+    fault = Boom()
+    fault.undo()
+    assert fault.undos == 0
+
+
+# -- each injector ----------------------------------------------------------------
+@pytest.mark.parametrize("nft", [True, False], ids=["nft", "iptables"])
+def test_cut_migration_link_undoes_itself(nft: bool) -> None:
+    host = FakeHost(nft=nft)
+    tag = rule_tag("labs-20261125-010203-abc123", "cut_1")
+    assert tag == "labs_20261125_010203_abc123_cut_1"
+    fault = CutMigrationLink(host, "192.168.123.11", tag)  # type: ignore[arg-type]
+    ledger = FaultLedger()
+    ledger.inject(fault)
+    assert fault.present()
+    assert host.tables if nft else host.rules, "no rule was added"
+    if not nft:
+        assert "--dport 49152:49215" in host.rules[0] and "-j DROP" in host.rules[0]
+    assert ledger.undo_all() == []
+    assert not fault.present() and not host.tables and not host.rules
+    assert fault.record.actions[0].startswith("nft table" if nft else "iptables -I")
+
+
+def test_destination_lacks_mdev_removes_and_recreates_it() -> None:
+    host, dev = FakeHost(), _mdev()
+    fault = DestinationLacksDevice(host, dev)  # type: ignore[arg-type]
+    fault.inject()
+    assert UUID not in host.mdevs
+    fault.undo()
+    assert host.mdevs == {UUID: "mtty-2"}
+
+
+def test_destination_lacks_pci_or_sim_device_names_an_absent_one() -> None:
+    for spec in (
+        PciDevice(kind="pci", pci="0000:65:00.0", protocol="v2"),
+        SimDevice(kind="sim", name="simv2", driver="labs.sim.v2:V2Driver", protocol="v2"),
+    ):
+        dev = LabDevice(LabHost("hostB", Host(address="x", devices=(spec,))), 0, spec)
+        host = FakeHost()
+        fault = DestinationLacksDevice(host, dev)  # type: ignore[arg-type]
+        fault.inject()
+        fault.undo()
+        assert host.log == [], "nothing may be done on the host"
+        assert fault.hostdev.address not in ("0000:65:00.0",)
+
+
+def test_incompatible_mdev_is_removed_on_undo() -> None:
+    host, dev = FakeHost(), _mdev()
+    fault = IncompatibleDestinationMdev(host, dev, "mtty-1")  # type: ignore[arg-type]
+    fault.inject()
+    assert host.mdevs[fault.uuid] == "mtty-1" and fault.hostdev.address == fault.uuid
+    fault.undo()
+    assert host.mdevs == {UUID: "mtty-2"}
+
+
+class FakeDevice:
+    """The device layer's DeviceAccess, as far as the faults use it."""
+
+    def __init__(self) -> None:
+        self.st = "RUNNING"
+        self.knobs: dict[str, Any] = {}
+        self.resets = 0
+
+    def state(self) -> str:
+        return self.st
+
+    def set_fault(self, name: str, **params: Any) -> None:
+        self.knobs[name] = params
+        self.st = "ERROR"  # as if the armed transition already failed into ERROR
+
+    def clear_faults(self) -> None:
+        self.knobs.clear()
+
+    def reset(self) -> None:
+        self.resets += 1
+        self.st = "RUNNING"
+
+    def resume(self, data: bytes) -> None:
+        self.st = "RESUMING"
+        raise InfraError(f"EINVAL: {len(data)} bytes is a short stream")
+
+
+def test_device_transition_failure_disarms_and_resets() -> None:
+    spec = SimDevice(kind="sim", name="simv2", driver="labs.sim.v2:V2Driver", protocol="v2")
+    dev = LabDevice(LabHost("hostA", Host(address="x", devices=(spec,))), 0, spec)
+    fake = FakeDevice()
+    fault = DeviceTransitionFailure(fake, dev, "fail_transition", arc="STOP->STOP_COPY", errno="EIO")  # type: ignore[arg-type]
+    fault.inject()
+    assert fake.knobs == {"fail_transition": {"arc": "STOP->STOP_COPY", "errno": "EIO"}}
+    fault.undo()
+    assert fake.knobs == {} and fake.st == "RUNNING" and fake.resets == 1
+
+
+def test_transition_knob_only_on_simulated_devices() -> None:
+    with pytest.raises(InfraError, match="only on simulated drivers"):
+        DeviceTransitionFailure(FakeDevice(), _mdev())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("how", ["truncate", "bad-magic", "too-long"])
+def test_corrupt_stream_is_refused_and_reset(how: str) -> None:
+    fake = FakeDevice()
+    stream = bytes(range(96))
+    fault = CorruptResumeStream(fake, _mdev(), stream, how)  # type: ignore[arg-type]
+    fault.inject()
+    assert fault.refused and "EINVAL" in fault.refused and fault.state_after == "RESUMING"
+    fault.undo()
+    assert fake.st == "RUNNING" and fake.resets == 1
+    damaged = damage(stream, how)  # type: ignore[arg-type]
+    assert damaged != stream
+    if how == "bad-magic":
+        assert damaged[24:] == stream[24:], "the port payload must never be touched (spec 5.4)"
+
+
+def test_kill_destination_qemu_kills_by_pid(sim_session: LabSession, tmp_path: Path) -> None:
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        (tmp_path / "labs-x-dom.pid").write_text(f"{proc.pid}\n")
+        fault = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-dom", pid_dir=str(tmp_path))
+        if os.geteuid() != 0 and sim_session.inventory.host("hostB").spec.sudo:
+            pytest.skip("needs to signal our own process without sudo")
+        fault.inject()
+        assert proc.wait(timeout=10) == -9
+        fault.undo()
+        assert fault.record.actions[0] == f"kill -9 {proc.pid} (QEMU of labs-x-dom) on hostB"
+        missing = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-none", pid_dir=str(tmp_path))
+        with pytest.raises(InfraError, match="no QEMU pid"):
+            missing.inject()
+        missing.undo()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_abort_job_where_the_driver_cannot(sim_session: LabSession) -> None:
+    hv = hypervisor(sim_session, "hostA")
+    vm = hv.define(DomainSpec(f"{sim_session.run_id}-abort-{uuid.uuid4().hex[:4]}", virt_type=hv.virt_type))
+    ledger = FaultLedger()
+    try:
+        vm.start()
+        with pytest.raises(LabError, match="not supported"):
+            ledger.inject(AbortJob(vm))
+        assert ledger.undo_all() == []
+    finally:
+        vm.remove()
+    assert janitor(sim_session, keep_own=False) == []
