@@ -1,0 +1,97 @@
+"""The nested lab, live: each host runs mtty, holds its mdev, runs libvirtd, reaches its peer.
+
+Skips (with the reason) unless `lab nested up` has written inventories/nested.yaml
+and both VMs are alive with sshd answering.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from labs.nested import lab
+
+
+def _nested_hosts() -> dict[str, Any]:
+    if not lab.NESTED_INVENTORY.is_file():
+        pytest.skip(f"nested lab not up: no {lab.NESTED_INVENTORY} (run `lab nested up`)")
+    dead = [st.name for st in lab.status() if not (st.alive and st.ssh)]
+    if dead:
+        pytest.skip(f"nested lab not up: {', '.join(dead)} not running or sshd not answering (`lab nested status`)")
+    hosts: dict[str, Any] = yaml.safe_load(lab.NESTED_INVENTORY.read_text())["hosts"]
+    return hosts
+
+
+@pytest.fixture(scope="module")
+def nested_hosts() -> dict[str, Any]:
+    return _nested_hosts()
+
+
+def run(host: dict[str, Any], command: str, timeout: float = 120) -> str:
+    argv = [
+        "ssh",
+        "-p", str(host["port"]),
+        "-i", str(host["identity_file"]),
+        "-o", "IdentitiesOnly=yes",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={host['known_hosts']}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        f"{host['user']}@{host['address']}",
+        command,
+    ]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, f"`{command}` exited {res.returncode}: {res.stderr.strip() or res.stdout.strip()}"
+    return res.stdout
+
+
+HOSTS = list(lab.HOST_NAMES)
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_mtty_module_loaded(nested_hosts: dict[str, Any], name: str) -> None:
+    out = run(nested_hosts[name], "lsmod")
+    assert any(line.split()[0] == "mtty" for line in out.splitlines()[1:] if line.strip())
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_mdev_exists(nested_hosts: dict[str, Any], name: str) -> None:
+    dev = nested_hosts[name]["devices"][0]
+    out = run(nested_hosts[name], f"cat /sys/bus/mdev/devices/{dev['uuid']}/mdev_type/name")
+    assert out.strip() == "Dual port serial"  # mtty-2; mtty-1 is "Single port serial"
+    run(nested_hosts[name], f"test -L /sys/bus/mdev/devices/{dev['uuid']}/iommu_group")
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_libvirtd_answers(nested_hosts: dict[str, Any], name: str) -> None:
+    out = run(nested_hosts[name], "virsh -c qemu:///system version", timeout=300)
+    assert "Running hypervisor: QEMU" in out
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_libvirt_uri_from_controller(nested_hosts: dict[str, Any], name: str) -> None:
+    libvirt = pytest.importorskip("libvirt")
+    conn = libvirt.open(nested_hosts[name]["libvirt_uri"])
+    try:
+        assert conn.getHostname() == name
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("name", "peer"), [(HOSTS[0], HOSTS[1]), (HOSTS[1], HOSTS[0])])
+def test_private_link(nested_hosts: dict[str, Any], name: str, peer: str) -> None:
+    address = nested_hosts[peer]["migration_address"]
+    run(nested_hosts[name], f"ping -c 2 -W 5 {address}")
+    # libvirt peer-to-peer migration needs host-to-host SSH with pinned keys
+    assert run(nested_hosts[name], f"ssh -o BatchMode=yes {peer} hostname").strip() == peer
+
+
+def test_inventory_is_valid(nested_hosts: dict[str, Any]) -> None:
+    from labs.inventory.loader import load_inventory
+
+    inv = load_inventory(Path(lab.NESTED_INVENTORY))
+    assert inv.pairs, "the two mtty devices should pair up by model"

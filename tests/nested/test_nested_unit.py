@@ -1,0 +1,159 @@
+"""The nested lab without VMs: recipe hashing, command lines, seed files, the inventory shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from labs.inventory.loader import load_inventory
+from labs.inventory.models import InventoryDoc
+from labs.nested import image, lab, recipe, vm
+
+
+def test_digest_is_stable_and_short() -> None:
+    assert recipe.Recipe().digest() == recipe.Recipe().digest()
+    assert len(recipe.Recipe().digest()) == 16
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"suite": "forky"},
+        {"kernel_series": "6.13"},
+        {"packages": (*recipe.GUEST_PACKAGES, "strace")},
+        {"boot_modules": ("vfio", "mtty")},
+        {"sshd_config": ("PermitRootLogin yes",)},
+        {"builder_version": 99},
+    ],
+)
+def test_digest_changes_with_what_shapes_the_image(change: dict[str, object]) -> None:
+    assert dataclasses.replace(recipe.Recipe(), **change).digest() != recipe.Recipe().digest()  # type: ignore[arg-type]
+
+
+def test_digest_ignores_the_mirror() -> None:
+    a = dataclasses.replace(recipe.Recipe(), mirror="http://one.example/debian")
+    b = dataclasses.replace(recipe.Recipe(), mirror="http://two.example/debian")
+    assert a.digest() == b.digest()
+
+
+def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = recipe.Recipe()
+    assert recipe.image_dir(r) == tmp_path / "labs" / "nested" / r.digest()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert recipe.cache_root() == Path.home() / ".cache" / "labs" / "nested"
+
+
+def test_mirror_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABS_NESTED_MIRROR", "http://mirror.example/debian/")
+    assert recipe.default_mirror() == "http://mirror.example/debian"
+
+
+def test_find_image_needs_a_complete_manifest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = recipe.Recipe()
+    d = recipe.image_dir(r)
+    d.mkdir(parents=True)
+    assert image.find_image(r) is None
+    for name in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (d / name).write_bytes(b"x")
+    assert image.find_image(r) is None  # no manifest: an interrupted build
+    (d / image.MANIFEST).write_text(json.dumps({"kernel_version": "6.12.1-amd64"}))
+    found = image.find_image(r)
+    assert found is not None and found.kernel_version == "6.12.1-amd64"
+
+
+def fake_image(tmp_path: Path) -> image.BaseImage:
+    return image.BaseImage(tmp_path, tmp_path / "base.qcow2", tmp_path / "vmlinuz", tmp_path / "initrd.img", {})
+
+
+def test_specs_pair_the_link_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
+    a, b = lab.specs()
+    assert (a.ssh_port, b.ssh_port) == (30001, 30002)
+    assert a.link_port == b.peer_link_port and b.link_port == a.peer_link_port
+    assert (a.link_ip, b.link_ip) == ("192.168.123.1", "192.168.123.2")
+    assert a.mgmt_mac != b.mgmt_mac and a.link_mac != b.link_mac
+    assert a.accel == "tcg"
+
+
+def test_qemu_argv_tcg(tmp_path: Path) -> None:
+    spec = vm.VmSpec("nested-a", 1, ssh_port=30001, link_port=30011, peer_link_port=30012)
+    paths = vm.VmPaths(tmp_path / "nested-a")
+    argv = vm.qemu_argv(spec, fake_image(tmp_path), paths)
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert "hostfwd=tcp:127.0.0.1:30001-:22" in joined
+    assert "udp=127.0.0.1:30012,localaddr=127.0.0.1:30011" in joined
+    assert f"-pidfile {paths.pidfile}" in joined and f"unix:{paths.qmp}" in joined
+    assert f"file:{paths.console}" in joined
+    assert "-enable-kvm" not in argv
+    # every path the VM uses is under its run dir, so `pid()` can recognise the process
+    assert str(paths.dir) in joined
+    assert "labs.host=nested-a" in argv[argv.index("-append") + 1]
+
+
+def test_qemu_argv_kvm(tmp_path: Path) -> None:
+    spec = vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3, accel="kvm")
+    argv = vm.qemu_argv(spec, fake_image(tmp_path), vm.VmPaths(tmp_path))
+    assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_pid_ignores_foreign_processes(tmp_path: Path) -> None:
+    spec = vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3)
+    machine = vm.Vm(spec, tmp_path)
+    assert machine.pid() is None
+    machine.paths.dir.mkdir(parents=True)
+    machine.paths.pidfile.write_text("1\n")  # pid 1 is alive, but it is not our QEMU
+    assert machine.pid() is None
+    assert machine.stop() is False
+
+
+def test_ssh_argv_is_strict(tmp_path: Path) -> None:
+    keys = lab.Keys(tmp_path)
+    spec = vm.VmSpec("nested-a", 1, ssh_port=30001, link_port=2, peer_link_port=3)
+    argv = lab.ssh_argv(spec, keys, "true")
+    assert "StrictHostKeyChecking=yes" in argv and f"UserKnownHostsFile={keys.known_hosts}" in argv
+    assert argv[argv.index("-p") + 1] == "30001" and argv[-1] == "true"
+
+
+def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
+    all_specs = lab.specs()
+    keys = lab.Keys(tmp_path / "keys")
+    keys.regenerate([s.name for s in all_specs])
+    keys.known_hosts.write_text("")  # up pins the keys here; the loader only needs the file
+    machine = vm.Vm(all_specs[1], tmp_path / "run")
+    lab.write_seed(machine, all_specs, keys)
+    seed = machine.paths.seed_dir
+    assert (seed / "hostname").read_text().strip() == "nested-b"
+    assert "LINK_CIDR=192.168.123.2/24" in (seed / "net.env").read_text()
+    assert "192.168.123.1 nested-a" in (seed / "hosts").read_text()
+    assert (seed / "ssh_host_ed25519_key").read_text() == keys.host("nested-b").read_text()
+    assert len((seed / "known_hosts").read_text().splitlines()) == 2
+
+    doc = lab.inventory_doc(all_specs, keys, {"nested-a": ["stop_copy", "p2p", "pre_copy"]})
+    path = tmp_path / "nested.yaml"
+    lab.write_inventory(path, doc)
+    assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
+    inv = load_inventory(path)
+    assert len(inv.pairs) == 2  # a->b and b->a, paired by the mtty model
+    uri = doc["hosts"]["nested-a"]["libvirt_uri"]
+    assert uri.startswith("qemu+libssh://root@127.0.0.1:30001/system?") and "known_hosts=" in uri
+
+
+def test_example_inventory_is_valid() -> None:
+    """The committed sample matches the model (its key files exist only on a machine where the lab is up)."""
+    example = Path(__file__).resolve().parents[2] / "inventories" / "nested.example.yaml"
+    doc = InventoryDoc.model_validate(yaml.safe_load(example.read_text()))
+    assert set(doc.hosts) == set(lab.HOST_NAMES)
+    for host in doc.hosts.values():
+        (device,) = host.devices
+        assert device.kind == "mdev" and device.protocol == "v2"
