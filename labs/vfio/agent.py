@@ -211,7 +211,7 @@ V1_STATE_NAMES = {
 
 
 def v1_valid(state):
-    """VFIO_DEVICE_STATE_VALID from the 5.8 header (note: ERROR counts as 'valid' there)."""
+    """VFIO_DEVICE_STATE_VALID from the 5.8 header: false for 101, 110 and 111."""
     if state & V1_RESUMING:
         return (state & V1_STATE_MASK) == V1_RESUMING
     return True

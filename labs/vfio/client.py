@@ -305,8 +305,8 @@ class FrameReader:
                 self._count += len(frame)
                 self._frames += 1
                 yield frame
+            finished = True  # the end frame came: the reply (ok or errno) is all that is left
             reply = self.client._read_reply(self._id, self.op, self.timeout)
-            finished = True
         finally:
             self._done = True
             if not finished and self.client.dead is None:
