@@ -217,36 +217,37 @@ class FakeDevice:
     def state(self) -> str:
         return self.st
 
-    def set_fault(self, name: str, **params: Any) -> None:
-        self.knobs[name] = params
-        self.st = "ERROR"  # as if the armed transition already failed into ERROR
-
-    def clear_faults(self) -> None:
-        self.knobs.clear()
+    def faults(self, **knobs: Any) -> dict[str, Any]:
+        if knobs.get("clear"):
+            self.knobs.clear()
+        else:
+            self.knobs.update(knobs)
+            self.st = "ERROR"  # as if the armed transition already failed into ERROR
+        return {"fired": ["STOP->STOP_COPY"]}
 
     def reset(self) -> None:
         self.resets += 1
         self.st = "RUNNING"
 
-    def resume(self, data: bytes) -> None:
+    def resume(self, stream: list[bytes]) -> None:
         self.st = "RESUMING"
-        raise InfraError(f"EINVAL: {len(data)} bytes is a short stream")
+        raise InfraError(f"EINVAL: {sum(map(len, stream))} bytes is a short stream")
 
 
 def test_device_transition_failure_disarms_and_resets() -> None:
     spec = SimDevice(kind="sim", name="simv2", driver="labs.sim.v2:V2Driver", protocol="v2")
     dev = LabDevice(LabHost("hostA", Host(address="x", devices=(spec,))), 0, spec)
     fake = FakeDevice()
-    fault = DeviceTransitionFailure(fake, dev, "fail_transition", arc="STOP->STOP_COPY", errno="EIO")  # type: ignore[arg-type]
+    fault = DeviceTransitionFailure(fake, dev, "stop -> stop_copy", errno="EIO", to_error=True)  # type: ignore[arg-type]
     fault.inject()
-    assert fake.knobs == {"fail_transition": {"arc": "STOP->STOP_COPY", "errno": "EIO"}}
+    assert fake.knobs == {"transitions": [{"from": "STOP", "to": "STOP_COPY", "errno": "EIO", "error": True}]}
     fault.undo()
     assert fake.knobs == {} and fake.st == "RUNNING" and fake.resets == 1
 
 
 def test_transition_knob_only_on_simulated_devices() -> None:
     with pytest.raises(InfraError, match="only on simulated drivers"):
-        DeviceTransitionFailure(FakeDevice(), _mdev())  # type: ignore[arg-type]
+        DeviceTransitionFailure(FakeDevice(), _mdev(), "STOP->STOP_COPY")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("how", ["truncate", "bad-magic", "too-long"])

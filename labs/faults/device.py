@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import shlex
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
-from labs.errors import InfraError, LabError
+from labs.errors import InfraError
 from labs.faults.base import Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
@@ -97,31 +97,38 @@ class IncompatibleDestinationMdev(Fault):
 
 
 class DeviceTransitionFailure(Fault):
-    """A simulated driver fails a transition (fault knob through the device layer); undo disarms it."""
+    """A simulated driver fails one transition (fault knob through the device layer); undo disarms it.
+
+    `arc` is "SRC->DST" in state names; `to_error` makes the failure land in
+    ERROR instead of leaving the device where it was.
+    """
 
     name = "device-transition-failure"
 
-    def __init__(self, dev: DeviceAccess, device: LabDevice, knob: str = "fail_transition", **params: Any) -> None:
-        super().__init__(f"{device.id} {knob} {params}")
+    def __init__(
+        self, dev: DeviceAccess, device: LabDevice, arc: str, errno: str = "EIO", to_error: bool = False
+    ) -> None:
+        super().__init__(f"{device.id} {arc} -> {errno}{' (ERROR)' if to_error else ''}")
         if device.spec.kind != "sim":
             raise InfraError(
                 f"{device.id}: a transition fault knob exists only on simulated drivers; "
                 "on real devices use CorruptResumeStream (spec 5.4)"
             )
+        src, dst = (part.strip().upper() for part in arc.split("->"))
         self.dev = dev
-        self.knob = knob
-        self.params = params
+        self.knob = {"from": src, "to": dst, "errno": errno, "error": to_error}
 
     def _inject(self) -> None:
-        self.dev.set_fault(self.knob, **self.params)
-        self.note(f"armed {self.knob} {self.params}")
+        self.dev.faults(transitions=[self.knob])
+        self.note(f"armed transition fault {self.knob}")
 
     def _undo(self) -> None:
-        self.dev.clear_faults()
-        self.note("cleared fault knobs")
-        if self.dev.state() not in RUNNING_STATES:
+        fired = self.dev.faults(clear=True).get("fired")
+        self.note(f"cleared fault knobs (fired: {fired})")
+        state = self.dev.state()
+        if state not in RUNNING_STATES:
             self.dev.reset()
-            self.note(f"reset the device (was {self.dev.state()})")
+            self.note(f"VFIO_DEVICE_RESET (was {state}); now {self.dev.state()}")
 
 
 StreamDamage = Literal["truncate", "bad-magic", "too-long"]
@@ -156,9 +163,9 @@ class CorruptResumeStream(Fault):
 
     def _inject(self) -> None:
         try:
-            self.dev.resume(self.stream)
-        except LabError as exc:
-            self.refused = str(exc)
+            self.dev.resume([self.stream])
+        except Exception as exc:  # the refusal is the expected outcome: an errno from the device (AgentOSError)
+            self.refused = f"{type(exc).__name__}: {exc}"
         self.state_after = self.dev.state()
         self.note(f"resumed {len(self.stream)} damaged bytes: {self.refused or 'ACCEPTED'}; state {self.state_after}")
 

@@ -14,9 +14,10 @@ that glue exists; until then the device view is skipped with the reason.
 
 from __future__ import annotations
 
+import builtins
 import importlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,52 +34,79 @@ from labs.virt.xml import Hostdev, hostdevs_of
 RUNNING_STATES = ("RUNNING", "001")  # v2 name, v1 device_state bits
 
 
+class SavedStreamLike(Protocol):
+    bytes: int  # its length (the device layer's name for it)
+
+    def data(self) -> builtins.bytes: ...
+
+
 class DeviceAccess(Protocol):
-    """What the scenarios need from a device handle of the device layer (labs.vfio)."""
+    """What the scenarios need from a device handle of the device layer (labs.vfio.device.DeviceHandle)."""
 
     def state(self) -> str:
-        """The migration state by name: RUNNING, STOP, ... (v2) or the 3-bit value `001` (v1)."""
+        """The migration state by name: RUNNING, STOP, ... (v1 bit values get the same names)."""
         ...
 
-    def data_size(self) -> int | None:
-        """Pending data size where the protocol reports one (v2 MIG_DATA_SIZE, v1 pending_bytes)."""
+    def data_size(self) -> int:
+        """Pending stop-copy data size (v2 MIG_DATA_SIZE)."""
         ...
 
-    def save(self) -> bytes:
-        """A full device-level save: the stream, with the device left stopped."""
+    def save(self) -> SavedStreamLike:
+        """A full device-level save: the stream, with the device left in STOP."""
         ...
 
-    def resume(self, data: bytes) -> None:
-        """Load a stream and return the device to RUNNING; raises on any refusal."""
+    def resume(self, stream: Any) -> object:
+        """RESUMING, the stream (a saved stream or an iterable of chunks), then RUNNING; raises on refusal."""
+        ...
+
+    def set_state(self, state: str) -> object:
+        """One requested transition by state name (what QEMU does to recover: back to RUNNING)."""
         ...
 
     def reset(self) -> None:
         """VFIO_DEVICE_RESET."""
         ...
 
-    def digest(self) -> str | None:
-        """Content digest (simulated devices; None for real ones)."""
+    def digest(self) -> str:
+        """Content digest (simulated devices only)."""
         ...
 
-    def set_fault(self, name: str, **params: Any) -> None:
-        """Arm a simulated driver's fault knob (e.g. fail a transition with an errno)."""
+    def faults(self, **knobs: Any) -> dict[str, Any]:
+        """A simulated driver's fault knobs (transitions=[{from, to, errno, error}], clear=True, ...)."""
         ...
-
-    def clear_faults(self) -> None: ...
 
 
 DeviceOpener = Callable[[LabSession, LabDevice], AbstractContextManager[DeviceAccess]]
-NO_DEVICE_LAYER = "device layer not wired yet (labs.hostagent.open_device is missing)"
+NO_DEVICE_LAYER = "device layer unavailable (neither labs.hostagent.open_device nor labs.vfio)"
+
+
+@contextmanager
+def _open_direct(session: LabSession, device: LabDevice) -> Iterator[DeviceAccess]:
+    """Until labs.hostagent pools agents: one agent over SSH per open, closed with the device."""
+    from labs.vfio.client import AgentClient
+    from labs.vfio.device import DeviceHandle
+
+    spec = device.host.spec
+    timeout = session.inventory.settings.timeouts.agent_op
+    with AgentClient.over_ssh(session.ssh(device.host.name), python=spec.python, timeout=timeout) as client:
+        handle = DeviceHandle.open(client, device.spec)
+        try:
+            yield handle
+        finally:
+            handle.close()
 
 
 def device_opener() -> DeviceOpener | None:
-    """`labs.hostagent.open_device` once the device layer provides it."""
+    """`labs.hostagent.open_device` when the glue provides it, else a direct agent per open."""
     try:
         module = importlib.import_module("labs.hostagent")
+        opener = getattr(module, "open_device", None)
+        if callable(opener):
+            return opener
+        importlib.import_module("labs.vfio.device")
     except ImportError:
         return None
-    opener = getattr(module, "open_device", None)
-    return opener if callable(opener) else None
+    return _open_direct
 
 
 @dataclass
@@ -96,6 +124,7 @@ class DeviceView:
     state: str | None = None
     data_size: int | None = None
     skipped: str | None = None  # why the device was not read
+    error: str | None = None  # the device layer failed to read it
 
 
 @dataclass
@@ -127,7 +156,9 @@ class Readback:
                 out.append(f"{s.host} keeps a leftover {self.domain} ({s.domain_state})")
         if expect_device_running:
             for d in self.devices:
-                if d.skipped is None and d.state not in RUNNING_STATES:
+                if d.error is not None:
+                    out.append(f"device {d.device} could not be read: {d.error}")
+                elif d.skipped is None and d.state not in RUNNING_STATES:
                     out.append(f"device {d.device} is {d.state}, not RUNNING")
         return out
 
@@ -184,9 +215,9 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
     try:
         with opener(session, device) as dev:
             view.state = dev.state()
-            view.data_size = dev.data_size()
-    except LabError as exc:
-        view.skipped = f"device layer error: {exc}"
+            view.data_size = dev.data_size() if device.spec.protocol == "v2" else None
+    except Exception as exc:  # an errno from the device (AgentOSError) is a finding, not a crash of the readback
+        view.error = f"{type(exc).__name__}: {exc}"
     return view
 
 

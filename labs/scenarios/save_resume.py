@@ -157,7 +157,7 @@ def device_round_trip(sc: Scenario, src: LabDevice, dst: LabDevice, why: str) ->
     with sc.steps.step(f"device save of {src.id} through the agent (explicit: {why})"), opener(sc.session, src) as dev:
         out.digest_before = dev.digest()
         stream = dev.save()
-        out.stream_bytes = len(stream)
+        out.stream_bytes = stream.bytes
     with (
         sc.steps.step(f"device resume of {dst.id} through the agent (explicit: {why})"),
         opener(sc.session, dst) as dev,
