@@ -19,15 +19,17 @@ from labs.inventory import LabDevice, LabHost
 from labs.runtime import LabSession
 from labs.scenarios.steps import StepLog
 from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor
-from labs.virt.xml import spec_for
+from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
 
 _counter = itertools.count(1)
 
 
 class Scenario:
-    def __init__(self, session: LabSession, label: str = "vm") -> None:
+    def __init__(self, session: LabSession, label: str = "vm", trace_vfio: bool = False) -> None:
         self.session = session
         self.label = label
+        # QEMU -trace for the VFIO migration events (readback shows them); only where QEMU has a log backend
+        self.trace_vfio = trace_vfio
         self.steps = StepLog()
         self.faults = FaultLedger()
         self.timeouts = session.inventory.settings.timeouts
@@ -58,7 +60,8 @@ class Scenario:
         name = self.vm_name(label or f"{self.label}-{device.name}")
         self._domains.add(name)
         with self.steps.step(f"define {name} on {hv.name} with {device.id}"):
-            return hv.define(spec_for(name, [device], hv.virt_type))
+            trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
+            return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace))
 
     def track_domain(self, name: str) -> None:
         self._domains.add(name)

@@ -115,6 +115,7 @@ class SideView:
     domain_state: str  # running, paused, shutoff, absent, ...
     hostdevs: list[Hostdev] = field(default_factory=list)
     qemu: dict[str, Any] | None = None  # vfio part of query-migrate
+    trace: list[str] = field(default_factory=list)  # vfio trace lines of the domain's QEMU log (where enabled)
     notes: list[str] = field(default_factory=list)
 
 
@@ -171,6 +172,7 @@ class Readback:
                     "state": s.domain_state,
                     "hostdevs": [h.describe() for h in s.hostdevs],
                     "qemu": s.qemu,
+                    "trace": s.trace,
                     "notes": s.notes,
                 }
                 for s in self.sides
@@ -199,6 +201,20 @@ def domain_side(hv: Hypervisor, name: str, run_id: str) -> SideView:
         else:
             view.notes.append(hv.capabilities(run_id).missing_reason(VirtCapability.QEMU_MONITOR))
     return view
+
+
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
+TRACE_PATTERN = "vfio_(migration|vmstate|save|load)"
+
+
+def qemu_trace(session: LabSession, host: str, name: str, lines: int = 40) -> list[str]:
+    """The last vfio migration trace lines QEMU wrote to the domain's log (VMs defined with trace events)."""
+    cmd = f"grep -a -E '{TRACE_PATTERN}' {QEMU_LOG_DIR}/{name}.log 2>/dev/null | tail -n {lines}"
+    try:
+        res = session.ssh(host).run(cmd, timeout=30, sudo=True)
+    except LabError as exc:
+        return [f"(log not read: {exc})"]
+    return res.stdout.splitlines()
 
 
 def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> DeviceView:
@@ -235,7 +251,10 @@ def read_back(
     heading = f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"
     with steps.step(heading) if steps is not None else step(heading):
         for hv in hvs:
-            rb.sides.append(domain_side(hv, name, session.run_id))
+            side = domain_side(hv, name, session.run_id)
+            if not hv.files_local:
+                side.trace = qemu_trace(session, hv.name, name)
+            rb.sides.append(side)
         for device in devices:
             held = any(s.host == device.host.name and s.domain_state in ("running", "paused") for s in rb.sides)
             rb.devices.append(device_view(session, device, held))

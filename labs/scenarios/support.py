@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,8 +16,11 @@ from labs.virt.domain import hypervisor
 
 
 def scenario_for(lab: LabSession, label: str) -> Iterator[Scenario]:
-    """A Scenario whose VMs, images and faults are removed at teardown, also after a failure or timeout."""
-    sc = Scenario(lab, label)
+    """A Scenario whose VMs, images and faults are removed at teardown, also after a failure or timeout.
+
+    LABS_QEMU_TRACE=1 starts the VMs with QEMU's VFIO migration trace events (needs a QEMU log backend).
+    """
+    sc = Scenario(lab, label, trace_vfio=os.environ.get("LABS_QEMU_TRACE") == "1")
     try:
         yield sc
     finally:
