@@ -74,7 +74,8 @@ def migrate_under_fault(
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
     def mid_flight(sample: JobSample) -> None:
-        if not fault.needs_undo and not fault.injected:
+        # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer
+        if sample.processed > 0 and not fault.needs_undo:
             sc.inject(fault)
 
     vm_after, failed = migrate_leg(
