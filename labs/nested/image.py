@@ -68,9 +68,11 @@ SEED_SCRIPT = r"""#!/bin/sh
 set -u
 S=/run/labs-seed
 mkdir -p "$S"
+# vm.py attaches the seed as the second virtio disk; the kernel makes /dev/vdb
+# as soon as virtio_blk probes, long before udev would publish the by-label link.
 i=0
-until [ -e /dev/disk/by-label/labsseed ] || [ $i -ge 50 ]; do sleep 0.2; i=$((i+1)); done
-if mount -o ro LABEL=labsseed "$S"; then
+until [ -b /dev/vdb ] || [ $i -ge 50 ]; do sleep 0.2; i=$((i+1)); done
+if mount -o ro /dev/vdb "$S"; then
     hostname "$(cat $S/hostname)"
     cp "$S/hostname" /etc/hostname
     cp "$S/hosts" /etc/hosts
@@ -389,6 +391,12 @@ class Builder:
                 qemu_conf.write_text(text + '\n# labs nested lab\nuser = "root"\ngroup = "root"\n')
         (root / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
         kver = self.kernel_version()
+        # MODULES=most makes a 37 MB initrd that TCG unpacks slowly; the root disk needs only these.
+        conf = root / "etc/initramfs-tools/initramfs.conf"
+        conf.write_text(re.sub(r"(?m)^MODULES=.*$", "MODULES=list", conf.read_text()))
+        (root / "etc/initramfs-tools/modules").write_text("\n".join(self.recipe.initrd_modules) + "\n")
+        with self.mounted():
+            self.chroot("update-initramfs", "-u", "-k", kver)
         shutil.copy(root / f"boot/vmlinuz-{kver}", self.out / "vmlinuz")
         shutil.copy(root / f"boot/initrd.img-{kver}", self.out / "initrd.img")
         (self.work / "kernel_version").write_text(kver)
