@@ -1,1 +1,24 @@
-"""The nested lab: two QEMU VMs running Debian trixie with the real mtty mdev, libvirtd and sshd."""
+"""The nested lab: two QEMU VMs running Debian trixie with the real mtty mdev, libvirtd and sshd.
+
+Public API (wired into `lab nested up | down | status`):
+    up(progress=None) -> UpResult      build/reuse the image, boot, create mdevs, write the inventory
+    down() -> list[str]                stop what up started, drop overlays, keys and the inventory
+    status() -> list[VmStatus]         per VM: pid, SSH answering, uptime; status_table() renders it
+    HOST_PACKAGES                      Debian packages the controller needs (bootstrap installs them)
+"""
+
+from labs.nested.lab import NESTED_INVENTORY, UpResult, VmStatus, down, is_up, status, status_table, up
+from labs.nested.recipe import HOST_PACKAGES, Recipe
+
+__all__ = [
+    "HOST_PACKAGES",
+    "NESTED_INVENTORY",
+    "Recipe",
+    "UpResult",
+    "VmStatus",
+    "down",
+    "is_up",
+    "status",
+    "status_table",
+    "up",
+]

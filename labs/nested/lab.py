@@ -26,9 +26,10 @@ import yaml
 from filelock import FileLock
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from labs.errors import InfraError
-from labs.nested.image import BaseImage, ensure_image
+from labs.nested.image import BaseImage, ensure_image, find_image
 from labs.nested.recipe import Recipe, cache_root
 from labs.nested.vm import LINK_PREFIX, Vm, VmSpec
 from labs.paths import INVENTORIES
@@ -452,6 +453,37 @@ def status(check: Callable[[Vm], bool] | None = None) -> list[VmStatus]:
             VmStatus(s.name, pid, s.ssh_port, bool(pid) and probe(vm), vm.uptime() if pid else None, vm.paths.console)
         )
     return out
+
+
+def status_table(statuses: list[VmStatus] | None = None) -> Table:
+    """`lab nested status` as a rich table, with the last up's and the image's figures in the caption."""
+    table = Table("host", "pid", "ssh", "uptime", "console log", title="nested lab")
+    for st in statuses if statuses is not None else status():
+        table.add_row(
+            st.name,
+            str(st.pid) if st.pid else "[red]dead[/red]",
+            f"127.0.0.1:{st.ssh_port} " + ("[green]up[/green]" if st.ssh else "[red]no answer[/red]"),
+            f"{st.uptime:.0f} s" if st.uptime is not None else "-",
+            str(st.console),
+        )
+    table.caption = figures_line()
+    return table
+
+
+def figures_line() -> str:
+    parts = []
+    try:
+        seconds = json.loads((run_dir() / "up.json").read_text())["seconds"]
+        parts.append(f"last up {seconds['total']} s (boot to ssh {seconds['boot_to_ssh']} s)")
+    except (OSError, ValueError, KeyError):
+        pass
+    img = find_image(Recipe())
+    if img:
+        mib = int(str(img.manifest.get("disk_bytes", 0))) >> 20
+        parts.append(f"image {img.dir.name}: built in {img.manifest.get('build_seconds')} s, {mib} MiB")
+    else:
+        parts.append("image not built")
+    return "; ".join(parts)
 
 
 def is_up(inventory: Path = NESTED_INVENTORY) -> bool:
