@@ -157,3 +157,24 @@ def test_example_inventory_is_valid() -> None:
     for host in doc.hosts.values():
         (device,) = host.devices
         assert device.kind == "mdev" and device.protocol == "v2"
+
+
+def test_down_removes_only_a_generated_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
+    generated = tmp_path / "generated.yaml"
+    lab.write_inventory(generated, {"hosts": {}})
+    handwritten = tmp_path / "mine.yaml"
+    handwritten.write_text("hosts: {}\n")
+    assert lab.down(generated) == [] and not generated.exists()
+    assert lab.down(handwritten) == [] and handwritten.exists()
+
+
+def test_status_when_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    statuses = lab.status()
+    assert [s.name for s in statuses] == list(lab.HOST_NAMES)
+    assert not any(s.alive or s.ssh for s in statuses)
+    assert not lab.is_up(tmp_path / "nested.yaml")
+    assert lab.status_table(statuses).row_count == 2
+    assert "image not built" in lab.figures_line()
