@@ -344,7 +344,8 @@ class SimKernel:
                 # the core copies the struct back with data_fd = -1 and the *requested* state (V2-R17)
                 uapi.ST_MIG_STATE.pack_into(buf, off, new, -1)
                 raise
-            data_fd = self._install(Entry("data", obj=file, cloexec=True)) if file is not None else -1
+            cloexec = bool(getattr(file, "cloexec", True))  # the core creates it O_CLOEXEC; defects may not
+            data_fd = self._install(Entry("data", obj=file, cloexec=cloexec)) if file is not None else -1
             uapi.ST_MIG_STATE.pack_into(buf, off, new, data_fd)
         return 0
 

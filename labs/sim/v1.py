@@ -37,6 +37,8 @@ ERROR = uapi.V1_ERROR
 
 
 class V1Driver(SimDriver):
+    data_offset = DATA_OFFSET  # where the window starts in the region (page aligned)
+
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
         super().__init__(state_dir, options)
         self.window = parse_size(options.get("window", 64 << 10))
@@ -66,17 +68,18 @@ class V1Driver(SimDriver):
         caps = [type_cap(uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION)]
         flags = RW
         if self.mmap:
-            caps.append(sparse_cap([(DATA_OFFSET, self.window)]))
+            caps.append(sparse_cap([(self.data_offset, self.window)]))
             flags |= uapi.VFIO_REGION_INFO_FLAG_MMAP
-        return Region(flags, DATA_OFFSET + self.window, caps)
+        return Region(flags, self.data_offset + self.window, caps)
 
     def region_read(self, index: int, offset: int, n: int) -> bytes:
         if index != MIG_INDEX:
             return super().region_read(index, offset, n)
         if offset < uapi.V1_INFO_SIZE:
-            return struct.pack(_fmt(n), self.read_field(self.field_at(offset, n)))
-        if offset >= DATA_OFFSET:
-            return self.window_read(offset - DATA_OFFSET, n)
+            name = self.field_at(offset, n)  # validates the width first
+            return struct.pack(_fmt(n), self.read_field(name))
+        if offset >= self.data_offset:
+            return self.window_read(offset - self.data_offset, n)
         return bytes(n)  # the gap between the registers and the window
 
     def region_write(self, index: int, offset: int, data: bytes) -> int:
@@ -86,8 +89,8 @@ class V1Driver(SimDriver):
             name = self.field_at(offset, len(data))
             self.write_field(name, struct.unpack(_fmt(len(data)), data)[0])
             return len(data)
-        if offset >= DATA_OFFSET:
-            return self.window_write(offset - DATA_OFFSET, data)
+        if offset >= self.data_offset:
+            return self.window_write(offset - self.data_offset, data)
         raise err(errno.EINVAL, f"write to the gap at {offset}")
 
     def field_at(self, offset: int, width: int) -> str:
@@ -128,7 +131,7 @@ class V1Driver(SimDriver):
     def read_data_offset(self) -> int:
         if self.source is not None and self.state & SAVING and self.staged is None:
             self.staged = self.stage_chunk()
-        return DATA_OFFSET
+        return self.data_offset
 
     def stage_chunk(self) -> bytes:
         assert self.source is not None

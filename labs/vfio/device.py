@@ -227,9 +227,11 @@ class DeviceHandle:
         fd = None
         try:
             if live and self.supports("pre_copy"):
+                # a device that dirties faster than we read never runs dry: bound the pre-copy phase
+                limit = max_bytes if max_bytes is not None else 4 * self.data_size() + (1 << 20)
                 fd = self.set_state("PRE_COPY")
                 assert fd is not None
-                out.parts.append(self.client.read_stream(fd, out.append, limit=max_bytes)[0])
+                out.parts.append(self.client.read_stream(fd, out.append, limit=limit)[0])
                 again = self.set_state("STOP_COPY")  # same fd: the saving group keeps it (V2-R8)
                 assert again is None, "a second data_fd inside the saving group"
             else:
