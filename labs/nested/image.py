@@ -91,6 +91,10 @@ else
     ssh-keygen -A
 fi
 ip link set lo up
+# udev loads virtio_net from the root fs, possibly after this unit starts: wait for both NICs.
+i=0
+until grep -qs "${MGMT_MAC:-none}" /sys/class/net/*/address && grep -qs "${LINK_MAC:-none}" /sys/class/net/*/address \
+    || [ $i -ge 150 ]; do sleep 0.2; i=$((i+1)); done
 # Interfaces are matched by MAC: names depend on PCI slots, MACs are ours.
 for dev in /sys/class/net/*; do
     name=${dev##*/}
@@ -166,6 +170,19 @@ def ensure_image(recipe: Recipe, reporter: Reporter | None = None) -> BaseImage:
         if found:
             return found
         return Builder(recipe, d, reporter or NullReporter()).build()
+
+
+def prune_images(keep: Recipe) -> list[Path]:
+    """Delete cached images of other recipes (about 1 GB each); call only while no VM uses them."""
+    current = image_dir(keep)
+    removed = []
+    for d in sorted(current.parent.iterdir()):
+        # image dirs are named by a recipe digest; "run" and other files stay
+        if d.is_dir() and d != current and re.fullmatch(r"[0-9a-f]{16}", d.name):
+            shutil.rmtree(d, ignore_errors=True)
+            Path(str(d) + ".lock").unlink(missing_ok=True)
+            removed.append(d)
+    return removed
 
 
 class Builder:

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
 from labs.errors import InfraError
-from labs.nested.image import BaseImage, ensure_image, find_image
+from labs.nested.image import BaseImage, ensure_image, find_image, prune_images
 from labs.nested.recipe import Recipe, cache_root
 from labs.nested.vm import LINK_PREFIX, Vm, VmSpec
 from labs.paths import INVENTORIES
@@ -338,14 +338,16 @@ def up(
     seconds: dict[str, float] = {}
     with _progress(progress) as prog, _lock():
         rep = RichReporter(prog)
-        image = ensure_image(recipe or Recipe(), rep)
-        seconds["image"] = round(time.monotonic() - t0, 1)
         rd = run_dir()
         keys = Keys(rd / "keys")
         all_specs = specs()
         vms = [Vm(s, rd) for s in all_specs]
         if any(vm.pid() for vm in vms):
             raise InfraError("the nested lab is already up; run `lab nested down` first")
+        recipe = recipe or Recipe()
+        image = ensure_image(recipe, rep)
+        prune_images(recipe)  # no VM runs now, so no overlay still leans on an old base
+        seconds["image"] = round(time.monotonic() - t0, 1)
         rep.stage("keys, overlays and seed disks", total=None)
         keys.regenerate([s.name for s in all_specs])
         write_known_hosts(keys.known_hosts, [("127.0.0.1", s.ssh_port, keys.host(s.name)) for s in all_specs])

@@ -82,8 +82,9 @@ class Recipe:
     kernel_series: str = "6.12"
     packages: tuple[str, ...] = GUEST_PACKAGES
     boot_modules: tuple[str, ...] = BOOT_MODULES
-    # the initrd only has to find and mount the root disk (virtio-blk, ext4)
-    initrd_modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
+    # the initrd only has to find and mount the root disk (virtio-blk, ext4); virtio_net rides
+    # along so the NICs exist before labs-seed configures them
+    initrd_modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
     mtty_source: str = "samples/vfio-mdev/mtty.c"
     image_size_gb: int = 6
     sshd_config: tuple[str, ...] = (
@@ -96,7 +97,7 @@ class Recipe:
         "ClientAliveInterval 30",
     )
     # Bumped by hand when image.py changes how it assembles the image.
-    builder_version: int = 2
+    builder_version: int = 3
     mirror: str = field(default_factory=default_mirror)
 
     def as_dict(self) -> dict[str, object]:

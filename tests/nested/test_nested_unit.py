@@ -178,3 +178,14 @@ def test_status_when_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert not lab.is_up(tmp_path / "nested.yaml")
     assert lab.status_table(statuses).row_count == 2
     assert "image not built" in lab.figures_line()
+
+
+def test_prune_keeps_the_current_image_and_the_run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = recipe.Recipe()
+    root = recipe.cache_root()
+    for name in (r.digest(), "0123456789abcdef", "run"):
+        (root / name).mkdir(parents=True)
+    (root / "0123456789abcdef.lock").write_text("")
+    assert image.prune_images(r) == [root / "0123456789abcdef"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([r.digest(), "run"])
