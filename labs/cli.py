@@ -219,5 +219,67 @@ def sim_status(inventory: Path | None) -> None:
     console.print(f"users: {', '.join(lab.users()) or 'none'}")
 
 
+@main.command()
+@inventory_option
+@click.option("--all", "everything", is_flag=True, help="also what a run with the current LABS_RUN_ID made")
+@one_line_errors
+def janitor(inventory: Path | None, everything: bool) -> None:
+    """Remove what killed runs left on the hosts (VMs, save images, firewall rules), by run-id prefix."""
+    from labs.runtime import LabSession, open_inventory
+    from labs.virt.janitor import janitor as sweep
+
+    inv = open_inventory(inventory or default_inventory())
+    with LabSession(inv) as session:
+        removed = sweep(session, keep_own=not everything)
+    for line in removed:
+        console.print(line, highlight=False)
+    console.print(f"janitor: {len(removed)} removed" if removed else "janitor: nothing left over")
+
+
+@main.command()
+@click.option("--only", multiple=True, type=click.Choice(["suite", "scaling", "agent", "memory"]), help="these only")
+@one_line_errors
+def bench(only: tuple[str, ...]) -> None:
+    """Print the sim lab's figures (suite wall time, xdist scaling, agent latency, memory) to reports/bench.json."""
+    from labs.bench import run_bench
+
+    run_bench(console, list(only) or None)
+
+
+@main.group("nested")
+def nested_group() -> None:
+    """The nested lab: two QEMU hosts running Debian trixie with the real mtty mdev."""
+
+
+@nested_group.command("up")
+@one_line_errors
+def nested_up() -> None:
+    """Build (or reuse) the image, boot both hosts, create their mdevs, write inventories/nested.yaml."""
+    from labs import nested
+
+    result = nested.up()
+    figures = ", ".join(f"{k} {v} s" for k, v in result.seconds.items())
+    console.print(f"nested lab up ({figures}); inventory: {result.inventory}", highlight=False)
+    console.print(f"next: ./lab run --inventory {result.inventory}", highlight=False)
+
+
+@nested_group.command("down")
+@one_line_errors
+def nested_down() -> None:
+    """Stop both hosts; drop overlays, keys and the generated inventory (the image stays cached)."""
+    from labs import nested
+
+    stopped = nested.down()
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@nested_group.command("status")
+def nested_status() -> None:
+    """Each host's pid, SSH and uptime, with the last build and boot figures."""
+    from labs import nested
+
+    console.print(nested.status_table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -67,6 +67,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SECONDS",
         help="how long a test waits for a device another run holds before it is skipped (default 120)",
     )
+    group.addoption(
+        "--lab-pingpong", type=int, default=2, metavar="N", help="round trips of ping-pong migrations (default 2)"
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -316,3 +319,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("lab health")
         for host, c in bad:
             terminalreporter.write_line(f"{host}{' ' + c.device if c.device else ''}: {c.name}: {c.detail}")
+
+
+@pytest.fixture
+def pingpong(request: pytest.FixtureRequest) -> int:
+    """Round trips for ping-pong scenarios (--lab-pingpong)."""
+    return int(request.config.getoption("--lab-pingpong"))

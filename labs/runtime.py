@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from labs.inventory import Inventory, load_inventory
@@ -38,6 +39,11 @@ class LabSession:
         self.pool = SSHPool(inventory)
         self.sim = SimLab(inventory) if inventory.is_sim else None
         self._started = False
+        self._closers: list[Callable[[], None]] = []
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run `closer` when the session closes, before SSH goes away (agents, monitors)."""
+        self._closers.append(closer)
 
     def start(self) -> LabSession:
         if self.sim is not None and not self._started:
@@ -46,6 +52,8 @@ class LabSession:
         return self
 
     def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
         self.pool.close()
         if self.sim is not None and self._started:
             self.sim.stop()

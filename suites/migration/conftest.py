@@ -14,18 +14,6 @@ from labs.scenarios.support import require, scenario_for
 from labs.virt.capabilities import VirtCapability
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.getgroup("labs").addoption(
-        "--lab-pingpong", type=int, default=2, metavar="N", help="round trips of the ping-pong migration (default 2)"
-    )
-
-
-@pytest.fixture
-def pingpong(request: pytest.FixtureRequest) -> int:
-    # the option exists only when this directory is on the command line (pytest reads conftest options then)
-    return int(request.config.getoption("--lab-pingpong", default=2))
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Gate on the capability before the pair fixture reserves devices: a skip then costs no SSH round trip."""

@@ -1,0 +1,159 @@
+"""`lab bench`: the figures nightly runs care about, printed and kept in reports/bench.json.
+
+Figures, never asserts: wall time of the sim-lab suites, xdist scaling over 1,
+2 and 4 sim host pairs, agent operation latency against one ssh exec per
+operation, and controller memory across a 1,000-test run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from labs.paths import REPO_ROOT, REPORTS, SIM_INVENTORY, SUITES
+from labs.simlab.generate import write_sim_inventory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return int(s.getsockname()[1])
+
+
+def _pytest(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    start = time.monotonic()
+    rc = subprocess.call(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.monotonic() - start, rc
+
+
+def bench_suite() -> dict[str, Any]:
+    wall, rc = _pytest([str(SUITES), f"--inventory={SIM_INVENTORY}"])
+    return {"wall_s": round(wall, 2), "pytest_exit": rc}
+
+
+def bench_scaling(tmp: Path, suites: list[str]) -> dict[str, Any]:
+    """The same suites over 1, 2 and 4 independent host pairs, one xdist worker per pair."""
+    out = {}
+    for pairs in (1, 2, 4):
+        work = tmp / f"pairs{pairs}"
+        work.mkdir()
+        inv = write_sim_inventory(work / "sim.yaml", work / "sim", _free_port(), pairs, devices=True)
+        wall, rc = _pytest([*suites, f"--inventory={inv}", "-n", str(pairs), "--dist", "loadgroup"])
+        out[str(pairs)] = {"wall_s": round(wall, 2), "pytest_exit": rc}
+    return out
+
+
+def bench_agent(ops: int = 200) -> dict[str, Any]:
+    """Agent round trips on one channel vs a fresh `ssh exec` per operation."""
+    from labs.hostagent import agent_for
+    from labs.runtime import LabSession, open_inventory
+    from labs.vfio.client import AgentClient
+
+    inv = open_inventory(SIM_INVENTORY)
+    with LabSession(inv) as session:
+        ssh = session.ssh(inv.hosts[0].name)
+        exec_times = _times(lambda: ssh.run("true"), ops // 4)
+        result: dict[str, Any] = {"ssh_exec_per_op_ms": _summary(exec_times)}
+        with agent_for(session, inv.hosts[0].name) as agent:
+            result["agent_op_ms"] = _summary(_times(agent.ping, ops))
+            result["agent_stream_mbps"] = round(agent.frames("blob", length=256 << 20).drain().mbps, 1)
+        start = time.perf_counter()
+        with agent_for(session, inv.hosts[0].name):
+            pass
+        result["agent_reuse_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        fresh = _times(lambda: AgentClient.over_ssh(ssh, timeout=30).close(), 10)
+        result["agent_start_ms"] = _summary(fresh)
+    return result
+
+
+def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
+    """Controller RSS sampled every 100 tests over a long run against the sim lab."""
+    suite = tmp / "test_many.py"
+    samples = tmp / "rss.jsonl"
+    suite.write_text(
+        textwrap.dedent(
+            f"""
+            import pytest
+            @pytest.mark.parametrize("i", range({tests // 2}))
+            def test_many(host, ssh, i):
+                assert ssh.run("true").ok
+            """
+        )
+    )
+    (tmp / "conftest.py").write_text(
+        textwrap.dedent(
+            f"""
+            import json
+            seen = [0]
+            def pytest_runtest_teardown(item):
+                seen[0] += 1
+                if seen[0] % 100 == 0:
+                    rss = int(open("/proc/self/statm").read().split()[1]) * 4096
+                    with open({str(samples)!r}, "a") as f:
+                        f.write(json.dumps({{"tests": seen[0], "rss_mb": round(rss / 2**20, 1)}}) + "\\n")
+            """
+        )
+    )
+    wall, rc = _pytest([str(suite), f"--inventory={SIM_INVENTORY}", f"--rootdir={tmp}"])
+    points = [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else []
+    return {"tests": tests, "wall_s": round(wall, 1), "pytest_exit": rc, "rss_mb": points}
+
+
+def _times(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    ms = sorted(ms)
+    return {"p50": round(statistics.median(ms), 2), "p95": round(ms[int(len(ms) * 0.95) - 1], 2), "n": len(ms)}
+
+
+def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]:
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="labs-bench-") as d:
+        tmp = Path(d)
+        steps: dict[str, Callable[[], Any]] = {
+            "suite": bench_suite,
+            "scaling": lambda: bench_scaling(tmp, [str(SUITES / s) for s in ("conformance",) if (SUITES / s).is_dir()]
+                                             or [str(SUITES / "smoke")]),
+            "agent": bench_agent,
+            "memory": lambda: bench_memory(tmp),
+        }  # fmt: skip
+        for name, step in steps.items():
+            if only and name not in only:
+                continue
+            console.print(f"bench {name} ...")
+            results[name] = step()
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / "bench.json").write_text(json.dumps(results, indent=2))
+    table = Table(title="labs benchmarks")
+    table.add_column("figure")
+    table.add_column("value")
+    for key, value in results.items():
+        table.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
+    console.print(table)
+    return results
