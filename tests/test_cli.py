@@ -54,3 +54,20 @@ def test_sim_up_status_down(tmp_path: Path) -> None:
         down = lab("sim", "down", "--inventory", inv)
     assert down.stdout.strip() == "stopped"
     assert "hostA: down" in lab("sim", "status", "--inventory", inv).stdout
+
+
+def test_bootstrap_installs_the_nested_host_packages() -> None:
+    """`./lab nested ...` installs exactly what labs.nested says the controller needs."""
+    from labs.nested import HOST_PACKAGES
+    from labs.paths import REPO_ROOT
+
+    script = (REPO_ROOT / "lab").read_text()
+    line = next(ln for ln in script.splitlines() if "qemu-system-x86" in ln)
+    listed = line.split("(", 1)[1].rsplit(")", 1)[0].split()
+    assert sorted(listed) == sorted(HOST_PACKAGES)
+
+
+def test_janitor_after_a_clean_lab(sim_inventory_file: Path) -> None:
+    result = lab("janitor", "--inventory", str(sim_inventory_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "janitor: nothing left over" in result.stdout
