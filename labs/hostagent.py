@@ -16,6 +16,7 @@ from weakref import WeakKeyDictionary
 
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice
+from labs.reporting.evidence import attach
 from labs.runtime import LabSession
 from labs.vfio import uapi
 from labs.vfio.client import AgentClient, AgentInfraError, AgentOSError
@@ -91,12 +92,15 @@ def open_device(session: LabSession, device: LabDevice) -> Iterator[DeviceHandle
     """An inventory device opened through a pooled agent; closed (fds and all) at the end."""
     with agent_for(session, device.host.name) as client:
         handle = DeviceHandle.open(client, device.spec, name=device.spec.label)
+        first = client.transcript_seq()
         try:
             yield handle
         finally:
             if not client.dead:
                 try:
                     handle.close()
+                    # the report shows what this test asked of the device, not the pooled agent's past
+                    attach(f"agent transcript {device.id}", client.transcript(since=first), "json")
                 except (AgentOSError, AgentInfraError):
                     # an agent that cannot close a device is not lent out again
                     client.kill()

@@ -38,6 +38,17 @@ def test_hello_and_transcript() -> None:
         assert lines[2]["ok"] is False and lines[2]["errname"] == "EBADF" and lines[2]["duration"] >= 0
 
 
+def test_transcript_cursor_survives_a_long_lived_agent() -> None:
+    """A pooled agent serves many tests: each asks only for what came after its cursor."""
+    with AgentClient.local("t") as client:
+        client.call("ping")
+        cursor = client.transcript_seq()
+        client.ping()
+        client.ping()
+        mine = client.transcript(since=cursor)
+        assert [t["op"] for t in mine] == ["ping", "ping"] and mine[0]["seq"] == cursor
+
+
 def test_protocol_errors_keep_the_session() -> None:
     with AgentClient.local("p") as client:
         with pytest.raises(AgentProtocolError):

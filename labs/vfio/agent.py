@@ -915,6 +915,7 @@ class Agent(object):
         self.default_timeout = 60.0
         self.transcript = []
         self.transcript_limit = 20000
+        self.transcript_next = 0  # absolute seq: a long-lived (pooled) agent drops its oldest entries
         self.real = RealSys()
         self.sim = None
         # no cleanup from the watchdog thread: it could block on what hung; os._exit
@@ -954,7 +955,8 @@ class Agent(object):
         args = req.get("args") or {}
         timeout = req.get("timeout") or self.default_timeout
         start = time.monotonic()
-        entry = {"seq": len(self.transcript), "op": op, "args": _summarize(args), "t": time.time()}
+        entry = {"seq": self.transcript_next, "op": op, "args": _summarize(args), "t": time.time()}
+        self.transcript_next += 1
         frames_in = self._frames_in() if op in FRAMES_IN else None
         reply = {"id": req_id}
         self.watchdog.arm(req_id, op, timeout)
@@ -994,8 +996,9 @@ class Agent(object):
                 self.wire.send_frame(b"")
             self.watchdog.disarm()
         reply["duration"] = entry["duration"] = round(time.monotonic() - start, 6)
-        if len(self.transcript) < self.transcript_limit:
-            self.transcript.append(entry)
+        self.transcript.append(entry)
+        if len(self.transcript) > self.transcript_limit:
+            del self.transcript[: self.transcript_limit // 2]
         self.wire.send_json(reply)
         return op if reply.get("ok") else None
 
@@ -1085,8 +1088,14 @@ class Agent(object):
         return {}
 
     def op_transcript(self, args):
-        start = int(args.get("since", 0))
-        return self.transcript[start:]
+        """Entries with seq >= since (those still kept)."""
+        since = int(args.get("since", 0))
+        first = self.transcript[0]["seq"] if self.transcript else self.transcript_next
+        return self.transcript[max(0, since - first):]
+
+    def op_transcript_seq(self, args):
+        """The seq the next request gets: pass it as `since` later to see only what came after."""
+        return {"seq": self.transcript_next}
 
     def op_shutdown(self, args):
         self.cleanup()

@@ -495,6 +495,9 @@ class AgentClient:
     def transcript(self, since: int = 0) -> list[dict[str, Any]]:
         return list(self.call("transcript", since=since))
 
+    def transcript_seq(self) -> int:
+        return int(self.call("transcript_seq")["seq"])
+
     def frames(self, op: str, timeout: float | None = None, **args: Any) -> FrameReader:
         """Start a FRAMES_OUT op; iterate the returned reader for its frames."""
         return FrameReader(self, op, args, timeout)
