@@ -1,9 +1,13 @@
 """After a suite run nothing is left: the janitor, run in the same process (which still holds the
-test:/// nodes), finds no domain, image or rule of the run."""
+test:/// nodes), finds no domain, image or rule of the run. The same run's Allure results carry
+each scenario's evidence: steps naming host and device, domain XML, logs (or why there are none),
+the agent transcript."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +28,45 @@ def test_janitor_finds_nothing_after_the_save_resume_suite(pytester: pytest.Pyte
         "-p",
         "no:cacheprovider",
         "-q",
+        f"--alluredir={tmp_path / 'results'}",
     )
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 8 and not outcomes.get("failed") and not outcomes.get("errors"), outcomes
     with LabSession(open_inventory(inventory)) as session:
         assert janitor(session, keep_own=False) == []
+    _evidence_is_attached(tmp_path / "results")
+
+
+def _walk(node: dict[str, Any]) -> tuple[list[str], list[str]]:
+    steps, attachments = [], [a["name"] for a in node.get("attachments", [])]
+    for child in node.get("steps", []):
+        steps.append(child["name"])
+        more_steps, more_attachments = _walk(child)
+        steps += more_steps
+        attachments += more_attachments
+    return steps, attachments
+
+
+def _evidence_is_attached(results: Path) -> None:
+    # fixture teardown (where a scenario gathers its evidence) is in the containers' "afters"
+    afters: dict[str, list[dict[str, Any]]] = {}
+    for path in results.glob("*-container.json"):
+        doc = json.loads(path.read_text())
+        for child in doc.get("children", []):
+            afters.setdefault(child, []).extend(doc.get("afters", []))
+    tests = {}
+    for path in results.glob("*-result.json"):
+        doc = json.loads(path.read_text())
+        steps, attachments = _walk(doc)
+        for after in afters.get(doc["uuid"], []):
+            more_steps, more_attachments = _walk(after)
+            steps, attachments = steps + more_steps, attachments + more_attachments
+        tests[doc["name"]] = (steps, attachments)
+    steps, attachments = next(v for k, v in tests.items() if k.startswith("test_save_then_restore"))
+    assert any("hostA" in s and "simv2" in s for s in steps), steps
+    for prefix in ("domain XML ", "QEMU log ", "scenario steps"):
+        assert any(a.startswith(prefix) for a in attachments), (prefix, attachments)
+    steps, attachments = next(v for k, v in tests.items() if k.startswith("test_corrupt_resume_stream_refused"))
+    assert any(a.startswith("agent transcript hostA:simv2") or a.startswith("agent transcript hostB:simv2")
+               for a in attachments), attachments
+    assert any(a == "faults" for a in attachments), attachments

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import shlex
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from labs.errors import LabError
 from labs.faults.base import Fault, FaultLedger
 from labs.inventory import LabDevice, LabHost
 from labs.runtime import LabSession
+from labs.scenarios.evidence import attach_domains
 from labs.scenarios.steps import StepLog
 from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor
 from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
@@ -37,6 +39,7 @@ class Scenario:
         self._domains: set[str] = set()
         self._images: list[tuple[str | None, str]] = []  # (host or None for the controller, path)
         self.cleanup_log: list[str] = []
+        self.started = time.time()
 
     @property
     def run_id(self) -> str:
@@ -105,6 +108,8 @@ class Scenario:
     def cleanup(self) -> list[str]:
         """Undo faults, remove domains and images; return what went wrong (empty when all is clean)."""
         errors = self.faults.undo_all()
+        # the domains' XML and logs go into the report before the domains go away
+        attach_domains(self.session, self.hypervisors, sorted(self._domains), self.started)
         for name in sorted(self._domains):
             for hv in self.hypervisors:
                 try:

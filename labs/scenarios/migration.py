@@ -15,6 +15,7 @@ import libvirt
 
 from labs.inventory import LabDevice, LabPair
 from labs.reporting import metrics
+from labs.reporting.evidence import attach
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, read_back
 from labs.virt.domain import VM, Hypervisor
@@ -92,6 +93,12 @@ def migrate_leg(
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
         result = migrate(vm, dst_hv, opts, on_progress)
         rec.detail = result.summary()
+        stats = {
+            "summary": result.summary(),
+            "completed": result.completed,
+            "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
+        }
+        attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
     rb = read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title=f"readback after {scenario}", steps=sc.steps)
     leg = Leg(vm.hv.name, dst_hv.name, result, rb)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
