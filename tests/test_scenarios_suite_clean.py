@@ -67,6 +67,8 @@ def _evidence_is_attached(results: Path) -> None:
     for prefix in ("domain XML ", "QEMU log ", "scenario steps"):
         assert any(a.startswith(prefix) for a in attachments), (prefix, attachments)
     steps, attachments = next(v for k, v in tests.items() if k.startswith("test_corrupt_resume_stream_refused"))
-    assert any(a.startswith("agent transcript hostA:simv2") or a.startswith("agent transcript hostB:simv2")
-               for a in attachments), attachments
+    assert any(
+        a.startswith("agent transcript hostA:simv2") or a.startswith("agent transcript hostB:simv2")
+        for a in attachments
+    ), attachments
     assert any(a == "faults" for a in attachments), attachments
