@@ -147,12 +147,14 @@ def html_page(doc: dict[str, Any]) -> str:
     )
 
 
-def certify(inventory: Path, device_id: str, pytest_args: list[str], console: Console) -> int:
+def certify(
+    inventory: Path, device_id: str, pytest_args: list[str], console: Console, reports: Path = REPORTS
+) -> int:
     inv = open_inventory(inventory)
     device = _find_device(inv, device_id)
     partners = sorted({p.destination.id for p in inv.pairs if p.source.id == device.id})
     run_id = new_run_id()
-    run_dir = REPORTS / f"certify-{run_id}"
+    run_dir = reports / f"certify-{run_id}"
     results_dir = run_dir / "allure-results"
     run_dir.mkdir(parents=True)
     suites = [str(SUITES / s) for s in CERT_SUITES if (SUITES / s).is_dir()]
@@ -185,5 +187,9 @@ def _print_summary(console: Console, doc: dict[str, Any], run_dir: Path) -> None
     for r in doc["rules"]:
         if RuleVerdict(r["rule"], r["level"], r["verdict"], r["reason"], ()).blocks:
             console.print(f"  [red]{r['rule']}[/] {r['verdict']}: {r['reason']}", highlight=False)
-    console.print(f"certification: {(run_dir / 'certification.json').relative_to(REPO_ROOT)}", highlight=False)
-    console.print(f"summary:       {(run_dir / 'certification.md').relative_to(REPO_ROOT)}", highlight=False)
+    console.print(f"certification: {_shown(run_dir / 'certification.json')}", highlight=False)
+    console.print(f"summary:       {_shown(run_dir / 'certification.md')}", highlight=False)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
