@@ -26,9 +26,12 @@ from labs.errors import InfraError
 from labs.inventory import LabDevice
 from labs.transport import HostConnection
 
+# A sim host (its sshd sets LABS_SIM_DIR) keeps its locks in its own sim lab: two sim labs on one
+# machine have hosts and devices of the same names, and must not hold each other's devices.
 LOCK_DIR_SCRIPT = (
-    'd=/run/labs/locks; { mkdir -p "$d" && [ -w "$d" ]; } 2>/dev/null '
-    '|| { d="${TMPDIR:-/tmp}/labs-locks-$(id -u)"; mkdir -p "$d"; }'
+    'if [ -n "$LABS_SIM_DIR" ]; then d="$LABS_SIM_DIR/locks"; mkdir -p "$d"; '
+    'else d=/run/labs/locks; { mkdir -p "$d" && [ -w "$d" ]; } 2>/dev/null '
+    '|| { d="${TMPDIR:-/tmp}/labs-locks-$(id -u)"; mkdir -p "$d"; }; fi'
 )
 
 HOLD_SCRIPT = """
@@ -40,6 +43,17 @@ printf '%s\\n' {owner} | sed "s/@HOLDER@/$$/" > "$f.owner"
 echo LOCKED
 cat >/dev/null
 rm -f "$f.owner"
+"""
+
+# An owner record whose lock nobody holds is stale (its holder was killed before it could remove it).
+SWEEP_SCRIPT = """
+{lockdir}
+for o in "$d"/*.lock.owner; do
+  [ -e "$o" ] || continue
+  f="${{o%.owner}}"
+  if flock -n "$f" true; then printf '%s\\t' "$(basename "$f" .lock)"; cat "$o"; echo; rm -f "$o"; fi
+done
+true
 """
 
 LIST_SCRIPT = """
@@ -142,14 +156,26 @@ def reserve(
 
 def list_reservations(ssh: HostConnection) -> list[tuple[str, dict[str, Any]]]:
     res = ssh.run(LIST_SCRIPT.format(lockdir=LOCK_DIR_SCRIPT), timeout=30, idempotent=True)
+    return _records(res.stdout)
+
+
+def _records(text: str) -> list[tuple[str, dict[str, Any]]]:
     out = []
-    for line in res.stdout.splitlines():
+    for line in text.splitlines():
+        if not line.strip():
+            continue
         name, _, record = line.partition("\t")
         try:
             out.append((name, dict(json.loads(record))))
         except json.JSONDecodeError:
             out.append((name, {"owner": record}))
     return out
+
+
+def sweep_stale(ssh: HostConnection) -> list[tuple[str, dict[str, Any]]]:
+    """Remove owner records no live holder backs (their lock is free); returns the records removed."""
+    res = ssh.run(SWEEP_SCRIPT.format(lockdir=LOCK_DIR_SCRIPT), timeout=30, idempotent=True)
+    return _records(res.stdout)
 
 
 def clear_reservations(ssh: HostConnection) -> list[str]:

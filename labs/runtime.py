@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from labs.inventory import Inventory, load_inventory
+from labs.runs import RunMark
 from labs.simlab import SimLab
 from labs.transport import HostConnection, SSHPool
 
@@ -40,12 +41,15 @@ class LabSession:
         self.sim = SimLab(inventory) if inventory.is_sim else None
         self._started = False
         self._closers: list[Callable[[], None]] = []
+        self._mark: RunMark | None = None
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run `closer` when the session closes, before SSH goes away (agents, monitors)."""
         self._closers.append(closer)
 
     def start(self) -> LabSession:
+        if self._mark is None:
+            self._mark = RunMark(self.run_id)  # alive: the janitor keeps this run's things
         if self.sim is not None and not self._started:
             self.sim.start()
         self._started = True
@@ -58,6 +62,9 @@ class LabSession:
         if self.sim is not None and self._started:
             self.sim.stop()
         self._started = False
+        if self._mark is not None:
+            self._mark.release()
+            self._mark = None
 
     def __enter__(self) -> LabSession:
         return self.start()

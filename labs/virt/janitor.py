@@ -3,7 +3,11 @@
 What a run creates is named after its run id: domains `labs-<date>-<time>-<hex>-...`,
 save images in the known image dirs, nft tables / iptables comments
 `labs_<date>_<time>_<hex>_...`. The janitor removes all of them except the
-current session's own, and returns one line per thing removed.
+current session's own and those of runs still alive (a live process on this
+controller holds a mark for them, labs.runs, or a live holder on the host keeps
+a device reservation for them), and returns one line per thing removed. On each
+host it also removes reservation records no live holder backs, and kills
+device agents orphaned by a dead SSH session (on a sim host: of its own sim lab).
 
 A `test:///` node lives inside the process that opened it, so from a fresh
 process only image files can be left over there; within one process (the
@@ -17,19 +21,41 @@ from pathlib import Path
 
 from labs.errors import LabError
 from labs.faults.network import NFT_PREFIX, rule_tag
+from labs.reservations import list_reservations, sweep_stale
+from labs.runs import live_runs
 from labs.runtime import LabSession
 from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, hypervisor
 
 RUN_PREFIX = "labs-"
 
 
-def _mine(name: str, session: LabSession, keep_own: bool) -> bool:
-    return keep_own and (name.startswith(session.run_id) or name.startswith(rule_tag(session.run_id, "")))
+# Orphaned agents: their SSH session is gone (parent 1). `labs_agent[.]py` does not match this script itself.
+ORPHAN_AGENTS_SCRIPT = """
+for p in $(pgrep -f 'labs_agent[.]py'); do
+  [ "$(ps -o ppid= -p "$p" | tr -d ' ')" = 1 ] || continue
+  if [ -n "$LABS_SIM_DIR" ]; then
+    tr '\\0' '\\n' < /proc/"$p"/environ 2>/dev/null | grep -qxF "LABS_SIM_DIR=$LABS_SIM_DIR" || continue
+  fi
+  kill "$p" 2>/dev/null && echo "$p"
+done
+true
+"""
+
+
+def _starts(name: str, run_id: str) -> bool:
+    return name.startswith(run_id) or name.startswith(rule_tag(run_id, ""))
+
+
+def _keep(name: str, session: LabSession, keep_own: bool, live: set[str]) -> bool:
+    return (keep_own and _starts(name, session.run_id)) or any(_starts(name, run) for run in live)
 
 
 def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
     """Remove leftovers of other (killed) runs on every host of the inventory; what was removed."""
     removed: list[str] = []
+    live = live_runs()
+    for host in session.inventory.hosts:
+        removed += _host_processes(session, host.name, live)
     for host in session.inventory.hosts:
         if host.spec.libvirt_uri:
             hv = hypervisor(session, host)
@@ -39,23 +65,38 @@ def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
                 removed.append(f"{host.name}: libvirt unreachable, domains not checked: {exc}")
                 names = []
             for name in names:
-                if not _mine(name, session, keep_own):
+                if not _keep(name, session, keep_own, live):
                     removed += VM(hv, name).remove()
-        removed += _remote_leftovers(session, host.name, keep_own)
+        removed += _remote_leftovers(session, host.name, keep_own, live)
     for image in sorted(LOCAL_IMAGE_DIR.glob(f"{RUN_PREFIX}*")) if LOCAL_IMAGE_DIR.exists() else []:
-        if not _mine(image.name, session, keep_own):
+        if not _keep(image.name, session, keep_own, live):
             image.unlink(missing_ok=True)
             removed.append(f"controller: removed {image}")
     return removed
 
 
-def _remote_leftovers(session: LabSession, host: str, keep_own: bool) -> list[str]:
+def _host_processes(session: LabSession, host: str, live: set[str]) -> list[str]:
+    """Stale reservation records and orphaned agents on `host`; adds the runs its live holders serve to `live`."""
+    removed: list[str] = []
+    try:
+        ssh = session.ssh(host)
+        for name, record in sweep_stale(ssh):
+            removed.append(f"{host}: removed stale reservation {name} (run {record.get('run', '?')})")
+        live.update(str(r["run"]) for _, r in list_reservations(ssh) if r.get("run") and r["run"] != session.run_id)
+        for pid in ssh.run(ORPHAN_AGENTS_SCRIPT, timeout=30, sudo=True).stdout.split():
+            removed.append(f"{host}: killed orphaned agent pid {pid}")
+    except LabError as exc:
+        removed.append(f"{host}: reservations and agents not checked: {exc}")
+    return removed
+
+
+def _remote_leftovers(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
     removed: list[str] = []
     try:
         ssh = session.ssh(host)
         images = ssh.run(f"ls -1 {REMOTE_IMAGE_DIR} 2>/dev/null", timeout=30, idempotent=True).stdout.split()
         for name in images:
-            if name.startswith(RUN_PREFIX) and not _mine(name, session, keep_own):
+            if name.startswith(RUN_PREFIX) and not _keep(name, session, keep_own, live):
                 path = f"{REMOTE_IMAGE_DIR}/{name}"
                 ssh.run(f"rm -f {shlex.quote(path)}", timeout=30, sudo=True, check=True)
                 removed.append(f"{host}: removed {path}")
@@ -63,16 +104,16 @@ def _remote_leftovers(session: LabSession, host: str, keep_own: bool) -> list[st
             tables = ssh.run("nft list tables", timeout=30, sudo=True).stdout.splitlines()
             for line in tables:  # "table inet labs_..."
                 parts = line.split()
-                if len(parts) == 3 and parts[2].startswith(NFT_PREFIX) and not _mine(parts[2], session, keep_own):
+                if len(parts) == 3 and parts[2].startswith(NFT_PREFIX) and not _keep(parts[2], session, keep_own, live):
                     ssh.run(f"nft delete table {parts[1]} {parts[2]}", timeout=15, sudo=True, check=True)
                     removed.append(f"{host}: removed nft table {parts[1]} {parts[2]}")
-        removed += _iptables_leftovers(session, host, keep_own)
+        removed += _iptables_leftovers(session, host, keep_own, live)
     except LabError as exc:
         removed.append(f"{host}: not checked: {exc}")
     return removed
 
 
-def _iptables_leftovers(session: LabSession, host: str, keep_own: bool) -> list[str]:
+def _iptables_leftovers(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
     ssh = session.ssh(host)
     removed: list[str] = []
     for tool in ("iptables", "ip6tables"):
@@ -81,7 +122,7 @@ def _iptables_leftovers(session: LabSession, host: str, keep_own: bool) -> list[
             continue
         for rule in res.stdout.splitlines():
             tag = next((w for w in rule.split() if w.startswith(NFT_PREFIX)), None)
-            if rule.startswith("-A INPUT") and tag and not _mine(tag, session, keep_own):
+            if rule.startswith("-A INPUT") and tag and not _keep(tag, session, keep_own, live):
                 ssh.run(f"{tool} -D {rule[3:]}", timeout=15, sudo=True, check=True)
                 removed.append(f"{host}: removed {tool} rule {rule}")
     return removed

@@ -1,0 +1,71 @@
+"""The janitor tells live runs from dead ones: a run whose process still holds its mark keeps its
+leftovers; once the process is gone (SIGKILL) they are removed. Stale reservation records go too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from labs.paths import REPO_ROOT
+from labs.runs import RunMark, live_runs
+from labs.runtime import LabSession
+from labs.virt.domain import LOCAL_IMAGE_DIR
+from labs.virt.janitor import janitor
+
+RUN = "labs-20000101-000000-a11ve0"
+HOLD = f"""
+import sys, time
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from labs.runs import RunMark
+mark = RunMark({RUN!r})
+print("marked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_marks(tmp_path: Path) -> None:
+    mark = RunMark("labs-x-1", tmp_path)
+    assert live_runs(tmp_path) == set(), "this process's own marks do not count"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.replace(repr(RUN), repr("labs-x-2"))], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"marked"
+    finally:
+        proc.kill()
+        proc.wait()
+    mark.release()
+    assert not list(tmp_path.iterdir())
+
+
+def test_janitor_keeps_a_live_runs_leftovers_until_it_dies(sim_session: LabSession) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE)
+    LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+    image = LOCAL_IMAGE_DIR / f"{RUN}-1abcd-sr-x.1.save"
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"marked"
+        assert RUN in live_runs()
+        image.write_bytes(b"x")
+        assert f"controller: removed {image}" not in janitor(sim_session)
+        assert image.exists(), "the janitor removed a live run's image"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of its own; the kernel drops the mark's lock
+        proc.wait()
+    try:
+        assert f"controller: removed {image}" in janitor(sim_session)
+        assert not image.exists()
+        assert RUN not in live_runs()
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def test_janitor_removes_stale_reservation_records(sim_session: LabSession) -> None:
+    assert sim_session.sim is not None
+    locks = sim_session.sim.dir / "locks"
+    locks.mkdir(exist_ok=True)
+    (locks / "hostA_ghost.lock").touch()
+    owner = locks / "hostA_ghost.lock.owner"
+    owner.write_text(json.dumps({"owner": "killed", "run": RUN, "holder": 999999}) + "\n")
+    removed = janitor(sim_session)
+    assert f"hostA: removed stale reservation hostA_ghost (run {RUN})" in removed
+    assert not owner.exists()
