@@ -1,0 +1,106 @@
+"""Conformance suite fixtures: the device under test through a pooled agent, steps, arc selection.
+
+Every test here is parametrized over devices (or pairs) by the labs plugin. Rule
+tests are generated per protocol (a v1 rule never meets a v2 device); tests over
+the arcs of the v2 FSM are generated for the union of arcs and the arcs a
+device does not have (by its listed capabilities) are deselected, not skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labs.conformance import model
+from labs.hostagent import open_device
+from labs.inventory import LabDevice, LabPair
+from labs.runtime import LabSession
+from labs.scenarios.steps import StepLog
+from labs.vfio.device import DeviceHandle
+
+
+@pytest.fixture
+def steps() -> Iterator[StepLog]:
+    """Report steps (titles carry host and device); attached as a list at the end."""
+    log = StepLog()
+    yield log
+    log.attach()
+
+
+def open_dut(stack: ExitStack, lab: LabSession, device: LabDevice) -> DeviceHandle:
+    """Open the device; a real device left elsewhere than RUNNING is reset (a sim driver starts in
+    RUNNING on every open, and must not be reset: V1-R5/V2-R3 judge exactly that)."""
+    dev = stack.enter_context(open_device(lab, device))
+    if not dev.is_sim and dev.state() != "RUNNING":
+        dev.reset()
+    return dev
+
+
+class LabCheckContext:
+    """labs.conformance.checks.CheckContext on a lab device; the peer is the device itself."""
+
+    def __init__(self, lab: LabSession, device: LabDevice, steps: StepLog, stack: ExitStack) -> None:
+        self.lab, self.device, self.steps, self.stack = lab, device, steps, stack
+        self.handle: DeviceHandle | None = None
+
+    def open(self) -> DeviceHandle:
+        if self.handle is None:
+            self.handle = open_dut(self.stack, self.lab, self.device)
+        elif self.handle.state() != "RUNNING":
+            self.handle.reset()
+        return self.handle
+
+    def peer(self) -> DeviceHandle:
+        return self.handle if self.handle is not None else self.open()
+
+    def step(self, title: str) -> AbstractContextManager[Any]:
+        return self.steps.step(f"{self.device.id}: {title}")
+
+
+@pytest.fixture
+def ctx(lab: LabSession, device: LabDevice, steps: StepLog) -> Iterator[LabCheckContext]:
+    with ExitStack() as stack:
+        yield LabCheckContext(lab, device, steps, stack)
+
+
+@pytest.fixture
+def dut(lab: LabSession, device: LabDevice) -> Iterator[DeviceHandle]:
+    """The device under test, open and in RUNNING."""
+    with ExitStack() as stack:
+        yield open_dut(stack, lab, device)
+
+
+def _device_arcs(device: LabDevice) -> set[tuple[str, str]]:
+    if device.spec.protocol == "v1":
+        return set(model.v1_arcs())
+    return set(model.v2_arcs(model.flags_of(c.value for c in device.capabilities)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    here = Path(__file__).parent
+    for item in items:
+        if here not in Path(str(item.path)).parents:
+            kept.append(item)  # a conftest hook sees the whole session: only this suite's items are ours
+            continue
+        callspec = getattr(item, "callspec", None)
+        params: dict[str, Any] = callspec.params if callspec else {}
+        device, pair = params.get("device"), params.get("pair")
+        arc = params.get("arc")
+        if isinstance(device, LabDevice) and arc is not None and tuple(arc) not in _device_arcs(device):
+            dropped.append(item)
+            continue
+        # which devices a result is about (the catalogue runner reads these back from junit)
+        if isinstance(device, LabDevice):
+            item.user_properties.append(("device", device.id))
+        if isinstance(pair, LabPair):
+            item.user_properties += [("device", pair.source.id), ("device", pair.destination.id)]
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
