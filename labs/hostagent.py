@@ -17,6 +17,7 @@ from weakref import WeakKeyDictionary
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice
 from labs.reporting.evidence import attach
+from labs.reservations import ReservationBusy, reserve
 from labs.runtime import LabSession
 from labs.vfio import uapi
 from labs.vfio.client import AgentClient, AgentInfraError, AgentOSError
@@ -107,7 +108,27 @@ def open_device(session: LabSession, device: LabDevice) -> Iterator[DeviceHandle
 
 
 def migration_probe(session: LabSession, device: LabDevice) -> str:
-    """What the device says about its migration support, checked against the inventory's claims."""
+    """What the device says about its migration support, checked against the inventory's claims.
+
+    The device is reserved for the probe like for a test: a device another run holds is busy, not
+    broken (opening it under that run's feet would fail with EBUSY, or worse, disturb its test)."""
+    try:
+        held = reserve(
+            session.ssh(device.host.name),
+            device,
+            session.run_id,
+            wait=0,
+            expires_in=session.inventory.settings.timeouts.test,
+        )
+    except ReservationBusy as exc:
+        return f"not probed: {exc}"
+    try:
+        return _probe(session, device)
+    finally:
+        held.release()
+
+
+def _probe(session: LabSession, device: LabDevice) -> str:
     try:
         with open_device(session, device) as dev:
             if dev.protocol == "v1":

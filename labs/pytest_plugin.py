@@ -22,7 +22,7 @@ from labs.inventory import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
 from labs.paths import SIM_INVENTORY
 from labs.reservations import ReservationBusy, reserve
-from labs.runtime import LabSession, open_inventory
+from labs.runtime import LabSession, new_run_id, open_inventory
 from labs.transport import HostConnection
 
 MARKERS = {
@@ -86,6 +86,12 @@ def pytest_configure(config: pytest.Config) -> None:
         _ = state.inventory
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: every worker works for the controller's run id (names, janitor, reservations)."""
+    node.workerinput["labs_run_id"] = _state(node.config).run_id
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
@@ -100,6 +106,9 @@ class LabState:
         self._inventory: Inventory | None = None
         self._session: LabSession | None = None
         self._health: dict[str, HostReport] | None = None
+        # one run id for the whole run: xdist workers get the controller's (pytest_configure_node)
+        worker = getattr(config, "workerinput", None)
+        self.run_id: str = (worker or {}).get("labs_run_id") or os.environ.get("LABS_RUN_ID") or new_run_id()
 
     @property
     def inventory_path(self) -> Path:
@@ -124,7 +133,7 @@ class LabState:
     @property
     def session(self) -> LabSession:
         if self._session is None:
-            self._session = LabSession(self.inventory).start()
+            self._session = LabSession(self.inventory, run_id=self.run_id).start()
         return self._session
 
     def health(self) -> dict[str, HostReport]:
