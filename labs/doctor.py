@@ -188,7 +188,13 @@ def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, ke
     if not driver and not ssh.run(f"test -e {path}", idempotent=True).ok:
         report.add("device", Status.FAIL, f"{path} does not exist", device.id)
         return
-    if "vfio" not in driver:
+    if isinstance(spec, MdevDevice) and driver:
+        # since Linux 5.16 an mdev is bound to its parent's mdev driver (mtty, nvidia, ...), which registers
+        # the VFIO device itself: the IOMMU group is what says VFIO can open it
+        if not ssh.run(f"test -e {path}/iommu_group", idempotent=True).ok:
+            report.add("device", Status.FAIL, f"bound to {driver}, but has no IOMMU group (no VFIO device)", device.id)
+            return
+    elif "vfio" not in driver:
         report.add("device", Status.FAIL, f"bound to {driver or 'no driver'}, not a vfio driver", device.id)
         return
     note = ""

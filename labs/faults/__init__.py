@@ -3,6 +3,7 @@
 from labs.faults.base import Fault, FaultLedger, FaultRecord
 from labs.faults.device import (
     CorruptResumeStream,
+    CorruptSaveImage,
     DestinationLacksDevice,
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
@@ -13,6 +14,7 @@ from labs.faults.network import CutMigrationLink
 __all__ = [
     "AbortJob",
     "CorruptResumeStream",
+    "CorruptSaveImage",
     "CutMigrationLink",
     "DestinationLacksDevice",
     "DeviceTransitionFailure",

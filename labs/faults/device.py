@@ -172,3 +172,84 @@ class CorruptResumeStream(Fault):
     def _undo(self) -> None:
         self.dev.reset()
         self.note(f"VFIO_DEVICE_RESET; state {self.dev.state()}")
+
+
+# Runs on the host (stdlib only): find `needle` once in the file and overwrite bytes at offset+delta.
+_PATCH_FILE = r"""
+import sys, json
+path, needle, delta, new = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+with open(path, "r+b") as f:
+    data = f.read()
+    at = data.find(needle)
+    if at < 0 or data.find(needle, at + 1) >= 0:
+        print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
+        sys.exit(3)
+    where = at + delta
+    old = data[where:where + len(bytes.fromhex(new))] if new else b""
+    patch = bytes.fromhex(new) if new else bytes(b ^ 0xFF for b in needle)
+    if not new:
+        where, old = at, needle
+    f.seek(where)
+    f.write(patch)
+print(json.dumps({"offset": where, "old": old.hex(), "new": patch.hex()}))
+"""
+
+ImageDamage = Literal["bad-magic", "bad-version", "bad-ports"]
+
+
+class CorruptSaveImage(Fault):
+    """Damage the device's stream inside a saved VM image (libvirt save file), so that restore must fail.
+
+    The device stream is found by its signature (`magic`, the bytes the
+    driver's stream begins with: mtty's header magic) and damaged only in its
+    header, by the spec's safe recipes (5.4): the magic flipped, major_ver set
+    to 2, or nr_ports raised by one; never the port payload. QEMU writes the
+    damaged header to the destination's RESUMING data fd, which refuses it,
+    and the restore fails. Undo writes the original bytes back.
+    """
+
+    name = "corrupt-save-image"
+
+    def __init__(self, ssh: HostConnection, path: str, magic: bytes, how: ImageDamage, python: str = "python3") -> None:
+        super().__init__(f"{ssh.name}:{path} ({how})")
+        self.name = f"corrupt-save-image:{how}"
+        self.record.name = self.name
+        self.ssh = ssh
+        self.path = path
+        self.magic = magic
+        self.how = how
+        self.python = python
+        self.patched: dict[str, object] | None = None
+
+    def _patch(self, delta: int, new: str) -> dict[str, object]:
+        import json
+
+        cmd = " ".join(
+            shlex.quote(x) for x in (self.python, "-c", _PATCH_FILE, self.path, self.magic.hex(), str(delta), new)
+        )
+        res = self.ssh.run(cmd, timeout=60, sudo=True)
+        out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
+        if not res.ok or "error" in out:
+            raise InfraError(f"{self.ssh.name}: patching {self.path}: {out.get('error') or res.stderr.strip()}")
+        return dict(out)
+
+    def _inject(self) -> None:
+        if self.how == "bad-magic":
+            self.patched = self._patch(0, "")
+        elif self.how == "bad-version":
+            self.patched = self._patch(8, (2).to_bytes(4, "little").hex())  # mtty_data.major_ver @8
+        else:
+            self.patched = self._patch(16, "ff000000")  # mtty_data.nr_ports @16: no device has 255 ports
+        self.note(f"{self.how}: {self.path} @{self.patched['offset']}: {self.patched['old']} -> {self.patched['new']}")
+
+    def _undo(self) -> None:
+        if self.patched is None:
+            return
+        offset, old = int(str(self.patched["offset"])), str(self.patched["old"])
+        script = (
+            "import sys\nwith open(sys.argv[1], 'r+b') as f:\n"
+            "    f.seek(int(sys.argv[2])); f.write(bytes.fromhex(sys.argv[3]))\n"
+        )
+        cmd = " ".join(shlex.quote(x) for x in (self.python, "-c", script, self.path, str(offset), old))
+        self.ssh.run(cmd, timeout=60, sudo=True, check=True)
+        self.note(f"restored {len(old) // 2} bytes @{offset} of {self.path}")

@@ -49,6 +49,19 @@ class _DeviceBase(Strict):
     protocol: Literal["v1", "v2"]
     capabilities: tuple[Capability, ...] = (Capability.STOP_COPY,)
     reset: ResetMethod = ResetMethod.IOCTL
+    qemu_properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="QEMU properties of this device's vfio-pci frontend, set through libvirt's <qemu:override> "
+        "(e.g. enable-migration: 'on' where device dirty tracking is unavailable)",
+    )
+
+    @field_validator("qemu_properties", mode="before")
+    @classmethod
+    def _props_as_strings(cls, v: Any) -> Any:
+        # YAML reads `on`/`off` as booleans; QEMU wants the words
+        if isinstance(v, dict):
+            return {str(k): ("on" if x is True else "off" if x is False else str(x)) for k, x in v.items()}
+        return v
 
     @field_validator("name")
     @classmethod
@@ -187,6 +200,9 @@ class LabSettings(Strict):
     timeouts: Timeouts = Timeouts()
     artifact_dir: Path = Path("reports")
     keepalive: float = Field(default=15.0, ge=0)
+    max_downtime_ms: int | None = Field(
+        default=None, gt=0, description="the live migrations' maximum downtime (QEMU's default of 300 ms is for KVM)"
+    )
     sim: SimSettings | None = None
 
 

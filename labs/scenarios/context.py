@@ -17,6 +17,7 @@ from pathlib import Path
 from labs.errors import LabError
 from labs.faults.base import Fault, FaultLedger
 from labs.inventory import LabDevice, LabHost
+from labs.probes import ProbeMark
 from labs.runtime import LabSession
 from labs.scenarios.evidence import attach_domains
 from labs.scenarios.steps import StepLog
@@ -40,6 +41,7 @@ class Scenario:
         self._images: list[tuple[str | None, str]] = []  # (host or None for the controller, path)
         self.cleanup_log: list[str] = []
         self.started = time.time()
+        self.marks: dict[str, list[ProbeMark]] = {}  # per domain: device-probe values to read back (labs.probes)
 
     @property
     def run_id(self) -> str:

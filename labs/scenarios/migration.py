@@ -16,6 +16,7 @@ import libvirt
 from labs.inventory import LabDevice, LabPair
 from labs.reporting import metrics
 from labs.reporting.evidence import attach
+from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, read_back
 from labs.virt.domain import VM, Hypervisor
@@ -80,6 +81,7 @@ def migrate_leg(
         postcopy=postcopy,
         bandwidth_mib=bandwidth_mib,
         dest_xml=dest_xml if dest_xml is not None else _dest_xml(vm, src, dst),
+        max_downtime_ms=sc.session.inventory.settings.max_downtime_ms,
     )
     how = ", ".join(
         x
@@ -90,6 +92,8 @@ def migrate_leg(
         )
         if x
     )
+    if probing.marks(sc, vm):
+        probing.mark(sc, vm, src)  # fresh values: only this migration can carry them to dst
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
         result = migrate(vm, dst_hv, opts, on_progress)
         rec.detail = result.summary()
@@ -99,7 +103,15 @@ def migrate_leg(
             "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
         }
         attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
-    rb = read_back(sc.session, [vm.hv, dst_hv], vm.name, [src, dst], title=f"readback after {scenario}", steps=sc.steps)
+    rb = read_back(
+        sc.session,
+        [vm.hv, dst_hv],
+        vm.name,
+        [src, dst],
+        title=f"readback after {scenario}",
+        steps=sc.steps,
+        marks=probing.marks(sc, vm),
+    )
     leg = Leg(vm.hv.name, dst_hv.name, result, rb)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
     total_ms = result.metric("time_elapsed")

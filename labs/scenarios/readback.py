@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import builtins
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from labs.errors import LabError
 from labs.inventory import LabDevice
+from labs.probes import ProbeMark, ProbeReading, probe_named
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
 from labs.scenarios.steps import StepLog
@@ -32,6 +33,11 @@ from labs.virt.monitor import query_migrate, vfio_view
 from labs.virt.xml import Hostdev, hostdevs_of
 
 RUNNING_STATES = ("RUNNING", "001")  # v2 name, v1 device_state bits
+# A real device that no VM holds any more may also be stopped: QEMU leaves it in STOP after a completed
+# save or outgoing migration (save_cleanup: STOP_COPY -> STOP, then close; spec 4.2), and a driver that
+# does not reset on close keeps that (mtty). The next user can go on from there. Not RESUMING, STOP_COPY
+# or ERROR: a device left RESUMING hands the next QEMU's SET RESUMING no data fd (nested findings 4).
+IDLE_STATES = (*RUNNING_STATES, "STOP", "000")
 
 
 class SavedStreamLike(Protocol):
@@ -117,6 +123,7 @@ class SideView:
     qemu: dict[str, Any] | None = None  # vfio part of query-migrate
     trace: list[str] = field(default_factory=list)  # vfio trace lines of the domain's QEMU log (where enabled)
     notes: list[str] = field(default_factory=list)
+    registers: list[ProbeReading] = field(default_factory=list)  # device probes read through the monitor
 
 
 @dataclass
@@ -126,6 +133,7 @@ class DeviceView:
     data_size: int | None = None
     skipped: str | None = None  # why the device was not read
     error: str | None = None  # the device layer failed to read it
+    accepted: tuple[str, ...] = RUNNING_STATES  # the states it may be found in (IDLE_STATES for real devices)
 
 
 @dataclass
@@ -159,8 +167,15 @@ class Readback:
             for d in self.devices:
                 if d.error is not None:
                     out.append(f"device {d.device} could not be read: {d.error}")
-                elif d.skipped is None and d.state not in RUNNING_STATES:
-                    out.append(f"device {d.device} is {d.state}, not RUNNING")
+                elif d.skipped is None and d.state not in d.accepted:
+                    want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
+                    out.append(f"device {d.device} is {d.state}, not {want}")
+        for s in self.sides:
+            for r in s.registers:
+                if r.error is not None:
+                    out.append(f"{r.probe} on {s.host}: registers not read: {r.error}")
+                elif r.mismatches:
+                    out.append(f"{r.probe} on {s.host}: device state lost: {'; '.join(r.mismatches)}")
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -174,6 +189,7 @@ class Readback:
                     "qemu": s.qemu,
                     "trace": s.trace,
                     "notes": s.notes,
+                    "registers": [r.as_dict() for r in s.registers],
                 }
                 for s in self.sides
             ],
@@ -181,7 +197,7 @@ class Readback:
         }
 
 
-def domain_side(hv: Hypervisor, name: str, run_id: str) -> SideView:
+def domain_side(hv: Hypervisor, name: str, run_id: str, marks: Sequence[ProbeMark] = ()) -> SideView:
     from labs.virt.domain import VM
 
     vm = VM(hv, name)
@@ -198,9 +214,23 @@ def domain_side(hv: Hypervisor, name: str, run_id: str) -> SideView:
                 view.qemu = vfio_view(query_migrate(vm.dom))
             except LabError as exc:
                 view.notes.append(f"query-migrate: {exc}")
+            view.registers = [read_probe(vm.dom, hv.name, view.hostdevs, m) for m in marks]
         else:
             view.notes.append(hv.capabilities(run_id).missing_reason(VirtCapability.QEMU_MONITOR))
     return view
+
+
+def read_probe(dom: Any, host: str, hostdevs: list[Hostdev], mark: ProbeMark) -> ProbeReading:
+    """The marked registers as the device this side's domain holds reads them (its own hostdev, not the mark's)."""
+    reading = ProbeReading(mark.probe, host, dict(mark.values))
+    probe = probe_named(mark.probe)
+    target = hostdevs[0].address if len(hostdevs) == 1 else mark.hostdev
+    try:
+        assert probe is not None, f"no probe named {mark.probe}"
+        reading.found = probe.read(dom, target, mark)
+    except Exception as exc:  # a monitor error is a finding of the readback, not a crash of it
+        reading.error = f"{type(exc).__name__}: {exc}"
+    return reading
 
 
 QEMU_LOG_DIR = "/var/log/libvirt/qemu"
@@ -219,7 +249,7 @@ def qemu_trace(session: LabSession, host: str, name: str, lines: int = 40) -> li
 
 def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> DeviceView:
     """The device's migration state through the device layer; only when no VM holds it."""
-    view = DeviceView(device.id)
+    view = DeviceView(device.id, accepted=RUNNING_STATES if device.spec.kind == "sim" else IDLE_STATES)
     if held_by_vm and device.spec.kind != "sim":
         # a real device belongs to QEMU while the VM runs; opening it would fail (EBUSY) or disturb it
         view.skipped = "held by a running VM (read after the VM is gone)"
@@ -245,13 +275,18 @@ def read_back(
     *,
     title: str = "readback",
     steps: StepLog | None = None,
+    marks: Sequence[ProbeMark] = (),
 ) -> Readback:
-    """Record every side's view of domain `name` and its devices (never raises for what it finds)."""
+    """Record every side's view of domain `name` and its devices (never raises for what it finds).
+
+    `marks`: values a device probe wrote (labs.probes); every side running the
+    domain reads them back through the monitor, and they must match.
+    """
     rb = Readback(name)
     heading = f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"
     with steps.step(heading) if steps is not None else step(heading):
         for hv in hvs:
-            side = domain_side(hv, name, session.run_id)
+            side = domain_side(hv, name, session.run_id, marks)
             if not hv.files_local:
                 side.trace = qemu_trace(session, hv.name, name)
             rb.sides.append(side)

@@ -16,9 +16,12 @@ import os
 from dataclasses import dataclass, field
 
 from labs.errors import InfraError, LabError
+from labs.faults.device import CorruptSaveImage, ImageDamage
 from labs.inventory import LabDevice
+from labs.probes import probe_for
+from labs.scenarios import probing
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import NO_DEVICE_LAYER, Readback, device_opener, read_back
+from labs.scenarios.readback import NO_DEVICE_LAYER, RUNNING_STATES, Readback, device_opener, read_back
 from labs.virt.domain import VM
 from labs.virt.xml import hostdev_for, with_hostdevs
 
@@ -48,6 +51,7 @@ def start_vm(sc: Scenario, device: LabDevice, label: str) -> VM:
         vm.start()
         if vm.state() != "running":
             raise InfraError(f"{vm}: {vm.state()} after start")
+    probing.mark(sc, vm, device)
     return vm
 
 
@@ -72,7 +76,15 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from {path}"):
         vm.hv.restore(path, vm.name)
     result.readbacks.append(
-        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after restore", steps=sc.steps)
+        read_back(
+            sc.session,
+            [vm.hv],
+            vm.name,
+            [device],
+            title="readback after restore",
+            steps=sc.steps,
+            marks=probing.marks(sc, vm),
+        )
     )
     return result
 
@@ -95,7 +107,15 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
         if vm.has_managed_save():
             raise InfraError(f"{vm}: managed save image still present after start")
     result.readbacks.append(
-        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after start", steps=sc.steps)
+        read_back(
+            sc.session,
+            [vm.hv],
+            vm.name,
+            [device],
+            title="readback after start",
+            steps=sc.steps,
+            marks=probing.marks(sc, vm),
+        )
     )
     return result
 
@@ -133,6 +153,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
             [src, dst],
             title="readback after restore on the other host",
             steps=sc.steps,
+            marks=probing.marks(sc, vm),
         )
     )
     return result
@@ -173,3 +194,69 @@ def device_round_trip(sc: Scenario, src: LabDevice, dst: LabDevice, why: str) ->
     ):
         dev.resume(stream)
     return out
+
+
+@dataclass
+class CorruptRestore:
+    """A restore from an image whose device stream was damaged, the recovery, and the restore that follows."""
+
+    refused: str | None = None  # the restore's error (None: it was accepted)
+    after_refusal: Readback | None = None
+    device_state_after: str | None = None  # the device as the failed restore left it
+    recovered_by_reset: bool = False
+    following: Readback | None = None
+
+
+def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage) -> CorruptRestore:
+    """Save, damage the device stream in the image (spec 5.4 header recipes), restore: it must fail cleanly.
+
+    Then the device is recovered as a user would (VFIO_DEVICE_RESET where the
+    failed restore left it out of RUNNING), the image is repaired (the fault's
+    undo), and a restore from it must bring the VM back with its registers.
+    """
+    probe = probe_for(device)
+    if probe is None or probe.stream_magic is None:
+        raise InfraError(f"{device.id}: no probe knows this device's stream signature")
+    out = CorruptRestore()
+    path = sc.image_path(vm.hv, vm.name)
+    with sc.steps.step(f"save {vm} to {path}"):
+        vm.save(path)
+    ssh = sc.session.ssh(vm.hv.name)
+    fault = sc.inject(CorruptSaveImage(ssh, path, probe.stream_magic, how, python=device.host.spec.python))
+    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the damaged image ({how})"):
+        try:
+            vm.hv.restore(path, vm.name)
+        except LabError as exc:
+            out.refused = str(exc)
+    out.after_refusal = read_back(
+        sc.session, [vm.hv], vm.name, [device], title=f"readback after the {how} restore", steps=sc.steps
+    )
+    out.device_state_after = out.after_refusal.devices[0].state if out.after_refusal.devices else None
+    if out.device_state_after is not None and out.device_state_after not in RUNNING_STATES:
+        out.recovered_by_reset = recover_device(sc, device, why=f"left {out.device_state_after} by the failed restore")
+    with sc.steps.step(f"repair the image (undo {fault.name})"):
+        fault.undo()
+    if out.refused is None:
+        return out  # accepted: the VM runs from a damaged stream; the test says so
+    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the repaired image"):
+        vm.hv.restore(path, vm.name)
+    out.following = read_back(
+        sc.session,
+        [vm.hv],
+        vm.name,
+        [device],
+        title="readback after the following restore",
+        steps=sc.steps,
+        marks=probing.marks(sc, vm),
+    )
+    return out
+
+
+def recover_device(sc: Scenario, device: LabDevice, why: str) -> bool:
+    """VFIO_DEVICE_RESET through the device layer (no VM holds the device); True if it is RUNNING afterwards."""
+    opener = device_opener()
+    if opener is None:
+        return False
+    with sc.steps.step(f"reset {device.id} through the agent ({why})"), opener(sc.session, device) as dev:
+        dev.reset()
+        return dev.state() in RUNNING_STATES

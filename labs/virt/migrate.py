@@ -31,6 +31,7 @@ class MigrationOptions:
     postcopy: bool = False
     bandwidth_mib: int | None = None  # MiB/s; a low cap keeps a migration in flight long enough to hurt it
     dest_xml: str | None = None  # the destination's own device in the domain XML
+    max_downtime_ms: int | None = None  # virDomainMigrateSetMaxDowntime before the job (TCG needs seconds)
     poll: float = 0.2
 
 
@@ -135,6 +136,13 @@ def migrate(
     dom = vm.dom
     dconn = dst.conn
     outcome: dict[str, Any] = {}
+    if opts.max_downtime_ms:
+        try:
+            dom.migrateSetMaxDowntime(opts.max_downtime_ms, 0)
+        except libvirt.libvirtError as exc:
+            result.error = f"set max downtime {opts.max_downtime_ms} ms: {exc.get_error_message()}"
+            result.error_code = exc.get_error_code()
+            return result
 
     def run() -> None:
         try:

@@ -29,6 +29,9 @@ VFIO_TRACE_EVENTS = ("vfio_migration_set_state", "vfio_vmstate_change", "vfio_sa
 class Hostdev:
     kind: Literal["pci", "mdev"]
     address: str  # PCI BDF (0000:65:00.0) or mdev UUID
+    # QEMU properties of the vfio-pci frontend (inventory `qemu_properties`), set with <qemu:override>;
+    # not part of the identity: a hostdev read back from a live XML compares equal without them
+    properties: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
         return f"{self.kind} hostdev {self.address}"
@@ -52,12 +55,13 @@ def sim_mdev_uuid(host: str, device: str) -> str:
 
 def hostdev_for(device: LabDevice) -> Hostdev:
     spec = device.spec
+    props = tuple(sorted(spec.qemu_properties.items()))
     if isinstance(spec, PciDevice):
-        return Hostdev("pci", spec.pci)
+        return Hostdev("pci", spec.pci, props)
     if isinstance(spec, MdevDevice):
-        return Hostdev("mdev", spec.uuid)
+        return Hostdev("mdev", spec.uuid, props)
     assert isinstance(spec, SimDevice)
-    return Hostdev("mdev", sim_mdev_uuid(device.host.name, device.name))
+    return Hostdev("mdev", sim_mdev_uuid(device.host.name, device.name), props)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -67,10 +71,17 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def _hostdev(devices: ET.Element, dev: Hostdev) -> None:
+def hostdev_alias(index: int) -> str:
+    """The user alias of the index-th hostdev (libvirt wants the `ua-` prefix); <qemu:override> names it."""
+    return f"ua-labs-hostdev{index}"
+
+
+def _hostdev(devices: ET.Element, dev: Hostdev, alias: str | None = None) -> None:
     if dev.kind == "mdev":
         el = _sub(devices, "hostdev", mode="subsystem", type="mdev", model="vfio-pci")
         _sub(_sub(el, "source"), "address", uuid=dev.address)
+        if alias:
+            _sub(el, "alias", name=alias)
         return
     domain, bus, rest = dev.address.split(":")
     slot, function = rest.split(".")
@@ -84,6 +95,20 @@ def _hostdev(devices: ET.Element, dev: Hostdev) -> None:
         slot=f"0x{slot}",
         function=f"0x{function}",
     )
+    if alias:
+        _sub(el, "alias", name=alias)
+
+
+def _overrides(root: ET.Element, hostdevs: tuple[Hostdev, ...]) -> None:
+    """<qemu:override> frontend properties per hostdev alias (libvirt 8.2+); the domain is tainted custom-device."""
+    wanted = [(hostdev_alias(i), dev.properties) for i, dev in enumerate(hostdevs) if dev.properties]
+    if not wanted:
+        return
+    override = ET.SubElement(root, f"{{{QEMU_NS}}}override")
+    for alias, props in wanted:
+        frontend = ET.SubElement(ET.SubElement(override, f"{{{QEMU_NS}}}device", alias=alias), f"{{{QEMU_NS}}}frontend")
+        for key, value in props:
+            ET.SubElement(frontend, f"{{{QEMU_NS}}}property", name=key, type="string", value=value)
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -97,13 +122,16 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_crash", "destroy")
     devices = _sub(root, "devices")
-    for dev in spec.hostdevs:
-        _hostdev(devices, dev)
+    for i, dev in enumerate(spec.hostdevs):
+        # an alias only where an override must name the device: test:/// and plain domains stay as they were
+        _hostdev(devices, dev, hostdev_alias(i) if dev.properties and spec.virt_type != "test" else None)
     if spec.virt_type != "test":
         # nothing the migration does not need: no balloon, no display, one serial console for debugging
         _sub(devices, "memballoon", model="none")
         _sub(_sub(devices, "video"), "model", type="none")
         _sub(_sub(devices, "serial", type="pty"), "target", port="0")
+    if spec.virt_type != "test":
+        _overrides(root, spec.hostdevs)
     if spec.trace_events:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
         for event in spec.trace_events:

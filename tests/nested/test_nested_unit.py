@@ -146,7 +146,12 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     inv = load_inventory(path)
     assert len(inv.pairs) == 2  # a->b and b->a, paired by the mtty model
     uri = doc["hosts"]["nested-a"]["libvirt_uri"]
-    assert uri.startswith("qemu+libssh://root@127.0.0.1:30001/system?") and "known_hosts=" in uri
+    assert uri.startswith("qemu+ssh://root@127.0.0.1:30001/system?") and f"command={keys.ssh_command}" in uri
+    wrapper = keys.ssh_command.read_text()
+    assert f"UserKnownHostsFile={keys.known_hosts}" in wrapper and "StrictHostKeyChecking=yes" in wrapper
+    device = doc["hosts"]["nested-a"]["devices"][0]
+    assert device["qemu_properties"] == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
+    assert inv.settings.max_downtime_ms == lab.MAX_DOWNTIME_MS
 
 
 def test_example_inventory_is_valid() -> None:

@@ -1,0 +1,155 @@
+"""The mtty probe: UART registers of the kernel's sample mdev, through the QEMU monitor.
+
+mtty (samples/vfio-mdev/mtty.c) emulates a 16550-like UART per port, one
+8-byte I/O BAR each (BAR0, and BAR1 for mtty-2). Its migration stream carries
+each port's `uart_reg[8]` (spec 5.2), and it keeps the last value written to
+the scratch register (offset 7) and the line-control register (offset 3)
+there, returning them on read. So: QMP `query-pci` finds the hostdev's I/O
+BARs (by the qdev id libvirt gives it, the hostdev's alias), HMP `o /b` writes
+a fresh value to each, and after a migration or restore HMP `i /b` on the
+host that runs the domain then must read the same values.
+
+LCR bit 7 (DLAB) is never set: it switches offsets 0/1 to the divisor latch.
+The FIFO is never touched (spec 5.4: its indices are not validated on resume).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import libvirt
+
+from labs.errors import InfraError
+from labs.inventory import LabDevice
+from labs.inventory.models import MdevDevice
+from labs.probes import ProbeMark, register
+from labs.virt.monitor import qmp
+
+UART_LCR = 3
+BAR_WAIT = 120.0  # seconds for the firmware to assign the BARs after start
+UART_SCR = 7
+MTTY_PCI_ID = (0x4348, 0x3253)  # vendor, device as mtty's config space reports them
+STREAM_MAGIC = (0x7E9D09898C3E2C4E).to_bytes(8, "little")  # mtty_data.magic, host-endian (x86: little)
+_IN_RE = re.compile(r"=\s*(0x[0-9a-fA-F]+)\s*$")
+
+
+def is_mtty(device: LabDevice) -> bool:
+    spec = device.spec
+    return isinstance(spec, MdevDevice) and (spec.parent == "mtty" or spec.type.startswith("mtty-"))
+
+
+def hostdev_alias(dom: libvirt.virDomain, hostdev: str) -> str | None:
+    """The alias (QEMU's qdev id) of the hostdev with this mdev UUID or PCI address in the live XML."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    for el in root.iter("hostdev"):
+        addr = el.find("source/address")
+        alias = el.find("alias")
+        if addr is None or alias is None:
+            continue
+        if (addr.get("uuid") or "").lower() == hostdev.lower():
+            return alias.get("name")
+    return None
+
+
+def _walk(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for dev in devices:
+        out.append(dev)
+        bridge = dev.get("pci_bridge") or {}
+        out += _walk(bridge.get("devices") or [])  # q35: libvirt puts the hostdev behind a pcie-root-port
+    return out
+
+
+def _find_bars(dom: libvirt.virDomain, alias: str | None, hostdev: str) -> list[int] | None:
+    buses = qmp(dom, "query-pci") or []
+    devices = [d for bus in buses for d in _walk(bus.get("devices") or [])]
+    found = [d for d in devices if alias and d.get("qdev_id") == alias]
+    if not found:  # no alias in the XML: the only mtty on the bus
+        found = [d for d in devices if (d.get("id", {}).get("vendor"), d.get("id", {}).get("device")) == MTTY_PCI_ID]
+    if len(found) > 1:
+        raise InfraError(f"{dom.name()}: mtty {hostdev} (qdev id {alias}) found {len(found)} times in query-pci")
+    if not found:
+        return None  # behind a root port the firmware has not numbered yet
+    bars = sorted((r for r in found[0].get("regions", []) if r.get("type") == "io"), key=lambda r: r.get("bar", 0))
+    addrs = [int(r["address"]) for r in bars]
+    if not addrs or any(a <= 0 or a >= 0xFFFF for a in addrs):
+        return None  # not mapped yet (-1)
+    return addrs
+
+
+def io_bars(dom: libvirt.virDomain, hostdev: str, wait: float = BAR_WAIT) -> list[int]:
+    """The I/O base addresses of the hostdev's BARs, in BAR order (one per UART port).
+
+    Right after start the firmware (SeaBIOS) has not yet numbered the bridges
+    nor assigned the BARs (query-pci shows them at -1); under TCG that takes
+    seconds, so this polls for up to `wait` seconds.
+    """
+    alias = hostdev_alias(dom, hostdev)
+    deadline = time.monotonic() + wait
+    while True:
+        addrs = _find_bars(dom, alias, hostdev)
+        if addrs:
+            return addrs
+        if time.monotonic() > deadline:
+            raise InfraError(f"{dom.name()}: mtty {hostdev} (qdev id {alias}): no I/O BAR assigned after {wait:g}s")
+        time.sleep(0.5)
+
+
+def _hmp(dom: libvirt.virDomain, command: str) -> str:
+    return str(qmp(dom, "human-monitor-command", {"command-line": command}) or "")
+
+
+def inb(dom: libvirt.virDomain, port: int) -> int:
+    out = _hmp(dom, f"i /b {port:#x}").strip()
+    match = _IN_RE.search(out)
+    if not match:
+        raise InfraError(f"{dom.name()}: HMP `i /b {port:#x}` answered {out!r}")
+    return int(match.group(1), 16)
+
+
+def outb(dom: libvirt.virDomain, port: int, value: int) -> None:
+    out = _hmp(dom, f"o /b {port:#x} {value:#x}").strip()
+    if out:
+        raise InfraError(f"{dom.name()}: HMP `o /b {port:#x} {value:#x}` answered {out!r}")
+
+
+def _registers(bars: list[int]) -> dict[str, int]:
+    regs: dict[str, int] = {}
+    for i, base in enumerate(bars):
+        regs[f"port{i}.scr"] = base + UART_SCR
+        regs[f"port{i}.lcr"] = base + UART_LCR
+    return regs
+
+
+class MttyProbe:
+    name = "mtty-uart"
+    stream_magic: bytes | None = STREAM_MAGIC
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.SystemRandom()
+
+    def _fresh(self, reg: str, old: int | None) -> int:
+        while True:
+            value = self.rng.randrange(0x01, 0xFF) if reg.endswith(".scr") else self.rng.randrange(0x01, 0x80)
+            if value != old:  # a new value each time: a stale copy left on the other host cannot pass
+                return value
+
+    def mark(self, dom: libvirt.virDomain, device: LabDevice, hostdev: str) -> ProbeMark:
+        regs = _registers(io_bars(dom, hostdev))
+        mark = ProbeMark(self.name, device.id, hostdev)
+        for reg, port in regs.items():
+            value = self._fresh(reg, inb(dom, port))
+            outb(dom, port, value)
+            mark.values[reg] = value
+        return mark
+
+    def read(self, dom: libvirt.virDomain, hostdev: str, mark: ProbeMark) -> dict[str, int]:
+        regs = _registers(io_bars(dom, hostdev))
+        return {reg: inb(dom, regs[reg]) for reg in mark.values if reg in regs}
+
+
+register(is_mtty, MttyProbe())
