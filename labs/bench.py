@@ -2,7 +2,8 @@
 
 Figures, never asserts: wall time of the sim-lab suites, xdist scaling over 1,
 2 and 4 sim host pairs, agent operation latency against one ssh exec per
-operation, and controller memory across a 1,000-test run.
+operation, and controller memory across a 1,000-test run. `--only nested`
+adds the nested lab's figures (labs.nested.bench; the lab must be up).
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ def _summary(ms: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ms), 2), "p95": round(ms[int(len(ms) * 0.95) - 1], 2), "n": len(ms)}
 
 
+def bench_nested() -> dict[str, Any]:
+    """Build/up times, one live migration's libvirt figures, the framework's overhead (needs `lab nested up`)."""
+    from labs.nested.bench import bench_nested as run
+
+    return run()
+
+
+OPT_IN = ("nested",)  # minutes, and needs `lab nested up`: only with `--only nested`
+STEPS = ("suite", "scaling", "agent", "memory", "nested")
+
+
 def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="labs-bench-") as d:
@@ -142,9 +154,10 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
                                              or [str(SUITES / "smoke")]),
             "agent": bench_agent,
             "memory": lambda: bench_memory(tmp),
+            "nested": bench_nested,
         }  # fmt: skip
         for name, step in steps.items():
-            if only and name not in only:
+            if (only and name not in only) or (name in OPT_IN and not (only and name in only)):
                 continue
             console.print(f"bench {name} ...")
             results[name] = step()

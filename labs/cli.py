@@ -237,13 +237,27 @@ def janitor(inventory: Path | None, everything: bool) -> None:
 
 
 @main.command()
-@click.option("--only", multiple=True, type=click.Choice(["suite", "scaling", "agent", "memory"]), help="these only")
+@click.option(
+    "--only",
+    multiple=True,
+    type=click.Choice(["suite", "scaling", "agent", "memory", "nested"]),
+    help="these only (nested runs only when named: it needs `lab nested up`)",
+)
 @one_line_errors
 def bench(only: tuple[str, ...]) -> None:
     """Print the sim lab's figures (suite wall time, xdist scaling, agent latency, memory) to reports/bench.json."""
     from labs.bench import run_bench
 
     run_bench(console, list(only) or None)
+
+
+@main.command()
+@one_line_errors
+def defects() -> None:
+    """Run the conformance suites on every seeded-defect driver: each must be caught by the rule it breaks."""
+    from labs.conformance.catalogue import run_catalogue
+
+    sys.exit(run_catalogue(console))
 
 
 @main.group("nested")

@@ -1,0 +1,48 @@
+"""VM-level device faults on restore: the device stream inside a saved image is damaged, restore must fail.
+
+On a real device this is how a device transition is made to fail (spec 5.4):
+QEMU writes the damaged stream into the destination's RESUMING data fd, the
+driver refuses it, and the restore fails. Then: no domain runs, the device is
+recovered (VFIO_DEVICE_RESET where the failure left it out of RUNNING), the
+image is repaired, and a restore from it brings the VM back with the register
+values the device probe wrote before the save.
+
+Needs a device probe that knows the device's stream signature (mtty) and a
+libvirt that saves real device state (not test:///).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labs.faults.device import ImageDamage
+from labs.inventory import LabDevice
+from labs.probes import probe_for
+from labs.runtime import LabSession
+from labs.scenarios import save_resume as sr
+from labs.scenarios.context import Scenario
+from labs.scenarios.readback import RUNNING_STATES
+from labs.scenarios.support import require
+from labs.virt.capabilities import VirtCapability
+
+pytestmark = [pytest.mark.save_resume, pytest.mark.fault]
+
+
+@pytest.mark.parametrize("how", ["bad-magic", "bad-version", "bad-ports"])
+def test_restore_with_damaged_device_stream(
+    lab: LabSession, device: LabDevice, scenario: Scenario, how: ImageDamage
+) -> None:
+    probe = probe_for(device)
+    if probe is None or probe.stream_magic is None:
+        pytest.skip(f"{device.id}: no device probe knows where this device's stream is in a save image")
+    require(lab, [device.host], VirtCapability.SAVE_RESTORE, VirtCapability.QEMU_MONITOR)
+    vm = sr.start_vm(scenario, device, f"dmg-{how}")
+    out = sr.restore_corrupted(scenario, vm, device, how)
+    assert out.refused, f"restore from an image with a {how} device stream was accepted"
+    assert out.after_refusal is not None
+    assert out.after_refusal.running_on == [], f"a refused restore left {vm.name} running"
+    if out.device_state_after not in RUNNING_STATES:
+        assert out.recovered_by_reset, f"{device.id} left {out.device_state_after}, and a reset did not recover it"
+    assert out.following is not None
+    problems = out.following.problems(expect_on=device.host.name)
+    assert not problems, "; ".join(problems)

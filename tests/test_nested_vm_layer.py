@@ -1,0 +1,209 @@
+"""What the nested lab needed in the VM layer, tested without it: QEMU property overrides in the domain XML,
+the mtty probe against a fake monitor, the save-image corruption fault on a local file, released devices
+idling in STOP, and `python -m labs.nested.ci` skipping with its reason."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labs.faults.device import CorruptSaveImage
+from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import Host, MdevDevice
+from labs.nested import ci
+from labs.probes import ProbeMark, probe_for, probe_named
+from labs.probes import mtty as mtty_probe
+from labs.scenarios.readback import IDLE_STATES, DeviceView, Readback
+from labs.transport.ssh import Result
+from labs.virt.xml import QEMU_NS, domain_xml, hostdev_for, hostdevs_of, spec_for, with_hostdevs
+
+UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+PROPS = {"enable-migration": True, "x-device-dirty-page-tracking": False}  # as YAML reads on/off
+
+
+def _mtty(props: dict[str, Any] | None = None, type_: str = "mtty-2") -> LabDevice:
+    spec = MdevDevice(kind="mdev", parent="mtty", type=type_, uuid=UUID, protocol="v2", qemu_properties=props or {})  # type: ignore[arg-type]
+    return LabDevice(LabHost("nested-a", Host(address="127.0.0.1", devices=(spec,))), 0, spec)
+
+
+def test_qemu_properties_become_an_override_on_the_hostdev_alias() -> None:
+    device = _mtty(PROPS)
+    assert device.spec.qemu_properties == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
+    root = ET.fromstring(domain_xml(spec_for("labs-x-1", [device], "qemu")))
+    alias = root.find("devices/hostdev/alias")
+    assert alias is not None and alias.get("name") == "ua-labs-hostdev0"
+    dev = root.find(f"{{{QEMU_NS}}}override/{{{QEMU_NS}}}device")
+    assert dev is not None and dev.get("alias") == "ua-labs-hostdev0"
+    props = {p.get("name"): p.get("value") for p in dev.iter(f"{{{QEMU_NS}}}property")}
+    assert props == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
+    # the properties are not part of the hostdev's identity: the live XML's hostdev compares equal
+    assert hostdevs_of(domain_xml(spec_for("labs-x-1", [device], "qemu"))) == [hostdev_for(device)]
+
+
+def test_no_override_without_properties_nor_on_test_driver() -> None:
+    plain = domain_xml(spec_for("labs-x-2", [_mtty()], "qemu"))
+    assert "override" not in plain and "<alias" not in plain
+    on_test = domain_xml(spec_for("labs-x-3", [_mtty(PROPS)], "test"))
+    assert "override" not in on_test and "<alias" not in on_test
+
+
+def test_destination_swap_keeps_alias_and_override() -> None:
+    xml = domain_xml(spec_for("labs-x-4", [_mtty(PROPS)], "qemu"))
+    other = hostdev_for(_mtty(PROPS)).__class__("mdev", "11111111-2222-3333-4444-555555555555")
+    swapped = with_hostdevs(xml, (other,))
+    assert "ua-labs-hostdev0" in swapped and "x-device-dirty-page-tracking" in swapped
+    assert hostdevs_of(swapped) == [other]
+
+
+class FakeMonitor:
+    """query-pci with the mtty behind a root port, and a port space for HMP i/o."""
+
+    def __init__(self, bars: tuple[int, ...] = (0xC000, 0xC008), mapped_after: int = 0) -> None:
+        self.bars = bars
+        self.ports: dict[int, int] = {}
+        self.calls = 0
+        self.mapped_after = mapped_after
+
+    def name(self) -> str:
+        return "dom"
+
+    def XMLDesc(self, _flags: int) -> str:  # libvirt's name
+        return (
+            "<domain><devices><hostdev type='mdev'><source>"
+            f"<address uuid='{UUID}'/></source><alias name='ua-labs-hostdev0'/></hostdev></devices></domain>"
+        )
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if command == "query-pci":
+            self.calls += 1
+            mapped = self.calls > self.mapped_after
+            regions = [
+                {"bar": i, "type": "io", "address": a if mapped else -1, "size": 8} for i, a in enumerate(self.bars)
+            ]
+            mtty = {"qdev_id": "ua-labs-hostdev0", "id": {"vendor": 0x4348, "device": 0x3253}, "regions": regions}
+            port = {"qdev_id": "pci.2", "regions": [], "pci_bridge": {"devices": [mtty]}}
+            return [{"bus": 0, "devices": [{"qdev_id": "", "regions": []}, port]}]
+        assert command == "human-monitor-command" and arguments is not None
+        words = arguments["command-line"].split()
+        if words[0] == "o":
+            self.ports[int(words[2], 16)] = int(words[3], 16)
+            return ""
+        port = int(words[2], 16)
+        return f"portb[{port:#06x}] = {self.ports.get(port, 0):#x}\r\n"
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> FakeMonitor:
+    fake = FakeMonitor(mapped_after=2)
+    monkeypatch.setattr(mtty_probe, "qmp", lambda dom, cmd, args=None: fake.qmp(cmd, args))
+    monkeypatch.setattr(time, "sleep", lambda _s: None)
+    return fake
+
+
+def test_mtty_probe_marks_scratch_and_lcr_of_both_ports(monitor: FakeMonitor) -> None:
+    device = _mtty(PROPS)
+    probe = probe_for(device)
+    assert probe is not None and probe_named("mtty-uart") is probe
+    mark = probe.mark(monitor, device, UUID)  # type: ignore[arg-type]
+    assert set(mark.values) == {"port0.scr", "port0.lcr", "port1.scr", "port1.lcr"}
+    assert monitor.ports[0xC007] == mark.values["port0.scr"] and monitor.ports[0xC00B] == mark.values["port1.lcr"]
+    assert all(v < 0x80 for k, v in mark.values.items() if k.endswith(".lcr")), "DLAB must stay clear"
+    assert probe.read(monitor, UUID, mark) == mark.values  # type: ignore[arg-type]
+    again = probe.mark(monitor, device, UUID)  # type: ignore[arg-type]
+    assert all(again.values[k] != mark.values[k] for k in mark.values), "a fresh mark repeats no value"
+
+
+def test_probe_reading_reports_lost_state() -> None:
+    from labs.probes import ProbeReading
+
+    reading = ProbeReading("mtty-uart", "nested-b", {"port0.scr": 0x5A}, {"port0.scr": 0x00})
+    assert reading.mismatches == ["port0.scr = 0x00, wrote 0x5a"]
+    rb = Readback("d")
+    from labs.scenarios.readback import SideView
+
+    rb.sides.append(SideView("nested-b", "running", registers=[reading]))
+    assert rb.problems(expect_on="nested-b") == [
+        "mtty-uart on nested-b: device state lost: port0.scr = 0x00, wrote 0x5a"
+    ]
+
+
+def test_no_probe_for_other_devices() -> None:
+    spec = MdevDevice(kind="mdev", parent="i915", type="i915-GVTg_V5_4", uuid=UUID, protocol="v2")
+    assert probe_for(LabDevice(LabHost("h", Host(address="x", devices=(spec,))), 0, spec)) is None
+
+
+def test_released_real_device_may_idle_in_stop_not_in_resuming() -> None:
+    rb = Readback("d", devices=[DeviceView("a:mtty-2", state="STOP", accepted=IDLE_STATES)])
+    assert rb.problems(expect_on=None) == []
+    rb.devices[0].state = "RESUMING"
+    assert rb.problems(expect_on=None) == ["device a:mtty-2 is RESUMING, not RUNNING or STOP"]
+    sim = Readback("d", devices=[DeviceView("a:sim", state="STOP")])
+    assert sim.problems(expect_on=None) == ["device a:sim is STOP, not RUNNING"]
+
+
+class LocalSsh:
+    name = "local"
+
+    def run(self, command: str, timeout: float | None = None, *, sudo: bool | None = None, check: bool = False,
+            **_kw: Any) -> Result:  # fmt: skip
+        res = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
+        out = Result("local", command, res.returncode, res.stdout, res.stderr, 0.0)
+        return out.check() if check else out
+
+
+@pytest.mark.parametrize(
+    ("how", "offset", "new"),
+    [("bad-magic", 0, None), ("bad-version", 8, (2).to_bytes(4, "little")), ("bad-ports", 16, b"\xff\0\0\0")],
+)
+def test_corrupt_save_image_patches_the_header_and_undo_restores_it(
+    tmp_path: Path, how: str, offset: int, new: bytes | None
+) -> None:
+    stream = mtty_probe.STREAM_MAGIC + (1).to_bytes(4, "little") + bytes(4) + (2).to_bytes(4, "little") + bytes(76)
+    rng = random.Random(7)
+    image = bytes(rng.randrange(256) for _ in range(4096)) + stream + bytes(1000)
+    path = tmp_path / "vm.save"
+    path.write_bytes(image)
+    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.STREAM_MAGIC, how, python="python3")  # type: ignore[arg-type]
+    fault.inject()
+    damaged = path.read_bytes()
+    at = 4096 + offset
+    want = new if new is not None else bytes(b ^ 0xFF for b in mtty_probe.STREAM_MAGIC)
+    assert damaged[at : at + len(want)] == want
+    assert damaged[:at] == image[:at] and damaged[at + len(want) :] == image[at + len(want) :]
+    fault.undo()
+    assert path.read_bytes() == image
+
+
+def test_corrupt_save_image_refuses_an_ambiguous_image(tmp_path: Path) -> None:
+    path = tmp_path / "vm.save"
+    path.write_bytes(mtty_probe.STREAM_MAGIC * 2)
+    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.STREAM_MAGIC, "bad-magic")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="found 2 times"):
+        fault.inject()
+    assert path.read_bytes() == mtty_probe.STREAM_MAGIC * 2
+
+
+def test_ci_skips_with_the_reason_when_qemu_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(ci.shutil, "which", lambda tool: None if tool == "qemu-system-x86_64" else f"/usr/bin/{tool}")
+    assert ci.main([]) == 0
+    assert "nested: SKIPPED: qemu-system-x86_64 is not installed" in capsys.readouterr().out
+
+
+def test_ci_skips_when_the_budget_is_too_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ci.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setenv("LABS_NESTED_BUDGET", "60")
+    reason = ci.cannot_run()
+    assert reason is not None and "LABS_NESTED_BUDGET=60s" in reason
+
+
+def test_mark_is_plain_data() -> None:
+    mark = ProbeMark("mtty-uart", "nested-a:mtty-2", UUID, {"port0.scr": 1})
+    assert mark.values == {"port0.scr": 1}
