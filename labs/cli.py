@@ -251,15 +251,6 @@ def bench(only: tuple[str, ...]) -> None:
     run_bench(console, list(only) or None)
 
 
-@main.command()
-@one_line_errors
-def defects() -> None:
-    """Run the conformance suites on every seeded-defect driver: each must be caught by the rule it breaks."""
-    from labs.conformance.catalogue import run_catalogue
-
-    sys.exit(run_catalogue(console))
-
-
 @main.group("nested")
 def nested_group() -> None:
     """The nested lab: two QEMU hosts running Debian trixie with the real mtty mdev."""
