@@ -26,7 +26,7 @@ def read_results(results_dir: Path) -> list[TestResult]:
         labels = data.get("labels", [])
         rules = tuple(str(lb["value"]) for lb in labels if lb.get("name") == "rule")
         feature = next((str(lb["value"]) for lb in labels if lb.get("name") == "feature"), "")
-        params = {str(p["name"]): str(p["value"]) for p in data.get("parameters", [])}
+        params = {str(p["name"]): _unquote(str(p["value"])) for p in data.get("parameters", [])}
         result = TestResult(
             name=str(data.get("name", "")),
             full_name=str(data.get("fullName", data.get("name", ""))),
@@ -42,3 +42,10 @@ def read_results(results_dir: Path) -> list[TestResult]:
         if key not in latest or latest[key][0] <= stop:
             latest[key] = (stop, result)
     return [r for _, r in sorted(latest.values(), key=lambda x: x[1].full_name)]
+
+
+def _unquote(value: str) -> str:
+    """allure-pytest stores a string parameter as its repr ('hostA:simv2' with the quotes)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
