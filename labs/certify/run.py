@@ -147,9 +147,7 @@ def html_page(doc: dict[str, Any]) -> str:
     )
 
 
-def certify(
-    inventory: Path, device_id: str, pytest_args: list[str], console: Console, reports: Path = REPORTS
-) -> int:
+def certify(inventory: Path, device_id: str, pytest_args: list[str], console: Console, reports: Path = REPORTS) -> int:
     inv = open_inventory(inventory)
     device = _find_device(inv, device_id)
     partners = sorted({p.destination.id for p in inv.pairs if p.source.id == device.id})
