@@ -70,6 +70,10 @@ class Check:
     def __call__(self, ctx: CheckContext) -> None:
         self.fn(ctx)
 
+    def __repr__(self) -> str:
+        # the report shows a test parameter by its repr: the rule, not a function address
+        return f"{self.rule}: {self.title}"
+
 
 CHECKS: dict[str, Check] = {}
 
