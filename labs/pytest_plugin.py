@@ -54,6 +54,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="GLOB",
         help="only devices whose id matches GLOB, e.g. 'hostA:*' or '*:mtty-2' (repeatable)",
     )
+    group.addoption(
+        "--lab-subject",
+        default=None,
+        metavar="DEVICE",
+        help="one device under test (certification): device tests for it only, pair tests with it as the source;"
+        " its partners take part as destinations",
+    )
     group.addoption("--lab-no-doctor", action="store_true", help="skip the per-session host preflight")
     group.addoption(
         "--lab-no-reserve",
@@ -165,10 +172,16 @@ class LabState:
         return [h for h in self.inventory.hosts if self._host_ok(h)]
 
     def devices(self) -> list[LabDevice]:
-        return [d for d in self.inventory.devices if self._device_ok(d)]
+        subject = self.config.getoption("--lab-subject")
+        return [d for d in self.inventory.devices if self._device_ok(d) and subject in (None, d.id)]
 
     def pairs(self) -> list[LabPair]:
-        return [p for p in self.inventory.pairs if self._device_ok(p.source) and self._device_ok(p.destination)]
+        subject = self.config.getoption("--lab-subject")
+        return [
+            p
+            for p in self.inventory.pairs
+            if self._device_ok(p.source) and self._device_ok(p.destination) and subject in (None, p.source.id)
+        ]
 
 
 STATE = pytest.StashKey[LabState]()

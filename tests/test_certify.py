@@ -45,8 +45,9 @@ def test_correct_driver_is_certified(inventory: Path, tmp_path: Path) -> None:
     assert doc["scenarios"], "no VM-level scenario results in the certification"
 
 
-def test_defect_driver_fails_naming_the_rule(inventory: Path, tmp_path: Path) -> None:
+def test_defect_driver_fails_naming_the_rule(inventory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the conformance suite is enough to show the broken rule; the scenarios would only repeat the pass above
+    monkeypatch.setenv("LABS_MODEL_SHRINK", "0")  # the state machine's failing walk, unshrunk: faster, still a fail
     rc, doc, text = _certify(inventory, "hostA:bad", tmp_path, "-m", "conformance")
     assert rc == 1 and doc["verdict"] == "fail", text
     assert doc["blocking_rules"] == ["V2-R16"], doc["blocking_rules"]

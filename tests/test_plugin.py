@@ -84,6 +84,13 @@ def test_host_and_device_filters(pytester: pytest.Pytester, real_lab: Path) -> N
     assert "test_pair[no-pair]" in ids
 
 
+def test_subject_keeps_one_device_and_its_pairs_as_source(pytester: pytest.Pytester, real_lab: Path) -> None:
+    result = pytester.runpytest("--inventory", str(real_lab), "--collect-only", "-q", "--lab-subject", "hostA:mtty-2")
+    ids = collected_ids(result)
+    assert [i for i in ids if i.startswith("test_device")] == ["test_device[hostA:mtty-2]"]
+    assert [i for i in ids if i.startswith("test_pair")] == ["test_pair[hostA->hostB:mtty-2]"]
+
+
 def test_missing_capability_is_a_skip_naming_it(pytester: pytest.Pytester, real_lab: Path) -> None:
     args = ["--inventory", str(real_lab), "--lab-no-doctor", "--lab-no-reserve", "-rs", "-k", "precopy"]
     result = pytester.runpytest(*args)
