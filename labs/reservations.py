@@ -26,10 +26,10 @@ from labs.errors import InfraError
 from labs.inventory import LabDevice
 from labs.transport import HostConnection
 
-# A sim host (its sshd sets LABS_SIM_DIR) keeps its locks in its own sim lab: two sim labs on one
-# machine have hosts and devices of the same names, and must not hold each other's devices.
+# A sim host (its sshd sets LABS_SIM_DIR and LABS_SIM_HOST) keeps its locks in its own directory of
+# its sim lab: two sim labs on one machine have hosts and devices of the same names.
 LOCK_DIR_SCRIPT = (
-    'if [ -n "$LABS_SIM_DIR" ]; then d="$LABS_SIM_DIR/locks"; mkdir -p "$d"; '
+    'if [ -n "$LABS_SIM_DIR" ]; then d="$LABS_SIM_DIR/hosts/$LABS_SIM_HOST/locks"; mkdir -p "$d"; '
     'else d=/run/labs/locks; { mkdir -p "$d" && [ -w "$d" ]; } 2>/dev/null '
     '|| { d="${TMPDIR:-/tmp}/labs-locks-$(id -u)"; mkdir -p "$d"; }; fi'
 )
@@ -39,13 +39,15 @@ HOLD_SCRIPT = """
 f="$d/{name}.lock"
 exec 9>>"$f"
 if ! flock -n 9; then echo BUSY; cat "$f.owner" 2>/dev/null; echo; exit 3; fi
+trap 'rm -f "$f.owner"; exit 1' HUP INT TERM PIPE
 printf '%s\\n' {owner} | sed "s/@HOLDER@/$$/" > "$f.owner"
 echo LOCKED
 cat >/dev/null
 rm -f "$f.owner"
 """
 
-# An owner record whose lock nobody holds is stale (its holder was killed before it could remove it).
+# A hung-up holder (sshd sends SIGHUP when the controller dies) removes its record (the trap); one
+# killed outright cannot: an owner record whose lock nobody holds is stale.
 SWEEP_SCRIPT = """
 {lockdir}
 for o in "$d"/*.lock.owner; do

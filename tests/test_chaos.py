@@ -93,9 +93,8 @@ def _firewall(tag: str) -> list[str]:
 
 def leftovers(inventory: Path, sim_dir: Path, run_id: str) -> list[str]:
     out = [f"process {p}" for p in _lab_processes(sim_dir)]
-    locks = sim_dir / "locks"
-    out += [f"reservation record {o.name}" for o in locks.glob("*.owner")] if locks.exists() else []
-    out += [f"held lock {lk.name}" for lk in locks.glob("*.lock") if _held(lk)] if locks.exists() else []
+    out += [f"reservation record {o.name}" for o in sim_dir.glob("hosts/*/locks/*.owner")]
+    out += [f"held lock {lk.name}" for lk in sim_dir.glob("hosts/*/locks/*.lock") if _held(lk)]
     for images in (LOCAL_IMAGE_DIR, Path(REMOTE_IMAGE_DIR)):
         out += [f"image {p}" for p in images.glob(f"{run_id}*")] if images.exists() else []
     out += [f"run mark {p.name}" for p in RUNS_DIR.glob(f"{run_id}.*")] if RUNS_DIR.exists() else []

@@ -6,8 +6,9 @@ save images in the known image dirs, nft tables / iptables comments
 current session's own and those of runs still alive (a live process on this
 controller holds a mark for them, labs.runs, or a live holder on the host keeps
 a device reservation for them), and returns one line per thing removed. On each
-host it also removes reservation records no live holder backs, and kills
-device agents orphaned by a dead SSH session (on a sim host: of its own sim lab).
+host it also removes reservation records no live holder backs, kills device
+agents orphaned by a dead SSH session (on a sim host: of its own sim lab), and
+resets devices left outside RUNNING that no live run holds.
 
 A `test:///` node lives inside the process that opened it, so from a fresh
 process only image files can be left over there; within one process (the
@@ -17,13 +18,18 @@ framework's tests) the shared connections are searched too.
 from __future__ import annotations
 
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labs.errors import LabError
 from labs.faults.network import NFT_PREFIX, rule_tag
-from labs.reservations import list_reservations, sweep_stale
+from labs.hostagent import open_device
+from labs.inventory import LabDevice, LabHost
+from labs.reservations import ReservationBusy, list_reservations, reserve, sweep_stale
 from labs.runs import live_runs
 from labs.runtime import LabSession
+from labs.scenarios.readback import RUNNING_STATES
+from labs.vfio.client import AgentOSError
 from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, hypervisor
 
 RUN_PREFIX = "labs-"
@@ -46,33 +52,73 @@ def _starts(name: str, run_id: str) -> bool:
     return name.startswith(run_id) or name.startswith(rule_tag(run_id, ""))
 
 
-def _keep(name: str, session: LabSession, keep_own: bool, live: set[str]) -> bool:
-    return (keep_own and _starts(name, session.run_id)) or any(_starts(name, run) for run in live)
+def _keep(name: str, session: LabSession, keep_own: bool, held: set[str]) -> bool:
+    """Own (unless keep_own is off), or of a live run: one whose reservations are `held` on some host, or
+    whose mark a live process holds, asked now (a run that started after the janitor did is alive too)."""
+    if keep_own and _starts(name, session.run_id):
+        return True
+    return any(_starts(name, run) for run in held | live_runs())
 
 
 def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
-    """Remove leftovers of other (killed) runs on every host of the inventory; what was removed."""
-    removed: list[str] = []
-    live = live_runs()
-    for host in session.inventory.hosts:
-        removed += _host_processes(session, host.name, live)
-    for host in session.inventory.hosts:
-        if host.spec.libvirt_uri:
-            hv = hypervisor(session, host)
-            try:
-                names = [d.name() for d in hv.domains(RUN_PREFIX)]
-            except LabError as exc:
-                removed.append(f"{host.name}: libvirt unreachable, domains not checked: {exc}")
-                names = []
-            for name in names:
-                if not _keep(name, session, keep_own, live):
-                    removed += VM(hv, name).remove()
-        removed += _remote_leftovers(session, host.name, keep_own, live)
+    """Remove leftovers of other (killed) runs on every host of the inventory; what was removed.
+    Hosts are swept in parallel (each is a few SSH round trips), the lines come in host order."""
+    live: set[str] = set()  # runs with live reservation holders
+    hosts = session.inventory.hosts
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
+        # first every host's live reservation holders: the runs they serve are alive everywhere
+        swept = pool.map(lambda h: _host_processes(session, h.name, live), hosts)
+        removed = [line for lines in swept for line in lines]
+        removed += [line for lines in pool.map(lambda h: _host(session, h, keep_own, live), hosts) for line in lines]
     for image in sorted(LOCAL_IMAGE_DIR.glob(f"{RUN_PREFIX}*")) if LOCAL_IMAGE_DIR.exists() else []:
         if not _keep(image.name, session, keep_own, live):
             image.unlink(missing_ok=True)
             removed.append(f"controller: removed {image}")
     return removed
+
+
+def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) -> list[str]:
+    """One host: the dead runs' domains, images and firewall rules, then its devices."""
+    removed: list[str] = []
+    if host.spec.libvirt_uri:
+        hv = hypervisor(session, host)
+        try:
+            names = [d.name() for d in hv.domains(RUN_PREFIX)]
+        except LabError as exc:
+            removed.append(f"{host.name}: libvirt unreachable, domains not checked: {exc}")
+            names = []
+        for name in names:
+            if not _keep(name, session, keep_own, live):
+                removed += VM(hv, name).remove()
+    removed += _remote_leftovers(session, host.name, keep_own, live)
+    removed += _devices(session, [d for d in session.inventory.devices if d.host.name == host.name])
+    return removed
+
+
+def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
+    """Reset devices a killed run left outside RUNNING (mtty keeps its state across opens, spec 5.3).
+    A device some live run holds (reserved) is not touched."""
+    out: list[str] = []
+    for device in devices:
+        try:
+            ssh = session.ssh(device.host.name)
+            held = reserve(ssh, device, session.run_id, wait=0, expires_in=session.inventory.settings.timeouts.test)
+        except ReservationBusy:
+            continue
+        except LabError as exc:
+            out.append(f"{device.id}: device not checked: {exc}")
+            continue
+        try:
+            with open_device(session, device) as dev:
+                state = dev.state()
+                if state not in RUNNING_STATES:
+                    dev.reset()
+                    out.append(f"{device.id}: VFIO_DEVICE_RESET (left {state}); now {dev.state()}")
+        except (LabError, AgentOSError) as exc:
+            out.append(f"{device.id}: device not checked: {exc}")
+        finally:
+            held.release()
+    return out
 
 
 def _host_processes(session: LabSession, host: str, live: set[str]) -> list[str]:
