@@ -184,13 +184,23 @@ def recover(sc: Scenario, dev: DeviceAccess, device: LabDevice, entry: Entry) ->
     if dev.state() not in RUNNING_STATES:
         with sc.steps.step(f"reset {where(device)} first (left {dev.state()} by an earlier user)"):
             dev.reset()
-    fd = None
-    if entry == "knob":
-        fault, fd = enter_by_knob(sc, dev, device, rec)
-    else:
-        fault = enter_by_stream(sc, dev, device, rec, entry)
-    check_refusals(sc, dev, device, rec)
-    reset_and_read_back(sc, dev, device, rec, fault, fd)
-    if rec.after_reset in RUNNING_STATES:
-        cycle(sc, dev, device, rec)
+    pending = len(sc.faults.faults)
+    try:
+        fd = None
+        if entry == "knob":
+            fault, fd = enter_by_knob(sc, dev, device, rec)
+        else:
+            fault = enter_by_stream(sc, dev, device, rec, entry)
+        check_refusals(sc, dev, device, rec)
+        reset_and_read_back(sc, dev, device, rec, fault, fd)
+        if rec.after_reset in RUNNING_STATES:
+            cycle(sc, dev, device, rec)
+    finally:
+        # a failure or a timeout on the way: undo now, while `dev` is open (the scenario's cleanup
+        # comes after the caller has closed it, and a device fault is undone through the handle)
+        for fault in sc.faults.faults[pending:]:
+            try:
+                fault.undo()
+            except Exception:
+                pass  # still pending: the scenario's cleanup tries again and reports it
     return rec

@@ -1,0 +1,89 @@
+"""A test that fails or times out still leaves nothing: its fixtures remove the VM and the save
+image, undo its faults, close the device, give its agent back and release the reservation.
+
+The suite below runs in this process (test:/// nodes live in the process that opened them),
+then a janitor run and the hosts' reservation lists must find nothing of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from labs.reservations import list_reservations
+from labs.runtime import LabSession, open_inventory
+from labs.virt.domain import LOCAL_IMAGE_DIR
+from labs.virt.janitor import janitor
+from tests.conftest import write_sim_inventory
+
+RUN_ID = "labs-20260101-000000-c1ea11"
+
+SUITE = """
+import time
+
+import pytest
+
+from labs.faults import DeviceTransitionFailure
+from labs.hostagent import open_device
+from labs.scenarios import recovery as rc
+from labs.scenarios import save_resume as sr
+from labs.scenarios.support import scenario_for
+
+
+@pytest.fixture
+def dev(lab, device):
+    with open_device(lab, device) as handle:
+        yield handle
+
+
+@pytest.fixture
+def scenario(lab):
+    yield from scenario_for(lab, "cl")
+
+
+def _leave_things(scenario, device):
+    vm = sr.start_vm(scenario, device, "left")
+    vm.save(scenario.image_path(vm.hv, vm.name))
+
+
+@pytest.mark.timeout(4)
+def test_times_out(lab, device, dev, scenario):
+    # the device is opened before the scenario: its faults are undone before the device closes
+    _leave_things(scenario, device)
+    scenario.inject(DeviceTransitionFailure(dev, device, "RUNNING->STOP", to_error=True))
+    time.sleep(60)
+
+
+@pytest.mark.timeout(4)
+def test_recovery_times_out_halfway(lab, device, scenario, monkeypatch):
+    _leave_things(scenario, device)
+    monkeypatch.setattr(rc, "check_refusals", lambda *args: time.sleep(60))
+    with open_device(lab, device) as handle:
+        rc.recover(scenario, handle, device, "knob")
+
+
+def test_fails(lab, device, scenario):
+    _leave_things(scenario, device)
+    assert False, "on purpose"
+"""
+
+
+def test_failed_and_timed_out_tests_leave_nothing(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inventory = write_sim_inventory(tmp_path, devices=True)
+    pytester.makepyfile(test_leaves=SUITE)
+    monkeypatch.setenv("LABS_RUN_ID", RUN_ID)
+    result = pytester.runpytest_inprocess(
+        "--inventory", str(inventory), "--lab-device", "hostA:simv2", "-p", "no:cacheprovider", "-q"
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 3 and not outcomes.get("errors"), result.stdout.lines[-30:]
+    assert "Timeout" in result.stdout.str()
+    monkeypatch.delenv("LABS_RUN_ID")
+    assert not list(LOCAL_IMAGE_DIR.glob(f"{RUN_ID}*")), "a save image outlived its test"
+    with LabSession(open_inventory(inventory)) as session:
+        assert janitor(session, keep_own=False) == []
+        for host in ("hostA", "hostB"):
+            assert list_reservations(session.ssh(host)) == []
