@@ -207,3 +207,49 @@ def test_ci_skips_when_the_budget_is_too_small(monkeypatch: pytest.MonkeyPatch) 
 def test_mark_is_plain_data() -> None:
     mark = ProbeMark("mtty-uart", "nested-a:mtty-2", UUID, {"port0.scr": 1})
     assert mark.values == {"port0.scr": 1}
+
+
+class FakeDev:
+    def __init__(self, state: str) -> None:
+        self._state = state
+        self.resets = 0
+
+    def state(self) -> str:
+        return self._state
+
+    def reset(self) -> None:
+        self.resets += 1
+        self._state = "RUNNING"
+
+
+def _opener(dev: FakeDev) -> Any:
+    from contextlib import contextmanager
+
+    @contextmanager
+    def open_(_session: Any, _device: Any) -> Any:
+        yield dev
+
+    return lambda: open_
+
+
+@pytest.mark.parametrize(("state", "resets"), [("RUNNING", 0), ("STOP", 0), ("RESUMING", 1), ("STOP_COPY", 1)])
+def test_ensure_idle_resets_a_device_left_resuming(monkeypatch: pytest.MonkeyPatch, state: str, resets: int) -> None:
+    from labs.scenarios import readback
+
+    dev = FakeDev(state)
+    monkeypatch.setattr(readback, "device_opener", _opener(dev))
+    found = readback.ensure_idle(None, _mtty())  # type: ignore[arg-type]
+    assert dev.resets == resets and found == (state if resets else None)
+
+
+def test_recover_devices_resets_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    from labs.scenarios import readback
+
+    dev = FakeDev("RESUMING")
+    monkeypatch.setattr(readback, "device_opener", _opener(dev))
+    device = _mtty()
+    rb = Readback("d", devices=[DeviceView(device.id, state="RESUMING", accepted=IDLE_STATES)])
+    assert rb.problems(expect_on=None)
+    readback.recover_devices(None, rb, [device])  # type: ignore[arg-type]
+    assert dev.resets == 1 and rb.devices[0].recovered_from == "RESUMING" and rb.devices[0].state == "RUNNING"
+    assert rb.problems(expect_on=None) == []

@@ -18,7 +18,7 @@ from labs.reporting import metrics
 from labs.reporting.evidence import attach
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import Readback, read_back
+from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
 from labs.virt.domain import VM, Hypervisor
 from labs.virt.migrate import JobSample, MigrationOptions, MigrationResult, migrate
 from labs.virt.xml import hostdev_for, with_hostdevs
@@ -92,6 +92,7 @@ def migrate_leg(
         )
         if x
     )
+    ensure_idle(sc.session, dst, sc.steps)  # a device left RESUMING must not meet an incoming QEMU
     if probing.marks(sc, vm):
         probing.mark(sc, vm, src)  # fresh values: only this migration can carry them to dst
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
@@ -112,6 +113,8 @@ def migrate_leg(
         steps=sc.steps,
         marks=probing.marks(sc, vm),
     )
+    if not result.ok:
+        recover_devices(sc.session, rb, [dst], steps=sc.steps)  # the failed incoming side
     leg = Leg(vm.hv.name, dst_hv.name, result, rb)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
     total_ms = result.metric("time_elapsed")

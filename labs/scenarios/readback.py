@@ -134,6 +134,7 @@ class DeviceView:
     skipped: str | None = None  # why the device was not read
     error: str | None = None  # the device layer failed to read it
     accepted: tuple[str, ...] = RUNNING_STATES  # the states it may be found in (IDLE_STATES for real devices)
+    recovered_from: str | None = None  # found in this state after a failed operation, then reset (recover_devices)
 
 
 @dataclass
@@ -265,6 +266,58 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
     except Exception as exc:  # an errno from the device (AgentOSError) is a finding, not a crash of the readback
         view.error = f"{type(exc).__name__}: {exc}"
     return view
+
+
+def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice], steps: StepLog | None = None) -> None:
+    """Reset the devices this readback found out of their accepted states; record where they were.
+
+    What a failed incoming migration or restore leaves: the destination QEMU
+    entered RESUMING (load_setup) and died or was stopped by libvirt without a
+    reset; a driver that neither resets on close nor advertises
+    VFIO_DEVICE_FLAGS_RESET (mtty) keeps RESUMING, and the next QEMU's SET
+    RESUMING is then a no-op without a data fd (nested findings 4). A user
+    recovers with VFIO_DEVICE_RESET (spec 3.5: RESUMING is left only by reset),
+    and so does this, through the device layer. The view keeps `recovered_from`;
+    a device the reset did not bring back stays a problem.
+    """
+    opener = device_opener()
+    by_id = {d.id: d for d in devices}
+    for view in rb.devices:
+        device = by_id.get(view.device)
+        if device is None or view.skipped or view.error or view.state in view.accepted or opener is None:
+            continue
+        title = f"reset {device.id} through the agent: a failed operation left it {view.state}"
+        with steps.step(title) if steps is not None else step(title):
+            try:
+                with opener(session, device) as dev:
+                    dev.reset()
+                    view.recovered_from, view.state = view.state, dev.state()
+            except Exception as exc:  # the reset failing is a finding: the view keeps the bad state
+                view.error = f"reset after {view.state}: {type(exc).__name__}: {exc}"
+
+
+def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = None) -> str | None:
+    """Before a VM takes a real device (start, incoming migration, restore): reset it if it is not idle.
+
+    A device a previous user left RESUMING is worse than unusable on mtty: the
+    next RESUMING -> STOP arc dereferences the resuming file the close already
+    dropped, and the host kernel oopses in mtty_set_state (nested findings).
+    Returns the state it was found in when a reset was needed (None: it was
+    idle, or a simulated device, or there is no device layer).
+    """
+    if device.spec.kind == "sim":
+        return None
+    opener = device_opener()
+    if opener is None:
+        return None
+    with opener(session, device) as dev:
+        state = dev.state()
+        if state in IDLE_STATES:
+            return None
+        title = f"reset {device.id} through the agent before a VM takes it: it was left {state}"
+        with steps.step(title) if steps is not None else step(title):
+            dev.reset()
+        return state
 
 
 def read_back(

@@ -21,7 +21,14 @@ from labs.inventory import LabDevice
 from labs.probes import probe_for
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import NO_DEVICE_LAYER, RUNNING_STATES, Readback, device_opener, read_back
+from labs.scenarios.readback import (
+    NO_DEVICE_LAYER,
+    Readback,
+    device_opener,
+    ensure_idle,
+    read_back,
+    recover_devices,
+)
 from labs.virt.domain import VM
 from labs.virt.xml import hostdev_for, with_hostdevs
 
@@ -47,6 +54,7 @@ def _note(vm: VM) -> str:
 
 def start_vm(sc: Scenario, device: LabDevice, label: str) -> VM:
     vm = sc.define_vm(device, label)
+    ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):
         vm.start()
         if vm.state() != "running":
@@ -135,6 +143,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
     with sc.steps.step(f"remove the saved definition of {vm.name} from {vm.hv.name} (it moves)"):
         result.notes += vm.remove()
     dxml = with_hostdevs(xml, (hostdev_for(dst),)) if hostdev_for(dst) != hostdev_for(src) else None
+    ensure_idle(sc.session, dst, sc.steps)
     with sc.steps.step(f"restore {vm.name} on {dst_hv.name} with {dst.id}"):
         try:
             moved_vm = dst_hv.restore(moved, vm.name, dxml)
@@ -232,8 +241,8 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
         sc.session, [vm.hv], vm.name, [device], title=f"readback after the {how} restore", steps=sc.steps
     )
     out.device_state_after = out.after_refusal.devices[0].state if out.after_refusal.devices else None
-    if out.device_state_after is not None and out.device_state_after not in RUNNING_STATES:
-        out.recovered_by_reset = recover_device(sc, device, why=f"left {out.device_state_after} by the failed restore")
+    recover_devices(sc.session, out.after_refusal, [device], steps=sc.steps)
+    out.recovered_by_reset = bool(out.after_refusal.devices and out.after_refusal.devices[0].recovered_from)
     with sc.steps.step(f"repair the image (undo {fault.name})"):
         fault.undo()
     if out.refused is None:
@@ -250,13 +259,3 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
         marks=probing.marks(sc, vm),
     )
     return out
-
-
-def recover_device(sc: Scenario, device: LabDevice, why: str) -> bool:
-    """VFIO_DEVICE_RESET through the device layer (no VM holds the device); True if it is RUNNING afterwards."""
-    opener = device_opener()
-    if opener is None:
-        return False
-    with sc.steps.step(f"reset {device.id} through the agent ({why})"), opener(sc.session, device) as dev:
-        dev.reset()
-        return dev.state() in RUNNING_STATES

@@ -21,7 +21,7 @@ from labs.probes import probe_for
 from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import RUNNING_STATES
+from labs.scenarios.readback import IDLE_STATES
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
 
@@ -41,7 +41,7 @@ def test_restore_with_damaged_device_stream(
     assert out.refused, f"restore from an image with a {how} device stream was accepted"
     assert out.after_refusal is not None
     assert out.after_refusal.running_on == [], f"a refused restore left {vm.name} running"
-    if out.device_state_after not in RUNNING_STATES:
+    if out.device_state_after not in IDLE_STATES:
         assert out.recovered_by_reset, f"{device.id} left {out.device_state_after}, and a reset did not recover it"
     assert out.following is not None
     problems = out.following.problems(expect_on=device.host.name)
