@@ -144,7 +144,7 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     lab.write_inventory(path, doc)
     assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
     inv = load_inventory(path)
-    assert len(inv.pairs) == 2  # a->b and b->a, paired by the mtty model
+    assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2"]  # one pair; there-and-back covers b->a
     uri = doc["hosts"]["nested-a"]["libvirt_uri"]
     assert uri.startswith("qemu+ssh://root@127.0.0.1:30001/system?") and f"command={keys.ssh_command}" in uri
     wrapper = keys.ssh_command.read_text()
