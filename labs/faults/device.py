@@ -143,6 +143,17 @@ def damage(stream: bytes, how: StreamDamage) -> bytes:
     return stream + b"\0" * 64
 
 
+def _split_like(data: bytes, chunks: list[bytes]) -> list[bytes]:
+    """`data` cut at the boundaries of `chunks`; what is left over (a too-long stream) is one more chunk."""
+    out, at = [], 0
+    for chunk in chunks:
+        if at >= len(data):
+            break
+        out.append(data[at : at + len(chunk)])
+        at += len(chunk)
+    return out + ([data[at:]] if at < len(data) else [])
+
+
 class CorruptResumeStream(Fault):
     """Resume a damaged stream into the device (device level); it must refuse, and undo resets it.
 
@@ -152,18 +163,23 @@ class CorruptResumeStream(Fault):
 
     name = "corrupt-resume-stream"
 
-    def __init__(self, dev: DeviceAccess, device: LabDevice, stream: bytes, how: StreamDamage) -> None:
-        super().__init__(f"{device.id} ({how}, {len(stream)} bytes)")
+    def __init__(self, dev: DeviceAccess, device: LabDevice, stream: bytes | list[bytes], how: StreamDamage) -> None:
+        """`stream` as bytes is resumed in one write; as the chunks it was saved in, in those chunks
+        (v1 replays the source's chunk boundaries, V1-R18: one chunk larger than the data window is
+        refused for its size, whatever its content)."""
+        data = stream if isinstance(stream, bytes) else b"".join(stream)
+        super().__init__(f"{device.id} ({how}, {len(data)} bytes)")
         self.name = f"corrupt-resume-stream:{how}"
         self.record.name = self.name
         self.dev = dev
-        self.stream = damage(stream, how)
+        self.stream = damage(data, how)
+        self.chunks = [self.stream] if isinstance(stream, bytes) else _split_like(self.stream, stream)
         self.refused: str | None = None
         self.state_after: str | None = None
 
     def _inject(self) -> None:
         try:
-            self.dev.resume([self.stream])
+            self.dev.resume(self.chunks)
         except Exception as exc:  # the refusal is the expected outcome: an errno from the device (AgentOSError)
             self.refused = f"{type(exc).__name__}: {exc}"
         self.state_after = self.dev.state()

@@ -33,6 +33,7 @@ TARGETS = {
     "v2": ("RUNNING", "STOP", "STOP_COPY", "RESUMING", "RUNNING_P2P", "PRE_COPY", "PRE_COPY_P2P"),
 }
 OPTIONAL = {"RUNNING_P2P": "p2p", "PRE_COPY": "pre_copy", "PRE_COPY_P2P": "pre_copy"}
+STREAM_OPS = ("data_write", "v1_resume")  # the agent ops that carry a resume stream's data
 
 
 def where(device: LabDevice) -> str:
@@ -127,7 +128,8 @@ def enter_by_stream(sc: Scenario, dev: DeviceAccess, device: LabDevice, rec: Rec
     """Resume a damaged copy of the device's own stream (spec 5.4): refused, into ERROR or RESUMING."""
     with sc.steps.step(f"save {where(device)} through the agent and resume it intact (the stream to damage)"):
         stream = dev.save()
-        data = stream.data()
+        saved = getattr(stream, "chunks", None)  # the device layer's SavedStream keeps chunk boundaries
+        data = list(saved()) if saved is not None else stream.data()
         dev.resume(stream)
     with sc.steps.step(f"drive {where(device)} into a refused state: resume a {how} stream"):
         fault = CorruptResumeStream(dev, device, data, how)
@@ -137,10 +139,26 @@ def enter_by_stream(sc: Scenario, dev: DeviceAccess, device: LabDevice, rec: Rec
     return fault
 
 
+def refused_at_write(refusal: str | None) -> bool:
+    """Did the device refuse the stream's data itself (not the exit from RESUMING)? CorruptResumeStream
+    records the refusal as 'AgentOSError: <op>: <errno>...'."""
+    parts = (refusal or "").split(": ")
+    return len(parts) > 1 and parts[1] in STREAM_OPS
+
+
 def check_refusals(sc: Scenario, dev: DeviceAccess, device: LabDevice, rec: Recovery) -> None:
     """In ERROR every transition is refused and the state stays ERROR (V2-R15, V1-R9).
-    In RESUMING after a bad stream, leaving it stays refused and never reads RUNNING (V2-R14, V1-R17)."""
-    targets = _targets(dev, device) if rec.entered == "ERROR" else ["STOP", "RUNNING"]
+    In RESUMING after a bad stream the exit validated it, so leaving stays refused and never reads
+    RUNNING (V2-R14, V1-R17). A device that refused the data at the write has already refused
+    (V1-R17: a failed write or a failed exit); its exit is not tried: a driver that checks the
+    header at that write only (mtty, spec 5.4) would take the stored bytes."""
+    if rec.entered == "ERROR":
+        targets = _targets(dev, device)
+    elif refused_at_write(rec.entry_error):
+        with sc.steps.step(f"{where(device)} refused the stream at the write; it stays {rec.entered}"):
+            return
+    else:
+        targets = ["STOP", "RUNNING"]
     with sc.steps.step(f"every transition of {where(device)} from {rec.entered} is refused: {', '.join(targets)}"):
         for target in targets:
             rec.refusals[target] = _outcome(dev.set_state, target)

@@ -63,6 +63,7 @@ def _keep(name: str, session: LabSession, keep_own: bool, held: set[str]) -> boo
 def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
     """Remove leftovers of other (killed) runs on every host of the inventory; what was removed.
     Hosts are swept in parallel (each is a few SSH round trips), the lines come in host order."""
+    live_runs()  # drops the marks dead processes left
     live: set[str] = set()  # runs with live reservation holders
     hosts = session.inventory.hosts
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:

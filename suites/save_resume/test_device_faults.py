@@ -75,7 +75,7 @@ def test_corrupt_resume_stream_refused(
 ) -> None:
     with scenario.steps.step(f"device save of {device.id} through the agent, resumed intact"):
         stream = dev.save()
-        data = stream.data()
+        data = list(stream.chunks())  # v1 keeps the chunk boundaries (one oversized chunk is refused for its size)
         dev.resume(stream)
     fault = CorruptResumeStream(dev, device, data, how)  # type: ignore[arg-type]
     scenario.inject(fault)
