@@ -251,6 +251,23 @@ def bench(only: tuple[str, ...]) -> None:
     run_bench(console, list(only) or None)
 
 
+@main.command()
+@click.argument("variants", nargs=-1)
+@click.option("--workers", default=2, show_default=True, help="pytest processes, over disjoint devices")
+@click.option("--examples", default=10, show_default=True, help="model-based test examples per device")
+@one_line_errors
+def defects(variants: tuple[str, ...], workers: int, examples: int) -> None:
+    """Run the conformance suites on every seeded-defect driver (or the VARIANTS named): each must be
+    caught by the rule it breaks, the correct drivers must pass. Writes reports/defect-catalogue.{md,json}."""
+    from labs.conformance.catalogue import run_catalogue
+    from labs.sim.defects import CATALOGUE
+
+    unknown = [v for v in variants if v not in CATALOGUE]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} (known: {', '.join(sorted(CATALOGUE))})", param_hint="VARIANTS")
+    sys.exit(run_catalogue(console, list(variants) or None, workers=workers, examples=examples))
+
+
 @main.group("nested")
 def nested_group() -> None:
     """The nested lab: two QEMU hosts running Debian trixie with the real mtty mdev."""

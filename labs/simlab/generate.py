@@ -1,7 +1,9 @@
 """Sim inventories of any size: N host pairs on consecutive loopback addresses.
 
 Benchmarks (xdist scaling over 1, 2, 4 pairs) and the framework's tests use
-them; the devices are those of the embedded sim lab's first host.
+them; the devices are those of the embedded sim lab's first host, unless a list
+of device specs is given (the seeded-defect catalogue puts one device per
+driver variant on every host, so same-named devices pair up across hosts).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from labs.paths import SIM_INVENTORY
 
 
 def sim_inventory_doc(
-    sim_dir: Path, port: int, pairs: int = 1, devices: bool = True, name: str = "sim-generated"
+    sim_dir: Path,
+    port: int,
+    pairs: int = 1,
+    devices: bool = True,
+    name: str = "sim-generated",
+    device_specs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`device_specs`: inventory device entries for every host instead of the embedded lab's."""
     base = yaml.safe_load(SIM_INVENTORY.read_text())
     template = base["hosts"]["hostA"]
+    if device_specs is not None:
+        template = {**template, "devices": [dict(d) for d in device_specs]}
     hosts: dict[str, Any] = {}
     for i in range(2 * pairs):
         # hostA/hostB for one pair, like the embedded lab; p<k>a/p<k>b beyond
@@ -49,6 +59,15 @@ def sim_inventory_doc(
     return doc
 
 
-def write_sim_inventory(path: Path, sim_dir: Path, port: int, pairs: int = 1, devices: bool = True) -> Path:
-    path.write_text(yaml.safe_dump(sim_inventory_doc(sim_dir, port, pairs, devices), sort_keys=False))
+def write_sim_inventory(
+    path: Path,
+    sim_dir: Path,
+    port: int,
+    pairs: int = 1,
+    devices: bool = True,
+    device_specs: list[dict[str, Any]] | None = None,
+    name: str = "sim-generated",
+) -> Path:
+    doc = sim_inventory_doc(sim_dir, port, pairs, devices, name=name, device_specs=device_specs)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
