@@ -47,7 +47,7 @@ def _leave_things(scenario, device):
     vm.save(scenario.image_path(vm.hv, vm.name))
 
 
-@pytest.mark.timeout(4)
+@pytest.mark.timeout(8, func_only=True)
 def test_times_out(lab, device, dev, scenario):
     # the device is opened before the scenario: its faults are undone before the device closes
     _leave_things(scenario, device)
@@ -55,7 +55,7 @@ def test_times_out(lab, device, dev, scenario):
     time.sleep(60)
 
 
-@pytest.mark.timeout(4)
+@pytest.mark.timeout(8, func_only=True)
 def test_recovery_times_out_halfway(lab, device, scenario, monkeypatch):
     _leave_things(scenario, device)
     monkeypatch.setattr(rc, "check_refusals", lambda *args: time.sleep(60))
