@@ -290,9 +290,11 @@ class DeviceHandle:
         results = []
         try:
             if live and self.supports("pre_copy"):
+                # as in save(): a device that never runs dry must not hold the copy forever
+                limit = 4 * self.data_size() + (1 << 20)
                 src_fd = self.set_state("PRE_COPY")
                 assert src_fd is not None
-                results.append(copy_stream(self.client, src_fd, dst.client, dst_fd))
+                results.append(copy_stream(self.client, src_fd, dst.client, dst_fd, limit=limit))
                 self.set_state("STOP_COPY")
             else:
                 src_fd = self.set_state("STOP_COPY")
