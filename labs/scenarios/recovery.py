@@ -3,30 +3,33 @@ there, VFIO_DEVICE_RESET, read RUNNING back, then prove the device works: a full
 
 Two ways in, both through the fault injectors (labs.faults), so teardown undoes them:
 - `knob`: a simulated driver's transition fault armed to land in ERROR (DeviceTransitionFailure).
-  v2 fails the last arc of a save (STOP_COPY -> STOP) while the saving data_fd is open, so
-  V2-R16 can be checked on that fd after the reset; v1 fails 001 -> 010 into 110.
-- a corrupted resume stream (CorruptResumeStream, spec 5.4 recipes): works on real devices.
-  A driver may answer it with ERROR (then the same checks as above) or stay in RESUMING
-  (mtty, and the sim drivers by default): then leaving RESUMING must stay refused and the
-  device must never read RUNNING before the reset (V2-R14, V1-R17).
+  v2 fails the last arc of a save (STOP_COPY -> STOP) while the saving data_fd is open, and
+  that fd must be dead after the reset (V2-R16; the sim drivers already end the session on
+  entering ERROR, so a driver whose fd survives a reset from a live session is the
+  conformance suite's to catch); v1 fails 001 -> 010 into 110.
+- a corrupted resume stream (CorruptResumeStream, spec 5.4 recipes, in the saved chunks): works
+  on real devices. A driver may answer it with ERROR (then the same checks as above) or stay in
+  RESUMING (mtty, and the sim drivers by default). If it took the data and stays RESUMING,
+  leaving RESUMING must stay refused and never read RUNNING (V2-R14, V1-R17); if it refused the
+  data at the write, that is the refusal (V1-R17) and the exit is not tried.
 
-Every phase is one step whose title names the device and its host.
+Every phase is one step whose title names the device and its host; the outcome is attached.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from labs.faults import CorruptResumeStream, DeviceTransitionFailure, Fault
 from labs.faults.device import StreamDamage
 from labs.inventory import LabDevice
+from labs.reporting.evidence import attach
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 
 Entry = Literal["knob", "truncate", "bad-magic"]
-ENTRIES: tuple[Entry, ...] = ("knob", "truncate", "bad-magic")
 # every state a SET / device_state write can name, per protocol (ERROR itself is no transition)
 TARGETS = {
     "v1": ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"),
@@ -221,4 +224,5 @@ def recover(sc: Scenario, dev: DeviceAccess, device: LabDevice, entry: Entry) ->
                 fault.undo()
             except Exception:
                 pass  # still pending: the scenario's cleanup tries again and reports it
+        attach(f"recovery {device.id} ({entry})", asdict(rec), "json")
     return rec
