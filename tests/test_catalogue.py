@@ -78,3 +78,13 @@ def test_small_catalogue_run(tmp_path: Path) -> None:
     # nothing outlives the run
     lab = SimLab(open_inventory(tmp_path / "work" / "defects.yaml"))
     assert all(pid is None for pid in lab.status().values())
+
+
+def test_cli_names_unknown_variants() -> None:
+    from click.testing import CliRunner
+
+    from labs.cli import main
+
+    result = CliRunner().invoke(main, ["defects", "V9Nonsense"])
+    assert result.exit_code == 2
+    assert "V9Nonsense" in result.output and "V2StopCopyNoEof" in result.output
