@@ -1,0 +1,90 @@
+"""The FSM oracle of labs.conformance.model: arcs per flag set, and the answers it expects."""
+
+from __future__ import annotations
+
+import errno
+
+from labs.conformance import model
+from labs.conformance.checks import CHECKS, checks_for
+from labs.vfio import rules, uapi
+
+FULL = uapi.SC | uapi.P2P | uapi.PRE_COPY
+S = uapi.V2_STATES
+
+
+def test_arcs_are_the_spec_lists() -> None:
+    # spec 3.3: always + with P2P + with PRE_COPY and P2P
+    full = {
+        ("RESUMING", "STOP"), ("STOP", "RESUMING"), ("STOP", "STOP_COPY"), ("STOP_COPY", "STOP"),
+        ("RUNNING", "RUNNING_P2P"), ("RUNNING_P2P", "RUNNING"), ("RUNNING_P2P", "STOP"), ("STOP", "RUNNING_P2P"),
+        ("PRE_COPY", "PRE_COPY_P2P"), ("PRE_COPY_P2P", "PRE_COPY"), ("PRE_COPY_P2P", "RUNNING_P2P"),
+        ("PRE_COPY_P2P", "STOP_COPY"), ("RUNNING_P2P", "PRE_COPY_P2P"),
+        ("RUNNING", "PRE_COPY"), ("PRE_COPY", "RUNNING"),
+    }  # fmt: skip
+    assert set(model.v2_arcs(FULL)) == full
+    sc_only = set(model.v2_arcs(uapi.SC))
+    assert sc_only == {("RUNNING", "STOP"), ("STOP", "RUNNING"), ("STOP", "STOP_COPY"), ("STOP_COPY", "STOP"),
+                       ("STOP", "RESUMING"), ("RESUMING", "STOP")}  # fmt: skip
+    assert set(model.v2_all_arcs()) >= full | sc_only
+    assert len(model.v1_arcs()) == 20
+    assert model.flags_of(["stop_copy", "pre_copy"]) == uapi.SC | uapi.PRE_COPY
+
+
+def test_v2_oracle_answers() -> None:
+    o = model.V2Oracle(FULL, sim=True)
+    assert o.set_state(8) == model.Expect(False, ("RUNNING",), errno.EINVAL)  # V2-R4
+    assert o.set_state(S["ERROR"]).errno == errno.EINVAL
+    exp = o.set_state(S["STOP_COPY"])  # RUNNING -> RUNNING_P2P -> STOP -> STOP_COPY opens a session
+    assert exp.ok and exp.fd and exp.states == ("STOP_COPY",)
+    o.commit("STOP_COPY")
+    assert o.session == "stopcopy" and o.read() == "data-or-eof"
+    assert o.precopy_info().errno == errno.EINVAL  # V2-R11
+    assert o.hangs(S["PRE_COPY"]) and o.set_state(S["PRE_COPY"]) == model.Expect(False, ("STOP_COPY",), errno.EINVAL)
+    exp = o.set_state(S["RESUMING"])  # STOP_COPY -> STOP -> RESUMING: the saving session ends, a new one opens
+    o.commit("RESUMING")
+    assert exp.fd and o.session == "resuming" and o.resume_data == "none"
+    exp = o.set_state(S["RUNNING"])  # nothing written: a simulator refuses the exit (V2-R14)
+    assert exp.ok is False and set(exp.states) == {"RESUMING", "ERROR"}
+    o.commit("RESUMING")
+    assert o.resume_data == "rejected" and o.session == "resuming"
+    o.reset()
+    assert (o.state, o.session) == ("RUNNING", None)
+
+
+def test_v2_oracle_fault_mid_path() -> None:
+    o = model.V2Oracle(FULL, sim=True)
+    o.arm("STOP", "STOP_COPY", to_error=False)
+    exp = o.set_state(S["STOP_COPY"])
+    assert exp == model.Expect(False, ("STOP",), errno.EIO)  # the arcs before the failing one ran
+    o.commit("STOP")
+    assert o.state == "STOP" and o.fault is None and o.session is None
+    o.arm("RUNNING", "PRE_COPY", to_error=True)
+    o.set_state(S["RUNNING"])
+    o.commit("RUNNING")
+    assert o.set_state(S["PRE_COPY"]) == model.Expect(False, ("ERROR",), errno.EIO)
+    o.commit("ERROR")
+    assert o.set_state(S["RUNNING"]).errno == errno.EINVAL  # V2-R15
+    assert o.set_state(S["ERROR"]).ok is None  # the drivers' loop never asks the core for ERROR -> ERROR
+
+
+def test_v1_oracle_answers() -> None:
+    o = model.V1Oracle(sim=False)
+    assert o.set_state(5) == model.Expect(False, ("RUNNING",), errno.EINVAL)  # V1-R6
+    assert o.set_state(uapi.V1_RESUMING).ok
+    o.commit("RESUMING")
+    assert o.session == "resuming"
+    exp = o.set_state(uapi.V1_RUNNING)  # a real device may accept an empty resume
+    assert exp.ok is None and set(exp.states) == {"RUNNING", "RESUMING", "ERROR"}
+    o.commit("RUNNING")
+    assert o.session is None
+    o.arm("RUNNING", "STOP_COPY", to_error=True)
+    assert o.set_state(uapi.V1_SAVING) == model.Expect(False, ("ERROR",), errno.EIO)  # V1-R8
+    o.commit("ERROR")
+    assert o.set_state(uapi.V1_RUNNING).ok is False  # V1-R9
+
+
+def test_every_rule_has_a_check() -> None:
+    assert set(CHECKS) == set(rules.RULES)
+    assert [c.rule for c in checks_for("v1")] == list(rules.V1_RULES)
+    assert [c.rule for c in checks_for("v2")] == list(rules.V2_RULES)
+    assert {c.rule for c in CHECKS.values() if c.sim} >= rules.SIM_ONLY
