@@ -32,12 +32,20 @@ def steps() -> Iterator[StepLog]:
 
 
 def open_dut(stack: ExitStack, lab: LabSession, device: LabDevice) -> DeviceHandle:
-    """Open the device; a real device left elsewhere than RUNNING is reset (a sim driver starts in
-    RUNNING on every open, and must not be reset: V1-R5/V2-R3 judge exactly that)."""
+    """Open the device; a real device left elsewhere than RUNNING is reset, now and when the test
+    is done (mtty keeps its state across opens, and one closed in RESUMING oopses the host kernel
+    at the next RESUMING -> STOP: nested findings). A sim driver starts in RUNNING on every open
+    and is not reset: V1-R5/V2-R3 judge exactly that."""
     dev = stack.enter_context(open_device(lab, device))
-    if not dev.is_sim and dev.state() != "RUNNING":
-        dev.reset()
+    if not dev.is_sim:
+        stack.callback(_idle, dev)
+        _idle(dev)
     return dev
+
+
+def _idle(dev: DeviceHandle) -> None:
+    if dev.state() != "RUNNING":
+        dev.reset()
 
 
 class LabCheckContext:
