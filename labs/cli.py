@@ -224,7 +224,8 @@ def sim_status(inventory: Path | None) -> None:
 @click.option("--all", "everything", is_flag=True, help="also what a run with the current LABS_RUN_ID made")
 @one_line_errors
 def janitor(inventory: Path | None, everything: bool) -> None:
-    """Remove what killed runs left on the hosts (VMs, save images, firewall rules), by run-id prefix."""
+    """Remove what killed runs left (VMs, save images, firewall rules, stale reservations, orphaned agents,
+    devices left outside RUNNING), by run-id prefix; what live runs own is kept."""
     from labs.runtime import LabSession, open_inventory
     from labs.virt.janitor import janitor as sweep
 
