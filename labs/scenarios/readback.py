@@ -17,7 +17,7 @@ from __future__ import annotations
 import builtins
 import importlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -264,7 +264,10 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
             view.state = dev.state()
             view.data_size = dev.data_size() if device.spec.protocol == "v2" else None
     except Exception as exc:  # an errno from the device (AgentOSError) is a finding, not a crash of the readback
-        view.error = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "errname", None) == "ENOENT" and device.spec.kind == "mdev":
+            view.skipped = "absent: the mdev does not exist on its host (removed, e.g. by a fault)"
+        else:
+            view.error = f"{type(exc).__name__}: {exc}"
     return view
 
 
@@ -310,7 +313,13 @@ def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = 
     opener = device_opener()
     if opener is None:
         return None
-    with opener(session, device) as dev:
+    with ExitStack() as stack:
+        try:
+            dev = stack.enter_context(opener(session, device))
+        except Exception as exc:
+            if getattr(exc, "errname", None) == "ENOENT":
+                return None  # not there (a fault removed it): nothing a VM could take
+            raise
         state = dev.state()
         if state in IDLE_STATES:
             return None
