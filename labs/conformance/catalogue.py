@@ -197,7 +197,8 @@ def markdown(verdicts: list[Verdict], summary: dict[str, Any]) -> str:
         "# Seeded-defect catalogue",
         "",
         f"`lab defects`, {summary['finished']}: suites/conformance against {summary['variants']} driver variants "
-        f"({summary['tests']} test results, pytest exit {summary['pytest_exit']}, {summary['wall_s']} s).",
+        f"({summary['tests']} test results in {summary['wall_s']} s; pytest exit {summary['pytest_exit']}, "
+        "non-zero whenever a defect is caught).",
         "",
         "A variant is CAUGHT when a failing test carries the rule it breaks (marked `*`); "
         "`knock-on` marks documented consequences (`Defect.also`). Correct drivers must be CLEAN.",
