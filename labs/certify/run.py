@@ -85,7 +85,7 @@ def build_document(device: LabDevice, results: list[TestResult], env: dict[str, 
         "capabilities": sorted(caps),
         "address": getattr(spec, "pci", None) or getattr(spec, "uuid", None) or getattr(spec, "driver", None),
         "mdev_type": getattr(spec, "type", None),
-        "driver": env.get(f"{device.id}.driver"),
+        "driver": env.get(f"{host}.{device.name}.driver"),
         "kernel": env.get(f"{host}.kernel"),
         "libvirt": env.get(f"{host}.libvirt"),
     }

@@ -69,21 +69,36 @@ def _subject(item: pytest.Item) -> tuple[list[LabHost], LabDevice | None, LabPai
     return ([host] if host else []), None, None
 
 
-def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
-    hosts, device, pair = _subject(item)
+def _label(item: pytest.Item, label_type: str, *values: str) -> None:
+    item.add_marker(pytest.mark.allure_label(*values, label_type=label_type))
+
+
+def static_labels(item: pytest.Item) -> None:
+    """Labels known at collection, as allure-pytest markers: a test skipped before it ran gets them too."""
     parts = Path(str(item.path)).parts
     suite = parts[parts.index("suites") + 1] if "suites" in parts and parts.index("suites") + 1 < len(parts) else ""
-    allure.dynamic.epic("VFIO device migration")
-    allure.dynamic.feature(FEATURES.get(suite, suite or "labs"))
+    _label(item, "epic", "VFIO device migration")
+    _label(item, "feature", FEATURES.get(suite, suite or "labs"))
     name = getattr(item, "originalname", item.name)
-    allure.dynamic.story(name.removeprefix("test_").replace("_", " "))
-    for mark in item.iter_markers("rule"):
-        for rule_id in mark.args:
-            allure.dynamic.label("rule", str(rule_id))
-            allure.dynamic.tag(str(rule_id))
-    for name in ("conformance", "save_resume", "live_migration", "fault", "recovery", "destructive", "slow"):
-        if item.get_closest_marker(name):
-            allure.dynamic.tag(name)
+    _label(item, "story", name.removeprefix("test_").replace("_", " "))
+    rule_ids = [str(r) for mark in item.iter_markers("rule") for r in mark.args]
+    if rule_ids:
+        # allure-pytest tags a test with its markers already (conformance, fault, ...); rule ids join them
+        _label(item, "rule", *rule_ids)
+        _label(item, "tag", *rule_ids)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from labs.pytest_plugin import LAB_FIXTURES
+
+    for item in items:
+        if any(n in getattr(item, "fixturenames", ()) for n in LAB_FIXTURES):
+            static_labels(item)
+
+
+def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
+    """What only a running test knows: its hosts, device, pair, driver and kernels."""
+    hosts, device, pair = _subject(item)
     for h in hosts:
         # "host" is Allure's own label (the controller's hostname)
         allure.dynamic.label("lab_host", h.name)
@@ -159,7 +174,8 @@ def environment_properties(state: Any) -> dict[str, str]:
             if c.device is None and c.name in ("kernel", "libvirt", "python"):
                 env[f"{name}.{c.name}"] = c.detail
     for d in inv.devices:
-        env[f"{d.id}.driver"] = getattr(d.spec, "driver", None) or d.spec.kind
+        # Allure 3 splits a key at its first ':' even when escaped: device ids keep their ':' out of keys
+        env[f"{d.host.name}.{d.name}.driver"] = getattr(d.spec, "driver", None) or d.spec.kind
     return env
 
 
@@ -204,4 +220,3 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     write_run_files(session.config)
-

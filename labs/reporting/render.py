@@ -47,13 +47,17 @@ def render(run_dir: Path, name: str | None = None, history: Path = HISTORY) -> R
         raise InfraError(f"{results}: no Allure results to render")
     out = run_dir / "html"
     title = name or f"labs {run_dir.name}"
+    group_by = ["epic", "feature", "story"]
     config = {
         "name": title,
         "output": str(out),
         "historyPath": str(history),
         "plugins": {
-            "awesome": {"options": {"reportName": title, "groupBy": ["epic", "feature", "story"]}},
-            "single": {"import": "@allurereport/plugin-awesome", "options": {"reportName": title, "singleFile": True}},
+            "awesome": {"options": {"reportName": title, "groupBy": group_by}},
+            "single": {
+                "import": "@allurereport/plugin-awesome",
+                "options": {"reportName": title, "singleFile": True, "groupBy": group_by},
+            },
         },
     }
     (run_dir / "allurerc.json").write_text(json.dumps(config, indent=2))
