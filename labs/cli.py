@@ -81,8 +81,8 @@ def report(run: Path | None) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("tox_args", nargs=-1, type=click.UNPROCESSED)
 def test(tox_args: tuple[str, ...]) -> None:
-    """Run the framework's own tests through tox (lint, type checks, tests)."""
-    args = list(tox_args) or ["-e", "lint,tests"]
+    """Run the framework's own tests through tox (lint, tests, defect catalogue, nested lab); args go to tox."""
+    args = list(tox_args) or ["-e", "lint,tests,defects,nested"]
     tox = Path(sys.executable).with_name("tox")
     os.chdir(REPO_ROOT)
     sys.exit(subprocess.call([str(tox), *args]))
