@@ -58,6 +58,7 @@ class DeviceMachine(RuleBasedStateMachine):
     device: ClassVar[LabDevice]
     saved: ClassVar[list[bytes] | None] = None  # a complete stream of this device (v1: its chunks)
     oracle: model.Oracle
+    arcs: list[tuple[str, str]]  # the arcs a fault may be armed on
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,6 +123,14 @@ class DeviceMachine(RuleBasedStateMachine):
         else:
             assert exp.ok is not True, f"refused ({exc}); the model expects {exp.describe()}"
             assert exp.errno is None or exc.errno == exp.errno, f"{exc}; the model expects {exp.describe()}"
+
+    @precondition(lambda self: self.sim and self.oracle.fault is None)
+    @rule(index=st.integers(min_value=0, max_value=100), to_error=st.booleans())
+    def arm_fault(self, index: int, to_error: bool) -> None:
+        src, dst = self.arcs[index % len(self.arcs)]
+        with self.step(f"arm a one-shot failure of {src} -> {dst}{' into ERROR' if to_error else ''}"):
+            self.dev.faults(transitions=[{"from": src, "to": dst, "errno": "EIO", "error": to_error, "times": 1}])
+            self.oracle.arm(src, dst, to_error)
 
 
 class V2Machine(DeviceMachine):
@@ -221,14 +230,6 @@ class V2Machine(DeviceMachine):
                 if self.oracle.state != "ERROR":  # the spec is silent on ERROR
                     raise
 
-    @precondition(lambda self: self.sim and self.oracle.fault is None)
-    @rule(index=st.integers(min_value=0, max_value=100), to_error=st.booleans())
-    def arm_fault(self, index: int, to_error: bool) -> None:
-        src, dst = self.arcs[index % len(self.arcs)]
-        with self.step(f"arm a one-shot failure of {src} -> {dst}{' into ERROR' if to_error else ''}"):
-            self.dev.faults(transitions=[{"from": src, "to": dst, "errno": "EIO", "error": to_error, "times": 1}])
-            self.oracle.arm(src, dst, to_error)
-
 
 class V1Machine(DeviceMachine):
     def __init__(self) -> None:
@@ -278,14 +279,6 @@ class V1Machine(DeviceMachine):
         with self.step(f"resume {'every' if complete else 'half the'} chunk ({len(chunks)}), boundaries kept"):
             self.dev.client.send_frames("v1_resume", chunks, dev=self.dev.handle)
             self.oracle.resume_data = "complete" if complete else "partial"
-
-    @precondition(lambda self: self.sim and self.oracle.fault is None)
-    @rule(index=st.integers(min_value=0, max_value=100), to_error=st.booleans())
-    def arm_fault(self, index: int, to_error: bool) -> None:
-        src, dst = self.arcs[index % len(self.arcs)]
-        with self.step(f"arm a one-shot failure of {src} -> {dst}{' into ERROR' if to_error else ''}"):
-            self.dev.faults(transitions=[{"from": src, "to": dst, "errno": "EIO", "error": to_error, "times": 1}])
-            self.oracle.arm(src, dst, to_error)
 
 
 def _run(machine: type[DeviceMachine], lab: LabSession, device: LabDevice) -> None:
