@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,19 @@ from labs.runtime import LabSession, open_inventory
 from labs.simlab import generate
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Save images of this worker's runs in a directory of its own: a janitor in another worker
+    (or a user's `lab janitor`) rightly removes a dead run's images from the shared one."""
+    before = os.environ.get("LABS_IMAGE_DIR")
+    os.environ["LABS_IMAGE_DIR"] = str(tmp_path_factory.mktemp("images"))
+    yield
+    if before is None:
+        os.environ.pop("LABS_IMAGE_DIR", None)
+    else:
+        os.environ["LABS_IMAGE_DIR"] = before
 
 
 def free_port(address: str = "127.0.0.2") -> int:

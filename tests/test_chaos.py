@@ -28,7 +28,7 @@ import yaml
 from labs.faults.network import rule_tag
 from labs.paths import REPO_ROOT, SUITES
 from labs.runs import RUNS_DIR
-from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR
+from labs.virt.domain import REMOTE_IMAGE_DIR
 from tests.conftest import write_sim_inventory
 
 ROUNDS = 3
@@ -38,8 +38,14 @@ LAB = str(Path(sys.executable).with_name("lab"))
 pytestmark = pytest.mark.slow
 
 
-def _env(run_id: str | None) -> dict[str, str]:
+def _images(inventory: Path) -> Path:
+    """The runs' own save-image directory: a janitor elsewhere on the machine must not race this one."""
+    return inventory.parent / "images"
+
+
+def _env(run_id: str | None, inventory: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LABS_RUN_ID", "PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS")}
+    env["LABS_IMAGE_DIR"] = str(_images(inventory))
     if run_id:
         env["LABS_RUN_ID"] = run_id
     return env
@@ -95,7 +101,7 @@ def leftovers(inventory: Path, sim_dir: Path, run_id: str) -> list[str]:
     out = [f"process {p}" for p in _lab_processes(sim_dir)]
     out += [f"reservation record {o.name}" for o in sim_dir.glob("hosts/*/locks/*.owner")]
     out += [f"held lock {lk.name}" for lk in sim_dir.glob("hosts/*/locks/*.lock") if _held(lk)]
-    for images in (LOCAL_IMAGE_DIR, Path(REMOTE_IMAGE_DIR)):
+    for images in (_images(inventory), Path(REMOTE_IMAGE_DIR)):
         out += [f"image {p}" for p in images.glob(f"{run_id}*")] if images.exists() else []
     out += [f"run mark {p.name}" for p in RUNS_DIR.glob(f"{run_id}.*")] if RUNS_DIR.exists() else []
     for name, host in yaml.safe_load(inventory.read_text())["hosts"].items():
@@ -114,7 +120,7 @@ def _kill_mid_run(inventory: Path, run_id: str, delay: float, log: Path) -> str:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", *SUITE_ARGS, "--inventory", str(inventory)],
             cwd=REPO_ROOT,
-            env=_env(run_id),
+            env=_env(run_id, inventory),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -147,7 +153,7 @@ def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
             outcome = _kill_mid_run(inventory, run_id, delay, tmp_path / f"round{n + 1}.log")
             janitor = subprocess.run(
                 [LAB, "janitor", "--inventory", str(inventory)],
-                env=_env(None),
+                env=_env(None, inventory),
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -159,7 +165,7 @@ def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
         final = subprocess.run(
             [sys.executable, "-m", "pytest", *SUITE_ARGS, "--inventory", str(inventory), "--lab-device", "*:simv2"],
             cwd=REPO_ROOT,
-            env=_env(None),
+            env=_env(None, inventory),
             capture_output=True,
             text=True,
             timeout=300,
@@ -167,4 +173,5 @@ def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
         assert final.returncode == 0, f"seed {seed}: the run after the kills failed:\n{final.stdout[-4000:]}"
         assert not _lab_processes(sim_dir), "a normal run left processes of the sim lab"
     finally:
-        subprocess.run([LAB, "sim", "down", "--inventory", str(inventory)], env=_env(None), capture_output=True)
+        down = [LAB, "sim", "down", "--inventory", str(inventory)]
+        subprocess.run(down, env=_env(None, inventory), capture_output=True)

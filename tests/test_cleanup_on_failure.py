@@ -13,7 +13,7 @@ import pytest
 
 from labs.reservations import list_reservations
 from labs.runtime import LabSession, open_inventory
-from labs.virt.domain import LOCAL_IMAGE_DIR
+from labs.virt.domain import local_image_dir
 from labs.virt.janitor import janitor
 from tests.conftest import write_sim_inventory
 
@@ -82,7 +82,7 @@ def test_failed_and_timed_out_tests_leave_nothing(
     assert outcomes.get("failed") == 3 and not outcomes.get("errors"), result.stdout.lines[-30:]
     assert "Timeout" in result.stdout.str()
     monkeypatch.delenv("LABS_RUN_ID")
-    assert not list(LOCAL_IMAGE_DIR.glob(f"{RUN_ID}*")), "a save image outlived its test"
+    assert not list(local_image_dir().glob(f"{RUN_ID}*")), "a save image outlived its test"
     with LabSession(open_inventory(inventory)) as session:
         assert janitor(session, keep_own=False) == []
         for host in ("hostA", "hostB"):

@@ -18,7 +18,7 @@ from labs.paths import REPO_ROOT
 from labs.reservations import reserve
 from labs.runs import RunMark, live_runs
 from labs.runtime import LabSession, open_inventory
-from labs.virt.domain import LOCAL_IMAGE_DIR
+from labs.virt.domain import local_image_dir
 from labs.virt.janitor import janitor
 from tests.conftest import write_sim_inventory
 
@@ -48,8 +48,8 @@ def test_run_marks(tmp_path: Path) -> None:
 
 def test_janitor_keeps_a_live_runs_leftovers_until_it_dies(sim_session: LabSession) -> None:
     proc = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE)
-    LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
-    image = LOCAL_IMAGE_DIR / f"{RUN}-1abcd-sr-x.1.save"
+    local_image_dir().mkdir(parents=True, exist_ok=True)
+    image = local_image_dir() / f"{RUN}-1abcd-sr-x.1.save"
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"marked"
         assert RUN in live_runs()

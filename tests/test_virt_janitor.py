@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from labs.runtime import LabSession
-from labs.virt.domain import LOCAL_IMAGE_DIR, hypervisor
+from labs.virt.domain import hypervisor, local_image_dir
 from labs.virt.janitor import janitor
 from labs.virt.xml import DomainSpec
 
@@ -19,8 +19,8 @@ def test_janitor_removes_a_killed_runs_leftovers(sim_session: LabSession) -> Non
     saved.managed_save()
     mine = hv.define(DomainSpec(f"{sim_session.run_id}-3abcd-mine", virt_type=hv.virt_type))
     other = hv.define(DomainSpec("not-ours", virt_type=hv.virt_type))
-    LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
-    image = LOCAL_IMAGE_DIR / f"{DEAD_RUN}-1abcd-sr-x.1.save"
+    local_image_dir().mkdir(parents=True, exist_ok=True)
+    image = local_image_dir() / f"{DEAD_RUN}-1abcd-sr-x.1.save"
     image.write_bytes(b"x")
     try:
         removed = janitor(sim_session)

@@ -21,7 +21,7 @@ from labs.probes import ProbeMark
 from labs.runtime import LabSession
 from labs.scenarios.evidence import attach_domains
 from labs.scenarios.steps import StepLog
-from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor
+from labs.virt.domain import REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor, local_image_dir
 from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
 
 _counter = itertools.count(1)
@@ -79,7 +79,7 @@ class Scenario:
         """A fresh image path on `hv`'s side (the controller for test:///), registered for removal."""
         path = f"{hv.image_dir}/{name}.{next(_counter)}.save"
         if hv.files_local:
-            LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+            local_image_dir().mkdir(parents=True, exist_ok=True)
             self._images.append((None, path))
         else:
             # libvirtd (root) writes it; the SSH user must be able to fetch and remove it later
@@ -96,8 +96,8 @@ class Scenario:
         if not src.files_local:
             ssh = self.session.ssh(src.name)
             ssh.run(f"chmod 0644 {shlex.quote(path)}", timeout=30, sudo=True, check=True)
-            LOCAL_IMAGE_DIR.mkdir(parents=True, exist_ok=True)
-            local = str(LOCAL_IMAGE_DIR / Path(path).name)
+            local_image_dir().mkdir(parents=True, exist_ok=True)
+            local = str(local_image_dir() / Path(path).name)
             self._images.append((None, local))
             ssh.get(path, local)
         if dst.files_local:

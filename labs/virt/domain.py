@@ -29,8 +29,15 @@ from labs.virt.xml import DomainSpec, domain_xml
 # Where save images go. On a remote host libvirtd (root) writes them, and the
 # SSH user must be able to fetch and remove them: a sticky world-writable dir.
 REMOTE_IMAGE_DIR = "/var/tmp/labs-images"
-# test:/// and local URIs write on the controller
-LOCAL_IMAGE_DIR = Path(tempfile.gettempdir()) / f"labs-images-{os.getuid()}"
+
+
+def local_image_dir() -> Path:
+    """Where test:/// and local URIs write save images: on the controller, shared by its runs.
+
+    LABS_IMAGE_DIR gives a run (or a test worker) its own, read at each use.
+    """
+    return Path(os.environ.get("LABS_IMAGE_DIR") or Path(tempfile.gettempdir()) / f"labs-images-{os.getuid()}")
+
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -93,7 +100,7 @@ class Hypervisor:
 
     @property
     def image_dir(self) -> str:
-        return str(LOCAL_IMAGE_DIR) if self.files_local else REMOTE_IMAGE_DIR
+        return str(local_image_dir()) if self.files_local else REMOTE_IMAGE_DIR
 
     @property
     def virt_type(self) -> str:

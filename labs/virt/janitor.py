@@ -30,7 +30,7 @@ from labs.runs import live_runs
 from labs.runtime import LabSession
 from labs.scenarios.readback import RUNNING_STATES
 from labs.vfio.client import AgentOSError
-from labs.virt.domain import LOCAL_IMAGE_DIR, REMOTE_IMAGE_DIR, VM, hypervisor
+from labs.virt.domain import REMOTE_IMAGE_DIR, VM, hypervisor, local_image_dir
 
 RUN_PREFIX = "labs-"
 
@@ -71,7 +71,7 @@ def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
         swept = pool.map(lambda h: _host_processes(session, h.name, live), hosts)
         removed = [line for lines in swept for line in lines]
         removed += [line for lines in pool.map(lambda h: _host(session, h, keep_own, live), hosts) for line in lines]
-    for image in sorted(LOCAL_IMAGE_DIR.glob(f"{RUN_PREFIX}*")) if LOCAL_IMAGE_DIR.exists() else []:
+    for image in sorted(local_image_dir().glob(f"{RUN_PREFIX}*")) if local_image_dir().exists() else []:
         if not _keep(image.name, session, keep_own, live):
             image.unlink(missing_ok=True)
             removed.append(f"controller: removed {image}")
@@ -176,4 +176,4 @@ def _iptables_leftovers(session: LabSession, host: str, keep_own: bool, live: se
 
 
 def leftovers_dirs() -> list[Path]:
-    return [LOCAL_IMAGE_DIR]
+    return [local_image_dir()]
