@@ -276,8 +276,8 @@ def test_kill_destination_qemu_kills_by_pid(sim_session: LabSession, tmp_path: P
         assert proc.wait(timeout=10) == -9
         fault.undo()
         assert fault.record.actions[0] == f"kill -9 {proc.pid} (QEMU of labs-x-dom) on hostB"
-        missing = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-none", pid_dir=str(tmp_path))
-        with pytest.raises(InfraError, match="no QEMU pid"):
+        missing = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-none", pid_dir=str(tmp_path), wait=0.3)
+        with pytest.raises(InfraError, match="no QEMU of labs-x-none to kill"):
             missing.inject()
         missing.undo()
     finally:

@@ -39,20 +39,27 @@ class KillDestinationQemu(Fault):
 
     name = "kill-destination-qemu"
 
-    def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR) -> None:
+    def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
         super().__init__(f"{ssh.name}/{domain}")
         self.ssh = ssh
         self.domain = domain
         self.pid_dir = pid_dir
+        self.wait = wait  # seconds to wait for the incoming QEMU's pid file
         self.pid: int | None = None
 
     def _inject(self) -> None:
+        # one round trip: the incoming QEMU may be seconds from writing its pid file (TCG), and a migration
+        # of an idle VM may end within two round trips of a progress sample
         pidfile = shlex.quote(f"{self.pid_dir}/{self.domain}.pid")
-        res = self.ssh.run(f"cat {pidfile}", timeout=15, sudo=True)
+        script = (
+            f"for i in $(seq {int(self.wait * 10)}); do [ -s {pidfile} ] && break; sleep 0.1; done; "
+            f"pid=$(cat {pidfile}) && kill -9 \"$pid\" && echo \"$pid\""
+        )
+        res = self.ssh.run(script, timeout=self.wait + 15, sudo=True)
         if not res.ok or not res.stdout.strip().isdigit():
-            raise InfraError(f"{self.ssh.name}: no QEMU pid for {self.domain} ({res.stderr.strip() or 'empty'})")
+            why = res.stderr.strip() or "no pid file"
+            raise InfraError(f"{self.ssh.name}: no QEMU of {self.domain} to kill ({why})")
         self.pid = int(res.stdout.strip())
-        self.ssh.run(f"kill -9 {self.pid}", timeout=15, sudo=True, check=True)
         self.note(f"kill -9 {self.pid} (QEMU of {self.domain}) on {self.ssh.name}")
 
     def _undo(self) -> None:

@@ -24,7 +24,9 @@ from labs.virt.xml import Hostdev, with_hostdevs
 # A low bandwidth cap keeps even a tiny idle VM in flight for seconds, so a
 # mid-flight fault lands while the job runs, not after it finished.
 SLOW_MIB_S = 2
-Trigger = Literal["before", "mid-flight"]
+# before: the fault is in place when the job starts; started: at the first sample of an active job (the
+# destination is being prepared); mid-flight: once data moves
+Trigger = Literal["before", "started", "mid-flight"]
 
 
 @dataclass
@@ -74,9 +76,10 @@ def migrate_under_fault(
 
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
-    def mid_flight(sample: JobSample) -> None:
+    def during(sample: JobSample) -> None:
         # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer
-        if sample.processed > 0 and not fault.needs_undo:
+        landed = sample.processed > 0 if trigger == "mid-flight" else sample.active
+        if landed and not fault.needs_undo:
             sc.inject(fault)
 
     vm_after, failed = migrate_leg(
@@ -85,10 +88,10 @@ def migrate_under_fault(
         pair.source,
         pair.destination,
         scenario=f"migrate under {fault.name}",
-        bandwidth_mib=SLOW_MIB_S if trigger == "mid-flight" else None,
+        bandwidth_mib=SLOW_MIB_S if trigger != "before" else None,
         dest_xml=dest_xml,
         timeout=timeout,
-        on_progress=mid_flight if trigger == "mid-flight" else None,
+        on_progress=during if trigger != "before" else None,
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):

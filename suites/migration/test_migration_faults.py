@@ -43,7 +43,8 @@ def test_abort_mid_flight(migratable: LabPair, scenario: Scenario) -> None:
 def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario) -> None:
     ssh = scenario.session.ssh(migratable.destination.host.name)
     vm = sr.start_vm(scenario, migratable.source, "killdst")
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), "mid-flight")
+    # as soon as the job runs: an idle diskless VM can finish within the round trips of a later kill (seen on TCG)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), "started")
     _check(run.problems)
 
 
