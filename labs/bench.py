@@ -81,6 +81,8 @@ def bench_agent(ops: int = 200) -> dict[str, Any]:
         with agent_for(session, inv.hosts[0].name) as agent:
             result["agent_op_ms"] = _summary(_times(agent.ping, ops))
             result["agent_stream_mbps"] = round(agent.frames("blob", length=256 << 20).drain().mbps, 1)
+            result["device_save_1gib"] = _device_save(agent, ssh.name)
+        result["raw_ssh_copy_mbps"] = _raw_copy_mbps(ssh, 1 << 30)
         start = time.perf_counter()
         with agent_for(session, inv.hosts[0].name):
             pass
@@ -88,6 +90,36 @@ def bench_agent(ops: int = 200) -> dict[str, Any]:
         fresh = _times(lambda: AgentClient.over_ssh(ssh, timeout=30).close(), 10)
         result["agent_start_ms"] = _summary(fresh)
     return result
+
+
+def _device_save(agent: Any, host: str, size: int = 1 << 30) -> dict[str, Any]:
+    """Save a v2 simulated device of `size` bytes through the agent: the stream the controller carries."""
+    from labs.vfio.device import DeviceHandle
+
+    with tempfile.TemporaryDirectory(prefix="labs-bench-") as state:
+        dev = DeviceHandle.open_sim(agent, "labs.sim.v2:V2Driver", state, {"content_size": size}, name="bench")
+        try:
+            start = time.perf_counter()
+            stream = dev.save()
+            seconds = time.perf_counter() - start
+            moved = stream.bytes
+            stream.close()
+        finally:
+            dev.close()
+    return {"bytes": moved, "seconds": round(seconds, 2), "mbps": round(moved / 1e6 / seconds, 1)}
+
+
+def _raw_copy_mbps(ssh: Any, size: int) -> float:
+    """The same number of bytes read raw from `head -c` over a channel of the same SSH connection."""
+    chan = ssh.exec_channel(f"head -c {size} /dev/zero")
+    got, start = 0, time.perf_counter()
+    while True:
+        data = chan.recv(1 << 20)
+        if not data:
+            break
+        got += len(data)
+    chan.close()
+    return round(got / 1e6 / (time.perf_counter() - start), 1)
 
 
 def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
