@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
-from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from labs import retries
 from labs.errors import CommandTimeout, InfraError, SSHError
 from labs.inventory.models import Host, JumpHost
 from labs.transport import hostkeys
@@ -45,8 +45,17 @@ class HostKeyError(SSHError):
     """The host presented a key we do not trust."""
 
 
+class AuthFailed(SSHError):
+    """The host refused our credentials: another attempt would be refused too."""
+
+
 class ConnectionLost(SSHError):
     """The connection dropped while a non-idempotent command was in flight."""
+
+
+def _worth_reconnecting(exc: BaseException) -> bool:
+    """A refused, dropped or timed-out connection may work next time; a wrong host key never will."""
+    return isinstance(exc, SSHError) and not isinstance(exc, (HostKeyError, AuthFailed))
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,8 @@ class HostConnection:
                 if transport is not None and transport.is_active():
                     return self._client
                 self._drop()
-            self._client = self._connect()
+            # a host that is rebooting, or an sshd at its MaxStartups limit, answers the next attempt
+            self._client = retries.retrying(self.name, "ssh connect", self._connect, _worth_reconnecting)
             return self._client
 
     def _connect(self) -> paramiko.SSHClient:
@@ -156,6 +166,9 @@ class HostConnection:
                 f"{self.name}: host key mismatch for {self.endpoint.where} "
                 f"(got {exc.key.get_name()} {exc.key.get_fingerprint().hex()}); refusing to connect"
             ) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise AuthFailed(f"{self.name}: {self.endpoint.where} refused our credentials: {exc}") from None
         except paramiko.SSHException as exc:
             client.close()
             if "not found in known_hosts" in str(exc):
@@ -213,22 +226,10 @@ class HostConnection:
         return result.check() if check else result
 
     def _retrying(self, call: Callable[[], Result]) -> Result:
-        def reconnect(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning("%s: connection lost (%s); reconnecting", self.name, exc)
-            self.close()
-
-        @retry(
-            retry=retry_if_exception_type((ConnectionLost, SSHError)),
-            stop=stop_after_attempt(4),
-            wait=wait_exponential(multiplier=0.5, max=4),
-            before_sleep=reconnect,
-            reraise=True,
+        # only an idempotent command may run twice; the connection is rebuilt before the next attempt
+        return retries.retrying(
+            self.name, "command", call, lambda e: isinstance(e, (ConnectionLost, SSHError)), before_retry=self.close
         )
-        def attempt() -> Result:
-            return call()
-
-        return attempt()
 
     def _run_once(self, command: str, wrapped: str, limit: float, stdin: bytes | None) -> Result:
         client = self.client()  # (re)connecting here is always safe: nothing was sent yet

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from labs import retries
 from labs.errors import InfraError
 
 _quiet = threading.Lock()
@@ -38,12 +39,31 @@ class LibvirtInfo:
     hostname: str
 
 
+# Errors of reaching the daemon (socket, RPC, ssh tunnel, keepalive): worth another attempt. Anything else
+# (a bad URI, no such driver, refused authentication) fails the same way every time.
+CONNECTION_ERRORS = frozenset(
+    {
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_OPERATION_TIMEOUT,
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+    }
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, libvirt.libvirtError) and exc.get_error_code() in CONNECTION_ERRORS
+
+
 def open_connection(uri: str, host: str) -> libvirt.virConnect:
+    """Open `uri`, retrying with backoff while the daemon cannot be reached (each retry is recorded)."""
     silence_libvirt_stderr()
     try:
-        return libvirt.open(uri)
+        return retries.retrying(host, f"libvirt connect {uri}", lambda: libvirt.open(uri), is_connection_error)
     except libvirt.libvirtError as exc:
-        raise InfraError(f"{host}: libvirt {uri}: {exc.get_error_message()}") from None
+        tried = f" (tried {retries.ATTEMPTS} times)" if is_connection_error(exc) else ""
+        raise InfraError(f"{host}: libvirt {uri}: {exc.get_error_message()}{tried}") from None
 
 
 def probe(uri: str, host: str) -> LibvirtInfo:
