@@ -56,10 +56,20 @@ class AgentPool:
                 with self._lock:
                     self._idle.setdefault(host, []).append(client)
 
+    def drop(self, host: str) -> None:
+        """Forget the host's idle agents (after an infrastructure error there): the next borrower starts afresh."""
+        with self._lock:
+            clients = self._idle.pop(host, [])
+        self._shut(clients)
+
     def close(self) -> None:
         with self._lock:
             clients = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
+        self._shut(clients)
+
+    @staticmethod
+    def _shut(clients: list[AgentClient]) -> None:
         for client in clients:
             try:
                 client.close()

@@ -8,16 +8,19 @@ for a lab fixture, so the plugin costs nothing in unrelated test runs.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Generator, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from labs import retries
 from labs.doctor import HostReport, Status, check_lab
 from labs.errors import LabError
+from labs.hostwatch import HostWatch, TestTimeout, infra_error, is_pytest_timeout
 from labs.inventory import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
 from labs.paths import SIM_INVENTORY
@@ -116,6 +119,8 @@ class LabState:
         # one run id for the whole run: xdist workers get the controller's (pytest_configure_node)
         worker = getattr(config, "workerinput", None)
         self.run_id: str = (worker or {}).get("labs_run_id") or os.environ.get("LABS_RUN_ID") or new_run_id()
+        self.watch = HostWatch(self.run_id)
+        self.worker_summaries: list[dict[str, Any]] = []  # xdist controller: what each worker saw
 
     @property
     def inventory_path(self) -> Path:
@@ -153,10 +158,22 @@ class LabState:
                 self._health = check_lab(self.session, self.hosts(), migration_probe)
         return self._health
 
+    def recheck(self, host: str) -> str | None:
+        """The doctor again on one host (after an infrastructure error there): its problem, or None."""
+        from labs.hostagent import agent_pool, migration_probe
+
+        agent_pool(self.session).drop(host)  # an agent that hung there is not lent out again
+        report = check_lab(self.session, [self.inventory.host(host)], migration_probe)[host]
+        if self._health is not None:
+            self._health[host] = report
+        return report.problem
+
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
             self._session = None
+        if not hasattr(self.config, "workerinput"):
+            self.watch.remove()  # the run is over (xdist: all workers are done)
 
     # -- selection ----------------------------------------------------------
     def _host_ok(self, host: LabHost) -> bool:
@@ -235,8 +252,82 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.user_properties.append(("rule", str(rule_id)))
 
 
+# -- infrastructure errors -----------------------------------------------------------
+@contextmanager
+def _timeout_is_infra(item: pytest.Item) -> Generator[None]:
+    """pytest-timeout ends a hung test with pytest.fail, which reads as a finding: make it an infra error."""
+    try:
+        yield
+    except pytest.fail.Exception as exc:
+        if not is_pytest_timeout(exc):
+            raise
+        mark = item.get_closest_marker("timeout")
+        limit = f"{mark.args[0]:g}s " if mark and mark.args else ""
+        raise TestTimeout(f"{item.nodeid} ran past its {limit}timeout and was ended (pytest-timeout)") from exc
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None]:
+    with _timeout_is_infra(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
+    with _timeout_is_infra(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    with _timeout_is_infra(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    err = infra_error(call.excinfo.value) if report.failed and call.excinfo is not None else None
+    if err is not None:
+        from labs.reporting.allure_hooks import subject_of
+
+        hosts = [h.name for h in subject_of(item)[0]]
+        _state(item.config).watch.suspect(hosts, item.nodeid, err)
+        report.sections.append(("lab infrastructure", f"{type(err).__name__}; hosts to recheck: {hosts}"))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(STATE, None)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if state is not None and workeroutput is not None:
+        workeroutput["labs_infra"] = json.dumps(_infra_summary(state))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: keep each worker's infrastructure summary for the terminal."""
+    text = getattr(node, "workeroutput", {}).get("labs_infra")
+    if text:
+        _state(node.config).worker_summaries.append(json.loads(text))
+
+
+def _infra_summary(state: LabState) -> dict[str, Any]:
+    summary = state.watch.summary()
+    summary["retries"] = [str(e) for e in retries.since(0)]
+    return summary
+
+
 # -- skips ---------------------------------------------------------------------
 def _skip_unhealthy(state: LabState, host: LabHost) -> None:
+    recheck = state.watch.recheck_if_suspect(host.name, state.recheck)
+    if recheck is not None:
+        from labs.reporting.evidence import attach
+
+        attach(f"doctor recheck of {host.name}", str(recheck))
+    problem = state.watch.unhealthy(host.name)
+    if problem:
+        pytest.skip(f"host {host.name} unhealthy after an infrastructure error: {problem}")
     report = state.health().get(host.name)
     if report is not None and report.problem:
         pytest.skip(f"host {host.name} unhealthy: {report.problem}")
@@ -334,13 +425,37 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
-    if state is None or not state._health:
+    if state is None:
+        return
+    _infra_section(terminalreporter, state)
+    if not state._health:
         return
     bad = [(r.host, c) for r in state._health.values() for c in r.checks if c.status == Status.FAIL]
     if bad:
         terminalreporter.section("lab health")
         for host, c in bad:
             terminalreporter.write_line(f"{host}{' ' + c.device if c.device else ''}: {c.name}: {c.detail}")
+
+
+def _infra_section(terminalreporter: Any, state: LabState) -> None:
+    """Tests ended by the lab, doctor rechecks and connection retries, over every process of the run."""
+    parts = [*state.worker_summaries, _infra_summary(state)]
+    ended = [tuple(t) for p in parts for t in p["infra_ended"]]
+    rechecks = [p_r for p in parts for p_r in p["rechecks"]]
+    retried = [r for p in parts for r in p["retries"]]
+    if not (ended or rechecks or retried):
+        return
+    terminalreporter.section("lab infrastructure")
+    for test, error in ended:
+        terminalreporter.write_line(f"ended by the lab: {test}: {error}")
+    for r in rechecks:
+        verdict = f"unhealthy: {r['problem']}" if r["problem"] else "healthy"
+        took = f"{r['seconds']:.1f}s"
+        terminalreporter.write_line(f"doctor recheck of {r['host']} after {r['after']}: {verdict} ({took})")
+    if retried:
+        terminalreporter.write_line(f"connection retries: {len(retried)}")
+        for line in retried[-10:]:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture

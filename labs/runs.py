@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 RUNS_DIR = Path(tempfile.gettempdir()) / f"labs-runs-{os.getuid()}"
+_own: set[str] = set()  # run ids this process holds a mark for
 
 
 class RunMark:
@@ -24,12 +25,15 @@ class RunMark:
         self.path = runs_dir / f"{run_id}.{os.getpid()}.lock"
         self._fd: int | None = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.run_id = run_id
+        _own.add(run_id)
 
     def release(self) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+            _own.discard(self.run_id)
 
 
 def live_runs(runs_dir: Path = RUNS_DIR) -> set[str]:
@@ -52,4 +56,9 @@ def live_runs(runs_dir: Path = RUNS_DIR) -> set[str]:
             path.unlink(missing_ok=True)  # nobody holds it: its process is gone
         finally:
             os.close(fd)
+    # a run's other files (labs.hostwatch's health record) go with its last mark
+    for path in runs_dir.glob("*.health.json") if runs_dir.exists() else []:
+        run_id = path.name.removesuffix(".health.json")
+        if run_id not in live and run_id not in _own:
+            path.unlink(missing_ok=True)
     return live

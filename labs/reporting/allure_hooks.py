@@ -17,30 +17,36 @@ import allure
 import pytest
 
 import labs
+from labs import retries
 from labs.errors import LabError
+from labs.hostwatch import infra_exception_names
 from labs.inventory import LabDevice, LabHost, LabPair
 from labs.reporting.evidence import attach, register_secret_env
 
-# Exceptions whose presence in a trace means "the lab broke", not "the driver broke".
-INFRA_EXCEPTIONS = (
-    "InfraError|SSHError|ConnectionLost|HostKeyError|CommandTimeout|CommandFailed|AgentInfraError|"
-    "libvirtError|NoValidConnectionsError|socket.timeout|TimeoutError|Timeout >"
-)
-CATEGORIES = [
-    {
-        "name": "Lab infrastructure (SSH, libvirt, timeouts)",
-        "matchedStatuses": ["broken", "failed"],
-        "traceRegex": f"(?s).*({INFRA_EXCEPTIONS}).*",
-    },
-    {
-        "name": "Driver defect (a rule or readback assertion failed)",
-        "matchedStatuses": ["failed"],
-    },
-    {
-        "name": "Framework error (a bug in labs)",
-        "matchedStatuses": ["broken"],
-    },
-]
+
+def categories() -> list[dict[str, Any]]:
+    """Allure's categories; "the lab broke" is any exception labs.hostwatch counts as infrastructure.
+
+    Matched on the message, which starts with the type of the exception that ended the test: a
+    trace would also match a test whose source merely mentions one of these names.
+    """
+    return [
+        {
+            "name": "Lab infrastructure (SSH, libvirt, timeouts)",
+            "matchedStatuses": ["broken", "failed"],
+            "messageRegex": f"(?s)([\\w.]*\\.)?({'|'.join(infra_exception_names())}):.*",
+        },
+        {
+            "name": "Driver defect (a rule or readback assertion failed)",
+            "matchedStatuses": ["failed"],
+        },
+        {
+            "name": "Framework error (a bug in labs)",
+            "matchedStatuses": ["broken"],
+        },
+    ]
+
+
 FEATURES = {
     "smoke": "Lab smoke",
     "conformance": "Device conformance",
@@ -56,7 +62,7 @@ def results_dir(config: pytest.Config) -> Path | None:
     return Path(value) if value else None
 
 
-def _subject(item: pytest.Item) -> tuple[list[LabHost], LabDevice | None, LabPair | None]:
+def subject_of(item: pytest.Item) -> tuple[list[LabHost], LabDevice | None, LabPair | None]:
     callspec = getattr(item, "callspec", None)
     params: dict[str, Any] = callspec.params if callspec else {}
     pair = params.get("pair") if isinstance(params.get("pair"), LabPair) else None
@@ -98,7 +104,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
     """What only a running test knows: its hosts, device, pair, driver and kernels."""
-    hosts, device, pair = _subject(item)
+    hosts, device, pair = subject_of(item)
     for h in hosts:
         # "host" is Allure's own label (the controller's hostname)
         allure.dynamic.label("lab_host", h.name)
@@ -155,8 +161,13 @@ def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
             kernels[name] = check.detail
     label_test(request.node, kernels)
     collect = results_dir(request.config) is not None and state._session is not None
-    cursors = [DmesgCursor(state.session, h.name) for h in _subject(request.node)[0]] if collect else []
+    cursors = [DmesgCursor(state.session, h.name) for h in subject_of(request.node)[0]] if collect else []
+    retried_from = retries.mark()
     yield
+    retried = retries.since(retried_from)
+    if retried:
+        # a pass that needed a second connection is still a pass, but a host worth watching
+        attach("connection retries", "\n".join(map(str, retried)))
     for cursor in cursors:
         lines = cursor.new_lines()
         if lines.strip():
@@ -202,7 +213,7 @@ def write_run_files(config: pytest.Config) -> None:
         part.unlink()
     lines = [f"{k}={_escape(v)}" for k, v in sorted(env.items())]
     (out / "environment.properties").write_text("\n".join(lines) + "\n")
-    (out / "categories.json").write_text(json.dumps(CATEGORIES, indent=2))
+    (out / "categories.json").write_text(json.dumps(categories(), indent=2))
 
 
 def _escape(value: str) -> str:
