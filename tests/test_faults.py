@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from labs.faults import (
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
     KillDestinationQemu,
+    mdevs,
 )
 from labs.faults.base import Fault, FaultLedger
 from labs.faults.device import damage
@@ -33,6 +35,7 @@ from labs.virt.janitor import janitor
 from labs.virt.xml import DomainSpec
 
 UUID = "0b0c5a3e-7c1d-4c8e-9a57-6d1f0e2b3c4d"
+RUN = "labs-20261125-010203-abc123"
 
 
 class FakeHost:
@@ -44,15 +47,28 @@ class FakeHost:
         self.tables: set[str] = set()
         self.rules: list[str] = []
         self.mdevs: dict[str, str] = {UUID: "mtty-2"}
+        self.records: dict[str, dict[str, Any]] = {}  # the host's mdev record directory (labs.faults.mdevs)
+        self.reservations: dict[str, dict[str, Any]] = {}  # lock name -> owner record
         self.log: list[str] = []
 
     def run(self, command: str, timeout: float | None = None, **kw: Any) -> Result:
         self.log.append(command)
-        status = self._do(command, kw.get("stdin"))
-        res = Result(self.name, command, status, "", "" if status == 0 else "No such file or directory", 0.0)
+        out = self._listing(command)
+        status = 0 if out is not None else self._do(command, kw.get("stdin"))
+        res = Result(self.name, command, status, out or "", "" if status == 0 else "No such file or directory", 0.0)
         return res.check() if kw.get("check") else res
 
+    def _listing(self, command: str) -> str | None:
+        """What the record directory and the reservations list print; None for other commands."""
+        if command.startswith(mdevs.RECORD_DIR_SCRIPT) and command.endswith('; ls -1 "$d"'):
+            return "".join(f"{name}\n" for name in sorted(self.records))
+        if "*.lock.owner" in command and "basename" in command:  # labs.reservations.LIST_SCRIPT
+            return "".join(f"{name}\t{json.dumps(rec)}\n" for name, rec in self.reservations.items())
+        return None
+
     def _do(self, command: str, stdin: bytes | None) -> int:
+        if command.startswith(mdevs.RECORD_DIR_SCRIPT):
+            return self._record(command.removeprefix(mdevs.RECORD_DIR_SCRIPT))
         if command == "command -v nft":
             return 0 if self.nft else 1
         if command == "nft -f -":
@@ -89,6 +105,15 @@ class FakeHost:
         if m := re.fullmatch(r"test -e /sys/bus/mdev/devices/(\S+)", command):
             return 0 if m.group(1) in self.mdevs else 1
         raise AssertionError(f"unexpected command {command!r}")
+
+    def _record(self, command: str) -> int:
+        if m := re.fullmatch(r"""; printf '%s\\n' '(.*)' > "\$d"/(\S+)""", command):
+            self.records[m.group(2)] = json.loads(m.group(1))
+            return 0
+        if m := re.fullmatch(r'; rm -f "\$d"/(\S+)', command):
+            self.records.pop(m.group(1), None)
+            return 0
+        raise AssertionError(f"unexpected record command {command!r}")
 
 
 def _mdev() -> LabDevice:
@@ -199,11 +224,60 @@ def test_destination_lacks_pci_or_sim_device_names_an_absent_one() -> None:
 
 def test_incompatible_mdev_is_removed_on_undo() -> None:
     host, dev = FakeHost(), _mdev()
-    fault = IncompatibleDestinationMdev(host, dev, "mtty-1")  # type: ignore[arg-type]
+    fault = IncompatibleDestinationMdev(host, dev, "mtty-1", run_id=RUN)  # type: ignore[arg-type]
     fault.inject()
     assert host.mdevs[fault.uuid] == "mtty-1" and fault.hostdev.address == fault.uuid
     fault.undo()
     assert host.mdevs == {UUID: "mtty-2"}
+    assert host.records == {}, "the record outlived its mdev"
+
+
+def test_incompatible_mdev_is_recorded_on_the_host_before_it_exists() -> None:
+    """A kill right after the create still leaves a record naming the run (the janitor's key)."""
+    host, dev = FakeHost(), _mdev()
+    fault = IncompatibleDestinationMdev(host, dev, "mtty-1", run_id=RUN)  # type: ignore[arg-type]
+    fault.inject()
+    name = mdevs.record_name(RUN, fault.uuid)
+    assert mdevs.parse_record(name) == (RUN, fault.uuid)
+    assert host.records[name] | {"since": 0} == {
+        "parent": "mtty", "type": "mtty-1", "fault": fault.name, "run": RUN, "uuid": fault.uuid, "since": 0
+    }  # fmt: skip
+    written = next(i for i, c in enumerate(host.log) if "printf" in c)
+    created = next(i for i, c in enumerate(host.log) if c.endswith("/mtty-1/create"))
+    assert written < created
+    assert mdevs.list_records(host) == [(RUN, fault.uuid)]  # type: ignore[arg-type]
+
+
+def test_incompatible_mdev_is_recorded_under_the_run_holding_the_device() -> None:
+    host, dev = FakeHost(), _mdev()
+    host.reservations = {"hostB_other": {"run": "labs-someone-else"}, f"hostB_{dev.name}": {"run": RUN}}
+    fault = IncompatibleDestinationMdev(host, dev, "mtty-1")  # type: ignore[arg-type]
+    fault.inject()
+    assert list(host.records) == [mdevs.record_name(RUN, fault.uuid)]
+    fault.undo()
+    assert host.records == {}
+    host.reservations = {}
+    unreserved = IncompatibleDestinationMdev(host, dev, "mtty-1")  # type: ignore[arg-type]
+    unreserved.inject()
+    assert list(host.records) == [mdevs.record_name(mdevs.UNRESERVED_RUN, unreserved.uuid)]
+
+
+def test_a_failed_create_leaves_no_record_after_undo() -> None:
+    host, dev = FakeHost(), _mdev()
+    fault = IncompatibleDestinationMdev(host, dev, "mtty-1", run_id=RUN)  # type: ignore[arg-type]
+    host.mdevs[fault.uuid] = "mtty-1"  # the create then fails: a UUID the host already has
+    ledger = FaultLedger()
+    with pytest.raises(LabError):
+        ledger.inject(fault)
+    del host.mdevs[fault.uuid]
+    assert host.records and ledger.undo_all() == []
+    assert host.records == {}
+
+
+def test_record_names() -> None:
+    assert mdevs.parse_record(f"{RUN}.{UUID}") == (RUN, UUID)
+    assert mdevs.parse_record("notes.txt") is None
+    assert mdevs.parse_record(UUID) is None
 
 
 class FakeDevice:

@@ -14,6 +14,7 @@ import uuid
 from typing import Literal
 
 from labs.errors import InfraError
+from labs.faults import mdevs
 from labs.faults.base import Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
@@ -67,11 +68,15 @@ class DestinationLacksDevice(Fault):
 
 
 class IncompatibleDestinationMdev(Fault):
-    """An mdev of another type on the destination (mtty-1 for an mtty-2 stream): resume must refuse it."""
+    """An mdev of another type on the destination (mtty-1 for an mtty-2 stream): resume must refuse it.
+
+    The mdev is recorded on the host before it is created (labs.faults.mdevs), under `run_id` or else
+    the run holding the device's reservation there: `lab janitor` removes it after a killed run.
+    """
 
     name = "incompatible-destination-device"
 
-    def __init__(self, ssh: HostConnection, device: LabDevice, other_type: str) -> None:
+    def __init__(self, ssh: HostConnection, device: LabDevice, other_type: str, run_id: str | None = None) -> None:
         super().__init__(f"{device.id} as {other_type}")
         if not isinstance(device.spec, MdevDevice):
             raise InfraError(f"{device.id}: an incompatible mdev needs an mdev device")
@@ -79,21 +84,25 @@ class IncompatibleDestinationMdev(Fault):
         self.device = device
         self.spec: MdevDevice = device.spec
         self.other_type = other_type
+        self.run_id = run_id
         self.uuid = str(uuid.uuid4())
         self.hostdev = Hostdev("mdev", self.uuid)
         self.created = False
 
     def _inject(self) -> None:
+        self.run_id = self.run_id or mdevs.holder_run(self.ssh, self.device)
+        what = {"parent": self.spec.parent, "type": self.other_type, "fault": self.name}
+        mdevs.write_record(self.ssh, self.run_id, self.uuid, what)
         create = f"/sys/class/mdev_bus/{self.spec.parent}/mdev_supported_types/{self.other_type}/create"
         self.ssh.run(f"echo {self.uuid} > {shlex.quote(create)}", timeout=30, sudo=True, check=True)
         self.created = True
-        self.note(f"created mdev {self.uuid} of type {self.other_type} on {self.ssh.name}")
+        self.note(f"created mdev {self.uuid} of type {self.other_type} on {self.ssh.name} (run {self.run_id})")
 
     def _undo(self) -> None:
-        path = f"/sys/bus/mdev/devices/{self.uuid}"
-        if self.ssh.run(f"test -e {path}", timeout=15).ok:
-            self.ssh.run(f"echo 1 > {path}/remove", timeout=30, sudo=True, check=True)
+        if mdevs.remove_mdev(self.ssh, self.uuid):
             self.note(f"removed mdev {self.uuid}")
+        if self.run_id:  # None: inject failed before the record was written
+            mdevs.drop_record(self.ssh, self.run_id, self.uuid)
 
 
 class DeviceTransitionFailure(Fault):
