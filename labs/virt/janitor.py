@@ -2,13 +2,15 @@
 
 What a run creates is named after its run id: domains `labs-<date>-<time>-<hex>-...`,
 save images in the known image dirs, nft tables / iptables comments
-`labs_<date>_<time>_<hex>_...`. The janitor removes all of them except the
+`labs_<date>_<time>_<hex>_...`, host-side records `<run id>.<uuid>` of the mdevs faults
+created (labs.faults.mdevs). The janitor removes all of them except the
 current session's own and those of runs still alive (a live process on this
 controller holds a mark for them, labs.runs, or a live holder on the host keeps
 a device reservation for them), and returns one line per thing removed. On each
 host it also removes reservation records no live holder backs, kills device
 agents orphaned by a dead SSH session (on a sim host: of its own sim lab), and
-resets devices left outside RUNNING that no live run holds.
+brings back devices no live run holds: an inventory mdev a fault removed is
+created again, a device left outside RUNNING is reset.
 
 A `test:///` node lives inside the process that opened it, so from a fresh
 process only image files can be left over there; within one process (the
@@ -22,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labs.errors import LabError
+from labs.faults import mdevs
 from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.hostagent import open_device
 from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import MdevDevice
 from labs.reservations import ReservationBusy, list_reservations, reserve, sweep_stale
 from labs.runs import live_runs
 from labs.runtime import LabSession
@@ -92,6 +96,7 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
             if not _keep(name, session, keep_own, live):
                 removed += VM(hv, name).remove()
     removed += _remote_leftovers(session, host.name, keep_own, live)
+    removed += _mdevs(session, host.name, keep_own, live)  # after the domains: a dead run's QEMU held them
     removed += _devices(session, [d for d in session.inventory.devices if d.host.name == host.name])
     return removed
 
@@ -110,6 +115,7 @@ def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
             out.append(f"{device.id}: device not checked: {exc}")
             continue
         try:
+            out += _restore_mdev(session, device)
             with open_device(session, device) as dev:
                 state = dev.state()
                 if state not in RUNNING_STATES:
@@ -120,6 +126,38 @@ def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
         finally:
             held.release()
     return out
+
+
+def _restore_mdev(session: LabSession, device: LabDevice) -> list[str]:
+    """A killed DestinationLacksDevice leaves the inventory's mdev removed: create it again."""
+    spec = device.spec
+    if not isinstance(spec, MdevDevice):
+        return []
+    ssh = session.ssh(device.host.name)
+    if mdevs.mdev_exists(ssh, spec.uuid):
+        return []
+    create = shlex.quote(f"/sys/class/mdev_bus/{spec.parent}/mdev_supported_types/{spec.type}/create")
+    ssh.run(f"echo {spec.uuid} > {create}", timeout=30, sudo=True, check=True)
+    return [f"{device.id}: re-created mdev {spec.uuid} ({spec.type}), the inventory's"]
+
+
+def _mdevs(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The mdevs dead runs' faults created (their records name the run), then the records.
+    An inventory device's mdev is never removed, whatever a record says."""
+    removed: list[str] = []
+    inventory = {d.spec.uuid for d in session.inventory.devices if isinstance(d.spec, MdevDevice)}
+    try:
+        ssh = session.ssh(host)
+        for run, uuid in mdevs.list_records(ssh):
+            if _keep(run, session, keep_own, live):
+                continue
+            if uuid not in inventory and mdevs.remove_mdev(ssh, uuid):
+                removed.append(f"{host}: removed mdev {uuid} (run {run})")
+            mdevs.drop_record(ssh, run, uuid)
+            removed.append(f"{host}: removed mdev record {mdevs.record_name(run, uuid)}")
+    except LabError as exc:
+        removed.append(f"{host}: mdevs not checked: {exc}")
+    return removed
 
 
 def _host_processes(session: LabSession, host: str, live: set[str]) -> list[str]:
