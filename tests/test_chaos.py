@@ -15,10 +15,8 @@ import fcntl
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import libvirt
@@ -27,32 +25,14 @@ import yaml
 
 from labs.faults.network import rule_tag
 from labs.paths import REPO_ROOT, SUITES
-from labs.runs import RUNS_DIR
 from labs.virt.domain import REMOTE_IMAGE_DIR
+from tests.chaos import LAB, chaos_env, chaos_run_id, chaos_seed, images_dir, kill_when, log_shows_a_result, run_marks
 from tests.conftest import write_sim_inventory
 
 ROUNDS = 3
 SUITE_ARGS = [str(SUITES / "save_resume"), str(SUITES / "recovery"), "-p", "no:cacheprovider", "-q"]
-LAB = str(Path(sys.executable).with_name("lab"))
 
 pytestmark = pytest.mark.slow
-
-
-def _images(inventory: Path) -> Path:
-    """The runs' own save-image directory: a janitor elsewhere on the machine must not race this one."""
-    return inventory.parent / "images"
-
-
-def _env(run_id: str | None, inventory: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LABS_RUN_ID", "PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS")}
-    env["LABS_IMAGE_DIR"] = str(_images(inventory))
-    if run_id:
-        env["LABS_RUN_ID"] = run_id
-    return env
-
-
-def _run_id(rng: random.Random) -> str:
-    return f"labs-{time.strftime('%Y%m%d-%H%M%S')}-{rng.getrandbits(24):06x}"
 
 
 def _lab_processes(sim_dir: Path) -> list[str]:
@@ -101,9 +81,9 @@ def leftovers(inventory: Path, sim_dir: Path, run_id: str) -> list[str]:
     out = [f"process {p}" for p in _lab_processes(sim_dir)]
     out += [f"reservation record {o.name}" for o in sim_dir.glob("hosts/*/locks/*.owner")]
     out += [f"held lock {lk.name}" for lk in sim_dir.glob("hosts/*/locks/*.lock") if _held(lk)]
-    for images in (_images(inventory), Path(REMOTE_IMAGE_DIR)):
+    for images in (images_dir(inventory), Path(REMOTE_IMAGE_DIR)):
         out += [f"image {p}" for p in images.glob(f"{run_id}*")] if images.exists() else []
-    out += [f"run mark {p.name}" for p in RUNS_DIR.glob(f"{run_id}.*")] if RUNS_DIR.exists() else []
+    out += run_marks(run_id)
     for name, host in yaml.safe_load(inventory.read_text())["hosts"].items():
         conn = libvirt.open(host["libvirt_uri"])
         try:
@@ -114,46 +94,22 @@ def leftovers(inventory: Path, sim_dir: Path, run_id: str) -> list[str]:
     return out
 
 
-def _kill_mid_run(inventory: Path, run_id: str, delay: float, log: Path) -> str:
-    """Start the suites, wait for the first finished test, then `delay` more seconds, then SIGKILL them all."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", *SUITE_ARGS, "--inventory", str(inventory)],
-            cwd=REPO_ROOT,
-            env=_env(run_id, inventory),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            text = log.read_text(errors="replace")
-            if any(c in text for c in ".FEs"):  # pytest -q: one character per finished test
-                break
-            time.sleep(0.1)
-        time.sleep(delay)
-        finished = proc.poll() is not None
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pytest and whatever it started in it
-        proc.wait()
-    return "finished before the kill" if finished else "killed"
-
-
 def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
-    seed = int(os.environ.get("LABS_CHAOS_SEED") or random.randrange(1 << 30))
+    seed = chaos_seed()
     rng = random.Random(seed)
     inventory = write_sim_inventory(tmp_path, devices=True)
     sim_dir = tmp_path / "sim"
     try:
         for n in range(ROUNDS):
-            run_id = _run_id(rng)
+            run_id = chaos_run_id(rng)
             delay = rng.uniform(0.0, 5.0)
             what = f"seed {seed}, round {n + 1}, run {run_id}, killed {delay:.1f}s after the first test"
-            outcome = _kill_mid_run(inventory, run_id, delay, tmp_path / f"round{n + 1}.log")
+            log = tmp_path / f"round{n + 1}.log"
+            args = [*SUITE_ARGS, "--inventory", str(inventory)]
+            outcome = kill_when(args, chaos_env(run_id, images_dir(inventory)), log, log_shows_a_result(log), delay)
             janitor = subprocess.run(
                 [LAB, "janitor", "--inventory", str(inventory)],
-                env=_env(None, inventory),
+                env=chaos_env(None, images_dir(inventory)),
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -165,7 +121,7 @@ def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
         final = subprocess.run(
             [sys.executable, "-m", "pytest", *SUITE_ARGS, "--inventory", str(inventory), "--lab-device", "*:simv2"],
             cwd=REPO_ROOT,
-            env=_env(None, inventory),
+            env=chaos_env(None, images_dir(inventory)),
             capture_output=True,
             text=True,
             timeout=300,
@@ -174,4 +130,4 @@ def test_killed_runs_leave_nothing_the_janitor_misses(tmp_path: Path) -> None:
         assert not _lab_processes(sim_dir), "a normal run left processes of the sim lab"
     finally:
         down = [LAB, "sim", "down", "--inventory", str(inventory)]
-        subprocess.run(down, env=_env(None, inventory), capture_output=True)
+        subprocess.run(down, env=chaos_env(None, images_dir(inventory)), capture_output=True)
