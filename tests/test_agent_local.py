@@ -154,3 +154,25 @@ def test_real_backend_without_vfio() -> None:
 def test_agent_module_imports_in_process() -> None:
     assert agent.RealSys().name == "real"
     assert "python3 -u -c" in agent_command()
+
+
+def test_kmsg_cursor_reads_only_later_records() -> None:
+    with AgentClient.local("kmsg") as client:
+        start = client.call("kmsg", after=-1)
+        if start["seq"] is None:
+            pytest.skip(f"/dev/kmsg not readable here: {start['error']}")
+        assert start["lines"] == []
+        later = client.call("kmsg", after=start["seq"] - 2, limit=1)
+        assert later["seq"] >= start["seq"] and len(later["lines"]) == 1
+        assert later["lines"][0].startswith("[")
+
+
+def test_locks_are_held_until_unlock_or_exit(tmp_path: Path) -> None:
+    env = {"LABS_SIM_DIR": str(tmp_path), "LABS_SIM_HOST": "h"}
+    with AgentClient.local("l1", env=env) as one, AgentClient.local("l2", env=env) as two:
+        assert one.call("lock", name="dev", owner={"run": "r1"})["locked"]
+        busy = two.call("lock", name="dev", owner={"run": "r2"})
+        assert not busy["locked"] and '"run": "r1"' in busy["owner"]
+        one.call("unlock", name="dev")
+        assert two.call("lock", name="dev", owner={"run": "r2"})["locked"]
+    assert not list((tmp_path / "hosts" / "h" / "locks").glob("*.owner"))  # exiting agents leave no record

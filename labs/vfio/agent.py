@@ -922,6 +922,7 @@ class Agent(object):
         # makes the kernel close every fd (and drop the sim device's flock)
         self.watchdog = Watchdog(wire)
         self.closed = False
+        self.locks = {}  # reservation name -> (fd, lock path): flocks this process holds
 
     # -- plumbing -----------------------------------------------------------
     def serve(self):
@@ -1049,6 +1050,8 @@ class Agent(object):
         if self.closed:
             return
         self.closed = True
+        for name in list(self.locks):
+            self._unlock(name)
         for h in [h for h in self.handles.values() if h.kind == "data"]:
             try:
                 self._close_handle(h)
@@ -1100,6 +1103,78 @@ class Agent(object):
     def op_shutdown(self, args):
         self.cleanup()
         return {"closed": True}
+
+    # -- reservations ---------------------------------------------------------
+    # A device reservation is an flock on <lock dir>/<name>.lock with a JSON record beside it in
+    # <name>.lock.owner (labs/reservations.py lists, sweeps and clears the same files). This process
+    # holds the flock until unlock, its exit or its death: the kernel drops it however it dies.
+    def op_lock(self, args):
+        name = str(args["name"])
+        if "/" in name or name.startswith("."):
+            raise ValueError("bad reservation name %r" % name)
+        path = os.path.join(_lock_dir(), name + ".lock")
+        if name in self.locks:
+            return {"locked": False, "owner": _read_text(path + ".owner")}
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError) as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return {"locked": False, "owner": _read_text(path + ".owner")}
+            raise
+        record = dict(args.get("owner") or {}, holder=os.getpid())
+        tmp = "%s.owner.%d" % (path, os.getpid())
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record) + "\n")
+        os.rename(tmp, path + ".owner")
+        self.locks[name] = (fd, path)
+        return {"locked": True, "holder": os.getpid(), "path": path}
+
+    def op_unlock(self, args):
+        if str(args["name"]) not in self.locks:
+            raise KeyError("not held: %s" % args["name"])
+        self._unlock(str(args["name"]))
+        return {}
+
+    def _unlock(self, name):
+        fd, path = self.locks.pop(name)
+        try:
+            os.unlink(path + ".owner")
+        except OSError:
+            pass
+        os.close(fd)
+
+    def op_kmsg(self, args):
+        """Kernel log records with a sequence number above `after` (dmesg's format), at most `limit`;
+        `after` < 0 reads none, only the newest sequence number (a cursor for later). Reading
+        /dev/kmsg here spares the controller an SSH exec (a session, a shell, dmesg) per test."""
+        after = int(args.get("after", -1))
+        limit = int(args.get("limit", 400))
+        try:
+            fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            return {"seq": None, "lines": [], "error": errname(exc.errno or errno.EIO)}
+        last, lines = after, []
+        try:
+            while True:
+                try:
+                    record = os.read(fd, 8192)
+                except OSError as exc:
+                    if exc.errno == errno.EPIPE:  # records overwritten under us: go on with the next
+                        continue
+                    if exc.errno == errno.EAGAIN:
+                        break
+                    raise
+                head, _, text = record.decode("utf-8", "replace").partition(";")
+                fields = head.split(",")
+                seq, usec = int(fields[1]), int(fields[2])
+                last = max(last, seq)
+                if 0 <= after < seq:
+                    lines.append("[%5d.%06d] %s" % (usec // 1000000, usec % 1000000, text.split("\n")[0]))
+        finally:
+            os.close(fd)
+        return {"seq": last, "lines": lines[-limit:]}
 
     def op_sleep(self, args):
         """For watchdog tests: sleep without progress."""
@@ -1414,6 +1489,39 @@ class Agent(object):
                 exc.errno, exc.strerror or str(exc), {"bytes": total, "writes": writes, "sha256": digest.hexdigest()}
             ) from exc
         return {"bytes": total, "writes": writes, "sha256": digest.hexdigest()}
+
+
+def _lock_dir():
+    """Where reservations live: a sim host's own directory of its sim lab, else /run/labs/locks,
+    else a per-user directory under TMPDIR (a user who cannot write /run)."""
+    if os.environ.get("LABS_SIM_DIR"):
+        d = os.path.join(os.environ["LABS_SIM_DIR"], "hosts", os.environ.get("LABS_SIM_HOST", ""), "locks")
+    else:
+        d = "/run/labs/locks"
+        try:
+            _makedirs(d)
+        except OSError:
+            pass
+        if not os.access(d, os.W_OK):
+            d = os.path.join(os.environ.get("TMPDIR") or "/tmp", "labs-locks-%d" % os.getuid())
+    _makedirs(d)
+    return d
+
+
+def _makedirs(d):
+    try:
+        os.makedirs(d)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (IOError, OSError):
+        return ""
 
 
 def main():
