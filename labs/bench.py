@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from labs.paths import REPO_ROOT, REPORTS, SIM_INVENTORY, SUITES
+from labs.runtime import open_inventory
 from labs.simlab.generate import write_sim_inventory
 
 
@@ -70,7 +71,7 @@ def bench_scaling(tmp: Path, suites: list[str]) -> dict[str, Any]:
 def bench_agent(ops: int = 200) -> dict[str, Any]:
     """Agent round trips on one channel vs a fresh `ssh exec` per operation."""
     from labs.hostagent import agent_for
-    from labs.runtime import LabSession, open_inventory
+    from labs.runtime import LabSession
     from labs.vfio.client import AgentClient
 
     inv = open_inventory(SIM_INVENTORY)
@@ -123,16 +124,24 @@ def _raw_copy_mbps(ssh: Any, size: int) -> float:
 
 
 def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
-    """Controller RSS sampled every 100 tests over a long run against the sim lab."""
+    """Controller RSS sampled every 100 tests over a long run against the sim lab.
+
+    Each test goes through what a lab test costs the controller: a device reservation, an agent
+    borrowed from the pool, the device opened and its state read, Allure results written.
+    """
     suite = tmp / "test_many.py"
     samples = tmp / "rss.jsonl"
+    devices = len(open_inventory(SIM_INVENTORY).devices)
     suite.write_text(
         textwrap.dedent(
             f"""
             import pytest
-            @pytest.mark.parametrize("i", range({tests // 2}))
-            def test_many(host, ssh, i):
-                assert ssh.run("true").ok
+            from labs.hostagent import open_device
+
+            @pytest.mark.parametrize("i", range({-(-tests // devices)}))
+            def test_many(lab, device, i):
+                with open_device(lab, device) as dev:
+                    assert dev.state()
             """
         )
     )
@@ -150,9 +159,14 @@ def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
             """
         )
     )
-    wall, rc = _pytest([str(suite), f"--inventory={SIM_INVENTORY}", f"--rootdir={tmp}"])
+    args = [str(suite), f"--inventory={SIM_INVENTORY}", f"--rootdir={tmp}", f"--alluredir={tmp / 'allure'}"]
+    wall, rc = _pytest(args)
     points = [json.loads(line) for line in samples.read_text().splitlines()] if samples.exists() else []
-    return {"tests": tests, "wall_s": round(wall, 1), "pytest_exit": rc, "rss_mb": points}
+    rss = [p["rss_mb"] for p in points]
+    # growth after warm-up (the first samples include imports and the first agents)
+    growth = round(rss[-1] - rss[len(rss) // 5], 1) if len(rss) >= 5 else None
+    return {"tests": len(points) * 100, "wall_s": round(wall, 1), "pytest_exit": rc, "rss_mb": points,
+            "growth_after_warmup_mb": growth}  # fmt: skip
 
 
 def _times(fn: Callable[[], object], n: int) -> list[float]:
