@@ -78,6 +78,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how long a test waits for a device another run holds before it is skipped (default 120)",
     )
     group.addoption(
+        "--lab-dist",
+        choices=("device", "load"),
+        default="device",
+        help="with -n and a named inventory: 'device' (default) gives each xdist worker whole groups of"
+        " devices joined by pairs, so workers never wait on each other's reservations; 'load' is xdist's own",
+    )
+    group.addoption(
         "--lab-pingpong", type=int, default=2, metavar="N", help="round trips of ping-pong migrations (default 2)"
     )
 
@@ -100,6 +107,17 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: every worker works for the controller's run id (names, janitor, reservations)."""
     node.workerinput["labs_run_id"] = _state(node.config).run_id
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole device groups per worker (labs.xdist_groups) when a lab inventory is named."""
+    named = config.getoption("--inventory") or os.environ.get("LABS_INVENTORY")
+    if config.getvalue("dist") != "load" or config.getoption("--lab-dist") != "device" or not named:
+        return None
+    from labs.xdist_groups import DeviceScopeScheduling, device_groups
+
+    return DeviceScopeScheduling(config, log, device_groups(_state(config).inventory))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
