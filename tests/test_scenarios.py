@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from labs.hostwatch import infra_error
 from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, SimDevice
 from labs.runtime import LabSession
@@ -14,6 +15,7 @@ from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, SideView
 from labs.virt.janitor import janitor
+from labs.virt.migrate import MigrationHung, MigrationOptions, MigrationResult
 
 
 def sim_device(session: LabSession, host: str) -> LabDevice:
@@ -86,6 +88,26 @@ def test_migration_on_test_driver_fails_cleanly(sim_session: LabSession, scenari
     assert leg.result.error and "not supported" in leg.result.error
     assert leg.readback.running_on == ["hostA"]
     assert leg.problems == []  # failed: expected on the source, nothing on the destination
+
+
+def test_a_hung_migration_is_the_labs_once_both_sides_are_read_back(
+    sim_session: LabSession, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt's job aborted at its deadline (test:/// cannot migrate, so the call's outcome is given)."""
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    vm = sr.start_vm(scenario, src, "hang")
+
+    def aborted_at_deadline(vm: object, dst_hv: object, opts: MigrationOptions, on_progress: object) -> MigrationResult:
+        error = f"migration did not return within {opts.timeout:g}s, nor 30s after an abort"
+        return MigrationResult("hostA", "hostB", "hang", error=error, timed_out=True, aborted=True)
+
+    monkeypatch.setattr(mig, "migrate", aborted_at_deadline)
+    with pytest.raises(MigrationHung, match="hostA -> hostB: migration did not return within 7s") as caught:
+        mig.migrate_leg(scenario, vm, src, dst, scenario="migrate", timeout=7)
+    assert infra_error(caught.value) is caught.value
+    assert any(s.title.startswith("readback after migrate") for s in scenario.steps.records)  # before raising
+    _vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario="migrate", timeout=7, hang_is_infra=False)
+    assert leg.result.timed_out and leg.readback.running_on == ["hostA"]
 
 
 def test_readback_problems() -> None:

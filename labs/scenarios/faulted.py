@@ -92,6 +92,7 @@ def migrate_under_fault(
         dest_xml=dest_xml,
         timeout=timeout,
         on_progress=during if trigger != "before" else None,
+        hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):

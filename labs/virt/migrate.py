@@ -18,10 +18,15 @@ from typing import Any
 
 import libvirt
 
+from labs.errors import InfraError
 from labs.virt.domain import VM, Hypervisor
 
 DEFAULT_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 ABORT_GRACE = 30.0  # after an abort, how long the migrate call may take to return
+
+
+class MigrationHung(InfraError):
+    """A migration made no end by its deadline and was aborted."""
 
 
 @dataclass(frozen=True)
