@@ -1,0 +1,164 @@
+"""Killed migration runs on the nested lab leave nothing that `lab janitor` does not remove.
+
+Each round starts one test of suites/migration (round 1: a fault that removes or creates an
+mdev; round 2: a killed destination QEMU, a cut link, an aborted job or a plain migration)
+against the nested lab, waits until the run reaches the destination host (an incoming domain,
+a fault's mdev record or firewall table, the inventory's mdev removed), then a random few
+seconds so that the kill lands in the fault or the migration, and SIGKILLs the whole process
+group. Then `lab janitor`, and on both hosts nothing of the killed run may be left: domains, QEMUs, save
+images, mdevs other than the inventory's (and the inventory's all present), mdev records, agents,
+firewall rules with its tag, reservation records and held locks; nor its run marks here. A
+normal migration must pass afterwards.
+
+LABS_CHAOS_SEED=<int> replays a sequence (the seed is in every assertion message). The test runs
+only against the nested inventory by name (`--inventory inventories/nested.yaml`, as
+`tox -e nested` does) or with LABS_NESTED_CHAOS=1: a `pytest tests` elsewhere on the machine must
+not kill runs on a lab someone is using.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from labs.faults.mdevs import RECORD_DIR
+from labs.faults.network import rule_tag
+from labs.inventory.models import MdevDevice
+from labs.nested import lab
+from labs.paths import REPO_ROOT, SUITES
+from labs.runtime import LabSession, open_inventory
+from labs.virt.domain import REMOTE_IMAGE_DIR
+from tests.chaos import LAB, chaos_env, chaos_run_id, chaos_seed, kill_when, run_marks
+from tests.nested.test_nested_smoke import nested_hosts  # noqa: F401  (the fixture: skips unless the lab is up)
+
+pytestmark = pytest.mark.slow
+
+# round n picks its test from ROUNDS[n]: the first always changes mdevs (what only a host-side record finds)
+ROUNDS = (
+    ("test_incompatible_destination_device", "test_destination_lacks_device"),
+    ("test_kill_destination_qemu", "test_cut_migration_link", "test_abort_mid_flight", "test_migrate_and_back"),
+)
+MAX_DELAY_S = 6.0  # after the destination is touched: inside the fault or the TCG migration (5-15 s)
+START_WAIT_S = 240.0  # pytest start, doctor, the first VM and its fault on a busy 2-core machine
+LOCK_DIR = "/run/labs/locks"
+
+# One round trip per host: what of the run is there. `[.]`/`[-]` keep the patterns from matching this script.
+HOST_SCRIPT = """
+run={run}; tag={tag}
+virsh -c qemu:///system list --all --name | grep -F -- "$run" | sed 's/^/domain /'
+pgrep -f "qemu-system[-].*guest=$run" | sed 's/^/qemu pid /'
+ls -1 {images} 2>/dev/null | grep -F -- "$run" | sed 's/^/image /'
+ls -1 {records} 2>/dev/null | grep -F -- "$run" | sed 's/^/mdev-record /'
+ls -1 /sys/bus/mdev/devices 2>/dev/null | sed 's/^/mdev /'
+pgrep -af 'labs_agent[.]py' | sed 's/^/agent /'
+nft list tables 2>/dev/null | grep -F -- "$tag" | sed 's/^/nft /'
+command -v iptables >/dev/null && iptables -S INPUT | grep -F -- "$tag" | sed 's/^/iptables /'
+for o in {locks}/*.owner; do [ -e "$o" ] && echo "reservation-record $o $(cat "$o")"; done
+for f in {locks}/*.lock; do [ -e "$f" ] && {{ flock -n "$f" true || echo "held-lock $f"; }}; done
+true
+"""
+TOUCHED_SCRIPT = """
+virsh -c qemu:///system list --all --name | grep -F -- {run} | sed 's/^/domain /'
+ls -1 {records} 2>/dev/null | grep -F -- {run} | sed 's/^/mdev record /'
+nft list tables 2>/dev/null | grep -F -- {tag} | sed 's/^/nft /'
+[ -n "{uuid}" ] && ! [ -e /sys/bus/mdev/devices/{uuid} ] && echo "inventory mdev {uuid} removed"
+true
+"""
+
+
+@pytest.fixture(scope="module")
+def nested(nested_hosts: object, request: pytest.FixtureRequest) -> Iterator[LabSession]:  # noqa: F811
+    asked = request.config.getoption("--inventory", default=None)
+    named = asked is not None and Path(asked).resolve() == lab.NESTED_INVENTORY.resolve()
+    if not named and os.environ.get("LABS_NESTED_CHAOS") != "1":
+        pytest.skip(
+            "kills runs on the nested lab: only with --inventory inventories/nested.yaml (tox -e nested) "
+            "or LABS_NESTED_CHAOS=1"
+        )
+    with LabSession(open_inventory(lab.NESTED_INVENTORY)) as session:
+        yield session
+
+
+def on_hosts(session: LabSession, run_id: str) -> list[str]:
+    """Everything of `run_id` on the lab's hosts, and any mdev the inventory does not have (or lacks)."""
+    script = HOST_SCRIPT.format(
+        run=run_id, tag=rule_tag(run_id, ""), images=REMOTE_IMAGE_DIR, records=RECORD_DIR, locks=LOCK_DIR
+    )
+    out: list[str] = []
+    for host in session.inventory.hosts:
+        mine = [d.spec for d in session.inventory.devices if d.host.name == host.name]
+        wanted = {spec.uuid for spec in mine if isinstance(spec, MdevDevice)}
+        lines = session.ssh(host.name).run(script, timeout=120, sudo=True, check=True).stdout.splitlines()
+        present = {line.split()[1] for line in lines if line.startswith("mdev ")}
+        out += [f"{host.name}: {line}" for line in lines if line and not line.startswith("mdev ")]
+        out += [f"{host.name}: mdev {u} (not the inventory's)" for u in sorted(present - wanted)]
+        out += [f"{host.name}: inventory mdev {u} missing" for u in sorted(wanted - present)]
+    return out
+
+
+def touched_destination(session: LabSession, run_id: str, seen: list[str]) -> Callable[[], bool]:
+    """The run reached the pair's destination: a migration's incoming domain, a fault's mdev record or
+    firewall table, or the inventory's mdev removed (what was seen goes to `seen`). Kills after this
+    land in a migration or a fault."""
+    pair = session.inventory.pairs[0]
+    uuid = pair.destination.spec.uuid if isinstance(pair.destination.spec, MdevDevice) else ""
+    script = TOUCHED_SCRIPT.format(run=run_id, tag=rule_tag(run_id, ""), records=RECORD_DIR, uuid=uuid)
+
+    def ready() -> bool:
+        seen[:] = session.ssh(pair.destination.host.name).run(script, timeout=60, sudo=True).stdout.splitlines()
+        return bool(seen)
+
+    return ready
+
+
+def pytest_args(*selection: str) -> list[str]:
+    return [*selection, "-p", "no:cacheprovider", "-q", "--inventory", str(lab.NESTED_INVENTORY)]
+
+
+def test_killed_migration_runs_leave_nothing_the_janitor_misses(nested: LabSession, tmp_path: Path) -> None:
+    seed = chaos_seed()
+    rng = random.Random(seed)
+    started = time.monotonic()
+    images = tmp_path / "images"
+    for n, choices in enumerate(ROUNDS, start=1):
+        run_id, test, delay = chaos_run_id(rng), rng.choice(choices), rng.uniform(0.0, MAX_DELAY_S)
+        what = f"seed {seed}, round {n}, run {run_id}, {test} killed {delay:.1f}s after it reached the destination"
+        args = pytest_args(str(SUITES / "migration"), "-k", test)
+        log = tmp_path / f"round{n}.log"
+        seen: list[str] = []
+        ready = touched_destination(nested, run_id, seen)
+        outcome = kill_when(args, chaos_env(run_id, images), log, ready, delay, wait=START_WAIT_S, poll=0.5)
+        outcome += f" on {seen}" if seen else ""
+        landed = on_hosts(nested, run_id)  # where the kill landed, for the message
+        janitor = subprocess.run(
+            [LAB, "janitor", "--inventory", str(lab.NESTED_INVENTORY)],
+            env=chaos_env(None, images),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert janitor.returncode == 0, f"{what}: lab janitor failed: {janitor.stdout}{janitor.stderr}"
+        left = on_hosts(nested, run_id) + run_marks(run_id)
+        left += [f"controller image {p.name}" for p in images.glob(f"{run_id}*")] if images.exists() else []
+        report = f"{what} ({outcome}); at the kill: {landed}\njanitor said:\n{janitor.stdout}"
+        print(f"{report}left: {left}\n")
+        assert not left, f"{report}left: {left}\nlog:\n{log.read_text(errors='replace')[-3000:]}"
+    one_migration = pytest_args(str(SUITES / "migration" / "test_live_migration.py"), "-k", "test_migrate_and_back")
+    following = subprocess.run(
+        [sys.executable, "-m", "pytest", *one_migration],
+        cwd=REPO_ROOT,
+        env=chaos_env(None, images),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert following.returncode == 0, f"seed {seed}: the migration after the kills failed:\n{following.stdout[-4000:]}"
+    assert "1 passed" in following.stdout, f"seed {seed}: {following.stdout[-2000:]}"
+    print(f"seed {seed}: {len(ROUNDS)} rounds and the following migration in {time.monotonic() - started:.0f}s")
