@@ -104,7 +104,7 @@ def test_incompatible_destination_device(
         scenario,
         vm,
         migratable,
-        lambda _v: IncompatibleDestinationMdev(ssh, dst, other),
+        lambda _v: IncompatibleDestinationMdev(ssh, dst, other, run_id=scenario.session.run_id),
         "before",
         dest_hostdev=hostdev,
     )
