@@ -35,6 +35,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat's first line)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy(since: tuple[int, int]) -> float:
+    """The fraction of all cores' time spent busy since `since` (1.0: every core all the time)."""
+    busy, total = _cpu_ticks()
+    return round((busy - since[0]) / max(1, total - since[1]), 2)
+
+
 def _pytest(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     start = time.monotonic()
     rc = subprocess.call(
@@ -68,8 +81,9 @@ def bench_scaling(tmp: Path, suites: list[str]) -> dict[str, Any]:
         work = tmp / f"pairs{pairs}"
         work.mkdir()
         inv = write_sim_inventory(work / "sim.yaml", work / "sim", _free_port(), pairs, devices=True)
+        ticks = _cpu_ticks()
         wall, rc = _pytest([*suites, f"--inventory={inv}", "-n", str(pairs)])
-        out[str(pairs)] = {"wall_s": round(wall, 2), "pytest_exit": rc}
+        out[str(pairs)] = {"wall_s": round(wall, 2), "pytest_exit": rc, "machine_busy": machine_busy(ticks)}
         out[str(pairs)]["vs_one_pair"] = round(wall / out["1"]["wall_s"], 2)
     return out
 
@@ -151,17 +165,33 @@ def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
             """
         )
     )
+    growth_file = tmp / "growth.json"
     (tmp / "conftest.py").write_text(
         textwrap.dedent(
             f"""
-            import json
+            import json, tracemalloc
             seen = [0]
+            warm = []
+            def pytest_configure(config):
+                tracemalloc.start(1)
             def pytest_runtest_teardown(item):
                 seen[0] += 1
                 if seen[0] % 100 == 0:
                     rss = int(open("/proc/self/statm").read().split()[1]) * 4096
                     with open({str(samples)!r}, "a") as f:
                         f.write(json.dumps({{"tests": seen[0], "rss_mb": round(rss / 2**20, 1)}}) + "\\n")
+                if seen[0] == {tests // 5}:
+                    warm.append(tracemalloc.take_snapshot())
+            def pytest_sessionfinish(session):
+                if not warm:
+                    return
+                by = {{}}
+                for stat in tracemalloc.take_snapshot().compare_to(warm[0], "filename"):
+                    name = stat.traceback[0].filename
+                    where = next((v for k, v in {GROWTH_GROUPS!r}.items() if k in name), "other")
+                    by[where] = by.get(where, 0) + stat.size_diff
+                with open({str(growth_file)!r}, "w") as f:
+                    json.dump({{k: round(v / 1024, 1) for k, v in by.items()}}, f)
             """
         )
     )
@@ -171,8 +201,19 @@ def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
     rss = [p["rss_mb"] for p in points]
     # growth after warm-up (the first samples include imports and the first agents)
     growth = round(rss[-1] - rss[len(rss) // 5], 1) if len(rss) >= 5 else None
-    return {"tests": len(points) * 100, "wall_s": round(wall, 1), "pytest_exit": rc, "rss_mb": points,
-            "growth_after_warmup_mb": growth}  # fmt: skip
+    return {
+        "tests": len(points) * 100,
+        "wall_s": round(wall, 1),
+        "pytest_exit": rc,
+        "rss_mb": points,
+        "growth_after_warmup_mb": growth,
+        # where the growth was allocated (tracemalloc, after warm-up): pytest keeps every test's reports
+        "growth_kib_by_allocator": json.loads(growth_file.read_text()) if growth_file.exists() else {},
+    }
+
+
+# Allocation sites the memory figure splits growth by (a path containing the key).
+GROWTH_GROUPS = {"/labs/": "this framework", "/_pytest/": "pytest", "/pluggy/": "pytest", "/allure": "allure"}
 
 
 def _times(fn: Callable[[], object], n: int) -> list[float]:
@@ -236,10 +277,11 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
             (f"all suites on the sim lab, {mode.replace('_', ' ')}", f"{r['wall_s']:.0f} s (exit {r['pytest_exit']})")
         )
     for pairs, r in results.get("scaling", {}).items():
+        busy = f", machine {r['machine_busy']:.0%} busy" if "machine_busy" in r else ""
         rows.append(
             (
                 f"conformance over {pairs} sim pair(s), {pairs} worker(s)",
-                f"{r['wall_s']:.0f} s ({r['vs_one_pair']}x one pair)",
+                f"{r['wall_s']:.0f} s ({r['vs_one_pair']}x one pair{busy})",
             )
         )
     agent = results.get("agent")
@@ -257,4 +299,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
         first, last = mem["rss_mb"][0], mem["rss_mb"][-1]
         span = f"{first['rss_mb']} MB at test {first['tests']}, {last['rss_mb']} MB at test {last['tests']}"
         rows.append((f"controller RSS over {mem['tests']} tests", f"{span}, +{mem['growth_after_warmup_mb']} MB"))
+        by = mem.get("growth_kib_by_allocator") or {}
+        if by:
+            rows.append(("growth after warm-up by allocation site", ", ".join(f"{k} {v} KiB" for k, v in by.items())))
     return rows
