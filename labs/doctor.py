@@ -1,6 +1,6 @@
 """Preflight: is each host of an inventory fit to run the suites?
 
-`lab doctor` prints these checks; the pytest plugin runs them once per session
+`lab doctor` prints these checks; the pytest plugin runs them on each host once per session
 and skips an unhealthy host's tests with the reason, instead of letting each
 test fail on its own.
 """

@@ -64,7 +64,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="one device under test (certification): device tests for it only, pair tests with it as the source;"
         " its partners take part as destinations",
     )
-    group.addoption("--lab-no-doctor", action="store_true", help="skip the per-session host preflight")
+    group.addoption(
+        "--lab-no-doctor",
+        action="store_true",
+        help="skip the doctor (it checks each host when its first test comes, and again after an infra error)",
+    )
     group.addoption(
         "--lab-no-reserve",
         action="store_true",
@@ -166,15 +170,18 @@ class LabState:
             self._session = LabSession(self.inventory, run_id=self.run_id).start()
         return self._session
 
-    def health(self) -> dict[str, HostReport]:
+    def health_of(self, host: LabHost) -> HostReport | None:
+        """The doctor's report on `host`, checked when a test first wants the host: an xdist worker
+        that only ever gets one pair's devices checks those two hosts, not the whole lab."""
+        if self.config.getoption("--lab-no-doctor"):
+            return None
         if self._health is None:
-            if self.config.getoption("--lab-no-doctor"):
-                self._health = {}
-            else:
-                from labs.hostagent import migration_probe
+            self._health = {}
+        if host.name not in self._health:
+            from labs.hostagent import migration_probe
 
-                self._health = check_lab(self.session, self.hosts(), migration_probe)
-        return self._health
+            self._health.update(check_lab(self.session, [host], migration_probe))
+        return self._health[host.name]
 
     def recheck(self, host: str) -> str | None:
         """The doctor again on one host (after an infrastructure error there): its problem, or None."""
@@ -346,14 +353,14 @@ def _skip_unhealthy(state: LabState, host: LabHost) -> None:
     problem = state.watch.unhealthy(host.name)
     if problem:
         pytest.skip(f"host {host.name} unhealthy after an infrastructure error: {problem}")
-    report = state.health().get(host.name)
+    report = state.health_of(host)
     if report is not None and report.problem:
         pytest.skip(f"host {host.name} unhealthy: {report.problem}")
 
 
 def _skip_device(request: pytest.FixtureRequest, state: LabState, device: LabDevice) -> None:
     _skip_unhealthy(state, device.host)
-    report = state.health().get(device.host.name)
+    report = state.health_of(device.host)
     problem = report.device_problem(device.id) if report else None
     if problem:
         pytest.skip(f"device {device.id} unhealthy: {problem}")

@@ -62,7 +62,7 @@ def _evidence_is_attached(results: Path) -> None:
             more_steps, more_attachments = _walk(after)
             steps, attachments = steps + more_steps, attachments + more_attachments
         tests[doc["name"]] = (steps, attachments)
-    steps, attachments = next(v for k, v in tests.items() if k.startswith("test_save_then_restore"))
+    steps, attachments = next(v for k, v in tests.items() if k.startswith("test_save_then_restore[hostA"))
     assert any("hostA" in s and "simv2" in s for s in steps), steps
     for prefix in ("domain XML ", "QEMU log ", "scenario steps"):
         assert any(a.startswith(prefix) for a in attachments), (prefix, attachments)

@@ -151,12 +151,12 @@ def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     state = request.config.stash[STATE]
-    health = state._health or {}
     kernels = {}
-    for name, report in health.items():
-        check = report.check("kernel")
+    for host in subject_of(request.node)[0]:
+        report = state.health_of(host)  # the doctor checks a host when its first test comes
+        check = report.check("kernel") if report is not None else None
         if check is not None:
-            kernels[name] = check.detail
+            kernels[host.name] = check.detail
     label_test(request.node, kernels)
     collect = results_dir(request.config) is not None and state._session is not None
     cursors = [DmesgCursor(state.session, h.name) for h in subject_of(request.node)[0]] if collect else []
