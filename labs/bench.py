@@ -257,9 +257,13 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
             if (only and name not in only) or (name in OPT_IN and not (only and name in only)):
                 continue
             console.print(f"bench {name} ...")
-            results[name] = step()
+            results[name] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **step()}
     REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "bench.json").write_text(json.dumps(results, indent=2))
+    out = REPORTS / "bench.json"
+    if only and out.exists():
+        # --only refreshes some figures: the others stay as they were measured (each step has its date)
+        results = {**json.loads(out.read_text()), **results}
+    out.write_text(json.dumps(results, indent=2))
     table = Table(title="labs benchmarks (reports/bench.json has every figure)")
     table.add_column("figure")
     table.add_column("value")
@@ -269,14 +273,19 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
     return results
 
 
+def _runs(step: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """A step's runs (its other keys, like the date, are not runs)."""
+    return [(k, v) for k, v in (step or {}).items() if isinstance(v, dict)]
+
+
 def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures a README table shows, one row each."""
     rows: list[tuple[str, str]] = []
-    for mode, r in results.get("suite", {}).items():
+    for mode, r in _runs(results.get("suite")):
         rows.append(
             (f"all suites on the sim lab, {mode.replace('_', ' ')}", f"{r['wall_s']:.0f} s (exit {r['pytest_exit']})")
         )
-    for pairs, r in results.get("scaling", {}).items():
+    for pairs, r in _runs(results.get("scaling")):
         busy = f", machine {r['machine_busy']:.0%} busy" if "machine_busy" in r else ""
         rows.append(
             (

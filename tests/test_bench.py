@@ -7,7 +7,8 @@ from labs.bench import headline
 
 def test_headline_rows_from_each_step() -> None:
     results = {
-        "suite": {"serial": {"wall_s": 101.2, "pytest_exit": 0}, "xdist_2": {"wall_s": 60.4, "pytest_exit": 0}},
+        "suite": {"date": "2026-11-26T00:00:00Z", "serial": {"wall_s": 101.2, "pytest_exit": 0},
+                  "xdist_2": {"wall_s": 60.4, "pytest_exit": 0}},
         "scaling": {"1": {"wall_s": 30.0, "pytest_exit": 0, "vs_one_pair": 1.0}},
         "memory": {"tests": 1000, "rss_mb": [{"tests": 100, "rss_mb": 80.0}, {"tests": 1000, "rss_mb": 81.5}],
                    "growth_after_warmup_mb": 0.4},
