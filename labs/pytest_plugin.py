@@ -466,7 +466,7 @@ def _infra_section(terminalreporter: Any, state: LabState) -> None:
     """Tests ended by the lab, doctor rechecks and connection retries, over every process of the run."""
     parts = [*state.worker_summaries, _infra_summary(state)]
     ended = [tuple(t) for p in parts for t in p["infra_ended"]]
-    rechecks = [p_r for p in parts for p_r in p["rechecks"]]
+    rechecks = [r for p in parts for r in p["rechecks"]]
     retried = [r for p in parts for r in p["retries"]]
     if not (ended or rechecks or retried):
         return
