@@ -339,7 +339,9 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def _infra_summary(state: LabState) -> dict[str, Any]:
     summary = state.watch.summary()
-    summary["retries"] = [str(e) for e in retries.since(0)]
+    # only a process that used the lab reports retries: the record is per process, and an in-process
+    # pytester run inside the framework's own tests would otherwise show up in the outer run
+    summary["retries"] = [str(e) for e in retries.since(0)] if state._session is not None else []
     return summary
 
 
