@@ -112,11 +112,12 @@ class Reservation:
 def _try_once(ssh: HostConnection, device: LabDevice, owner: dict[str, Any]) -> Reservation | dict[str, Any]:
     name = lock_name(device)
     try:
-        got = locker(ssh).call("lock", name=name, owner=owner)
+        agent = locker(ssh)
+        got = agent.call("lock", name=name, owner=owner)
     except (AgentInfraError, AgentOSError, OSError) as exc:
         raise InfraError(f"{device.id}: reservation failed: {exc}") from exc
     if got.get("locked"):
-        return Reservation(device, locker(ssh), name, {**owner, "holder": got.get("holder")})
+        return Reservation(device, agent, name, {**owner, "holder": got.get("holder")})
     try:
         return dict(json.loads(str(got.get("owner") or "").strip() or "{}"))
     except json.JSONDecodeError:

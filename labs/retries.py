@@ -87,9 +87,3 @@ def retrying(
             return call()
     raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
-
-def per_host(events: list[RetryEvent]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in events:
-        out[e.host] = out.get(e.host, 0) + 1
-    return out

@@ -226,9 +226,11 @@ class HostConnection:
         return result.check() if check else result
 
     def _retrying(self, call: Callable[[], Result]) -> Result:
-        # only an idempotent command may run twice; the connection is rebuilt before the next attempt
+        # Only an idempotent command may run twice; the connection is rebuilt before the next attempt.
+        # A connect that failed was retried in client() already: retrying it here too would multiply the
+        # attempts (and a dead host's connect timeouts).
         return retries.retrying(
-            self.name, "command", call, lambda e: isinstance(e, (ConnectionLost, SSHError)), before_retry=self.close
+            self.name, "command", call, lambda e: isinstance(e, ConnectionLost), attempts=4, before_retry=self.close
         )
 
     def _run_once(self, command: str, wrapped: str, limit: float, stdin: bytes | None) -> Result:
