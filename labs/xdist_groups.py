@@ -46,12 +46,17 @@ class DeviceScopeScheduling(LoadScopeScheduling):
     def __init__(self, config: Any, log: Any, groups: dict[str, str]) -> None:
         super().__init__(config, log)
         self._groups = groups
-        # longest first: a pair id contains its host names, and one device id may prefix another
-        ids = sorted(groups, key=len, reverse=True)
-        self._pattern = re.compile("(?:^|-)(" + "|".join(map(re.escape, ids)) + ")(?:-|$)") if ids else None
+        self._pattern = id_pattern(groups)
 
     def _split_scope(self, nodeid: str) -> str:
         return group_of(nodeid, self._pattern, self._groups)
+
+
+def id_pattern(groups: dict[str, str]) -> re.Pattern[str] | None:
+    """Finds a device or pair id among a node id's parameters (joined by '-')."""
+    # longest first: a pair id contains its host names, and one device id may prefix another
+    ids = sorted(groups, key=len, reverse=True)
+    return re.compile("(?:^|-)(" + "|".join(map(re.escape, ids)) + ")(?:-|$)") if ids else None
 
 
 def group_of(nodeid: str, pattern: re.Pattern[str] | None, groups: dict[str, str]) -> str:

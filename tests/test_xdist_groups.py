@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from labs.inventory.loader import load_inventory
-from labs.xdist_groups import device_groups, group_of
+from labs.xdist_groups import device_groups, group_of, id_pattern
 from tests.conftest import write_sim_inventory
 
 PCI_LAB = """
@@ -44,18 +43,13 @@ def test_pair(pair):
 """
 
 
-def _pattern(groups: dict[str, str]) -> re.Pattern[str]:
-    ids = sorted(groups, key=len, reverse=True)
-    return re.compile("(?:^|-)(" + "|".join(map(re.escape, ids)) + ")(?:-|$)")
-
-
 def test_groups_follow_pairs_and_ids_with_colons(tmp_path: Path) -> None:
     (tmp_path / "groups.yaml").write_text(PCI_LAB)
     inv = load_inventory(tmp_path / "groups.yaml", check_files=False)
     groups = device_groups(inv)
     assert groups["a:0000:65:00.0"] == groups["b:0000:65:00.0"] == groups["a->b:0000:65:00.0"]
     assert groups["a:0000:65:00.1"] != groups["a:0000:65:00.0"]
-    pat = _pattern(groups)
+    pat = id_pattern(groups)
     assert group_of("s.py::t[a:0000:65:00.1-V2-R3]", pat, groups) == "lab-group a:0000:65:00.1"
     assert group_of("s.py::t[a->b:0000:65:00.0]", pat, groups) == group_of("s.py::t[b:0000:65:00.0]", pat, groups)
     assert group_of("s.py::t[a]", pat, groups) == "s.py::t[a]"  # host-level: its own unit
