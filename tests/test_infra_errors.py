@@ -21,6 +21,7 @@ import pytest
 
 from labs.hostwatch import HostWatch
 from labs.paths import REPO_ROOT
+from tests import allure_results
 from tests.conftest import write_sim_inventory
 
 SUITE = '''
@@ -70,23 +71,6 @@ def test_g_after_down(host):
 '''
 
 
-def _results(alluredir: Path) -> dict[str, dict[str, object]]:
-    out = {}
-    for path in alluredir.glob("*-result.json"):
-        data = json.loads(path.read_text())
-        out[data["name"]] = data
-    return out
-
-
-def _attachments(containers: list[dict[str, object]], result: dict[str, object]) -> list[str]:
-    names = [a["name"] for a in result.get("attachments", [])]  # type: ignore[union-attr]
-    for c in containers:
-        if result["uuid"] in c.get("children", []):  # type: ignore[operator]
-            for fixture in [*c.get("befores", []), *c.get("afters", [])]:  # type: ignore[misc]
-                names += [a["name"] for a in fixture.get("attachments", [])]
-    return names
-
-
 @pytest.mark.slow
 def test_infra_errors_recheck_hosts_and_the_run_goes_on(tmp_path: Path) -> None:
     (tmp_path / "lab").mkdir()
@@ -104,8 +88,8 @@ def test_infra_errors_recheck_hosts_and_the_run_goes_on(tmp_path: Path) -> None:
     out = proc.stdout
     (tmp_path / "run.log").write_text(out + proc.stderr)
     try:
-        results = _results(alluredir)
-        containers = [json.loads(p.read_text()) for p in alluredir.glob("*-container.json")]
+        results = allure_results.results(alluredir)
+        attachments = {name: found[1] for name, found in allure_results.evidence(alluredir).items()}
         status = {name: r["status"] for name, r in results.items()}
         broken = [f"test_{x}[hostA]" for x in ("a_agent_hangs", "c_command_hangs", "d_test_hangs")]
         assert [status[t] for t in broken] == ["broken"] * 3, (status, out[-3000:])
@@ -122,9 +106,9 @@ def test_infra_errors_recheck_hosts_and_the_run_goes_on(tmp_path: Path) -> None:
         assert "TestTimeout" in messages[2] and "ran past its 3s timeout" in messages[2], messages
         # the next test on hostA came after a doctor recheck, each time
         for t in ("test_b_after_agent[hostA]", "test_e_assertion[hostA]"):
-            assert "doctor recheck of hostA" in _attachments(containers, results[t]), t
-        assert "doctor recheck of hostA" not in _attachments(containers, results["test_f_host_goes_down[hostA]"])
-        assert "connection retries" in _attachments(containers, results["test_f_host_goes_down[hostB]"])
+            assert "doctor recheck of hostA" in attachments[t], t
+        assert "doctor recheck of hostA" not in attachments["test_f_host_goes_down[hostA]"]
+        assert "connection retries" in attachments["test_f_host_goes_down[hostB]"]
         # an assertion is a finding: run once, never retried, no recheck
         assert ran.read_text().split() == ["hostA", "hostB"]
         categories = json.loads((alluredir / "categories.json").read_text())

@@ -5,15 +5,14 @@ the agent transcript."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from labs.paths import SUITES
 from labs.runtime import LabSession, open_inventory
 from labs.virt.janitor import janitor
+from tests.allure_results import evidence
 from tests.conftest import write_sim_inventory
 
 
@@ -37,31 +36,8 @@ def test_janitor_finds_nothing_after_the_save_resume_suite(pytester: pytest.Pyte
     _evidence_is_attached(tmp_path / "results")
 
 
-def _walk(node: dict[str, Any]) -> tuple[list[str], list[str]]:
-    steps, attachments = [], [a["name"] for a in node.get("attachments", [])]
-    for child in node.get("steps", []):
-        steps.append(child["name"])
-        more_steps, more_attachments = _walk(child)
-        steps += more_steps
-        attachments += more_attachments
-    return steps, attachments
-
-
 def _evidence_is_attached(results: Path) -> None:
-    # fixture teardown (where a scenario gathers its evidence) is in the containers' "afters"
-    afters: dict[str, list[dict[str, Any]]] = {}
-    for path in results.glob("*-container.json"):
-        doc = json.loads(path.read_text())
-        for child in doc.get("children", []):
-            afters.setdefault(child, []).extend(doc.get("afters", []))
-    tests = {}
-    for path in results.glob("*-result.json"):
-        doc = json.loads(path.read_text())
-        steps, attachments = _walk(doc)
-        for after in afters.get(doc["uuid"], []):
-            more_steps, more_attachments = _walk(after)
-            steps, attachments = steps + more_steps, attachments + more_attachments
-        tests[doc["name"]] = (steps, attachments)
+    tests = evidence(results, phases=("afters",))
     steps, attachments = next(v for k, v in tests.items() if k.startswith("test_save_then_restore[hostA"))
     assert any("hostA" in s and "simv2" in s for s in steps), steps
     for prefix in ("domain XML ", "QEMU log ", "scenario steps"):
