@@ -155,6 +155,8 @@ def main(argv: list[str]) -> int:
             *argv,
         ]
         rc = _pytest(args, deadline)
+        for report in lab.post_mortem():
+            print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:
         print(f"nested: interrupted ({exc or 'Ctrl-C'})", flush=True)
         rc = 130

@@ -504,6 +504,12 @@ def status(check: Callable[[Vm], bool] | None = None) -> list[VmStatus]:
     return out
 
 
+def post_mortem() -> list[str]:
+    """Each host whose QEMU has gone, with its console from the guest's oops or panic on."""
+    vms = [Vm(s, run_dir()) for s in specs()]
+    return [f"{vm.spec.name} is dead (console {vm.paths.console}):\n{vm.crash_report()}" for vm in vms if vm.pid() is None]
+
+
 def status_table(statuses: list[VmStatus] | None = None) -> Table:
     """`lab nested status` as a rich table, with the last up's and the image's figures in the caption."""
     table = Table("host", "pid", "ssh", "uptime", "console log", title="nested lab")

@@ -87,7 +87,8 @@ def test_qemu_argv_tcg(tmp_path: Path) -> None:
     argv = vm.qemu_argv(spec, fake_image(tmp_path), paths)
     joined = " ".join(argv)
     assert argv[0] == "qemu-system-x86_64"
-    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    # one TCG thread: multi-threaded TCG let the guest run a live patch's stale int3 (vm.qemu_argv)
+    assert argv[argv.index("-accel") + 1].startswith("tcg,thread=single")
     assert argv[argv.index("-cpu") + 1] == "max"
     assert "hostfwd=tcp:127.0.0.1:30001-:22" in joined
     assert "udp=127.0.0.1:30012,localaddr=127.0.0.1:30011" in joined
@@ -113,6 +114,22 @@ def test_pid_ignores_foreign_processes(tmp_path: Path) -> None:
     machine.paths.pidfile.write_text("1\n")  # pid 1 is alive, but it is not our QEMU
     assert machine.pid() is None
     assert machine.stop() is False
+
+
+def test_crash_report_starts_at_the_oops(tmp_path: Path) -> None:
+    machine = vm.Vm(vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3), tmp_path)
+    assert machine.crash_report() == ""
+    machine.paths.dir.mkdir(parents=True)
+    boot = [f"[    1.{i:06d}] booting {i}" for i in range(100)]
+    machine.paths.console.write_text("\n".join(boot) + "\n")
+    assert machine.crash_report(lines=3).splitlines() == boot[-3:]
+    crash = [
+        "[  537.964633] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+        "[  537.965433] RIP: 0010:get_page_from_freelist+0xd8/0x15f0",
+        "[  537.973430] Kernel panic - not syncing: Fatal exception in interrupt",
+    ]
+    machine.paths.console.write_text("\n".join(boot + crash) + "\n")
+    assert machine.crash_report().splitlines() == crash
 
 
 def test_ssh_argv_is_strict(tmp_path: Path) -> None:
