@@ -95,3 +95,29 @@ def test_inventory_is_valid(nested_hosts: dict[str, Any]) -> None:
 
     inv = load_inventory(Path(lab.NESTED_INVENTORY))
     assert inv.pairs, "the two mtty devices should pair up by model"
+
+
+FLIP_SECONDS = 20
+# Each flip of the cpuset controller patches live kernel code (the cpusets_enabled static key),
+# as libvirt does when a domain starts or stops, while two shells allocate pages on the other vCPU.
+FLIP_CPUSET = f"""
+ctl=/sys/fs/cgroup/cgroup.subtree_control; before=$(cat $ctl)
+allocate() {{ while [ $(date +%s) -lt $end ]; do cat /proc/[0-9]*/cmdline >/dev/null 2>&1; done; }}
+end=$(( $(date +%s) + {FLIP_SECONDS} )); allocate & allocate &
+n=0
+while [ $(date +%s) -lt $end ]; do
+  echo +cpuset >$ctl 2>/dev/null && echo -cpuset >$ctl 2>/dev/null && n=$((n+1))
+done
+wait
+case " $before " in *" cpuset "*) echo +cpuset >$ctl;; esac
+echo $n
+"""
+
+
+def test_live_kernel_patching_keeps_the_host_up(nested_hosts: dict[str, Any]) -> None:
+    """Multi-threaded TCG let a vCPU run a live patch's stale int3 ("Oops: int3", host gone) within 20 s of this."""
+    name = HOSTS[0]
+    flips = int(run(nested_hosts[name], FLIP_CPUSET, timeout=FLIP_SECONDS + 120).strip())
+    assert flips > 10, f"only {flips} cpuset flips in {FLIP_SECONDS}s"
+    (vm,) = [v for v in lab.status() if v.name == name]
+    assert vm.alive and vm.ssh, f"{name} died: " + "\n".join(lab.post_mortem())
