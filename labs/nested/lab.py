@@ -507,7 +507,8 @@ def status(check: Callable[[Vm], bool] | None = None) -> list[VmStatus]:
 def post_mortem() -> list[str]:
     """Each host whose QEMU has gone, with its console from the guest's oops or panic on."""
     vms = [Vm(s, run_dir()) for s in specs()]
-    return [f"{vm.spec.name} is dead (console {vm.paths.console}):\n{vm.crash_report()}" for vm in vms if vm.pid() is None]
+    dead = [vm for vm in vms if vm.pid() is None]
+    return [f"{vm.spec.name} is dead (console {vm.paths.console}):\n{vm.crash_report()}" for vm in dead]
 
 
 def status_table(statuses: list[VmStatus] | None = None) -> Table:
