@@ -98,10 +98,10 @@ def test_infra_errors_recheck_hosts_and_the_run_goes_on(tmp_path: Path) -> None:
         passed = ["test_b_after_agent[hostA]", "test_g_after_down[hostA]", "test_a_agent_hangs[hostB]"]
         assert all(status[t] == "passed" for t in passed), status
         assert status["test_g_after_down[hostB]"] == "skipped", status
-        skip = results["test_g_after_down[hostB]"]["statusDetails"]["message"]  # type: ignore[index]
+        skip = results["test_g_after_down[hostB]"]["statusDetails"]["message"]
         assert "host hostB unhealthy after an infrastructure error" in skip and "ssh" in skip, skip
         # messages say which kind of hang it was
-        messages = [str(results[t]["statusDetails"]["message"]) for t in broken]  # type: ignore[index]
+        messages = [str(results[t]["statusDetails"]["message"]) for t in broken]
         assert "AgentWatchdogError" in messages[0] and "CommandTimeout" in messages[1], messages
         assert "TestTimeout" in messages[2] and "ran past its 3s timeout" in messages[2], messages
         # the next test on hostA came after a doctor recheck, each time

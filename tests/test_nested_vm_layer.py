@@ -28,7 +28,7 @@ PROPS = {"enable-migration": True, "x-device-dirty-page-tracking": False}  # as 
 
 
 def _mtty(props: dict[str, Any] | None = None, type_: str = "mtty-2") -> LabDevice:
-    spec = MdevDevice(kind="mdev", parent="mtty", type=type_, uuid=UUID, protocol="v2", qemu_properties=props or {})  # type: ignore[arg-type]
+    spec = MdevDevice(kind="mdev", parent="mtty", type=type_, uuid=UUID, protocol="v2", qemu_properties=props or {})
     return LabDevice(LabHost("nested-a", Host(address="127.0.0.1", devices=(spec,))), 0, spec)
 
 
@@ -94,8 +94,8 @@ class FakeMonitor:
         if words[0] == "o":
             self.ports[int(words[2], 16)] = int(words[3], 16)
             return ""
-        port = int(words[2], 16)
-        return f"portb[{port:#06x}] = {self.ports.get(port, 0):#x}\r\n"
+        address = int(words[2], 16)
+        return f"portb[{address:#06x}] = {self.ports.get(address, 0):#x}\r\n"
 
 
 @pytest.fixture
@@ -110,12 +110,12 @@ def test_mtty_probe_marks_scratch_and_lcr_of_both_ports(monitor: FakeMonitor) ->
     device = _mtty(PROPS)
     probe = probe_for(device)
     assert probe is not None and probe_named("mtty-uart") is probe
-    mark = probe.mark(monitor, device, UUID)  # type: ignore[arg-type]
+    mark = probe.mark(monitor, device, UUID)
     assert set(mark.values) == {"port0.scr", "port0.lcr", "port1.scr", "port1.lcr"}
     assert monitor.ports[0xC007] == mark.values["port0.scr"] and monitor.ports[0xC00B] == mark.values["port1.lcr"]
     assert all(v < 0x80 for k, v in mark.values.items() if k.endswith(".lcr")), "DLAB must stay clear"
-    assert probe.read(monitor, UUID, mark) == mark.values  # type: ignore[arg-type]
-    again = probe.mark(monitor, device, UUID)  # type: ignore[arg-type]
+    assert probe.read(monitor, UUID, mark) == mark.values
+    again = probe.mark(monitor, device, UUID)
     assert all(again.values[k] != mark.values[k] for k in mark.values), "a fresh mark repeats no value"
 
 

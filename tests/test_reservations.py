@@ -80,7 +80,7 @@ def test_clear(sim_session: LabSession) -> None:
     held.release()
 
 
-def fresh(session: LabSession, host: str):  # type: ignore[no-untyped-def]
+def fresh(session: LabSession, host: str):
     """A second controller: its own connection."""
     from labs.transport import HostConnection
 

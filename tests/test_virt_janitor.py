@@ -9,6 +9,7 @@ import pytest
 from labs.faults import mdevs
 from labs.reservations import reserve
 from labs.runtime import LabSession
+from labs.transport import HostConnection
 from labs.virt.domain import hypervisor, local_image_dir
 from labs.virt.janitor import _mdevs, _restore_mdev, janitor
 from labs.virt.xml import DomainSpec
@@ -104,7 +105,11 @@ def test_janitor_sweeps_mdev_records_on_a_sim_host(sim_session: LabSession, monk
     ssh = sim_session.ssh("hostB")
     asked: list[str] = []
     real_remove = mdevs.remove_mdev
-    monkeypatch.setattr(mdevs, "remove_mdev", lambda s, uuid: asked.append(uuid) or real_remove(s, uuid))
+    def remove_mdev(ssh: HostConnection, uuid: str) -> bool:
+        asked.append(uuid)
+        return real_remove(ssh, uuid)
+
+    monkeypatch.setattr(mdevs, "remove_mdev", remove_mdev)
     kept = [(sim_session.run_id, OWN_MDEV), (LIVE_RUN, LIVE_MDEV)]
     for run, uuid in [(DEAD_RUN, FOREIGN), *kept]:
         mdevs.write_record(ssh, run, uuid, {"type": "mtty-1"})
