@@ -117,7 +117,10 @@ echo $n
 def test_live_kernel_patching_keeps_the_host_up(nested_hosts: dict[str, Any]) -> None:
     """Multi-threaded TCG let a vCPU run a live patch's stale int3 ("Oops: int3", host gone) within 20 s of this."""
     name = HOSTS[0]
-    flips = int(run(nested_hosts[name], FLIP_CPUSET, timeout=FLIP_SECONDS + 120).strip())
+    try:
+        flips = int(run(nested_hosts[name], FLIP_CPUSET, timeout=FLIP_SECONDS + 120).strip())
+    except AssertionError as exc:
+        pytest.fail(f"{exc}\n" + "\n".join(lab.post_mortem()))
     assert flips > 10, f"only {flips} cpuset flips in {FLIP_SECONDS}s"
     (vm,) = [v for v in lab.status() if v.name == name]
     assert vm.alive and vm.ssh, f"{name} died: " + "\n".join(lab.post_mortem())
