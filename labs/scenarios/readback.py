@@ -45,6 +45,10 @@ class SavedStreamLike(Protocol):
 
     def data(self) -> builtins.bytes: ...
 
+    def chunks(self) -> Iterator[builtins.bytes]:
+        """The stream as the device gave it (v1 keeps its chunk boundaries)."""
+        ...
+
 
 class DeviceAccess(Protocol):
     """What the scenarios need from a device handle of the device layer (labs.vfio.device.DeviceHandle)."""

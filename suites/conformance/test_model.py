@@ -285,7 +285,7 @@ def _run(machine: type[DeviceMachine], lab: LabSession, device: LabDevice) -> No
     cls = type(f"{machine.__name__}_{device.id}", (machine,), {"lab": lab, "device": device, "saved": None})
     s = model_settings()
     attach("model settings", {"max_examples": s.max_examples, "steps": s.stateful_step_count}, "json")
-    run_state_machine_as_test(cls, settings=s)  # type: ignore[arg-type]
+    run_state_machine_as_test(cls, settings=s)
 
 
 @pytest.mark.protocol("v1")

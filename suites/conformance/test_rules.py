@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.conformance]
 
 
 def _params(protocol: str) -> list[object]:
-    out = []
+    out: list[object] = []
     for check in checks_for(protocol):
         marks = [pytest.mark.rule(check.rule)]
         if check.sim:
