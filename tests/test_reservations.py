@@ -14,6 +14,7 @@ from labs.inventory.lab import LabHost
 from labs.inventory.models import SimDevice
 from labs.reservations import ReservationBusy, clear_reservations, list_reservations, reserve
 from labs.runtime import LabSession
+from labs.transport import HostConnection
 
 
 def fake_device(session: LabSession, host: str, name: str) -> LabDevice:
@@ -80,8 +81,6 @@ def test_clear(sim_session: LabSession) -> None:
     held.release()
 
 
-def fresh(session: LabSession, host: str):
+def fresh(session: LabSession, host: str) -> HostConnection:
     """A second controller: its own connection."""
-    from labs.transport import HostConnection
-
     return HostConnection(host, session.inventory.host(host).spec, connect_timeout=5)

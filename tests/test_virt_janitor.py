@@ -105,9 +105,10 @@ def test_janitor_sweeps_mdev_records_on_a_sim_host(sim_session: LabSession, monk
     ssh = sim_session.ssh("hostB")
     asked: list[str] = []
     real_remove = mdevs.remove_mdev
-    def remove_mdev(ssh: HostConnection, uuid: str) -> bool:
+
+    def remove_mdev(conn: HostConnection, uuid: str) -> bool:
         asked.append(uuid)
-        return real_remove(ssh, uuid)
+        return real_remove(conn, uuid)
 
     monkeypatch.setattr(mdevs, "remove_mdev", remove_mdev)
     kept = [(sim_session.run_id, OWN_MDEV), (LIVE_RUN, LIVE_MDEV)]
