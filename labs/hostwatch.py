@@ -87,9 +87,12 @@ class Recheck:
     problem: str | None  # the doctor's reason, or None: healthy again
     seconds: float
 
+    @property
+    def verdict(self) -> str:
+        return f"unhealthy: {self.problem}" if self.problem else "healthy"
+
     def __str__(self) -> str:
-        verdict = f"unhealthy: {self.problem}" if self.problem else "healthy"
-        return f"{self.host}: rechecked after {self.after} ({self.error}): {verdict} ({self.seconds:.1f}s)"
+        return f"{self.host}: rechecked after {self.after} ({self.error}): {self.verdict} ({self.seconds:.1f}s)"
 
 
 class HostWatch:

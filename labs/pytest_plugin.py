@@ -20,7 +20,7 @@ import pytest
 from labs import retries
 from labs.doctor import HostReport, Status, check_lab
 from labs.errors import LabError
-from labs.hostwatch import HostWatch, TestTimeout, infra_error, is_pytest_timeout
+from labs.hostwatch import HostWatch, Recheck, TestTimeout, infra_error, is_pytest_timeout
 from labs.inventory import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
 from labs.paths import SIM_INVENTORY
@@ -468,7 +468,7 @@ def _infra_section(terminalreporter: Any, state: LabState) -> None:
     """Tests ended by the lab, doctor rechecks and connection retries, over every process of the run."""
     parts = [*state.worker_summaries, _infra_summary(state)]
     ended = [tuple(t) for p in parts for t in p["infra_ended"]]
-    rechecks = [r for p in parts for r in p["rechecks"]]
+    rechecks = [Recheck(**r) for p in parts for r in p["rechecks"]]
     retried = [r for p in parts for r in p["retries"]]
     if not (ended or rechecks or retried):
         return
@@ -476,9 +476,7 @@ def _infra_section(terminalreporter: Any, state: LabState) -> None:
     for test, error in ended:
         terminalreporter.write_line(f"ended by the lab: {test}: {error}")
     for r in rechecks:
-        verdict = f"unhealthy: {r['problem']}" if r["problem"] else "healthy"
-        took = f"{r['seconds']:.1f}s"
-        terminalreporter.write_line(f"doctor recheck of {r['host']} after {r['after']}: {verdict} ({took})")
+        terminalreporter.write_line(f"doctor recheck of {r.host} after {r.after}: {r.verdict} ({r.seconds:.1f}s)")
     if retried:
         terminalreporter.write_line(f"connection retries: {len(retried)}")
         for line in retried[-10:]:
