@@ -60,13 +60,15 @@ class Scenario:
         # run id first (the janitor's key); a random part, since xdist workers share the run id
         return f"{self.run_id}-{next(_counter)}{uuid.uuid4().hex[:4]}-{label}"
 
-    def define_vm(self, device: LabDevice, label: str | None = None) -> VM:
+    def define_vm(self, device: LabDevice, label: str | None = None, memory_mib: int | None = None) -> VM:
         hv = self.hv(device.host)
         name = self.vm_name(label or f"{self.label}-{device.name}")
         self._domains.add(name)
-        with self.steps.step(f"define {name} on {hv.name} with {device.id}"):
+        memory = f", {memory_mib} MiB" if memory_mib else ""
+        with self.steps.step(f"define {name} on {hv.name} with {device.id}{memory}"):
             trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
-            return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace))
+            sized = {"memory_mib": memory_mib} if memory_mib else {}
+            return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **sized))
 
     def track_domain(self, name: str) -> None:
         self._domains.add(name)

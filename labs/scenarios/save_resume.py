@@ -52,8 +52,8 @@ def _note(vm: VM) -> str:
     return f" ({TEST_DRIVER_NOTE})" if vm.hv.is_test_driver else ""
 
 
-def start_vm(sc: Scenario, device: LabDevice, label: str) -> VM:
-    vm = sc.define_vm(device, label)
+def start_vm(sc: Scenario, device: LabDevice, label: str, memory_mib: int | None = None) -> VM:
+    vm = sc.define_vm(device, label, memory_mib)
     ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):
         vm.start()
