@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import libvirt
 import pytest
 
+from labs.faults.base import Fault
 from labs.hostwatch import infra_error
 from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, SimDevice
@@ -13,9 +15,10 @@ from labs.runtime import LabSession
 from labs.scenarios import migration as mig
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
+from labs.scenarios.faulted import migrate_under_fault
 from labs.scenarios.readback import Readback, SideView
 from labs.virt.janitor import janitor
-from labs.virt.migrate import MigrationHung, MigrationOptions, MigrationResult
+from labs.virt.migrate import JobSample, MigrationHung, MigrationOptions, MigrationResult
 
 
 def sim_device(session: LabSession, host: str) -> LabDevice:
@@ -108,6 +111,69 @@ def test_a_hung_migration_is_the_labs_once_both_sides_are_read_back(
     assert any(s.title.startswith("readback after migrate") for s in scenario.steps.records)  # before raising
     _vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario="migrate", timeout=7, hang_is_infra=False)
     assert leg.result.timed_out and leg.readback.running_on == ["hostA"]
+
+
+class NoteOnly(Fault):
+    name = "note-only"
+
+    def _inject(self) -> None:
+        self.note("injected")
+
+    def _undo(self) -> None:
+        self.note("undone")
+
+
+def _job(elapsed: float, processed: int, remaining: int) -> JobSample:
+    stats = {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_processed": processed, "data_remaining": remaining}
+    return JobSample(elapsed, stats)
+
+
+@pytest.mark.parametrize(
+    ("samples", "lands"),
+    [
+        ([_job(0.2, 0, 0), _job(0.4, 300_000, 900_000_000)], True),  # data moving, more to send: the fault lands
+        ([_job(0.2, 0, 0), _job(0.4, 760_000, 0)], False),  # the pass ended between two polls: QEMU may be done
+    ],
+)
+def test_a_mid_flight_fault_lands_while_data_moves_and_a_missed_window_is_no_verdict(
+    sim_session: LabSession,
+    scenario: Scenario,
+    monkeypatch: pytest.MonkeyPatch,
+    samples: list[JobSample],
+    lands: bool,
+) -> None:
+    """test:/// cannot migrate, so the job's samples and outcome are given; the trigger and verdict are real."""
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    vm = sr.start_vm(scenario, src, "mid")
+    faults: list[NoteOnly] = []
+    calls: list[MigrationOptions] = []
+
+    def job(vm: object, dst_hv: object, opts: MigrationOptions, on_progress: object) -> MigrationResult:
+        calls.append(opts)
+        if len(calls) > 1 or on_progress is None:  # the migration after the fault: fails too, kept simple
+            return MigrationResult("hostA", "hostB", "mid", error="refused")
+        for sample in samples:
+            on_progress(sample)  # type: ignore[operator]
+        landed = faults[0].attempted
+        return MigrationResult(
+            "hostA", "hostB", "mid", ok=not landed, error="aborted" if landed else None, duration=0.5, samples=samples
+        )
+
+    def make(_vm: object) -> NoteOnly:
+        faults.append(NoteOnly("hostA"))
+        return faults[0]
+
+    monkeypatch.setattr(mig, "migrate", job)
+    _vm, run = migrate_under_fault(scenario, vm, LabPair(src, dst), make, "mid-flight")
+    assert faults[0].attempted is lands
+    if lands:
+        assert run.missed is None
+        assert "the migration after note-only failed: refused" in run.problems
+    else:
+        assert run.missed is not None and "ended by itself in 0.5s" in run.missed
+        assert "data seen moving at 0.4s with none left" in run.missed
+        assert len(calls) == 1  # a migration that succeeded needs no following one
+    assert calls[0].bandwidth_mib == 1
 
 
 def test_readback_problems() -> None:

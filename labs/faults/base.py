@@ -47,6 +47,11 @@ class Fault(ABC):
         return self.record.injected_at is not None and not self._undone
 
     @property
+    def attempted(self) -> bool:
+        """inject() was called (whether it succeeded, and whether it was undone since)."""
+        return self._attempted
+
+    @property
     def needs_undo(self) -> bool:
         return self._attempted and not self._undone
 

@@ -18,14 +18,17 @@ from labs.inventory import LabPair
 from labs.scenarios.context import Scenario
 from labs.scenarios.migration import Leg, migrate_leg
 from labs.virt.domain import VM
-from labs.virt.migrate import JobSample
+from labs.virt.migrate import JobSample, MigrationOptions
 from labs.virt.xml import Hostdev, with_hostdevs
 
-# A low bandwidth cap keeps even a tiny idle VM in flight for seconds, so a
-# mid-flight fault lands while the job runs, not after it finished.
-SLOW_MIB_S = 2
+# An idle diskless VM's migration is one pass over its RAM, nearly all zero pages (a few bytes each on
+# the wire). With 128 MiB the pass moved ~750 KiB in under 0.3 s at 2 MiB/s, often between two polls, and
+# a mid-flight abort landed after QEMU had finished (seen in CI). A VM for an in-flight fault gets 1 GiB
+# (pages it never touches cost neither host memory) and the 1 MiB/s floor, so its pass lasts seconds.
+IN_FLIGHT_MEMORY_MIB = 1024
+SLOW_MIB_S = 1
 # before: the fault is in place when the job starts; started: at the first sample of an active job (the
-# destination is being prepared); mid-flight: once data moves
+# destination is being prepared); mid-flight: while RAM data moves (some sent, some still to send)
 Trigger = Literal["before", "started", "mid-flight"]
 
 
@@ -35,10 +38,26 @@ class FaultedMigration:
     failed: Leg
     undone: bool
     following: Leg | None
+    trigger: Trigger = "before"
+
+    @property
+    def missed(self) -> str | None:
+        """Why the fault never met the job it was due in, when the job ended by itself first: no verdict."""
+        result = self.failed.result
+        if self.trigger == "before" or self.fault.attempted or not result.ok:
+            return None
+        moving = [s.elapsed for s in result.samples if s.processed > 0]
+        seen = f"data seen moving at {moving[0]:.1f}s with none left" if moving else "no sample saw data moving"
+        return (
+            f"{self.fault.name} was due {self.trigger}, but the migration ended by itself in {result.duration:.1f}s "
+            f"({seen}; polled every {MigrationOptions.poll:g}s): this VM migrates too quickly for the fault to land"
+        )
 
     @property
     def problems(self) -> list[str]:
         out = []
+        if self.trigger != "before" and not self.fault.attempted and not self.failed.result.ok:
+            out.append(f"the migration failed before {self.fault.name} was injected: {self.failed.result.error}")
         if self.failed.result.ok:
             out.append(f"migration under {self.fault.name} succeeded; it should have failed")
         elif not self.failed.result.error:
@@ -77,9 +96,10 @@ def migrate_under_fault(
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
     def during(sample: JobSample) -> None:
-        # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer
-        landed = sample.processed > 0 if trigger == "mid-flight" else sample.active
-        if landed and not fault.needs_undo:
+        # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer;
+        # once nothing is left to send, QEMU may be completing, and a fault then proves nothing (missed)
+        due = sample.processed > 0 and sample.remaining > 0 if trigger == "mid-flight" else sample.active
+        if due and not fault.attempted:
             sc.inject(fault)
 
     vm_after, failed = migrate_leg(
@@ -114,7 +134,7 @@ def migrate_under_fault(
             vm_after, following = migrate_leg(
                 sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
             )
-    return vm_after, FaultedMigration(fault, failed, undone, following)
+    return vm_after, FaultedMigration(fault, failed, undone, following, trigger)
 
 
 RELEASE_WAIT = 5.0

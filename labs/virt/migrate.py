@@ -58,6 +58,10 @@ class JobSample:
     def processed(self) -> int:
         return int(self.stats.get("data_processed", 0))
 
+    @property
+    def remaining(self) -> int:
+        return int(self.stats.get("data_remaining", 0))
+
 
 @dataclass
 class MigrationResult:
