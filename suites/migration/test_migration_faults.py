@@ -60,6 +60,9 @@ def test_cut_migration_link(migratable: LabPair, scenario: Scenario) -> None:
     def cut(_vm: VM) -> Fault:
         return CutMigrationLink(ssh, source_address, rule_tag(scenario.run_id, f"cut_{_vm.name[-12:]}"))
 
+    # Before the job by default: adding the firewall rule takes a round trip (0.4 s on the nested lab), and an
+    # idle VM's RAM pass can end within it, which would read as a migration that survived a cut link.
+    # LABS_CUT_MID_FLIGHT=1 cuts while data moves (passed on the nested lab: the job stalled, then our deadline).
     trigger: Trigger = "mid-flight" if os.environ.get("LABS_CUT_MID_FLIGHT") == "1" else "before"
     vm = sr.start_vm(scenario, migratable.source, "cut", IN_FLIGHT_MEMORY_MIB if trigger != "before" else None)
     _vm, run = migrate_under_fault(scenario, vm, migratable, cut, trigger, timeout=STALL_TIMEOUT)
