@@ -171,7 +171,7 @@ def test_a_mid_flight_fault_lands_while_data_moves_and_a_missed_window_is_no_ver
         assert "the migration after note-only failed: refused" in run.problems
     else:
         assert run.missed is not None and "ended by itself in 0.5s" in run.missed
-        assert "data seen moving at 0.4s with none left" in run.missed
+        assert "the first sample with data sent, at 0.4s, had 0 bytes left" in run.missed
         assert len(calls) == 1  # a migration that succeeded needs no following one
     assert calls[0].bandwidth_mib == 1
 

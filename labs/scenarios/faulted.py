@@ -24,7 +24,7 @@ from labs.virt.xml import Hostdev, with_hostdevs
 # An idle diskless VM's migration is one pass over its RAM, nearly all zero pages (a few bytes each on
 # the wire). With 128 MiB the pass moved ~750 KiB in under 0.3 s at 2 MiB/s, often between two polls, and
 # a mid-flight abort landed after QEMU had finished (seen in CI). A VM for an in-flight fault gets 1 GiB
-# (pages it never touches cost neither host memory) and the 1 MiB/s floor, so its pass lasts seconds.
+# (pages it never touches cost no host memory on either side) and the 1 MiB/s floor, so its pass lasts seconds.
 IN_FLIGHT_MEMORY_MIB = 1024
 SLOW_MIB_S = 1
 # before: the fault is in place when the job starts; started: at the first sample of an active job (the
@@ -46,8 +46,13 @@ class FaultedMigration:
         result = self.failed.result
         if self.trigger == "before" or self.fault.attempted or not result.ok:
             return None
-        moving = [s.elapsed for s in result.samples if s.processed > 0]
-        seen = f"data seen moving at {moving[0]:.1f}s with none left" if moving else "no sample saw data moving"
+        first = next((s for s in result.samples if s.processed > 0), None)
+        if first is not None:
+            seen = f"the first sample with data sent, at {first.elapsed:.1f}s, had {first.remaining} bytes left"
+        elif result.samples:
+            seen = f"{len(result.samples)} samples saw the job active, none with data sent"
+        else:
+            seen = "no sample saw the job active"
         return (
             f"{self.fault.name} was due {self.trigger}, but the migration ended by itself in {result.duration:.1f}s "
             f"({seen}; polled every {MigrationOptions.poll:g}s): this VM migrates too quickly for the fault to land"
