@@ -41,10 +41,15 @@ class FaultedMigration:
     trigger: Trigger = "before"
 
     @property
+    def never_injected(self) -> bool:
+        """Due during the job, the fault was never injected: the job ended (or failed) first."""
+        return self.trigger != "before" and not self.fault.attempted
+
+    @property
     def missed(self) -> str | None:
         """Why the fault never met the job it was due in, when the job ended by itself first: no verdict."""
         result = self.failed.result
-        if self.trigger == "before" or self.fault.attempted or not result.ok:
+        if not (self.never_injected and result.ok):
             return None
         first = next((s for s in result.samples if s.processed > 0), None)
         if first is not None:
@@ -61,7 +66,7 @@ class FaultedMigration:
     @property
     def problems(self) -> list[str]:
         out = []
-        if self.trigger != "before" and not self.fault.attempted and not self.failed.result.ok:
+        if self.never_injected and not self.failed.result.ok:
             out.append(f"the migration failed before {self.fault.name} was injected: {self.failed.result.error}")
         if self.failed.result.ok:
             out.append(f"migration under {self.fault.name} succeeded; it should have failed")
