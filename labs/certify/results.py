@@ -19,6 +19,7 @@ class TestResult:
     duration_ms: int = 0
     story: str = ""
     devices: tuple[str, ...] = ()  # the lab_device labels: the device under test, known even when skipped
+    test_case_id: str = ""
 
 
 def read_results(results_dir: Path) -> list[TestResult]:
@@ -42,6 +43,7 @@ def read_results(results_dir: Path) -> list[TestResult]:
             duration_ms=int(data.get("stop", 0)) - int(data.get("start", 0)),
             story=story,
             devices=devices,
+            test_case_id=str(data.get("testCaseId", "")),
         )
         key = str(data.get("historyId") or result.full_name + json.dumps(params, sort_keys=True))
         stop = int(data.get("stop", 0))

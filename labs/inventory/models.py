@@ -209,6 +209,7 @@ class LabSettings(Strict):
     name: str = "lab"
     timeouts: Timeouts = Timeouts()
     gates: Gates = Gates()
+    known_issues: Path | None = Field(default=None, description="known driver bugs (YAML), relative to the inventory")
     artifact_dir: Path = Path("reports")
     keepalive: float = Field(default=15.0, ge=0)
     max_downtime_ms: int | None = Field(

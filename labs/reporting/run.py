@@ -15,8 +15,9 @@ from rich.console import Console
 
 from labs.certify.results import read_results
 from labs.errors import InfraError
-from labs.inventory.models import Gates
+from labs.inventory import Inventory
 from labs.paths import REPO_ROOT, REPORTS, SUITES
+from labs.reporting import known
 from labs.reporting.gates import GateFailure, evaluate
 from labs.reporting.metrics import read_run_metrics
 from labs.reporting.plots import append_history, plot_run, plot_trend
@@ -74,18 +75,29 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
-def check_gates(run_dir: Path, gates: Gates, seconds: float) -> list[GateFailure]:
-    results = run_dir / "allure-results"
-    failures = evaluate(gates, read_results(results) if results.is_dir() else [], seconds)
-    doc = {"gates": gates.model_dump(), "seconds": round(seconds, 1), "failed": [f.__dict__ for f in failures]}
+def check_gates(
+    run_dir: Path, inv: Inventory, issues: list[known.KnownIssue], seconds: float
+) -> tuple[list[GateFailure], list[known.Seen]]:
+    results_dir = run_dir / "allure-results"
+    results = read_results(results_dir) if results_dir.is_dir() else []
+    seen = known.classify(issues, results, inv)
+    gates = inv.settings.gates
+    failures = evaluate(gates, results, seconds, known.known_failures(seen))
+    doc = {
+        "gates": gates.model_dump(),
+        "seconds": round(seconds, 1),
+        "failed": [f.__dict__ for f in failures],
+        "known_issues": {s.issue.id: {"failed": [r.name for r in s.failed], "fixed": s.fixed} for s in seen},
+    }
     (run_dir / "gates.json").write_text(json.dumps(doc, indent=2))
-    return failures
+    return failures, seen
 
 
 def run_suites(
     inventory: Path, suites: str | None, pytest_args: list[str], console: Console, reports: Path = REPORTS
 ) -> int:
     inv = open_inventory(inventory)  # a bad inventory stops here, in one line, before pytest starts
+    issues = known.for_inventory(inv)
     run_id = new_run_id()
     run_dir = reports / run_id
     results = run_dir / "allure-results"
@@ -103,7 +115,7 @@ def run_suites(
     seconds = time.monotonic() - started
     _link_latest(run_dir)
     t = junit_totals(junit)
-    failed_gates = check_gates(run_dir, inv.settings.gates, seconds)
+    failed_gates, seen = check_gates(run_dir, inv, issues, seconds)
     # pytest's 1 means "tests failed", which the gates judge; anything else (interrupted, usage) stands
     status = rc if rc not in (0, 1) else (1 if failed_gates else 0)
     colour = "green" if status == 0 else "red"
@@ -112,6 +124,8 @@ def run_suites(
         f"{t.skipped} skipped in {t.seconds:.1f}s (pytest exit {rc})[/]",
         highlight=False,
     )
+    for line in known.lines(seen):
+        console.print(f"[yellow]{line}[/]", highlight=False)
     for gate in failed_gates:
         console.print(f"[red]{gate.line()}[/]", highlight=False)
     console.print(f"allure results: {_shown(results)}", highlight=False)
@@ -121,7 +135,8 @@ def run_suites(
         for png in plot_metrics(run_dir, run_id, reports):
             console.print(f"plot:           {_shown(png)}", highlight=False)
         try:
-            rendered = render(run_dir, f"labs {inv.name} {run_id}", history=reports / "history.jsonl")
+            resolutions = known.allure_resolutions(seen)
+            rendered = render(run_dir, f"labs {inv.name} {run_id}", reports / "history.jsonl", resolutions)
         except InfraError as exc:
             console.print(f"[yellow]report not rendered: {exc}[/]", highlight=False)
         else:
