@@ -68,14 +68,36 @@ def run(inventory: Path | None, suites: str | None, pytest_args: tuple[str, ...]
 
 @main.command()
 @click.argument("run", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--open", "open_browser", is_flag=True, help="serve the full report on 127.0.0.1 and open a browser")
+@click.option("--serve", is_flag=True, help="serve the full report on 127.0.0.1 until Ctrl-C")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="port to serve on (default: a free one)")
 @one_line_errors
-def report(run: Path | None) -> None:
-    """Render a run's Allure results to HTML (default: reports/latest)."""
+def report(run: Path | None, open_browser: bool, serve: bool, port: int) -> None:
+    """Render a run's Allure results to HTML (default: reports/latest); --open/--serve serve it over HTTP."""
+    import time
+    import webbrowser
+
     from labs.paths import REPORTS
     from labs.reporting.render import render
+    from labs.reporting.serve import ReportServer
 
-    rendered = render((run or REPORTS / "latest").resolve())
-    console.print(f"html report: {rendered.html}\nsingle file: {rendered.single}", highlight=False)
+    run_dir = (run or REPORTS / "latest").resolve()
+    full = run_dir / "html" / "awesome" / "index.html"
+    if not ((open_browser or serve) and full.exists()):
+        rendered = render(run_dir)
+        console.print(f"single file: {rendered.single}  (opens from disk)", highlight=False)
+    if not (open_browser or serve):
+        console.print(f"full report: ./lab report --open {run_dir}  (needs HTTP)", highlight=False)
+        return
+    with ReportServer(run_dir, port) as server:
+        console.print(f"serving {server.url}  (Ctrl-C to stop)", highlight=False)
+        if open_browser and not webbrowser.open(server.url):
+            console.print("no browser found here: open the URL above", highlight=False)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,66 @@ def test_rendered_report_shows_the_run_in_chromium(pytester: pytest.Pytester, tm
     subprocess.run([chromium, *flags, f"--screenshot={shot.resolve()}", rendered.single.as_uri()],
                    capture_output=True, timeout=120)  # fmt: skip
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+OPENED = """
+import allure
+
+def test_reads_back_the_registers():
+    with allure.step("read back the UART scratch register"):
+        pass
+    allure.attach("<domain/>", name="domain xml of the guest")
+
+def test_migration_fails():
+    assert 1 == 2, "the destination refused the stream"
+"""
+
+
+def _chromium_dom(chromium: str, url: str, profile: Path) -> str:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1400,1000",
+    ]  # fmt: skip
+    return subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+
+
+def test_report_open_serves_real_content_in_chromium(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """`lab report --open` serves the full report (which needs HTTP) and prints its URL; the page of a
+    test shows its name, its step and its attachment; the single file shows the same from file://."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (./lab test installs it as root)")
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed (./lab installs it as root)")
+    from labs.reporting.render import render
+
+    pytester.makepyfile(test_opened=OPENED)
+    run_dir = tmp_path / "run"
+    pytester.runpytest_subprocess(f"--alluredir={run_dir / 'allure-results'}")
+    rendered = render(run_dir, "labs open test", history=tmp_path / "history.jsonl")
+    ids = {}
+    for path in (run_dir / "html" / "awesome" / "data" / "test-results").glob("*.json"):
+        doc = json.loads(path.read_text())
+        ids[doc["name"]] = doc["id"]
+    page = "#/" + ids["test_reads_back_the_registers"]
+    # BROWSER=true: the command "opens a browser" that does nothing; chromium below is the browser
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labs.cli", "report", "--open", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "BROWSER": "true"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://127.0.0.1:"), line
+        url = line.split()[1]
+        overview = _chromium_dom(chromium, url, tmp_path / "chromium")
+        assert "test_reads_back_the_registers" in overview and "test_migration_fails" in overview
+        served = _chromium_dom(chromium, url + page, tmp_path / "chromium")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    single = _chromium_dom(chromium, rendered.single.as_uri() + page, tmp_path / "chromium")
+    for dom, how in ((served, "served"), (single, "single file")):
+        for text in ("test_reads_back_the_registers", "read back the UART scratch register", "domain xml of the guest"):
+            assert text in dom, f"{text!r} not on the {how} page"

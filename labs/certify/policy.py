@@ -1,10 +1,15 @@
-"""Which spec rules a device must pass to be certified: the one place this is written down.
+"""Which spec rules and which scenarios a device must pass to be certified: the one place this is written down.
 
-MUST rules fail certification when they fail. SHOULD rules are reported but do
-not fail it. Capability rules apply only when the device advertises the
-capability; a rule that needs something the device lacks is "not applicable".
-Simulator-only rules (requests that hang real kernels) never count for a real
-device.
+MUST rules fail certification when they fail, and leave it INCOMPLETE when
+their tests did not run. SHOULD rules are reported but do not fail it.
+Capability rules apply only when the device advertises the capability; a rule
+that needs something the device lacks is "not applicable". Simulator-only rules
+(requests that hang real kernels) never count for a real device.
+
+Required scenarios are VM-level tests every device of a class must have run and
+passed: a scenario whose tests all skipped leaves the certificate INCOMPLETE,
+naming the skip reason. A scenario is found in the Allure results by its
+suite's feature label and its test's story label (labs.reporting.allure_hooks).
 """
 
 from __future__ import annotations
@@ -76,3 +81,34 @@ POLICIES = {"v1": V1, "v2": V2}
 
 def policy_for(protocol: str) -> list[RulePolicy]:
     return POLICIES[protocol]
+
+
+@dataclass(frozen=True)
+class ScenarioPolicy:
+    scenario: str  # what the certificate calls it
+    feature: str  # the suite's Allure feature label
+    story: str  # the test's Allure story label: its name without test_, underscores as spaces
+    needs: str | None = None  # a capability without which the scenario does not apply
+    needs_reset: bool = False  # only a device that can be reset can be brought back from ERROR
+
+
+SAVE, LIVE, RECOVERY = "Save and resume", "Live migration", "ERROR recovery"
+
+# the same for every protocol and device kind: both protocols have an ERROR state only RESET leaves
+SCENARIOS = [
+    ScenarioPolicy("save/restore", SAVE, "save then restore"),
+    ScenarioPolicy("managed save", SAVE, "managed save then start"),
+    ScenarioPolicy("restore on the other host", SAVE, "restore on other host"),
+    ScenarioPolicy("live migration both ways", LIVE, "migrate and back", needs="stop_copy"),
+    ScenarioPolicy("fault: migration aborted mid-flight", LIVE, "abort mid flight", needs="stop_copy"),
+    ScenarioPolicy("fault: destination QEMU killed", LIVE, "kill destination qemu", needs="stop_copy"),
+    ScenarioPolicy("fault: migration link cut", LIVE, "cut migration link", needs="stop_copy"),
+    ScenarioPolicy("fault: destination lacks the device", LIVE, "destination lacks device", needs="stop_copy"),
+    ScenarioPolicy("fault: corrupt device stream on resume", SAVE, "corrupt resume stream refused"),
+    ScenarioPolicy("ERROR recovery by reset", RECOVERY, "refused stream then reset", needs_reset=True),
+    ScenarioPolicy("save/restore after recovery", RECOVERY, "vm save restore after recovery", needs_reset=True),
+]
+
+
+def scenarios_for(protocol: str) -> list[ScenarioPolicy]:
+    return list(SCENARIOS) if protocol in POLICIES else []

@@ -17,6 +17,9 @@ class TestResult:
     feature: str
     parameters: dict[str, str] = field(default_factory=dict)
     duration_ms: int = 0
+    story: str = ""
+    devices: tuple[str, ...] = ()  # the lab_device labels: the device under test, known even when skipped
+    test_case_id: str = ""
 
 
 def read_results(results_dir: Path) -> list[TestResult]:
@@ -26,6 +29,8 @@ def read_results(results_dir: Path) -> list[TestResult]:
         labels = data.get("labels", [])
         rules = tuple(str(lb["value"]) for lb in labels if lb.get("name") == "rule")
         feature = next((str(lb["value"]) for lb in labels if lb.get("name") == "feature"), "")
+        story = next((str(lb["value"]) for lb in labels if lb.get("name") == "story"), "")
+        devices = tuple(str(lb["value"]) for lb in labels if lb.get("name") == "lab_device")
         params = {str(p["name"]): _unquote(str(p["value"])) for p in data.get("parameters", [])}
         result = TestResult(
             name=str(data.get("name", "")),
@@ -36,6 +41,9 @@ def read_results(results_dir: Path) -> list[TestResult]:
             feature=feature,
             parameters=params,
             duration_ms=int(data.get("stop", 0)) - int(data.get("start", 0)),
+            story=story,
+            devices=devices,
+            test_case_id=str(data.get("testCaseId", "")),
         )
         key = str(data.get("historyId") or result.full_name + json.dumps(params, sort_keys=True))
         stop = int(data.get("stop", 0))

@@ -19,11 +19,12 @@ from typing import Any
 from rich.console import Console
 
 import labs
-from labs.certify.policy import policy_for
+from labs.certify.policy import policy_for, scenarios_for
 from labs.certify.results import TestResult, read_results
-from labs.certify.verdicts import RuleVerdict, judge
+from labs.certify.verdicts import FAILED, judge, judge_scenarios
 from labs.errors import ConfigError
 from labs.inventory import Inventory, LabDevice
+from labs.inventory.models import ResetMethod
 from labs.paths import REPO_ROOT, REPORTS, SUITES
 from labs.runtime import new_run_id, open_inventory
 
@@ -49,6 +50,8 @@ def _find_device(inv: Inventory, device_id: str) -> LabDevice:
 
 
 def _about_device(result: TestResult, device: LabDevice) -> bool:
+    if result.devices:
+        return device.id in result.devices
     params = result.parameters
     if params.get("device") == device.id:
         return True
@@ -69,14 +72,17 @@ def _environment(results_dir: Path) -> dict[str, str]:
 def build_document(device: LabDevice, results: list[TestResult], env: dict[str, str], run_id: str) -> dict[str, Any]:
     mine = [r for r in results if _about_device(r, device)]
     caps = {c.value for c in device.capabilities}
-    verdicts = judge(policy_for(device.spec.protocol), mine, caps, simulated=device.spec.kind == "sim")
-    scenarios: dict[str, dict[str, int]] = {}
-    for r in mine:
-        if not r.rules:
-            counts = scenarios.setdefault(r.feature or "other", {})
-            counts[r.status] = counts.get(r.status, 0) + 1
-    host = device.host.name
     spec = device.spec
+    verdicts = judge(policy_for(spec.protocol), mine, caps, simulated=spec.kind == "sim")
+    required = scenarios_for(spec.protocol)
+    scenario_verdicts = judge_scenarios(required, mine, caps, resettable=spec.reset != ResetMethod.NONE)
+    in_required = {(p.feature, p.story) for p in required}
+    others = [r for r in mine if not r.rules and (r.feature, r.story) not in in_required]
+    scenarios: dict[str, dict[str, int]] = {}
+    for r in others:
+        counts = scenarios.setdefault(r.feature or "other", {})
+        counts[r.status] = counts.get(r.status, 0) + 1
+    host = device.host.name
     identity = {
         "device": device.id,
         "kind": spec.kind,
@@ -90,20 +96,39 @@ def build_document(device: LabDevice, results: list[TestResult], env: dict[str, 
         "libvirt": env.get(f"{host}.libvirt"),
     }
     blocking = [v.rule for v in verdicts if v.blocks]
+    failed_scenarios = [v.scenario for v in scenario_verdicts if v.blocks]
+    # a failing test outside every rule and required scenario is still a driver failing in a VM
+    failed_tests = [r.name for r in others if r.status in FAILED]
+    not_run = [{"what": v.rule, "verdict": v.verdict, "reason": v.reason} for v in verdicts if v.missing] + [
+        {"what": v.scenario, "verdict": v.verdict, "reason": v.reason} for v in scenario_verdicts if v.missing
+    ]
+    if blocking or failed_scenarios or failed_tests:
+        verdict = "fail"
+    elif not_run:
+        verdict = "incomplete"
+    else:
+        verdict = "pass"
     doc: dict[str, Any] = {
-        "format": "labs-certification/1",
+        "format": "labs-certification/2",
         "framework": {"name": "labs", "version": labs.__version__},
         "run": run_id,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "identity": identity,
-        "verdict": "fail" if blocking else "pass",
+        "verdict": verdict,
         "blocking_rules": blocking,
+        "failed_scenarios": failed_scenarios,
+        "failed_tests": failed_tests,
+        "not_run": not_run,
         "rules": [v.__dict__ | {"tests": list(v.tests)} for v in verdicts],
+        "required_scenarios": [v.__dict__ | {"tests": list(v.tests)} for v in scenario_verdicts],
         "scenarios": scenarios,
         "metrics": {"tests": len(mine), "duration_s": round(sum(r.duration_ms for r in mine) / 1000, 3)},
     }
     doc["digest"] = digest(doc)
     return doc
+
+
+EXIT = {"pass": 0, "fail": 1, "incomplete": 3}  # 2 is any lab error (labs.cli)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -121,13 +146,25 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---|---|---|",
         *[f"| {r['rule']} | {r['level']} | {r['verdict']} | {r['reason'].replace('|', '/')} |" for r in doc["rules"]],
         "",
-        "| scenario | results |",
+        "| required scenario | verdict | reason |",
+        "|---|---|---|",
+        *[f"| {r['scenario']} | {r['verdict']} | {r['reason'].replace('|', '/')} |" for r in doc["required_scenarios"]],
+        "",
+        "| other tests | results |",
         "|---|---|",
         *[f"| {k} | {', '.join(f'{n} {s}' for s, n in v.items())} |" for k, v in doc["scenarios"].items()],
     ]
-    if doc["blocking_rules"]:
-        lines += ["", f"Blocking: {', '.join(doc['blocking_rules'])}"]
+    lines += ["", *_verdict_lines(doc)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(doc: dict[str, Any]) -> list[str]:
+    """Why the certificate is not PASS, one line per rule, scenario or test."""
+    lines = [f"failed: {rule} (MUST rule)" for rule in doc["blocking_rules"]]
+    lines += [f"failed: {name} (required scenario)" for name in doc["failed_scenarios"]]
+    lines += [f"failed: {name}" for name in doc["failed_tests"]]
+    lines += [f"not run: {n['what']}: {n['reason']}" for n in doc["not_run"]]
+    return lines
 
 
 def html_page(doc: dict[str, Any]) -> str:
@@ -136,14 +173,23 @@ def html_page(doc: dict[str, Any]) -> str:
         f"<td>{html.escape(r['reason'])}</td></tr>"
         for r in doc["rules"]
     )
+    scenario_rows = "".join(
+        f"<tr class='{r['verdict']}'><td>{html.escape(r['scenario'])}</td><td>{r['verdict']}</td>"
+        f"<td>{html.escape(r['reason'])}</td></tr>"
+        for r in doc["required_scenarios"]
+    )
+    why = "".join(f"<li>{html.escape(line)}</li>" for line in _verdict_lines(doc))
     ident = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in doc["identity"].items())
     return (
         "<!doctype html><meta charset=utf-8><title>certification</title><style>"
         "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}"
-        ".fail{background:#fdd}.pass{background:#dfd}.not-applicable{color:#777}.not-tested{background:#ffd}</style>"
+        ".fail{background:#fdd}.pass{background:#dfd}.not-applicable{color:#777}"
+        ".not-tested,.not-run{background:#ffd}</style>"
         f"<h1>{html.escape(doc['identity']['device'])}: {doc['verdict'].upper()}</h1>"
         f"<p>run {doc['run']} · {doc['date']} · labs {doc['framework']['version']} · digest {doc['digest']}</p>"
+        f"<ul>{why}</ul>"
         f"<table>{ident}</table><h2>Rules</h2><table><tr><th>rule<th>level<th>verdict<th>reason</tr>{rows}</table>"
+        f"<h2>Required scenarios</h2><table><tr><th>scenario<th>verdict<th>reason</tr>{scenario_rows}</table>"
     )
 
 
@@ -168,22 +214,26 @@ def certify(inventory: Path, device_id: str, pytest_args: list[str], console: Co
     (run_dir / "certification.md").write_text(markdown(doc))
     (run_dir / "certification.html").write_text(html_page(doc))
     _print_summary(console, doc, run_dir)
-    return 1 if doc["blocking_rules"] else 0
+    return EXIT[doc["verdict"]]
 
 
 def _print_summary(console: Console, doc: dict[str, Any], run_dir: Path) -> None:
     counts: dict[str, int] = {}
     for r in doc["rules"]:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    colour = "green" if doc["verdict"] == "pass" else "red"
+    scenario_counts: dict[str, int] = {}
+    for r in doc["required_scenarios"]:
+        scenario_counts[r["verdict"]] = scenario_counts.get(r["verdict"], 0) + 1
+    colour = {"pass": "green", "incomplete": "yellow"}.get(doc["verdict"], "red")
     console.print(
-        f"[{colour}]certification {doc['verdict'].upper()}[/]: "
-        + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())),
+        f"[{colour}]certification {doc['verdict'].upper()}[/]: rules "
+        + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        + "; required scenarios "
+        + ", ".join(f"{n} {v}" for v, n in sorted(scenario_counts.items())),
         highlight=False,
     )
-    for r in doc["rules"]:
-        if RuleVerdict(r["rule"], r["level"], r["verdict"], r["reason"], ()).blocks:
-            console.print(f"  [red]{r['rule']}[/] {r['verdict']}: {r['reason']}", highlight=False)
+    for line in _verdict_lines(doc):
+        console.print(f"  [{'red' if line.startswith('failed') else 'yellow'}]{line}[/]", highlight=False)
     console.print(f"certification: {_shown(run_dir / 'certification.json')}", highlight=False)
     console.print(f"summary:       {_shown(run_dir / 'certification.md')}", highlight=False)
 

@@ -195,9 +195,21 @@ class SimSettings(Strict):
     port: int = Field(default=2222, ge=1, le=65535)
 
 
+class Gates(Strict):
+    """What turns `lab run` red besides pytest's exit status (evaluated by labs.reporting.gates)."""
+
+    min_passed: int = Field(default=1, ge=0, description="fewer passed tests fail the run: all skipped is red")
+    min_tests: int = Field(default=0, ge=0, description="fewer tests (passed, failed or skipped) fail the run")
+    max_failures: int = Field(default=0, ge=0, description="more failed or broken tests fail the run")
+    must_rules: bool = Field(default=True, description="a failing test of a MUST rule fails the run")
+    max_duration_s: float | None = Field(default=None, gt=0, description="a longer run fails")
+
+
 class LabSettings(Strict):
     name: str = "lab"
     timeouts: Timeouts = Timeouts()
+    gates: Gates = Gates()
+    known_issues: Path | None = Field(default=None, description="known driver bugs (YAML), relative to the inventory")
     artifact_dir: Path = Path("reports")
     keepalive: float = Field(default=15.0, ge=0)
     max_downtime_ms: int | None = Field(

@@ -87,6 +87,10 @@ def static_labels(item: pytest.Item) -> None:
     _label(item, "feature", FEATURES.get(suite, suite or "labs"))
     name = getattr(item, "originalname", item.name)
     _label(item, "story", name.removeprefix("test_").replace("_", " "))
+    device = subject_of(item)[1]
+    if device is not None:
+        # a test skipped before its fixtures ran has only its parameters' repr: this names its device
+        _label(item, "lab_device", device.id)
     rule_ids = [str(r) for mark in item.iter_markers("rule") for r in mark.args]
     if rule_ids:
         # allure-pytest tags a test with its markers already (conformance, fault, ...); rule ids join them

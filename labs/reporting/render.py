@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from labs.errors import InfraError
 from labs.paths import REPO_ROOT, REPORTS
@@ -41,7 +42,9 @@ def ensure_allure() -> Path:
     return ALLURE_BIN
 
 
-def render(run_dir: Path, name: str | None = None, history: Path = HISTORY) -> Rendered:
+def render(
+    run_dir: Path, name: str | None = None, history: Path = HISTORY, resolutions: dict[str, Any] | None = None
+) -> Rendered:
     results = run_dir / "allure-results"
     if not results.is_dir():
         raise InfraError(f"{results}: no Allure results to render")
@@ -60,6 +63,8 @@ def render(run_dir: Path, name: str | None = None, history: Path = HISTORY) -> R
             },
         },
     }
+    if resolutions:
+        config["resolutions"] = resolutions  # known issues (labs.reporting.known)
     (run_dir / "allurerc.json").write_text(json.dumps(config, indent=2))
     proc = subprocess.run(
         [str(ensure_allure()), "generate", str(results)], cwd=run_dir, capture_output=True, text=True, timeout=600

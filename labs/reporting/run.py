@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from labs.certify.results import read_results
 from labs.errors import InfraError
+from labs.inventory import Inventory
 from labs.paths import REPO_ROOT, REPORTS, SUITES
+from labs.reporting import known
+from labs.reporting.gates import GateFailure, evaluate
 from labs.reporting.metrics import read_run_metrics
 from labs.reporting.plots import append_history, plot_run, plot_trend
 from labs.reporting.render import render
@@ -54,21 +60,46 @@ def _link_latest(run_dir: Path) -> None:
     tmp.replace(latest)
 
 
-def plot_metrics(run_dir: Path, run_id: str) -> list[Path]:
+def plot_metrics(run_dir: Path, run_id: str, reports: Path = REPORTS) -> list[Path]:
     metrics = read_run_metrics(run_dir / "allure-results")
     if not metrics:
         return []
-    history = REPORTS / "metrics-history.jsonl"
+    history = reports / "metrics-history.jsonl"
     append_history(history, run_id, metrics)
     written = plot_run(metrics, run_dir / "plots", run_id)
     trend = plot_trend(history, run_dir / "plots" / "trend-downtime.png")
     return [*written, *([trend] if trend else [])]
 
 
-def run_suites(inventory: Path, suites: str | None, pytest_args: list[str], console: Console) -> int:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def check_gates(
+    run_dir: Path, inv: Inventory, issues: list[known.KnownIssue], seconds: float
+) -> tuple[list[GateFailure], list[known.Seen]]:
+    results_dir = run_dir / "allure-results"
+    results = read_results(results_dir) if results_dir.is_dir() else []
+    seen = known.classify(issues, results, inv)
+    gates = inv.settings.gates
+    failures = evaluate(gates, results, seconds, known.known_failures(seen))
+    doc = {
+        "gates": gates.model_dump(),
+        "seconds": round(seconds, 1),
+        "failed": [f.__dict__ for f in failures],
+        "known_issues": {s.issue.id: {"failed": [r.name for r in s.failed], "fixed": s.fixed} for s in seen},
+    }
+    (run_dir / "gates.json").write_text(json.dumps(doc, indent=2))
+    return failures, seen
+
+
+def run_suites(
+    inventory: Path, suites: str | None, pytest_args: list[str], console: Console, reports: Path = REPORTS
+) -> int:
     inv = open_inventory(inventory)  # a bad inventory stops here, in one line, before pytest starts
+    issues = known.for_inventory(inv)
     run_id = new_run_id()
-    run_dir = REPORTS / run_id
+    run_dir = reports / run_id
     results = run_dir / "allure-results"
     junit = run_dir / "junit.xml"
     run_dir.mkdir(parents=True)
@@ -79,26 +110,38 @@ def run_suites(inventory: Path, suites: str | None, pytest_args: list[str], cons
         "-o", "junit_family=xunit2", "-p", "no:cacheprovider", *pytest_args,
     ]  # fmt: skip
     console.print(f"[bold]run {run_id}[/] on lab [bold]{inv.name}[/] ({inventory})", highlight=False)
+    started = time.monotonic()
     rc = subprocess.call(cmd, cwd=REPO_ROOT, env={**os.environ, "LABS_RUN_ID": run_id})
+    seconds = time.monotonic() - started
     _link_latest(run_dir)
     t = junit_totals(junit)
-    colour = "green" if rc == 0 else "red"
+    failed_gates, seen = check_gates(run_dir, inv, issues, seconds)
+    # pytest's 1 means "tests failed", which the gates judge; anything else (interrupted, usage) stands
+    status = rc if rc not in (0, 1) else (1 if failed_gates else 0)
+    colour = "green" if status == 0 else "red"
     console.print(
         f"[{colour}]run {run_id}: {t.passed} passed, {t.failures} failed, {t.errors} errors, "
         f"{t.skipped} skipped in {t.seconds:.1f}s (pytest exit {rc})[/]",
         highlight=False,
     )
-    console.print(f"allure results: {results.relative_to(REPO_ROOT)}", highlight=False)
-    console.print(f"junit:          {junit.relative_to(REPO_ROOT)}", highlight=False)
-    console.print(f"latest run:     {(REPORTS / 'latest').relative_to(REPO_ROOT)} -> {run_id}", highlight=False)
+    for line in known.lines(seen):
+        console.print(f"[yellow]{line}[/]", highlight=False)
+    for gate in failed_gates:
+        console.print(f"[red]{gate.line()}[/]", highlight=False)
+    console.print(f"allure results: {_shown(results)}", highlight=False)
+    console.print(f"junit:          {_shown(junit)}", highlight=False)
+    console.print(f"latest run:     {_shown(reports / 'latest')} -> {run_id}", highlight=False)
     if results.is_dir():
-        for png in plot_metrics(run_dir, run_id):
-            console.print(f"plot:           {png.relative_to(REPO_ROOT)}", highlight=False)
+        for png in plot_metrics(run_dir, run_id, reports):
+            console.print(f"plot:           {_shown(png)}", highlight=False)
         try:
-            rendered = render(run_dir, f"labs {inv.name} {run_id}")
+            resolutions = known.allure_resolutions(seen)
+            rendered = render(run_dir, f"labs {inv.name} {run_id}", reports / "history.jsonl", resolutions)
         except InfraError as exc:
             console.print(f"[yellow]report not rendered: {exc}[/]", highlight=False)
         else:
-            console.print(f"html report:    {rendered.html.relative_to(REPO_ROOT)}", highlight=False)
-            console.print(f"single file:    {rendered.single.relative_to(REPO_ROOT)}", highlight=False)
-    return rc
+            single = f"report (file):  {_shown(rendered.single)}  (one file: opens from disk)"
+            console.print(single, highlight=False)
+            served = f"full report:    ./lab report --open {_shown(run_dir)}  (needs HTTP: served on 127.0.0.1)"
+            console.print(served, highlight=False)
+    return status
