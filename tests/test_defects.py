@@ -38,6 +38,7 @@ class Ctx:
     client: AgentClient
     tmp: Path
     defect: Defect
+    model: str = "labs-sim"
     opened: list[DeviceHandle] = field(default_factory=list)
     count: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -54,6 +55,7 @@ class Ctx:
         return self._open(self.defect)
 
     def peer(self) -> DeviceHandle:
+        """A fresh correct driver (never the device under test), as a lab's pair partner would be."""
         return self._open(CORRECT[self.defect.protocol])
 
     def step(self, title: str) -> Any:
