@@ -96,8 +96,8 @@ def correct_peers(inventory: Path) -> Path:
     """hostB's copy of every variant runs the correct driver: a variant's peer (its pair partner)
     and the other end of its pair tests are then correct, so each judges the variant alone."""
     doc = yaml.safe_load(inventory.read_text())
-    for dev in doc["hosts"]["hostB"]["devices"]:
-        dev["driver"] = CORRECT[dev["protocol"]].driver
+    hostb = doc["hosts"]["hostB"]
+    hostb["devices"] = [{**d, "driver": CORRECT[d["protocol"]].driver} for d in hostb["devices"]]  # not hostA's
     inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
     return inventory
 
