@@ -703,9 +703,7 @@ def _v2_fd_iff_session(ctx: CheckContext) -> None:
     dev.reset()
 
 
-def _saving_group(
-    ctx: CheckContext, dev: DeviceHandle, pre_limit: int | None, title: str
-) -> tuple[SavedStream, int]:
+def _saving_group(ctx: CheckContext, dev: DeviceHandle, pre_limit: int | None, title: str) -> tuple[SavedStream, int]:
     """PRE_COPY read up to `pre_limit` bytes (None: until exhausted), then STOP_COPY on the same fd."""
     limit = stream_limit(dev)
     out = SavedStream(dev.protocol)
