@@ -112,7 +112,8 @@ REAL_PATH = {"v1": ["V1-R10", "V1-R16", "V1-R17"], "v2": ["V2-R6", "V2-R8", "V2-
 # what that path still catches (a stale save needs content that changes between saves: sim only)
 REAL_PATH_CATCHES = [
     "V1ResumeWritesNothing", "V2ResumeWritesNothing", "V2StopRunClobbers", "V2P2PRunClobbers", "V1PauseClobbers",
-    "V2EarlyStopLosesTail", "V2SkipsChecksum", "V2AcceptsEmpty", "V1AcceptsUnfinished", "V1AcceptsTruncated",
+    "V2EarlyStopLosesTail", "V1EarlyStopLosesTail", "V2SkipsChecksum", "V2AcceptsEmpty", "V1AcceptsUnfinished",
+    "V1AcceptsTruncated",
 ]  # fmt: skip
 
 

@@ -448,6 +448,8 @@ def _round_trip(ctx: CheckContext) -> None:
     resume_into(ctx, dst, saved, "resume the peer's stream into the device under test")
     verify_resumed(ctx, dst, want, saved)
     _saves_past_the_first(ctx, dst, src)
+    if dst.protocol == "v1":
+        _v1_early_stop(ctx, dst, src)  # v2: V2-R8
 
 
 def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
@@ -477,6 +479,28 @@ def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHand
         resume_into(ctx, peer, saved, f"resume {what} into the peer")
         verify_resumed(ctx, peer, want, saved)
         dev.set_state("RUNNING")
+
+
+def _v1_early_stop(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """Pre-copy (011) left after two chunks, then 010 to the end: the stream is still complete."""
+    want = apart(ctx, dev, peer, "early-stop/source", "early-stop/peer")
+    stopped = SavedStream(dev.protocol)
+    with ctx.step("read two chunks in 011, then 010 to the end"):
+        dev.set_state("PRE_COPY")
+        for chunk in dev.client.frames("v1_save", dev=dev.handle, max_chunks=2):
+            stopped.append(chunk)
+        dev.set_state("STOP_COPY")
+        for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+            stopped.append(chunk)
+        dev.set_state("STOP")
+    if dev.is_sim:
+        resume_into(ctx, peer, stopped, "resume the early-stopped stream into the peer")
+        verify_resumed(ctx, peer, want, stopped)
+        return
+    with ctx.step("the early-stopped stream carries the state of a full save"):
+        dev.set_state("RUNNING")
+        problem = comparator(ctx)(dev.save().data(), stopped.data())
+    assert problem is None, f"the early-stopped stream carries another state: {problem}"
 
 
 def _cut(chunks: list[bytes], at: int) -> list[bytes]:

@@ -559,6 +559,15 @@ class V2EarlyStopLosesTail(V2Driver):
         super().enter_stop_copy()
 
 
+class V1EarlyStopLosesTail(V1Driver):
+    """V1-R16: 011 -> 010 sends only what pre-copy dirtied, as if its initial pass had finished."""
+
+    def transition(self, cur: int, new: int) -> None:
+        if cur == SAVING | RUNNING and new & MASK == SAVING and self.source is not None:
+            self.source.next_chunk = self.source.nchunks  # the chunks pre-copy had not sent yet are lost
+        super().transition(cur, new)
+
+
 class _ClobbersOnRestart(V2Driver):
     restart: tuple[int, int] = (STOP, V2_RUNNING)
     resumed = False
@@ -665,6 +674,7 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V2SecondSaveStale, "V2-R13", _V2_FULL),
         _defect(V2SaveAfterResetStale, "V2-R13", _V2_FULL),
         _defect(V2EarlyStopLosesTail, "V2-R8", _V2_FULL),
+        _defect(V1EarlyStopLosesTail, "V1-R16"),
         _defect(V2StopRunClobbers, "V2-R6", {"pre_copy": True}),
         _defect(V2P2PRunClobbers, "V2-R6", _V2_FULL),
         _defect(V1PauseClobbers, "V1-R10"),
