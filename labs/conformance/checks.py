@@ -711,7 +711,7 @@ def _v2_paths(ctx: CheckContext) -> None:
             assert dev.state_value() == new, f"GET shows {dev.state()} after SET {uapi.v2_state_name(new)}"
             if dev.is_sim:
                 assert dev.sim("arcs") == [list(a) for a in itertools.pairwise(names)], "the driver ran other arcs"
-            if dev.is_sim:  # RESUMING restores what was there; the sim keeps its content over a reset
+                # RESUMING restores what was there; the sim keeps its content over a reset
                 content_kept(ctx, dev, want, f"over {' -> '.join(names)}")
     dev.reset()
 
