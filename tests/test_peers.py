@@ -13,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from labs.conformance.catalogue import correct_peers, device_spec, read_junit
+from labs.conformance.catalogue import Outcome, correct_peers, device_spec, read_junit
 from labs.paths import REPO_ROOT, SUITES
-from labs.runtime import open_inventory
+from labs.reservations import reserve
+from labs.runtime import LabSession, open_inventory
 from labs.sim.defects import CATALOGUE, CORRECT
 from labs.simlab import generate
 from labs.simlab.lab import SimLab
@@ -57,23 +58,49 @@ def test_peer_is_the_pair_partner_else_another_device_of_the_model_else_none(tmp
     assert peer_of(inv, inv.device("hostA:lonely")) is None
 
 
-def test_a_resume_that_writes_nothing_fails_v2_r13_through_the_suite(tmp_path: Path) -> None:
-    inventory = _inventory(tmp_path, lonely=True)
+def _run_v2_r13(
+    tmp_path: Path, inventory: Path, *options: str, stop: bool = True
+) -> tuple[dict[str, Outcome], list[str], str]:
+    """suites/conformance V2-R13 on hostA's devices: outcomes by device, skip reasons, pytest's output."""
     junit = tmp_path / "junit.xml"
     cmd = [
         sys.executable, "-m", "pytest", str(SUITES / "conformance" / "test_rules.py"), f"--inventory={inventory}",
-        f"--junitxml={junit}", "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "--lab-no-reserve",
-        "--lab-no-doctor", "-k", "test_v2_rule and hostA and V2-R13",
+        f"--junitxml={junit}", "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "--lab-no-doctor",
+        "-k", "test_v2_rule and hostA and V2-R13", *options,
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     finally:
-        SimLab(open_inventory(inventory)).stop(force=True)
-    outcomes = {o.devices[0]: o for o in read_junit(junit)}
-    assert set(outcomes) == {"hostA:V2Driver", "hostA:V2ResumeWritesNothing", "hostA:lonely"}, proc.stdout[-3000:]
+        if stop:
+            SimLab(open_inventory(inventory)).stop(force=True)
+    reasons = [s.get("message", "") for s in ET.parse(junit).getroot().iter("skipped")]
+    return {o.devices[0]: o for o in read_junit(junit)}, reasons, proc.stdout[-3000:]
+
+
+def test_a_resume_that_writes_nothing_fails_v2_r13_through_the_suite(tmp_path: Path) -> None:
+    outcomes, reasons, out = _run_v2_r13(tmp_path, _inventory(tmp_path, lonely=True), "--lab-no-reserve")
+    assert set(outcomes) == {"hostA:V2Driver", "hostA:V2ResumeWritesNothing", "hostA:lonely"}, out
     assert outcomes["hostA:V2ResumeWritesNothing"].failed
     assert "resumed content differs" in outcomes["hostA:V2ResumeWritesNothing"].message
     assert not outcomes["hostA:V2Driver"].failed and not outcomes["hostA:V2Driver"].skipped
     assert outcomes["hostA:lonely"].skipped
-    reasons = [s.get("message", "") for s in ET.parse(junit).getroot().iter("skipped")]
     assert reasons == ["hostA:lonely has no peer: no pair partner and no other nobody-else device"], reasons
+
+
+def test_the_peer_is_reserved_like_the_device_under_test(tmp_path: Path) -> None:
+    inventory = _inventory(tmp_path)
+    inv = open_inventory(inventory)
+    peer = inv.device("hostB:V2ResumeWritesNothing")
+    try:
+        with LabSession(inv) as session:
+            held = reserve(session.ssh(peer.host.name), peer, session.run_id, wait=0, expires_in=300)
+            try:
+                outcomes, reasons, out = _run_v2_r13(tmp_path, inventory, "--lab-reserve-wait=0", stop=False)
+            finally:
+                held.release()
+    finally:
+        SimLab(inv).stop(force=True)
+    assert not outcomes["hostA:V2Driver"].failed and not outcomes["hostA:V2Driver"].skipped, out
+    busy = outcomes["hostA:V2ResumeWritesNothing"]
+    assert busy.skipped and not busy.failed, out
+    assert len(reasons) == 1 and reasons[0].startswith(f"peer {peer.id} is busy"), reasons
