@@ -38,6 +38,7 @@ class Ctx:
     client: AgentClient
     tmp: Path
     defect: Defect
+    model: str = "labs-sim"
     opened: list[DeviceHandle] = field(default_factory=list)
     count: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -54,6 +55,7 @@ class Ctx:
         return self._open(self.defect)
 
     def peer(self) -> DeviceHandle:
+        """A fresh correct driver (never the device under test), as a lab's pair partner would be."""
         return self._open(CORRECT[self.defect.protocol])
 
     def step(self, title: str) -> Any:
@@ -101,3 +103,54 @@ def test_defect_is_caught_by_its_rule(agent: AgentClient, tmp_path: Path, name: 
     defect = CATALOGUE[name]
     with pytest.raises((AssertionError, AgentOSError)):
         run_check(agent, tmp_path, defect, defect.rule)
+
+
+# -- the real-device path: no fill, no digest; round trips compared by re-saving -------------------------
+
+# the checks whose verdict on a real device rests on stream comparison
+REAL_PATH = {"v1": ["V1-R10", "V1-R16", "V1-R17"], "v2": ["V2-R6", "V2-R8", "V2-R13", "V2-R14"]}
+# what that path still catches (a stale save needs content that changes between saves, a corrupted body a
+# checksum, a foreign stream a sim to make it: sim only)
+REAL_PATH_CATCHES = [
+    "V1ResumeWritesNothing", "V2ResumeWritesNothing", "V2StopRunClobbers", "V2P2PRunClobbers", "V1PauseClobbers",
+    "V2EarlyStopLosesTail", "V1EarlyStopLosesTail", "V2AcceptsEmpty", "V1AcceptsUnfinished",
+    "V1AcceptsTruncated",
+]  # fmt: skip
+
+
+@dataclass
+class RealCtx(Ctx):
+    """As Ctx, but every device passes for a real one: filled apart when opened, then neither
+    filled nor read back by the checks."""
+
+    def _open(self, variant: Defect) -> DeviceHandle:
+        dev = super()._open(variant)
+        dev.fill(f"real/{len(self.opened)}")
+        dev.is_sim = False
+        return dev
+
+
+def run_real(agent: AgentClient, tmp_path: Path, defect: Defect, rule: str) -> None:
+    ctx = RealCtx(agent, tmp_path, defect)
+    try:
+        CHECKS[rule](ctx)
+    except pytest.skip.Exception as exc:  # a skip here would hide the comparison this test is about
+        raise AssertionError(f"{rule} skipped on the real-device path: {exc}") from None
+    finally:
+        for dev in ctx.opened:
+            dev.close()
+
+
+@pytest.mark.parametrize("protocol,rule", [(p, r) for p, rs in REAL_PATH.items() for r in rs])
+def test_correct_drivers_pass_the_real_device_path(
+    agent: AgentClient, tmp_path: Path, protocol: str, rule: str
+) -> None:
+    run_real(agent, tmp_path, CORRECT[protocol], rule)
+
+
+@pytest.mark.parametrize("name", REAL_PATH_CATCHES)
+def test_real_device_path_catches(agent: AgentClient, tmp_path: Path, name: str) -> None:
+    defect = CATALOGUE[name]
+    assert defect.rule in REAL_PATH[defect.protocol]
+    with pytest.raises((AssertionError, AgentOSError)):
+        run_real(agent, tmp_path, defect, defect.rule)

@@ -1,7 +1,9 @@
 """`lab defects`: the conformance suite against every seeded-defect driver, and what caught each one.
 
 A private sim lab (own directory, own port) gets one device per CATALOGUE
-variant plus the correct drivers, on two hosts so the pair tests run. One
+variant plus the correct drivers on hostA, and on hostB a correct driver of the
+same name for each: the variant's peer in round trips and the other end of its
+pair tests. One
 pytest run over suites/conformance (device-level tests on the first host only,
 pair tests across both) writes junit; each result carries its device ids and
 rule labels as properties. A variant is
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -81,11 +84,22 @@ def device_spec(defect: Defect) -> dict[str, Any]:
     return {
         "kind": "sim",
         "name": defect.name,
+        "model": f"catalogue-{defect.name}",  # one model per variant: its hostB copy pairs with it alone
         "protocol": defect.protocol,
         "driver": defect.driver,
         "capabilities": caps,
         "options": options,
     }
+
+
+def correct_peers(inventory: Path) -> Path:
+    """hostB's copy of every variant runs the correct driver: a variant's peer (its pair partner)
+    and the other end of its pair tests are then correct, so each judges the variant alone."""
+    doc = yaml.safe_load(inventory.read_text())
+    hostb = doc["hosts"]["hostB"]
+    hostb["devices"] = [{**d, "driver": CORRECT[d["protocol"]].driver} for d in hostb["devices"]]  # not hostA's
+    inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return inventory
 
 
 def variants(names: list[str] | None = None) -> list[Defect]:
@@ -280,12 +294,14 @@ def run_catalogue(
     with tempfile.TemporaryDirectory(prefix="labs-defects-") as tmp:
         work = workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        inventory = write_sim_inventory(
-            work / "defects.yaml",
-            work / "sim",
-            _free_port(),
-            device_specs=[device_spec(d) for d in defects],
-            name="defect-catalogue",
+        inventory = correct_peers(
+            write_sim_inventory(
+                work / "defects.yaml",
+                work / "sim",
+                _free_port(),
+                device_specs=[device_spec(d) for d in defects],
+                name="defect-catalogue",
+            )
         )
         console.print(f"defects: suites/conformance against {len(defects)} driver variants on a private sim lab ...")
         try:

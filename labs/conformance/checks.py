@@ -2,10 +2,12 @@
 
 A check gets a CheckContext: `ctx.open()` gives the device under test (a fresh
 handle in RUNNING), `ctx.peer()` a second, compatible device to resume into or
-save from. On a lab the peer is the device itself (the pair suites go host to
-host); in tests/test_defects.py it is the correct driver, so a resume rule
-judges the resuming side only. Call `ctx.open()` before `ctx.peer()`: the peer
-may be the same handle. `ctx.step(title)` records a report step.
+save from, never the device under test itself (on a lab its pair partner or
+another device of its model; in tests/test_defects.py the correct driver, so a
+resume rule judges the resuming side only). A round trip seeds both sides apart
+first and proves the content arrived: by digest on a simulated device, else by
+saving the resumed device again and comparing streams (`COMPARATORS`).
+`ctx.step(title)` records a report step.
 
 Checks use fault knobs and sim readback (`dev.sim`, `dev.fill`, `dev.digest`)
 only where `Check.sim` says so, or behind `dev.is_sim`, so the same checks run
@@ -19,29 +21,34 @@ import base64
 import errno
 import hashlib
 import itertools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import pytest
 
 from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_SET as SET
 from labs.vfio.client import AgentOSError
-from labs.vfio.device import DeviceHandle
+from labs.vfio.device import DeviceHandle, SavedStream
 
 FAULT_KNOBS = "fault knobs need a simulated driver"
 HANGS_KERNELS = "STOP_COPY -> PRE_COPY hangs real kernels (spec 3.4)"
 
 
 class CheckContext(Protocol):
+    model: str  # the device model (inventory `model`): picks the stream comparator
+
     def open(self) -> DeviceHandle:
         """The device under test: a fresh handle, in RUNNING."""
         ...
 
     def peer(self) -> DeviceHandle:
-        """A compatible second device in RUNNING (on a lab: possibly the device under test itself)."""
+        """A compatible second device in RUNNING, never the device under test (skips when there is none)."""
         ...
 
     def step(self, title: str) -> AbstractContextManager[Any]:
@@ -121,6 +128,100 @@ def seed(dev: DeviceHandle, value: int | str) -> str | None:
 
 def digest(dev: DeviceHandle) -> str | None:
     return dev.digest() if dev.is_sim else None
+
+
+# -- round trips: distinct devices, content that must change ------------------------------
+
+# None when two streams carry the same device state, else what differs
+StreamComparator = Callable[[bytes, bytes], "str | None"]
+
+
+def same_bytes(a: bytes, b: bytes) -> str | None:
+    if a == b:
+        return None
+    at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"the streams differ from byte {at} ({len(a)} vs {len(b)} bytes)"
+
+
+# per device model, for streams with volatile fields (a timestamp, a counter); default: byte for byte
+COMPARATORS: dict[str, StreamComparator] = {}
+
+
+def comparator(ctx: CheckContext) -> StreamComparator:
+    return COMPARATORS.get(ctx.model, same_bytes)
+
+
+def apart(ctx: CheckContext, src: DeviceHandle, dst: DeviceHandle, src_seed: str, dst_seed: str) -> str | None:
+    """Seed source and destination with different patterns; the source's digest (sim) or None.
+    A real device cannot be seeded: `differs_before` compares its stream instead."""
+    if not (src.is_sim and dst.is_sim):
+        return None
+    with ctx.step(f"fill the source with '{src_seed}', the destination with '{dst_seed}'"):
+        want, other = seed(src, src_seed), seed(dst, dst_seed)
+        assert want is not None and want != other, "the two devices hold the same content before the resume"
+    return want
+
+
+def differs_before(ctx: CheckContext, dst: DeviceHandle, stream: SavedStream) -> None:
+    """A real destination must hold another state than the stream, or a resume that writes nothing passes."""
+    if dst.is_sim:
+        return  # `apart` seeded it
+    with ctx.step("save the destination before the resume: its state must differ from the stream's"):
+        before = dst.save()
+        same = comparator(ctx)(stream.data(), before.data()) is None
+        dst.reset()
+    if same:
+        pytest.skip("the destination already holds the source's state: the round trip cannot show the resume")
+
+
+def verify_resumed(ctx: CheckContext, dst: DeviceHandle, want: str | None, stream: SavedStream | None) -> None:
+    """dst (RUNNING) holds what `stream` carries: its digest on a sim, else a new save of dst compared
+    with `stream` through the model's comparator. Never passes without a comparison."""
+    if dst.is_sim:
+        got = digest(dst)
+        assert want is not None and got is not None, "no digest to compare"
+        assert got == want, "the resumed content differs from the saved content"
+        return
+    assert stream is not None, "no stream to compare the resumed device with"
+    with ctx.step("save the resumed device again and compare its stream with the one it resumed"):
+        again = dst.save(live=len(stream.parts) > 1)
+        problem = comparator(ctx)(stream.data(), again.data())
+        assert problem is None, f"the resumed device saves another state: {problem}"
+
+
+def hold(ctx: CheckContext, dev: DeviceHandle, what: str) -> tuple[str | None, SavedStream | None]:
+    """Content that arcs other than a resume must leave alone: a sim is seeded (its digest); a real
+    device is saved once (the stream; the device is back in RUNNING after)."""
+    if dev.is_sim:
+        return seed(dev, what), None
+    with ctx.step("save the device: the state the arcs must keep"):
+        before = dev.save()
+        dev.set_state("RUNNING")
+    return None, before
+
+
+def content_kept(
+    ctx: CheckContext, dev: DeviceHandle, want: str | None, after: str, before: SavedStream | None = None
+) -> None:
+    """The device still holds what `hold` recorded: its digest on a sim (after every arc sequence);
+    a real device only where `before` is given, by saving it again from RUNNING."""
+    if dev.is_sim:
+        got = digest(dev)
+        assert want is not None and got is not None, "no digest to compare"
+        assert got == want, f"the content changed {after}"
+    elif before is not None:
+        with ctx.step(f"save the device again: the state {after} must be the one saved before"):
+            if dev.state() != "RUNNING":
+                dev.set_state("RUNNING")
+            problem = comparator(ctx)(before.data(), dev.save().data())
+            assert problem is None, f"the device state changed {after}: {problem}"
+
+
+def resume_into(ctx: CheckContext, dst: DeviceHandle, saved: SavedStream, title: str) -> None:
+    """Resume `saved` into dst (v2: arbitrary write sizes, V2-R13; v1: the chunks as read)."""
+    with ctx.step(title):
+        dst.resume(saved.rechunk(5000) if dst.protocol == "v2" else saved)
+        assert dst.state() == "RUNNING"
 
 
 # -- v1 -------------------------------------------------------------------------------
@@ -223,16 +324,18 @@ def _v1_error_reset(ctx: CheckContext) -> None:
 @check("V1-R10")
 def _v1_flows(ctx: CheckContext) -> None:
     dev = ctx.open()
-    seed(dev, 1)
+    want, before = hold(ctx, dev, "flows")
     for flow in (["STOP", "RUNNING"], ["STOP_COPY", "STOP", "RUNNING"], ["STOP", "STOP_COPY", "STOP", "RUNNING"]):
         with ctx.step(f"flow 001 -> {' -> '.join(flow)}"):
             for state in flow:
                 dev.set_state(state)
+        content_kept(ctx, dev, want, f"over 001 -> {' -> '.join(flow)}")
     with ctx.step("live flow 001 -> 011 -> 010 (pending_bytes > 0) -> 000"):
         dev.set_state("PRE_COPY")
         assert not dev.is_sim or dev.v1_read("pending_bytes") > 0
         dev.set_state("STOP_COPY")
         dev.set_state("STOP")
+    content_kept(ctx, dev, want, "over 001 -> 011 -> 010 -> 000", before)
 
 
 def _v1_stream(dev: DeviceHandle) -> str:
@@ -334,30 +437,171 @@ def _v1_chunk_boundaries(ctx: CheckContext) -> None:
 
 
 def _round_trip(ctx: CheckContext) -> None:
-    # the device under test resumes; its peer saves (in tests/test_defects.py a correct driver:
-    # this rule judges the resuming side, saving has its own rules)
+    # the device under test resumes what its peer saved (in tests/test_defects.py a correct driver:
+    # this part judges the resuming side); then it saves on every path and its peer resumes
     dst = ctx.open()
     src = ctx.peer()
-    want = seed(src, 4)
-    with ctx.step("save the peer, resume it into the device under test"):
+    want = apart(ctx, src, dst, "round-trip/source", "round-trip/destination")
+    with ctx.step("save the peer"):
         saved = src.save()
-        if dst.protocol == "v2":
-            dst.resume(saved.rechunk(5000))  # arbitrary write sizes (V2-R13)
-        else:
-            dst.resume(saved)
-        assert dst.state() == "RUNNING"
-    assert digest(dst) == want, "the resumed content differs from the saved content"
+    differs_before(ctx, dst, saved)
+    resume_into(ctx, dst, saved, "resume the peer's stream into the device under test")
+    verify_resumed(ctx, dst, want, saved)
+    _saves_past_the_first(ctx, dst, src)
+    if dst.protocol == "v1":
+        _v1_early_stop(ctx, dst, src)  # v2: V2-R8
+
+
+def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """A save after another save of the same open, and a save after a reset, carry the content of
+    their moment: on a sim the content changes in between and the peer must get the new one."""
+    if not dev.is_sim:
+        # a real device cannot be changed between saves, and a reset may reinitialise it: the
+        # second save of one open must carry the state the first did
+        with ctx.step("save twice in one open: the second stream carries the state of the first"):
+            first = dev.save()
+            dev.set_state("RUNNING")
+            problem = comparator(ctx)(first.data(), dev.save().data())
+            dev.set_state("RUNNING")
+        assert problem is None, f"a second save in one open carries another state: {problem}"
+        return
+    for what, between in (
+        ("a second save in one open", lambda: dev.set_state("RUNNING")),
+        ("a save after VFIO_DEVICE_RESET", dev.reset),
+    ):
+        seed(dev, f"{what}/before")
+        with ctx.step(f"save the device under test, then {'RUNNING' if 'second' in what else 'reset'}"):
+            dev.save()
+            between()
+        want = apart(ctx, dev, peer, f"{what}/after", f"{what}/peer")
+        with ctx.step(f"{what}: save the device under test"):
+            saved = dev.save()
+        resume_into(ctx, peer, saved, f"resume {what} into the peer")
+        verify_resumed(ctx, peer, want, saved)
+        dev.set_state("RUNNING")
+
+
+def _v1_early_stop(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """Pre-copy (011) left after two chunks, then 010 to the end: the stream is still complete."""
+    want = apart(ctx, dev, peer, "early-stop/source", "early-stop/peer")
+    stopped = SavedStream(dev.protocol)
+    with ctx.step("read two chunks in 011, then 010 to the end"):
+        dev.set_state("PRE_COPY")
+        for chunk in dev.client.frames("v1_save", dev=dev.handle, max_chunks=2):
+            stopped.append(chunk)
+        dev.set_state("STOP_COPY")
+        for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+            stopped.append(chunk)
+        dev.set_state("STOP")
+    if dev.is_sim:
+        resume_into(ctx, peer, stopped, "resume the early-stopped stream into the peer")
+        verify_resumed(ctx, peer, want, stopped)
+        return
+    with ctx.step("the early-stopped stream carries the state of a full save"):
+        dev.set_state("RUNNING")
+        problem = comparator(ctx)(dev.save().data(), stopped.data())
+    assert problem is None, f"the early-stopped stream carries another state: {problem}"
+
+
+def _cut(chunks: list[bytes], at: int) -> list[bytes]:
+    """The chunks up to byte `at` (the last one cut short where `at` falls inside it)."""
+    out, pos = [], 0
+    for c in chunks:
+        if pos + len(c) > at:
+            if at > pos:
+                out.append(c[: at - pos])
+            break
+        out.append(c)
+        pos += len(c)
+    return out
+
+
+def _flip(chunks: list[bytes], at: int) -> list[bytes]:
+    """The chunks with the byte at `at` inverted."""
+    out, pos = [], 0
+    for c in chunks:
+        if pos <= at < pos + len(c):
+            i = at - pos
+            c = c[:i] + bytes([c[i] ^ 0xFF]) + c[i + 1 :]
+        out.append(c)
+        pos += len(c)
+    return out
+
+
+def _foreign(dev: DeviceHandle, what: str, **options: Any) -> list[bytes]:
+    """The stream of a simulated device of another model, saved on the device's own agent."""
+    info = dev.sim("info")
+    driver = "labs.sim.v1:V1Driver" if dev.protocol == "v1" else "labs.sim.v2:V2Driver"
+    name = f"{dev.name}-foreign-{what}"
+    state_dir = os.path.join(os.path.dirname(str(dev.open_info["state_dir"])), name)
+    other = DeviceHandle.open_sim(
+        dev.client, driver, state_dir, {**info["options"], **options}, name=name, protocol=dev.protocol
+    )
+    try:
+        other.fill(f"foreign/{what}")
+        return list(other.save().chunks())
+    finally:
+        other.close()
+
+
+def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Callable[[], list[bytes]]]]:
+    """(what, the chunks to resume): inputs a device must refuse. v1 chunks keep the boundaries read."""
+    chunks = list(saved.chunks())
+    n = saved.bytes
+    boundary = sum(len(c) for c in chunks[: max(1, len(chunks) // 2)])
+    yield "an empty stream", lambda: []
+    yield "a stream cut inside its first 16 bytes", lambda: _cut(chunks, 16)
+    if boundary < n:
+        yield f"a stream cut at a chunk boundary (byte {boundary})", lambda: _cut(chunks, boundary)
+    yield f"a stream cut mid-body (byte {n // 2 + 7})", lambda: _cut(chunks, n // 2 + 7)
+    yield "a stream missing its last 8 bytes", lambda: _cut(chunks, n - 8)
+    yield "a stream with its first byte corrupted", lambda: _flip(chunks, 0)
+    if dst.is_sim:
+        # the sim's stream carries a checksum; a real format without one (mtty's) cannot tell a
+        # corrupted body from other content
+        yield f"a stream with byte {n // 2 + 3} corrupted", lambda: _flip(chunks, n // 2 + 3)
+        size = int(dst.sim("info")["content_size"])
+        yield "the stream of another device model", lambda: _foreign(dst, "model", model="labs-sim-foreign")
+        yield "the stream of a device of another size", lambda: _foreign(dst, "size", content_size=size // 2)
+
+
+def _refused_state(dst: DeviceHandle) -> list[str]:
+    """Where a refused stream may leave the device: V1-R17 (read-back per V1-R8: RESUMING or ERROR);
+    V2-R14 (RESUMING, a state on its path to RUNNING, or ERROR)."""
+    if dst.protocol == "v1":
+        return ["RESUMING", "ERROR"]
+    return [*(uapi.path_names("RESUMING", "RUNNING", dst.mig_flags) or ["RESUMING"])[:-1], "ERROR"]
+
+
+def _unfinished_v1(dst: DeviceHandle, chunks: list[bytes]) -> None:
+    """Every chunk but the last as spec 2.5 says; the last written into the window without its data_size."""
+    region = dst.migration_region()
+    assert region is not None
+    dst.set_state("RESUMING")
+    dst.client.send_frames("v1_resume", iter(chunks[:-1]), dev=dst.handle)
+    offset = dst.v1_read("data_offset")
+    dst.call("region_write", index=region["index"], offset=offset, data=base64.b64encode(chunks[-1]).decode())
+    dst.set_state("RUNNING")
 
 
 def _truncated(ctx: CheckContext) -> None:
     dst = ctx.open()
     src = ctx.peer()
     seed(src, 5)
-    chunks = list(src.save().chunks())
-    chunks[-1] = chunks[-1][:-8]
-    with ctx.step("resume a stream missing its last 8 bytes"):
-        fails(lambda: dst.resume(iter(chunks)))
-        assert dst.state() != "RUNNING"
+    with ctx.step("save the peer: the stream the malformed inputs are made from"):
+        saved = src.save()
+    cases: list[tuple[str, Callable[[], None]]] = [
+        (what, lambda make=make: dst.resume(iter(make())))  # type: ignore[misc]
+        for what, make in _malformed(dst, saved)
+    ]
+    if dst.protocol == "v1":
+        cases.append(("an unfinished transaction (the last chunk without its data_size)",
+                      lambda: _unfinished_v1(dst, list(saved.chunks()))))  # fmt: skip
+    for what, resume in cases:
+        with ctx.step(f"resume {what}: refused, then {' or '.join(_refused_state(dst))}"):
+            fails(resume)
+            assert dst.state() in _refused_state(dst), f"{what} left {dst.state()}"
+            dst.reset()
 
 
 for _rule in ("V1-R16", "V2-R13"):
@@ -443,6 +687,7 @@ def _v2_paths(ctx: CheckContext) -> None:
     dev = ctx.open()
     flags = dev.mig_flags
     states = uapi.supported_states(flags)
+    want = _v2_arcs_keep_content(ctx, dev)
     with ctx.step("save a stream to leave RESUMING with"):
         stream = dev.save().data()
         dev.set_state("RUNNING")
@@ -468,7 +713,33 @@ def _v2_paths(ctx: CheckContext) -> None:
             assert dev.state_value() == new, f"GET shows {dev.state()} after SET {uapi.v2_state_name(new)}"
             if dev.is_sim:
                 assert dev.sim("arcs") == [list(a) for a in itertools.pairwise(names)], "the driver ran other arcs"
+                # RESUMING restores what was there; the sim keeps its content over a reset
+                content_kept(ctx, dev, want, f"over {' -> '.join(names)}")
     dev.reset()
+
+
+def _v2_arcs_keep_content(ctx: CheckContext, dev: DeviceHandle) -> str | None:
+    """Arc sequences other than a resume leave the content alone (no reset in between: a reset may
+    reinitialise a real device). Returns the sim's digest."""
+    flags = dev.mig_flags
+    want, before = hold(ctx, dev, "arcs")
+    walks = [["STOP", "RUNNING"], ["STOP", "STOP_COPY", "STOP", "RUNNING"]]
+    if flags & uapi.P2P:
+        walks += [["RUNNING_P2P", "RUNNING"], ["RUNNING_P2P", "STOP", "RUNNING_P2P", "RUNNING"]]
+    if flags & uapi.PRE_COPY:
+        walks.append(["PRE_COPY", "RUNNING"])
+    for walk in walks:
+        with ctx.step(f"RUNNING -> {' -> '.join(walk)}"):
+            fds = [dev.set_state(state) for state in walk]
+            for fd in fds:
+                if fd is not None:
+                    dev.close_fd(fd)  # after leaving the session, as QEMU does
+        content_kept(ctx, dev, want, f"over RUNNING -> {' -> '.join(walk)}")
+    with ctx.step("a full save, then RUNNING"):
+        dev.save()
+        dev.set_state("RUNNING")
+    content_kept(ctx, dev, want, "over a save and RUNNING after it", before)
+    return want
 
 
 @check("V2-R7")
@@ -490,26 +761,47 @@ def _v2_fd_iff_session(ctx: CheckContext) -> None:
     dev.reset()
 
 
+def _saving_group(ctx: CheckContext, dev: DeviceHandle, pre_limit: int | None, title: str) -> tuple[SavedStream, int]:
+    """PRE_COPY read up to `pre_limit` bytes (None: until exhausted), then STOP_COPY on the same fd."""
+    limit = stream_limit(dev)
+    out = SavedStream(dev.protocol)
+    with ctx.step(title):
+        fd = dev.set_state("PRE_COPY")
+        assert fd is not None
+        first, _ = dev.client.read_stream(fd, out.append, limit=limit if pre_limit is None else pre_limit)
+        assert dev.set_state("STOP_COPY") is None, "a new data_fd inside the saving group"
+        rest, _ = dev.client.read_stream(fd, out.append, limit=limit)
+        dev.close_fd(fd)
+        dev.set_state("STOP")
+    out.parts += [first, rest]
+    return out, first.bytes
+
+
 @check("V2-R8", requires=("pre_copy",))
 def _v2_saving_group_fd(ctx: CheckContext) -> None:
     dev = ctx.open()
     peer = ctx.peer()
-    want = seed(dev, 7)
-    limit = stream_limit(dev)
-    with ctx.step("read PRE_COPY then STOP_COPY from the one fd"):
-        fd = dev.set_state("PRE_COPY")
-        assert fd is not None
-        first, pre = dev.client.read_stream(fd, limit=limit)
-        assert dev.set_state("STOP_COPY") is None, "a new data_fd inside the saving group"
-        rest, stop = dev.client.read_stream(fd, limit=limit)
-        dev.close_fd(fd)
-        dev.set_state("STOP")
-        assert pre is not None and stop is not None
+    want = apart(ctx, dev, peer, "saving-group/source", "saving-group/peer")
+    saved, _ = _saving_group(ctx, dev, None, "read PRE_COPY to its end, then STOP_COPY, from the one fd")
     if dev.is_sim:
-        assert first.bytes + rest.bytes == dev.sim("stream_length")["length"], "not one continuous stream"
-    with ctx.step("the two parts resume as one stream"):
-        peer.resume([pre + stop])
-        assert digest(peer) == want
+        assert saved.bytes == dev.sim("stream_length")["length"], "not one continuous stream"
+    differs_before(ctx, peer, saved)
+    resume_into(ctx, peer, saved, "the two parts resume as one stream into the peer")
+    verify_resumed(ctx, peer, want, saved)
+    # pre-copy stopped early: whatever the initial pass had not sent yet must come in STOP_COPY
+    dev.set_state("RUNNING")
+    want = apart(ctx, dev, peer, "saving-group/early-stop", "saving-group/peer-2")
+    early = max(1, (dev.data_size() if not dev.is_sim else dev.sim("stream_length")["length"]) // 3)
+    stopped, pre = _saving_group(ctx, dev, early, f"read {early} bytes of PRE_COPY, then STOP_COPY, from the one fd")
+    assert pre <= early
+    if dev.is_sim:
+        resume_into(ctx, peer, stopped, "the early-stopped stream resumes into the peer")
+        verify_resumed(ctx, peer, want, stopped)
+    else:
+        # the peer already holds this state (the first round trip): compare with the full save instead
+        with ctx.step("the early-stopped stream carries the state of the one read to its end"):
+            problem = comparator(ctx)(saved.data(), stopped.data())
+        assert problem is None, f"the early-stopped stream carries another state: {problem}"
 
 
 @check("V2-R9")

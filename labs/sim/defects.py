@@ -13,7 +13,18 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
-from labs.sim.base import StreamSink, StreamSource, err
+from labs.sim.base import (
+    HEADER,
+    MAGIC,
+    REC_CONTENT,
+    REC_REGS,
+    RECORD,
+    REGS_SIZE,
+    STREAM_VERSION,
+    StreamSink,
+    StreamSource,
+    err,
+)
 from labs.sim.v1 import MASK, RESUMING, RUNNING, SAVING, V1Driver
 from labs.sim.v2 import (
     ERROR,
@@ -25,6 +36,7 @@ from labs.sim.v2 import (
     DataFile,
     V2Driver,
 )
+from labs.sim.v2 import RESUMING as RESUMING_V2
 from labs.sim.v2 import RUNNING as V2_RUNNING
 from labs.vfio import agent as uapi
 
@@ -415,6 +427,182 @@ class V2DataSizeOnlyWhenStopped(V2Driver):
         return super().mig_data_size()
 
 
+class _DryRunSink(StreamSink):
+    def apply_content(self, offset: int, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.regs = bytearray()  # validated, never committed
+        super().finish()
+
+
+class V1ResumeWritesNothing(V1Driver):
+    """V1-R16: resume validates the stream but applies nothing (a dry run left on)."""
+
+    def new_sink(self) -> StreamSink:
+        return _DryRunSink(self)
+
+
+class V2ResumeWritesNothing(V2Driver):
+    """V2-R13: resume validates the stream but applies nothing (a dry run left on)."""
+
+    def new_sink(self) -> StreamSink:
+        return _DryRunSink(self)
+
+
+class _EmptyOkSink(StreamSink):
+    def finish(self) -> None:
+        if self.fed:
+            super().finish()
+
+
+class V2AcceptsEmpty(V2Driver):
+    """V2-R14: leaving RESUMING with no data written succeeds (nothing to restore taken as nothing to do)."""
+
+    def new_sink(self) -> StreamSink:
+        return _EmptyOkSink(self)
+
+
+class _NoChecksumSink(StreamSink):
+    def finish(self) -> None:
+        self.deferred = None
+        super().finish()
+
+
+class V2SkipsChecksum(V2Driver):
+    """V2-R14: the end record's checksum is never verified: a corrupted body is applied."""
+
+    def new_sink(self) -> StreamSink:
+        return _NoChecksumSink(self)
+
+
+class _MagicOnlySink(StreamSink):
+    def check_header(self, raw: bytes) -> None:
+        magic, version, _model, _size, _regs = HEADER.unpack(raw)
+        if magic != MAGIC or version != STREAM_VERSION:
+            raise self._fail("not a labs sim stream")
+
+
+class V2AcceptsForeignModel(V2Driver):
+    """V2-R14: the header check reads magic and version only: another model's stream is applied."""
+
+    def new_sink(self) -> StreamSink:
+        return _MagicOnlySink(self)
+
+
+class V1AcceptsUnfinished(V1Driver):
+    """V1-R17: leaving 100 applies a chunk still in the data window whose data_size was never written."""
+
+    unfed = 0
+
+    def window_write(self, offset: int, data: bytes) -> int:
+        n = super().window_write(offset, data)
+        self.unfed = max(self.unfed, offset + n)
+        return n
+
+    def write_data_size(self, size: int) -> None:
+        super().write_data_size(size)
+        self.unfed = 0
+
+    def transition(self, cur: int, new: int) -> None:
+        if cur & RESUMING and not new & RESUMING and self.sink is not None and self.unfed:
+            self.sink.feed(bytes(self.window_buf[: self.unfed]))
+            self.unfed = 0
+        super().transition(cur, new)
+
+
+class _ImageSource(StreamSource):
+    """A saving stream of a device image taken earlier, not of the content now."""
+
+    def __init__(self, drv: V2Driver, image: tuple[bytes, bytes]) -> None:
+        self.image = image
+        super().__init__(drv, precopy=False)
+
+    def chunk_record(self, i: int) -> bytes:
+        n = self.chunk_len(i)
+        return RECORD.pack(REC_CONTENT, 0, i * self.rec, n) + self.image[0][i * self.rec : i * self.rec + n]
+
+    def regs_record(self) -> bytes:
+        return RECORD.pack(REC_REGS, 0, 0, REGS_SIZE) + self.image[1]
+
+
+class V2SecondSaveStale(V2Driver):
+    """V2-R13: every STOP_COPY save of one open sends the device image taken at its first save."""
+
+    image: tuple[bytes, bytes] | None = None
+
+    def open_saving(self, precopy: bool) -> DataFile:
+        if precopy:
+            return super().open_saving(precopy)
+        if self.image is None:
+            self.image = (self.content.read(0, self.content.size), bytes(self.content.regs))
+        self.file = DataFile(self, source=_ImageSource(self, self.image))
+        return self.file
+
+
+class V2SaveAfterResetStale(V2SecondSaveStale):
+    """V2-R13: a save after RESET sends the device image cached before it (only running again drops it)."""
+
+    def arc(self, cur: int, nxt: int) -> DataFile | None:
+        if nxt == V2_RUNNING:
+            self.image = None
+        return super().arc(cur, nxt)
+
+
+class V2EarlyStopLosesTail(V2Driver):
+    """V2-R8: STOP_COPY sends only what pre-copy dirtied, as if its initial pass had finished."""
+
+    def enter_stop_copy(self) -> None:
+        source = self.active_source()
+        if source is not None:
+            source.next_chunk = source.nchunks  # the chunks pre-copy had not sent yet are lost
+        super().enter_stop_copy()
+
+
+class V1EarlyStopLosesTail(V1Driver):
+    """V1-R16: 011 -> 010 sends only what pre-copy dirtied, as if its initial pass had finished."""
+
+    def transition(self, cur: int, new: int) -> None:
+        if cur == SAVING | RUNNING and new & MASK == SAVING and self.source is not None:
+            self.source.next_chunk = self.source.nchunks  # the chunks pre-copy had not sent yet are lost
+        super().transition(cur, new)
+
+
+class _ClobbersOnRestart(V2Driver):
+    restart: tuple[int, int] = (STOP, V2_RUNNING)
+    resumed = False
+
+    def arc(self, cur: int, nxt: int) -> DataFile | None:
+        if (cur, nxt) == self.restart and not self.resumed:
+            self.content.regs[:] = bytes(REGS_SIZE)
+            self.content.save_regs()
+        if nxt == V2_RUNNING:
+            self.resumed = False
+        elif (cur, nxt) == (RESUMING_V2, STOP):
+            self.resumed = True
+        return super().arc(cur, nxt)
+
+
+class V2StopRunClobbers(_ClobbersOnRestart):
+    """V2-R6: STOP -> RUNNING after a plain pause re-initialises the register file (a resume's restore is kept)."""
+
+
+class V2P2PRunClobbers(_ClobbersOnRestart):
+    """V2-R6: RUNNING_P2P -> RUNNING re-initialises the register file, unless a resume just restored it."""
+
+    restart = (RUNNING_P2P, V2_RUNNING)
+
+
+class V1PauseClobbers(V1Driver):
+    """V1-R10: 000 -> 001 (resuming a paused device) re-initialises the register file."""
+
+    def transition(self, cur: int, new: int) -> None:
+        if cur == 0 and new == RUNNING:
+            self.content.regs[:] = bytes(REGS_SIZE)
+            self.content.save_regs()
+        super().transition(cur, new)
+
+
 # ---------------------------------------------------------------------------
 # the catalogue
 # ---------------------------------------------------------------------------
@@ -477,6 +665,19 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V2FdSurvivesReset, "V2-R16", _V2_FULL),
         _defect(V2FdNotCloexec, "V2-R18", _V2_FULL),
         _defect(V2DataSizeOnlyWhenStopped, "V2-R19", _V2_FULL),
+        _defect(V1ResumeWritesNothing, "V1-R16"),
+        _defect(V2ResumeWritesNothing, "V2-R13", _V2_FULL),
+        _defect(V2AcceptsEmpty, "V2-R14", _V2_FULL),
+        _defect(V2SkipsChecksum, "V2-R14", _V2_FULL),
+        _defect(V2AcceptsForeignModel, "V2-R14", _V2_FULL),
+        _defect(V1AcceptsUnfinished, "V1-R17"),
+        _defect(V2SecondSaveStale, "V2-R13", _V2_FULL),
+        _defect(V2SaveAfterResetStale, "V2-R13", _V2_FULL),
+        _defect(V2EarlyStopLosesTail, "V2-R8", _V2_FULL),
+        _defect(V1EarlyStopLosesTail, "V1-R16"),
+        _defect(V2StopRunClobbers, "V2-R6", {"pre_copy": True}),
+        _defect(V2P2PRunClobbers, "V2-R6", _V2_FULL),
+        _defect(V1PauseClobbers, "V1-R10"),
     ]
 }
 

@@ -17,7 +17,8 @@ import pytest
 
 from labs.conformance import model
 from labs.hostagent import open_device
-from labs.inventory import LabDevice, LabPair
+from labs.inventory import Inventory, LabDevice, LabPair
+from labs.reservations import ReservationBusy, reserve
 from labs.runtime import LabSession
 from labs.scenarios.steps import StepLog
 from labs.vfio.device import DeviceHandle
@@ -48,12 +49,44 @@ def _idle(dev: DeviceHandle) -> None:
         dev.reset()
 
 
-class LabCheckContext:
-    """labs.conformance.checks.CheckContext on a lab device; the peer is the device itself."""
+def peer_of(inventory: Inventory, device: LabDevice) -> LabDevice | None:
+    """A second device to round-trip with: the device's pair partner, else another device of its model."""
+    for p in inventory.pairs:
+        if p.source.id == device.id:
+            return p.destination
+    for d in inventory.devices:
+        if d.id != device.id and (d.spec.kind, d.spec.protocol, d.spec.model_key) == (
+            device.spec.kind,
+            device.spec.protocol,
+            device.spec.model_key,
+        ):
+            return d
+    return None
 
-    def __init__(self, lab: LabSession, device: LabDevice, steps: StepLog, stack: ExitStack) -> None:
-        self.lab, self.device, self.steps, self.stack = lab, device, steps, stack
+
+def reserve_peer(stack: ExitStack, config: pytest.Config, lab: LabSession, peer: LabDevice) -> None:
+    """Hold the peer like the plugin holds the device under test (a busy peer skips, naming it)."""
+    if config.getoption("--lab-no-reserve"):
+        return
+    t = lab.inventory.settings.timeouts
+    wait = float(config.getoption("--lab-reserve-wait"))
+    try:
+        held = reserve(lab.ssh(peer.host.name), peer, lab.run_id, wait=wait, expires_in=2 * t.test)
+    except ReservationBusy as exc:
+        pytest.skip(f"peer {peer.id} is busy: {exc}")
+    stack.callback(held.release)
+
+
+class LabCheckContext:
+    """labs.conformance.checks.CheckContext on a lab device; the peer is another device of its model."""
+
+    def __init__(
+        self, lab: LabSession, device: LabDevice, steps: StepLog, stack: ExitStack, config: pytest.Config
+    ) -> None:
+        self.lab, self.device, self.steps, self.stack, self.config = lab, device, steps, stack, config
+        self.model = device.spec.model_key
         self.handle: DeviceHandle | None = None
+        self.peer_handle: DeviceHandle | None = None
 
     def open(self) -> DeviceHandle:
         if self.handle is None:
@@ -63,16 +96,27 @@ class LabCheckContext:
         return self.handle
 
     def peer(self) -> DeviceHandle:
-        return self.handle if self.handle is not None else self.open()
+        if self.peer_handle is None:
+            other = peer_of(self.lab.inventory, self.device)
+            if other is None:
+                pytest.skip(f"{self.device.id} has no peer: no pair partner and no other {self.model} device")
+            reserve_peer(self.stack, self.config, self.lab, other)
+            with self.steps.step(f"open the peer {other.id}"):
+                self.peer_handle = open_dut(self.stack, self.lab, other)
+        elif self.peer_handle.state() != "RUNNING":
+            self.peer_handle.reset()
+        return self.peer_handle
 
     def step(self, title: str) -> AbstractContextManager[Any]:
         return self.steps.step(f"{self.device.id}: {title}")
 
 
 @pytest.fixture
-def ctx(lab: LabSession, device: LabDevice, steps: StepLog) -> Iterator[LabCheckContext]:
+def ctx(
+    lab: LabSession, device: LabDevice, steps: StepLog, request: pytest.FixtureRequest
+) -> Iterator[LabCheckContext]:
     with ExitStack() as stack:
-        yield LabCheckContext(lab, device, steps, stack)
+        yield LabCheckContext(lab, device, steps, stack, request.config)
 
 
 @pytest.fixture
