@@ -6,7 +6,6 @@ README "Plug your own driver model" walks through it.
 
 from __future__ import annotations
 
-from labs.sim.base import StreamSink, StreamSource  # noqa: F401  (what a fuller model would subclass)
 from labs.sim.v2 import STOP, STOP_COPY, DataFile, V2Driver
 
 
