@@ -153,16 +153,23 @@ def test_junit_infrastructure_errors_and_agent_deaths(tmp_path: Path) -> None:
     died = "labs.vfio.client.AgentInfraError: hostA: agent exited (EOF)\nagent stderr:\nTraceback (most recent call)"
     trace = "E   AgentInfraError: hostA: agent exited (EOF)\nE   agent stderr:\nE   ZeroDivisionError: oops"
     setup = 'failed on setup with "labs.errors.SSHError: hostA: gone"'
+    # the traceback shows the client's source, which spells out what an agent death says
+    source = (
+        '        if not data:\n            raise self._fail("agent exited (EOF)")\nE   AgentOSError: v1_write: EBUSY'
+    )
     (tmp_path / "j.xml").write_text(
         "<testsuites><testsuite>"
         f'<testcase classname="s" name="dies">{props}'
         f'<failure message="{escape(died, {chr(10): "&#10;"})}">{escape(trace)}</failure></testcase>'
         f'<testcase classname="s" name="setup"><error message={quoteattr(setup)}/></testcase>'
         '<testcase classname="s" name="finding"><failure message="AssertionError: ended with error"/></testcase>'
+        '<testcase classname="s" name="refused"><failure message="labs.vfio.client.AgentOSError: EBUSY">'
+        f"{escape(source)}</failure></testcase>"
         "</testsuite></testsuites>"
     )
-    dies, setup_error, finding = read_junit(tmp_path / "j.xml")
+    dies, setup_error, finding, refused = read_junit(tmp_path / "j.xml")
     assert (dies.infra, dies.agent_died, dies.rules) == (True, True, ["V2-R3"])
     assert dies.message == "labs.vfio.client.AgentInfraError: hostA: agent exited (EOF) (ZeroDivisionError: oops)"
     assert (setup_error.infra, setup_error.agent_died) == (True, False)
     assert (finding.infra, finding.agent_died) == (False, False)
+    assert (refused.infra, refused.agent_died) == (False, False)

@@ -227,6 +227,7 @@ def read_junit(path: Path) -> list[Outcome]:
         nodeid = f"{case.get('classname', '')}::{case.get('name', '')}"
         message = bad.get("message", "") if bad is not None else ""
         text = (bad.text or "") if bad is not None else ""
+        said = message + "\n".join(line for line in text.splitlines() if line.startswith("E "))  # not the source
         out.append(
             Outcome(
                 nodeid=nodeid,
@@ -236,7 +237,7 @@ def read_junit(path: Path) -> list[Outcome]:
                 rules=sorted({v for k, v in props if k == "rule"}),
                 message=_summary(message, text),
                 infra=bad is not None and _INFRA_RE.search(message) is not None,
-                agent_died=bad is not None and any(m in message or m in text for m in AGENT_DEATH),
+                agent_died=bad is not None and any(m in said for m in AGENT_DEATH),
             )
         )
     return out
