@@ -69,10 +69,18 @@ def test_readme_example_runs_and_is_caught(tmp_path: Path, monkeypatch: pytest.M
     leaky = got["LeakyStopCopy"]
     assert leaky["rule"] == "V2-R16" and any("V2-R16" in t for t in leaky["caught_by"])
     assert data["summary"]["python_path"] == [str(here.resolve())]
-    rows = [line for line in _readme_section().splitlines() if line.startswith("│")]
-    for row in rows:  # the README's rows are what the run printed
-        cells = [c.strip() for c in row.strip("│").split("│")]
-        assert re.search(r"\s*│\s*".join(re.escape(c) for c in cells), result.output), (row, result.output)
+    printed = [line for line in result.output.splitlines() if line.startswith("│")]
+    shown = [line for line in _readme_section().splitlines() if line.startswith("│")]
+    assert len(printed) == len(shown) == 2, result.output
+    for row, readme_row in zip(printed, shown, strict=True):  # the README's rows are what the run printed
+        cells, readme = _cells(row), _cells(readme_row)
+        # variant, protocol, rule, verdict as shown; the failed rules start as shown (a random walk of the
+        # model test may also meet the leaked fd: "V2-R16*, model")
+        assert cells[:3] + cells[4:] == readme[:3] + readme[4:] and cells[3].startswith(readme[3]), (row, readme_row)
+
+
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("│").split("│")]
 
 
 def test_readme_inventory_snippet_imports_on_the_host(tmp_path: Path) -> None:
@@ -154,8 +162,9 @@ def test_import_check_answers_per_driver(tmp_path: Path) -> None:
 
 
 # -- the command line's input ------------------------------------------------------------------
-def test_driver_references(tmp_path: Path) -> None:
+def test_driver_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     here = _outside(tmp_path)
+    monkeypatch.syspath_prepend(str(here))  # as `python -m labs.cli` run from there has it: the file is no shadow
     assert parse_driver("acme.models:Leaky") == DriverRef("acme.models:Leaky", "acme.models:Leaky")
     assert parse_driver(f"{here}/my_driver.py:LeakyStopCopy") == DriverRef(
         "my_driver:LeakyStopCopy", f"{here}/my_driver.py:LeakyStopCopy", str(here)

@@ -59,6 +59,7 @@ SUITE = SUITES / "conformance"
 MODEL_TAG = "model"
 # outside drivers run with every flag their protocol has, so every rule's test runs on them
 OUTSIDE_OPTIONS: dict[str, dict[str, Any]] = {"v1": {}, "v2": {"pre_copy": True, "p2p": True}}
+RULE_RANGE = ", ".join(f"{p}-R1..{p}-R{sum(r.startswith(p) for r in RULES)}" for p in ("V1", "V2"))
 # what a failure says when the agent process is gone (EOF, watchdog, no reply, already dead)
 AGENT_DEATH = ("agent exited (EOF)", "AgentWatchdogError", "; agent killed", "agent session is gone")
 
@@ -151,26 +152,27 @@ def parse_driver(text: str) -> DriverRef:
     module = path.stem
     if not module.isidentifier():
         raise ConfigError(f"--driver {text!r}: {path.name} is not an importable module name")
-    if _importable(module):
+    if _shadows(module, path):
         raise ConfigError(f"--driver {text!r}: {path.name} would shadow the module {module!r}; rename the file")
     return DriverRef(f"{module}:{cls}", text, str(path.parent))
 
 
-def _importable(module: str) -> bool:
-    """Importable here already (stdlib, site-packages, labs): a driver file of that name would shadow it."""
+def _shadows(module: str, path: Path) -> bool:
+    """Another module of that name is importable here (stdlib, site-packages, labs): the file would hide it."""
     import importlib.util
 
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return False
+    return spec is not None and (spec.origin is None or Path(spec.origin).resolve() != path)
 
 
 def parse_rules(text: str) -> tuple[str, ...]:
     rules = tuple(r.strip() for r in text.split(",") if r.strip())
     unknown = [r for r in rules if r not in RULES]
     if unknown:
-        raise ConfigError(f"--rules: unknown rule {', '.join(unknown)} (rules are V1-R1..V1-R19, V2-R1..V2-R19)")
+        raise ConfigError(f"--rules: unknown rule {', '.join(unknown)} (known: {RULE_RANGE})")
     return rules
 
 
@@ -193,7 +195,7 @@ def outside_defects(
         declared = rules or got.breaks
         for rule in declared:
             if rule not in RULES:
-                raise ConfigError(f"{ref.given}: breaks = {rule!r} is not a rule id (V1-R1..V1-R19, V2-R1..V2-R19)")
+                raise ConfigError(f"{ref.given}: breaks = {rule!r} is not a rule id (known: {RULE_RANGE})")
             if not rule.lower().startswith(got.protocol):
                 raise ConfigError(
                     f"{ref.given}: declares {rule}, a rule of the other protocol (it is a {got.protocol} driver)"
