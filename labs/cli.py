@@ -276,19 +276,58 @@ def bench(only: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("variants", nargs=-1)
+@click.option(
+    "--driver",
+    "drivers",
+    multiple=True,
+    metavar="MODULE:CLASS|FILE.py:CLASS",
+    help="an outside driver model to judge instead of the catalogue (repeatable): a V1Driver/V2Driver subclass",
+)
+@click.option(
+    "--rules",
+    default="",
+    metavar="V2-R13,...",
+    help="the rules the --driver models break (default: their class attribute `breaks`; none: a plain verdict list)",
+)
+@click.option(
+    "--python-path",
+    "python_path",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="a directory the sim hosts' agents import --driver modules from (repeatable)",
+)
 @click.option("--workers", default=2, show_default=True, help="pytest processes, over disjoint devices")
 @click.option("--examples", default=10, show_default=True, help="model-based test examples per device")
 @one_line_errors
-def defects(variants: tuple[str, ...], workers: int, examples: int) -> None:
-    """Run the conformance suites on every seeded-defect driver (or the VARIANTS named): each must be
-    caught by the rule it breaks, the correct drivers must pass. Writes reports/defect-catalogue.{md,json}."""
+def defects(
+    variants: tuple[str, ...],
+    drivers: tuple[str, ...],
+    rules: str,
+    python_path: tuple[Path, ...],
+    workers: int,
+    examples: int,
+) -> None:
+    """Run the conformance suites on every seeded-defect driver (or the VARIANTS named), or on outside
+    --driver models: each must be caught by the rule it breaks (CAUGHT / MISSED / BROKEN), the correct
+    drivers must pass. Writes reports/defect-catalogue.{md,json}."""
     from labs.conformance.catalogue import run_catalogue
     from labs.sim.defects import CATALOGUE
 
     unknown = [v for v in variants if v not in CATALOGUE]
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)} (known: {', '.join(sorted(CATALOGUE))})", param_hint="VARIANTS")
-    sys.exit(run_catalogue(console, list(variants) or None, workers=workers, examples=examples))
+    if python_path and not drivers:
+        raise click.BadParameter("only applies to --driver models", param_hint="--python-path")
+    rc = run_catalogue(
+        console,
+        list(variants) or None,
+        workers=workers,
+        examples=examples,
+        drivers=list(drivers),
+        python_path=list(python_path),
+        rules=rules,
+    )
+    sys.exit(rc)
 
 
 @main.group("nested")

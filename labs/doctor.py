@@ -18,7 +18,9 @@ from labs.errors import LabError
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice, PciDevice, SimDevice
 from labs.runtime import LabSession
+from labs.sim import importcheck
 from labs.transport import HostConnection
+from labs.vfio.client import agent_sys_path
 from labs.virt.connection import probe as probe_libvirt
 
 
@@ -106,9 +108,12 @@ def check_host(
     kernel = _check_kernel(report, ssh, host)
     _check_modules(report, ssh, host)
     _check_libvirt(report, host)
+    drivers = _check_sim_drivers(ssh, host, session.inventory.settings.timeouts.command)
     for device in session.inventory.devices:
         if device.host.name == host.name:
             _check_device(report, ssh, device, kernel)
+            if device.spec.label in drivers:
+                report.add("driver", *drivers[device.spec.label], device.id)
             if migration_probe is not None and report.device_problem(device.id) is None:
                 try:
                     report.add("migration", Status.OK, migration_probe(session, device), device.id)
@@ -201,6 +206,34 @@ def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, ke
     if "pre_copy" in spec.capabilities and kernel and kernel < PRECOPY_KERNEL:
         note = " (pre_copy needs Linux 6.2+)"
     report.add("device", Status.WARN if note else Status.OK, f"bound to {driver}{note}", device.id)
+
+
+def _check_sim_drivers(ssh: HostConnection, host: LabHost, timeout: float) -> dict[str, tuple[Status, str]]:
+    """Each sim device's driver imported on the host as its agent will import it (same interpreter, same
+    sys.path entries), by device name: a driver that cannot be imported fails here, not in every test."""
+    sims = [d for d in host.spec.devices if isinstance(d, SimDevice)]
+    if not sims:
+        return {}
+    sys_path = agent_sys_path(host.spec.python_path)
+    refs = sorted({d.driver for d in sims})
+    try:
+        res = ssh.run(importcheck.shell_command(host.spec.python, sys_path, refs), timeout, idempotent=True)
+        failure = f"import check exited {res.exit_status}: {res.stderr.strip()[-300:]}"
+        found = importcheck.parse(refs, res.stdout, failure)
+    except LabError as exc:
+        found = importcheck.parse(refs, "", f"import check did not run: {exc}")
+    extra = f" (agent sys.path adds {', '.join(host.spec.python_path)})" if host.spec.python_path else ""
+    out = {}
+    for d in sims:
+        got = found[d.driver]
+        if not got.ok:
+            out[d.label] = (Status.FAIL, got.describe() + extra)
+        elif got.protocol != d.protocol:
+            what = f"a {got.protocol} driver" if got.protocol else "neither a V1Driver nor a V2Driver subclass"
+            out[d.label] = (Status.FAIL, f"{d.driver} is {what}, the inventory says protocol {d.protocol}")
+        else:
+            out[d.label] = (Status.OK, got.describe())
+    return out
 
 
 def check_lab(

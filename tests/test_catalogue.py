@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import yaml
 from rich.console import Console
 
-from labs.conformance.catalogue import Outcome, device_spec, judge, run_catalogue, variants
+from labs.conformance.catalogue import (
+    Outcome,
+    OutsideDriver,
+    device_spec,
+    judge,
+    plain_lists,
+    read_junit,
+    run_catalogue,
+    variants,
+)
 from labs.runtime import open_inventory
 from labs.sim.defects import CATALOGUE, CORRECT
 from labs.simlab.generate import sim_inventory_doc
@@ -88,3 +99,77 @@ def test_cli_names_unknown_variants() -> None:
     result = CliRunner().invoke(main, ["defects", "V9Nonsense"])
     assert result.exit_code == 2
     assert "V9Nonsense" in result.output and "V2StopCopyNoEof" in result.output
+
+
+def test_broken_is_never_caught() -> None:
+    """An agent that died, or tests that only met infrastructure errors, judge nothing: BROKEN, even where
+    a failing test carries the variant's rule; an infrastructure error alone never catches."""
+    died, infra_only, lost = CATALOGUE["V2StopCopyNoEof"], CATALOGUE["V2FdSurvivesReset"], CATALOGUE["V1ReservedJunk"]
+    timed_out, silent = CATALOGUE["V2CorruptsOnResume"], CATALOGUE["V2AcceptsTruncated"]
+    outcomes = [
+        _out("hostA:V2StopCopyNoEof", ["V2-R9"]),  # its rule failed ...
+        replace(_out("hostA:V2StopCopyNoEof", ["V2-R3"]), infra=True, agent_died=True, message="agent exited (EOF)"),
+        replace(_out("hostA:V2FdSurvivesReset", ["V2-R16"]), infra=True, message="SSHError: lost"),
+        replace(_out("hostA:V2FdSurvivesReset", ["V2-R3"]), skipped=True, failed=False),
+        replace(_out("hostA:V2CorruptsOnResume", ["V2-R13"]), infra=True, message="TestTimeout: past 300s"),
+        _out("hostA:V2CorruptsOnResume", ["V2-R3"], failed=False),
+        replace(_out("hostA:V2AcceptsTruncated", ["V2-R14"]), skipped=True, failed=False),
+    ]
+    got = {v.variant: v for v in judge([died, infra_only, lost, timed_out, silent], outcomes)}
+    assert got["V2StopCopyNoEof"].status == "BROKEN"
+    assert got["V2StopCopyNoEof"].reason == "its agent died in 1 of 2 tests, first: agent exited (EOF)"
+    assert got["V2FdSurvivesReset"].status == "BROKEN"
+    assert got["V2FdSurvivesReset"].reason.startswith("every test ended in an infrastructure error")
+    assert (got["V1ReservedJunk"].status, got["V1ReservedJunk"].reason) == ("BROKEN", "no test ran on it")
+    t = got["V2CorruptsOnResume"]  # one test passed, its rule's test timed out: not caught
+    assert (t.status, t.failed_rules, t.infra, t.passed_rules) == (
+        "MISSED",
+        [],
+        ["test[hostA:V2CorruptsOnResume]"],
+        ["V2-R3"],
+    )
+    assert got["V2AcceptsTruncated"].reason == "no test ran on it (1 skipped)"
+
+
+def test_outside_driver_without_a_rule_gets_a_plain_verdict() -> None:
+    plain = OutsideDriver("Acme", "", "v2", "acme:Acme", "acme's model")
+    clean = OutsideDriver("Tidy", "", "v2", "acme:Tidy", "acme's other model")
+    outcomes = [
+        _out("hostA:Acme", ["V2-R9"]),
+        _out("hostA:Acme", ["V2-R3"], failed=False),
+        _out("hostA:Acme", ["V2-R16"], failed=False),
+        _out("hostA:Tidy", ["V2-R3"], failed=False),
+    ]
+    verdicts = judge([plain, clean], outcomes)
+    assert [(v.status, v.failed_rules, v.passed_rules) for v in verdicts] == [
+        ("FAILED", ["V2-R9"], ["V2-R3", "V2-R16"]),
+        ("PASSED", [], ["V2-R3"]),
+    ]
+    assert plain_lists(verdicts)[0] == "Acme (acme:Acme): rules failed: V2-R9; rules passed: V2-R3, V2-R16"
+
+
+def test_junit_infrastructure_errors_and_agent_deaths(tmp_path: Path) -> None:
+    props = '<properties><property name="device" value="hostA:X"/><property name="rule" value="V2-R3"/></properties>'
+    died = "labs.vfio.client.AgentInfraError: hostA: agent exited (EOF)\nagent stderr:\nTraceback (most recent call)"
+    trace = "E   AgentInfraError: hostA: agent exited (EOF)\nE   agent stderr:\nE   ZeroDivisionError: oops"
+    setup = 'failed on setup with "labs.errors.SSHError: hostA: gone"'
+    # the traceback shows the client's source, which spells out what an agent death says
+    source = (
+        '        if not data:\n            raise self._fail("agent exited (EOF)")\nE   AgentOSError: v1_write: EBUSY'
+    )
+    (tmp_path / "j.xml").write_text(
+        "<testsuites><testsuite>"
+        f'<testcase classname="s" name="dies">{props}'
+        f'<failure message="{escape(died, {chr(10): "&#10;"})}">{escape(trace)}</failure></testcase>'
+        f'<testcase classname="s" name="setup"><error message={quoteattr(setup)}/></testcase>'
+        '<testcase classname="s" name="finding"><failure message="AssertionError: ended with error"/></testcase>'
+        '<testcase classname="s" name="refused"><failure message="labs.vfio.client.AgentOSError: EBUSY">'
+        f"{escape(source)}</failure></testcase>"
+        "</testsuite></testsuites>"
+    )
+    dies, setup_error, finding, refused = read_junit(tmp_path / "j.xml")
+    assert (dies.infra, dies.agent_died, dies.rules) == (True, True, ["V2-R3"])
+    assert dies.message == "labs.vfio.client.AgentInfraError: hostA: agent exited (EOF) (ZeroDivisionError: oops)"
+    assert (setup_error.infra, setup_error.agent_died) == (True, False)
+    assert (finding.infra, finding.agent_died) == (False, False)
+    assert (refused.infra, refused.agent_died) == (False, False)

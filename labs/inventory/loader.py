@@ -8,6 +8,7 @@ check that every key file can be read.
 from __future__ import annotations
 
 import getpass
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -233,12 +234,24 @@ def _check_files(inventory: Inventory, fail: Callable[[KeyPath, str], InventoryE
         for i, dev in enumerate(host.spec.devices):
             if dev.kind == "sim":
                 module = dev.driver.split(":", 1)[0]
-                try:
-                    found = importlib.util.find_spec(module) is not None
-                except (ImportError, ValueError):
-                    found = False
-                if not found:
-                    raise fail(("hosts", host.name, "devices", i, "driver"), f"module '{module}' cannot be imported")
+                if not _module_found(module, host.spec.python_path):
+                    where = " nor in the host's python_path" if host.spec.python_path else ""
+                    raise fail(
+                        ("hosts", host.name, "devices", i, "driver"),
+                        f"module '{module}' cannot be imported (not on the controller's sys.path{where})",
+                    )
+
+
+def _module_found(module: str, python_path: tuple[str, ...]) -> bool:
+    """On the controller's sys.path, or (its top-level package) in a python_path directory: sim hosts share
+    the controller's files; `lab doctor` imports it on the host for certain."""
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return True
+    except (ImportError, ValueError):
+        pass
+    top = module.split(".", 1)[0]
+    return bool(python_path) and importlib.machinery.PathFinder.find_spec(top, list(python_path)) is not None
 
 
 def _check_host_files(spec: Any, path: KeyPath, fail: Callable[[KeyPath, str], InventoryError]) -> None:

@@ -176,8 +176,22 @@ class Host(Strict):
         default=None, description="address other hosts use for migration traffic to this host"
     )
     python: str = "python3"
+    python_path: tuple[str, ...] = Field(
+        default=(),
+        description="directories on the host the agent adds to sys.path (sim driver modules kept outside labs)",
+    )
     sudo: bool = False
     devices: tuple[Device, ...] = ()
+
+    @field_validator("python_path", mode="before")
+    @classmethod
+    def _python_path(cls, v: Any) -> Any:
+        if isinstance(v, str) or not isinstance(v, list | tuple):
+            raise ValueError(f"must be a list of directories on the host, e.g. [/opt/acme/drivers], not {v!r}")
+        for entry in v:
+            if not isinstance(entry, str) or not entry.startswith("/"):
+                raise ValueError(f"{entry!r} is not an absolute path (a directory on the host)")
+        return v
 
 
 class Timeouts(Strict):

@@ -1065,9 +1065,7 @@ class Agent(object):
 
     # -- session ------------------------------------------------------------
     def op_hello(self, args):
-        for entry in args.get("sys_path") or []:
-            if entry not in sys.path:
-                sys.path.insert(0, entry)
+        _add_sys_path(args.get("sys_path"))
         if args.get("timeout"):
             self.default_timeout = float(args["timeout"])
         uname = os.uname()
@@ -1202,9 +1200,7 @@ class Agent(object):
     def op_open(self, args):
         kind = args["kind"]
         if kind == "sim":
-            for entry in args.get("sys_path") or []:
-                if entry not in sys.path:
-                    sys.path.insert(0, entry)
+            _add_sys_path(args.get("sys_path"))
             sysl = self._sim_kernel()
             name = args.get("name") or "sim0"
             state_dir = args.get("state_dir") or self._default_state_dir(name)
@@ -1522,6 +1518,11 @@ def _read_text(path):
             return f.read()
     except (IOError, OSError):
         return ""
+
+
+def _add_sys_path(entries):
+    """Put `entries` first on sys.path, in their order: the labs checkout before a host's python_path."""
+    sys.path[0:0] = [e for e in entries or [] if e not in sys.path]
 
 
 def main():

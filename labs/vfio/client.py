@@ -73,6 +73,11 @@ def labs_sys_path() -> str:
     return str(Path(_agent.__file__).resolve().parents[2])
 
 
+def agent_sys_path(python_path: Iterable[str] = ()) -> list[str]:
+    """The agent's sys.path entries: the labs checkout, then the host's inventory `python_path`."""
+    return [labs_sys_path(), *python_path]
+
+
 # ---------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------
@@ -378,6 +383,8 @@ class AgentClient:
         sys_path: list[str] | None = None,
     ) -> AgentClient:
         chan = conn.exec_channel(agent_command(python), sudo=sudo)
+        if sys_path is None:
+            sys_path = agent_sys_path(getattr(conn.spec, "python_path", ()))
         return cls(ChannelDuplex(chan, name=conn.name), name=conn.name, timeout=timeout, sys_path=sys_path)
 
     def __enter__(self) -> AgentClient:
