@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from labs.conformance import model
 from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
@@ -175,14 +176,31 @@ def _v1_initial(ctx: CheckContext) -> None:
         assert ctx.open().v1_read("device_state") & 7 == uapi.V1_RUNNING
 
 
+# device_state values over the field's whole width: every 4-bit value, then high and "negative" ones
+STATE_INPUTS = (*range(16), 0x10, 0x100, 0x10002, 0x7FFFFFFF, 0x80000001, 0x80000002, 0xFFFFFFF9, -2, -1)
+
+
+def state_inputs() -> list[int]:
+    """STATE_INPUTS as the u32 device_state field holds them (-1 is 0xFFFFFFFF)."""
+    return [v & 0xFFFFFFFF for v in STATE_INPUTS]
+
+
 @check("V1-R6")
 def _v1_invalid(ctx: CheckContext) -> None:
     dev = ctx.open()
-    before = dev.v1_read("device_state")
-    for bad in (5, 6, 7):
-        with ctx.step(f"write the invalid state {bad:03b}"):
-            fails(lambda bad=bad: dev.v1_write("device_state", bad))  # type: ignore[misc]
-            assert dev.v1_read("device_state") == before
+    for value in state_inputs():
+        valid = uapi.v1_user_writable(value)
+        verdict = "accepted" if valid else "refused"
+        with ctx.step(f"write device_state {value:#x} (low bits {value & 7:03b}): {verdict}"):
+            dev.reset()
+            before = dev.v1_read("device_state")
+            if valid:
+                dev.v1_write("device_state", value)  # reserved bits ride along (V1-R4)
+                assert dev.v1_read("device_state") == value, f"device_state reads {dev.v1_read('device_state'):#x}"
+            else:
+                fails(lambda value=value: dev.v1_write("device_state", value))  # type: ignore[misc]
+                assert dev.v1_read("device_state") == before
+    dev.reset()
 
 
 @check("V1-R7")
@@ -204,20 +222,28 @@ def _v1_failed_write(ctx: CheckContext) -> None:
         assert dev.v1_read("device_state") & 7 in (prior, uapi.V1_ERROR)
 
 
+V1_SESSION_STATES = ("STOP_COPY", "PRE_COPY", "RESUMING")  # the v1 states that hold a SAVING/RESUMING session
+
+
 @check("V1-R9", sim=FAULT_KNOBS)
 def _v1_error_reset(ctx: CheckContext) -> None:
     dev = ctx.open()
-    dev.faults(transitions=[{"from": dev.state(), "to": "STOP_COPY", "error": True}])
-    with ctx.step("a state write failed into ERROR (110)"):
-        fails(lambda: dev.set_state("STOP_COPY"))
-        assert dev.state() == "ERROR"
-    with ctx.step("every state write fails in ERROR"):
-        for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
-            fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
-            assert dev.state() == "ERROR"
-    with ctx.step("VFIO_DEVICE_RESET leaves 001"):
+    for origin in ("RUNNING", *V1_SESSION_STATES):
         dev.reset()
-        assert dev.state() == "RUNNING"
+        if origin != "RUNNING":
+            dev.set_state(origin)
+        target = "STOP" if origin == "RUNNING" else "RUNNING"
+        dev.faults(transitions=[{"from": origin, "to": target, "error": True, "times": 1}])
+        with ctx.step(f"{origin} -> {target} failed into ERROR (110)"):
+            fails(lambda target=target: dev.set_state(target))  # type: ignore[misc]
+            assert dev.state() == "ERROR"
+        with ctx.step("every state write fails in ERROR"):
+            for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
+                fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
+                assert dev.state() == "ERROR"
+        with ctx.step("VFIO_DEVICE_RESET leaves 001"):
+            dev.reset()
+            assert dev.state() == "RUNNING"
 
 
 @check("V1-R10")
@@ -322,12 +348,19 @@ def _v1_terminates(ctx: CheckContext) -> None:
 def _v1_chunk_boundaries(ctx: CheckContext) -> None:
     dev = ctx.open()
     peer = ctx.peer()
-    with ctx.step("save, then resume with the chunk boundaries as read"):
+    want = seed(dev, 8)
+    with ctx.step("save: the data_size of every chunk as the device reported it"):
         saved = dev.save()
-        sizes = [len(c) for c in saved.chunks()]
+        assert len(saved.parts) == 1
+        reported = saved.parts[0].agent.get("sizes_sha256")
+        mine = hashlib.sha256(b"".join(len(c).to_bytes(8, "little") for c in saved.chunks())).hexdigest()
+        assert reported == mine, "the chunks kept are not the transactions the device reported"
+    with ctx.step("resume with exactly those transactions, byte for byte"):
         result = peer.resume(saved)
-        assert result.chunks == saved.nchunks == len(sizes) and result.bytes == saved.bytes
-        assert result.sha256 == saved.sha256
+        assert result.agent.get("sizes_sha256") == reported, "the resume wrote other transaction sizes"
+        assert (result.chunks, result.bytes, result.sha256) == (saved.nchunks, saved.bytes, saved.sha256)
+        assert peer.state() == "RUNNING"
+    assert digest(peer) == want, "the resumed content differs from the saved content"
 
 
 # -- both protocols ---------------------------------------------------------------------
@@ -349,15 +382,35 @@ def _round_trip(ctx: CheckContext) -> None:
     assert digest(dst) == want, "the resumed content differs from the saved content"
 
 
+def refused_resume_states(dev: DeviceHandle) -> tuple[str, ...]:
+    """The states the oracle allows after a refused exit from RESUMING (V1-R17 via V1-R8, V2-R14)."""
+    oracle: model.Oracle
+    if dev.protocol == "v2":
+        oracle = model.V2Oracle(dev.mig_flags, dev.is_sim)
+        target = uapi.V2_STATES["RUNNING"]
+    else:
+        oracle = model.V1Oracle(dev.is_sim)
+        target = uapi.V1_RUNNING
+    oracle.state, oracle.session, oracle.resume_data = "RESUMING", "resuming", "partial"
+    expect = oracle.set_state(target)
+    assert expect.ok is False, expect
+    return expect.states
+
+
 def _truncated(ctx: CheckContext) -> None:
     dst = ctx.open()
     src = ctx.peer()
     seed(src, 5)
     chunks = list(src.save().chunks())
-    chunks[-1] = chunks[-1][:-8]
-    with ctx.step("resume a stream missing its last 8 bytes"):
-        fails(lambda: dst.resume(iter(chunks)))
-        assert dst.state() != "RUNNING"
+    allowed = refused_resume_states(dst)
+    cuts = {"its last chunk": chunks[:-1], "its last 8 bytes": [*chunks[:-1], chunks[-1][:-8]]}
+    for what, cut in cuts.items():
+        with ctx.step(f"resume a stream missing {what}: refused, then {' or '.join(allowed)}"):
+            dst.reset()
+            fails(lambda cut=cut: dst.resume(iter(cut)))  # type: ignore[misc]
+            state = dst.state()
+            assert state in allowed, f"after a refused resume GET shows {state}, not {'/'.join(allowed)}"
+    dst.reset()
 
 
 for _rule in ("V1-R16", "V2-R13"):
@@ -367,13 +420,19 @@ for _rule in ("V1-R17", "V2-R14"):
 
 
 @check("V1-R19")
-def _v1_reset_from_saving(ctx: CheckContext) -> None:
+def _v1_reset_anywhere(ctx: CheckContext) -> None:
     dev = ctx.open()
-    for state in ("STOP_COPY", "PRE_COPY"):
-        with ctx.step(f"reset in {state}"):
-            dev.set_state(state)
+    for state in ("RUNNING", "STOP", *V1_SESSION_STATES):
+        with ctx.step(f"reset in {state}: 001, the session over"):
             dev.reset()
-            assert dev.state() == "RUNNING" and dev.v1_read("pending_bytes") == 0
+            dev.set_state(state)
+            if state in ("STOP_COPY", "PRE_COPY"):
+                dev.v1_read("pending_bytes")
+                dev.v1_read("data_offset")  # a chunk staged when the reset comes
+            dev.reset()
+            assert dev.state() == "RUNNING", f"device_state reads {dev.state()} after the reset"
+            assert dev.v1_read("pending_bytes") == 0, "pending_bytes still counts the saving session"
+            fails(lambda: dev.v1_write("data_size", 8))  # no resuming session takes a chunk
 
 
 # -- v2 -------------------------------------------------------------------------------
@@ -383,13 +442,31 @@ def feature(dev: DeviceHandle, flags: int, payload: bytes, argsz: int | None = N
     return dict(dev.call("feature", flags=flags, payload=base64.b64encode(payload).decode(), argsz=argsz))
 
 
+def declared_flags(ctx: CheckContext, dev: DeviceHandle) -> int | None:
+    """The MIGRATION flags the inventory claims for the device (a sim's from its options), or None."""
+    device = getattr(ctx, "device", None)  # a lab context knows its inventory device
+    caps = getattr(device, "capabilities", None)
+    if caps is not None:
+        return model.flags_of(getattr(c, "value", c) for c in caps)
+    if dev.is_sim:
+        options = dev.sim("info")["options"]
+        return model.flags_of(c for c in ("p2p", "pre_copy") if options.get(c))
+    return None
+
+
 @check("V2-R1")
 def _v2_flags(ctx: CheckContext) -> None:
     dev = ctx.open()
     with ctx.step("GET and PROBE|GET MIGRATION"):
         flags = dev.mig_flags
-        assert flags in uapi.FLAG_SETS, f"flags {flags:#x} not in {uapi.FLAG_SETS}"
+        names = "|".join(uapi.migration_flag_names(flags))
+        assert flags in uapi.FLAG_SETS, f"flags {flags:#x} ({names}) not in {uapi.FLAG_SETS}"
         assert feature(dev, PROBE | GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, b"")["ret"] == 0
+    want = declared_flags(ctx, dev)
+    if want is not None:
+        with ctx.step("the flags are the ones the inventory lists"):
+            listed = "|".join(uapi.migration_flag_names(want))
+            assert flags == want, f"the device reports flags {flags} ({names}), the inventory lists {want} ({listed})"
 
 
 @check("V2-R2")
@@ -417,13 +494,21 @@ def _v2_initial(ctx: CheckContext) -> None:
 @check("V2-R4")
 def _v2_bad_target(ctx: CheckContext) -> None:
     dev = ctx.open()
-    before = dev.state()
     flags = dev.mig_flags
-    targets = [8, 0] + [s for s in range(1, uapi.VFIO_DEVICE_STATE_NR) if not uapi.mig_state_supported(s, flags)]
-    for target in targets:
-        with ctx.step(f"SET {uapi.v2_state_name(target)} ({target})"):
-            fails(lambda target=target: dev.call("mig_set_state", state=target), errno.EINVAL)  # type: ignore[misc]
-            assert dev.state() == before
+    for target in state_inputs():
+        ok = target < uapi.VFIO_DEVICE_STATE_NR and target != 0 and uapi.mig_state_supported(target, flags)
+        name = uapi.v2_state_name(target) if target < uapi.VFIO_DEVICE_STATE_NR else "undefined"
+        with ctx.step(f"SET {target:#x} ({name}) from RUNNING: {'accepted' if ok else 'EINVAL'}"):
+            dev.reset()
+            if ok:
+                fd = dev.set_state(target)
+                if fd is not None:
+                    dev.close_fd(fd)
+                assert dev.state_value() == target, f"GET shows {dev.state()} after SET {name}"
+            else:
+                fails(lambda target=target: dev.call("mig_set_state", state=target), errno.EINVAL)  # type: ignore[misc]
+                assert dev.state() == "RUNNING", f"GET shows {dev.state()} after a refused SET {target:#x}"
+    dev.reset()
 
 
 @check("V2-R5")
@@ -577,39 +662,83 @@ def _v2_hanging_request(ctx: CheckContext) -> None:
     dev.reset()
 
 
+def v2_session_states(flags: int) -> list[str]:
+    """The v2 states that hold a migration session (a data_fd) on a device with `flags`."""
+    names = ("PRE_COPY", "PRE_COPY_P2P", "STOP_COPY", "RESUMING")
+    return [n for n in names if uapi.mig_state_supported(uapi.v2_state(n), flags)]
+
+
+def enter_session(dev: DeviceHandle, state: str) -> int:
+    """Reset, then SET `state` (which holds a session); returns its data_fd."""
+    dev.reset()
+    if state == "PRE_COPY_P2P":
+        dev.set_state("RUNNING_P2P")
+    fd = dev.set_state(state)
+    assert fd is not None, f"SET {state} returned no data_fd"
+    return fd
+
+
+def fd_io(dev: DeviceHandle, fd: int, state: str) -> None:
+    """One I/O of the kind the session's fd does: read a saving fd, write a resuming one."""
+    if state == "RESUMING":
+        dev.client.call("fd_write", fd=fd, data=base64.b64encode(bytes(8)).decode())
+    else:
+        dev.client.call("fd_read", fd=fd, length=16)
+
+
 @check("V2-R15", sim=FAULT_KNOBS)
 def _v2_error_reset(ctx: CheckContext) -> None:
     dev = ctx.open()
-    dev.set_state("STOP")
-    dev.faults(transitions=[{"from": "STOP", "to": "STOP_COPY", "error": True}])
-    with ctx.step("STOP -> STOP_COPY failed into ERROR"):
-        fails(lambda: dev.set_state("STOP_COPY"))
-        assert dev.state() == "ERROR"
-    with ctx.step("every SET fails EINVAL in ERROR"):
-        for state in uapi.supported_states(dev.mig_flags):
-            fails(lambda state=state: dev.set_state(state), errno.EINVAL)  # type: ignore[misc]
+    flags = dev.mig_flags
+    for origin in ("STOP", *v2_session_states(flags)):
+        fd = None
+        if origin == "STOP":
+            dev.reset()
+            dev.set_state("STOP")
+            target = "STOP_COPY"
+        else:
+            fd = enter_session(dev, origin)
+            target = "RUNNING"
+        path = uapi.path_names(origin, target, flags)
+        assert path is not None
+        dev.faults(transitions=[{"from": origin, "to": path[1], "error": True, "times": 1}])
+        with ctx.step(f"{origin} -> {path[1]} failed into ERROR"):
+            fails(lambda target=target: dev.set_state(target))  # type: ignore[misc]
             assert dev.state() == "ERROR"
-    with ctx.step("VFIO_DEVICE_RESET leaves ERROR for RUNNING"):
-        dev.reset()
-        assert dev.state() == "RUNNING"
+        with ctx.step("every SET fails EINVAL in ERROR"):
+            for state in uapi.supported_states(flags):
+                fails(lambda state=state: dev.set_state(state), errno.EINVAL)  # type: ignore[misc]
+                assert dev.state() == "ERROR"
+        with ctx.step("VFIO_DEVICE_RESET leaves ERROR for RUNNING" + (f"; the {origin} fd is dead" if fd else "")):
+            dev.reset()
+            assert dev.state() == "RUNNING"
+            if fd is not None:
+                fails(lambda fd=fd, origin=origin: fd_io(dev, fd, origin))  # type: ignore[misc]
+                dev.close_fd(fd)
 
 
 @check("V2-R16")
 def _v2_dead_fd(ctx: CheckContext) -> None:
     dev = ctx.open()
-    with ctx.step("reset during STOP_COPY, then read the old fd"):
-        fd = dev.set_state("STOP_COPY")
-        assert fd is not None
-        dev.reset()
-        fails(lambda: dev.client.call("fd_read", fd=fd, length=16))
-        dev.close_fd(fd)
-    with ctx.step("leave STOP_COPY, then read the old fd"):
-        fd = dev.set_state("STOP_COPY")
-        assert fd is not None
-        dev.set_state("STOP")
-        fails(lambda: dev.client.call("fd_read", fd=fd, length=16))
-        dev.close_fd(fd)
-    dev.set_state("RUNNING")
+    flags = dev.mig_flags
+    with ctx.step("save a stream to leave RESUMING with"):
+        stream = dev.save().data()
+    leave = {"PRE_COPY": "RUNNING", "PRE_COPY_P2P": "RUNNING_P2P", "STOP_COPY": "STOP", "RESUMING": "STOP"}
+    for state in v2_session_states(flags):
+        with ctx.step(f"reset during {state}, then I/O on the old fd"):
+            fd = enter_session(dev, state)
+            fd_io(dev, fd, state)  # alive before
+            dev.reset()
+            fails(lambda fd=fd, state=state: fd_io(dev, fd, state))  # type: ignore[misc]
+            dev.close_fd(fd)
+        with ctx.step(f"leave {state} for {leave[state]}, then I/O on the old fd"):
+            fd = enter_session(dev, state)
+            if state == "RESUMING":
+                dev.client.write_stream(fd, [stream])
+            assert dev.set_state(leave[state]) is None
+            fails(lambda fd=fd, state=state: fd_io(dev, fd, state))  # type: ignore[misc]
+            dev.close_fd(fd)
+    dev.reset()
 
 
 @check("V2-R17")
