@@ -606,8 +606,18 @@ CATALOGUE: dict[str, Defect] = {
     ]
 }
 
-# The correct drivers the catalogue is measured against.
+def _correct(name: str, protocol: str, what: str, options: dict[str, Any]) -> Defect:
+    driver = f"labs.sim.{protocol}:{protocol.upper()}Driver"
+    return Defect(name, "", protocol, driver, f"correct {protocol} driver, {what}", tuple(sorted(options.items())))
+
+
+# The correct drivers the catalogue is measured against: v1 with and without pre-copy data, v2 with
+# every defined flag set. "v1"/"v2" are each protocol's full driver (the peer of a variant).
 CORRECT = {
-    "v1": Defect("V1Driver", "", "v1", "labs.sim.v1:V1Driver", "correct v1 driver"),
-    "v2": Defect("V2Driver", "", "v2", "labs.sim.v2:V2Driver", "correct v2 driver", tuple(sorted(_V2_FULL.items()))),
+    "v1": _correct("V1Driver", "v1", "pre-copy data", {}),
+    "v2": _correct("V2Driver", "v2", "STOP_COPY|P2P|PRE_COPY", _V2_FULL),
+    "v1-no-precopy": _correct("V1DriverNoPreCopy", "v1", "no pre-copy data", {"pre_copy": False}),
+    "v2-sc": _correct("V2DriverSC", "v2", "STOP_COPY", {}),
+    "v2-p2p": _correct("V2DriverP2P", "v2", "STOP_COPY|P2P", {"p2p": True}),
+    "v2-precopy": _correct("V2DriverPreCopy", "v2", "STOP_COPY|PRE_COPY", {"pre_copy": True}),
 }
