@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from labs.conformance import model
-from labs.conformance.checks import CHECKS, checks_for
+from labs.conformance.checks import CHECKS, checks_for, state_inputs
 from labs.vfio import rules, uapi
 
 FULL = uapi.SC | uapi.P2P | uapi.PRE_COPY
@@ -88,3 +88,26 @@ def test_every_rule_has_a_check() -> None:
     assert [c.rule for c in checks_for("v1")] == list(rules.V1_RULES)
     assert [c.rule for c in checks_for("v2")] == list(rules.V2_RULES)
     assert {c.rule for c in CHECKS.values() if c.sim} >= rules.SIM_ONLY
+
+
+def test_state_values_over_the_whole_field() -> None:
+    values = state_inputs()
+    assert set(range(16)) <= set(values) and 0xFFFFFFFF in values and max(values) <= 0xFFFFFFFF
+    for flags in uapi.FLAG_SETS:
+        o = model.V2Oracle(flags, sim=True)
+        for v in values:
+            exp = o.set_state(v)
+            accepted = v < 8 and v != S["ERROR"] and uapi.mig_state_supported(v, flags)
+            assert (exp.ok is True) == accepted, (flags, v)
+            assert accepted or exp.errno == errno.EINVAL
+    v1 = model.V1Oracle(sim=True)
+    for v in values:
+        assert (v1.set_state(v).ok is True) == (v & 7 in (0, 1, 2, 3, 4)), v
+
+
+def test_a_refused_resume_leaves_resuming_or_error_only() -> None:
+    for o in (model.V2Oracle(uapi.SC, sim=True), model.V2Oracle(FULL, sim=False), model.V1Oracle(sim=True)):
+        o.state, o.session, o.resume_data = "RESUMING", "resuming", "partial"
+        target = S["RUNNING"] if isinstance(o, model.V2Oracle) else uapi.V1_RUNNING
+        exp = o.set_state(target)
+        assert exp.ok is False and set(exp.states) == {"RESUMING", "ERROR"}  # never STOP, never RUNNING

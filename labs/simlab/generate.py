@@ -1,9 +1,11 @@
 """Sim inventories of any size: N host pairs on consecutive loopback addresses.
 
 Benchmarks (xdist scaling over 1, 2, 4 pairs) and the framework's tests use
-them; the devices are those of the embedded sim lab's first host, unless a list
-of device specs is given (the seeded-defect catalogue puts one device per
-driver variant on every host, so same-named devices pair up across hosts).
+them; the first host of each pair gets the embedded sim lab's hostA devices, the
+second its hostB devices (hostA also has the small devices of the other flag
+sets), unless a list of device specs is given (the seeded-defect catalogue puts
+one device per driver variant on every host, so same-named devices pair up
+across hosts).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def sim_inventory_doc(
     """`device_specs`: inventory device entries for every host instead of the embedded lab's."""
     base = yaml.safe_load(SIM_INVENTORY.read_text())
     template = base["hosts"]["hostA"]
+    per_side = [base["hosts"]["hostA"]["devices"], base["hosts"]["hostB"]["devices"]]
     if device_specs is not None:
-        template = {**template, "devices": [dict(d) for d in device_specs]}
+        per_side = [[dict(d) for d in device_specs]] * 2
+    both = [d for d in per_side[0] if d["name"] in {e["name"] for e in per_side[1]}]
     hosts: dict[str, Any] = {}
     for i in range(2 * pairs):
         # hostA/hostB for one pair, like the embedded lab; p<k>a/p<k>b beyond
@@ -43,7 +47,7 @@ def sim_inventory_doc(
             "libvirt_uri": f"test://{sim_dir}/hosts/{host}/libvirt-node.xml",
         }
         if devices:
-            spec["devices"] = template["devices"]
+            spec["devices"] = per_side[i % 2]
         hosts[host] = spec
     lab = {"name": name, "sim": {"dir": str(sim_dir)}, "timeouts": base["lab"]["timeouts"]}
     doc: dict[str, Any] = {"lab": lab, "hosts": hosts}
@@ -54,7 +58,7 @@ def sim_inventory_doc(
             {"source": f"{src}:{d['name']}", "destination": f"{dst}:{d['name']}"}
             for k in range(pairs)
             for src, dst in ((names[2 * k], names[2 * k + 1]), (names[2 * k + 1], names[2 * k]))
-            for d in (template["devices"] if devices else [])
+            for d in (both if devices else [])
         ]
     return doc
 
