@@ -576,7 +576,7 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V1ResetKeepsState, "V1-R19"),
         _defect(V1SparseAreaPastRegion, "V1-R1", {"mmap": True}),
         _defect(V1StateWriteAsync, "V1-R7"),
-        _defect(V1ChunksCrossRecords, "V1-R18"),
+        _defect(V1ChunksCrossRecords, "V1-R18", also=("V1-R16", "V1-R9")),  # a lab resumes into the saver itself
         _defect(V1RefusedResumeLeavesStop, "V1-R17"),
         _defect(V1ResetIgnoredInResuming, "V1-R19"),
         _defect(V2BadFlags, "V2-R1", _V2_FULL),
