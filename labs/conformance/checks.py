@@ -455,6 +455,8 @@ for _rule in ("V1-R17", "V2-R14"):
 @check("V1-R19")
 def _v1_reset_anywhere(ctx: CheckContext) -> None:
     dev = ctx.open()
+    with ctx.step("save a stream to resume from"):
+        chunks = list(dev.save().chunks())
     for state in ("RUNNING", "STOP", *V1_SESSION_STATES):
         with ctx.step(f"reset in {state}: 001, the session over"):
             dev.reset()
@@ -462,10 +464,14 @@ def _v1_reset_anywhere(ctx: CheckContext) -> None:
             if state in ("STOP_COPY", "PRE_COPY"):
                 dev.v1_read("pending_bytes")
                 dev.v1_read("data_offset")  # a chunk staged when the reset comes
+            if state == "RESUMING":
+                dev.client.send_frames("v1_resume", chunks[:1], dev=dev.handle)  # half a session
             dev.reset()
             assert dev.state() == "RUNNING", f"device_state reads {dev.state()} after the reset"
             assert dev.v1_read("pending_bytes") == 0, "pending_bytes still counts the saving session"
-            fails(lambda: dev.v1_write("data_size", 8))  # no resuming session takes a chunk
+    with ctx.step("a whole resume after the reset: nothing of the old session is left"):
+        dev.resume(iter(chunks))
+        assert dev.state() == "RUNNING"
 
 
 # -- v2 -------------------------------------------------------------------------------
@@ -525,9 +531,11 @@ def _v2_bad_target(ctx: CheckContext) -> None:
             dev.reset()
             if ok:
                 fd = dev.set_state(target)
+                got = dev.state_value()
                 if fd is not None:
+                    dev.reset()  # the session ends before its fd is closed (mtty: nested findings)
                     dev.close_fd(fd)
-                assert dev.state_value() == target, f"GET shows {dev.state()} after SET {name}"
+                assert got == target, f"GET shows {uapi.v2_state_name(got)} after SET {name}"
             else:
                 fails(lambda target=target: dev.call("mig_set_state", state=target), errno.EINVAL)  # type: ignore[misc]
                 assert dev.state() == "RUNNING", f"GET shows {dev.state()} after a refused SET {target:#x}"
