@@ -1,11 +1,12 @@
 """Sim inventories of any size: N host pairs on consecutive loopback addresses.
 
 Benchmarks (xdist scaling over 1, 2, 4 pairs) and the framework's tests use
-them; the first host of each pair gets the embedded sim lab's hostA devices, the
-second its hostB devices (hostA also has the small devices of the other flag
-sets), unless a list of device specs is given (the seeded-defect catalogue puts
-one device per driver variant on every host, so same-named devices pair up
-across hosts).
+them; every host gets the devices both hosts of the embedded sim lab have, and
+with `flag_sets` the first host of each pair also gets hostA's small devices of
+the other flag sets (v2 STOP_COPY, +P2P, +PRE_COPY; v1 without pre-copy data),
+unless a list of device specs is given (the seeded-defect catalogue puts one
+device per driver variant on every host, so same-named devices pair up across
+hosts).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ def sim_inventory_doc(
     devices: bool = True,
     name: str = "sim-generated",
     device_specs: list[dict[str, Any]] | None = None,
+    flag_sets: bool = False,
 ) -> dict[str, Any]:
     """`device_specs`: inventory device entries for every host instead of the embedded lab's."""
     base = yaml.safe_load(SIM_INVENTORY.read_text())
     template = base["hosts"]["hostA"]
-    per_side = [base["hosts"]["hostA"]["devices"], base["hosts"]["hostB"]["devices"]]
+    side_b = {d["name"] for d in base["hosts"]["hostB"]["devices"]}
+    both = [d for d in base["hosts"]["hostA"]["devices"] if d["name"] in side_b]
+    per_side = [base["hosts"]["hostA"]["devices"] if flag_sets else both, both]
     if device_specs is not None:
-        per_side = [[dict(d) for d in device_specs]] * 2
-    both = [d for d in per_side[0] if d["name"] in {e["name"] for e in per_side[1]}]
+        both = [dict(d) for d in device_specs]
+        per_side = [both, both]
     hosts: dict[str, Any] = {}
     for i in range(2 * pairs):
         # hostA/hostB for one pair, like the embedded lab; p<k>a/p<k>b beyond
@@ -71,7 +75,8 @@ def write_sim_inventory(
     devices: bool = True,
     device_specs: list[dict[str, Any]] | None = None,
     name: str = "sim-generated",
+    flag_sets: bool = False,
 ) -> Path:
-    doc = sim_inventory_doc(sim_dir, port, pairs, devices, name=name, device_specs=device_specs)
+    doc = sim_inventory_doc(sim_dir, port, pairs, devices, name=name, device_specs=device_specs, flag_sets=flag_sets)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
