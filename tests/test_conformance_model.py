@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 from labs.conformance import model
 from labs.conformance.checks import CHECKS, checks_for, state_inputs
+from labs.doctor import FlagsMismatch, Status, check_host
+from labs.inventory import LabDevice
+from labs.runtime import LabSession, open_inventory
 from labs.vfio import rules, uapi
+from tests.conftest import write_sim_inventory
 
 FULL = uapi.SC | uapi.P2P | uapi.PRE_COPY
 S = uapi.V2_STATES
@@ -111,3 +116,18 @@ def test_a_refused_resume_leaves_resuming_or_error_only() -> None:
         target = S["RUNNING"] if isinstance(o, model.V2Oracle) else uapi.V1_RUNNING
         exp = o.set_state(target)
         assert exp.ok is False and set(exp.states) == {"RESUMING", "ERROR"}  # never STOP, never RUNNING
+
+
+def test_a_flags_mismatch_is_a_warning_and_the_devices_tests_run(tmp_path: Path) -> None:
+    inventory = open_inventory(write_sim_inventory(tmp_path, devices=True))
+    host = inventory.hosts[0]
+
+    def probe(session: LabSession, device: LabDevice) -> str:
+        raise FlagsMismatch(f"inventory lists p2p but {device.id} reports flags 5 (STOP_COPY|PRE_COPY)")
+
+    with LabSession(inventory) as session:
+        report = check_host(session, host, probe)
+    mine = [d for d in inventory.devices if d.host.name == host.name]
+    assert mine and all(report.device_problem(d.id) is None for d in mine)  # not skipped
+    warned = [c for c in report.checks if c.name == "migration"]
+    assert warned and all(c.status == Status.WARN and "flags 5" in c.detail and "-R1 fails" in c.detail for c in warned)
