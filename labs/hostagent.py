@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
+from labs.doctor import FlagsMismatch
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice
 from labs.reporting.evidence import attach
@@ -144,14 +145,14 @@ def _probe(session: LabSession, device: LabDevice) -> str:
             if dev.protocol == "v1":
                 region = dev.migration_region()
                 if region is None:
-                    raise InfraError("no v1 migration region (type 3 subtype 1) in the region-info chain")
+                    raise FlagsMismatch("no v1 migration region (type 3 subtype 1) in the region-info chain")
                 state = dev.state()
                 return f"v1 region {region.get('index')} ({region.get('size')} bytes), device_state {state}"
             flags = dev.mig_flags
             names = uapi.migration_flag_names(flags)
             missing = [c.value for c in device.spec.capabilities if not dev.supports(c.value)]
             if missing:
-                raise InfraError(
+                raise FlagsMismatch(
                     f"inventory lists {', '.join(missing)} but the device reports flags {flags} ({'|'.join(names)})"
                 )
             return f"v2 flags {flags} ({'|'.join(names)}), state {dev.state()}"

@@ -29,6 +29,14 @@ def _own_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["LABS_IMAGE_DIR"] = before
 
 
+@pytest.fixture(autouse=True)
+def _pytester_runs_in_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner pytest runs judge their own output in collection order: pytest-randomly stays out of them."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS when it starts
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+
+
 def free_port(address: str = "127.0.0.2") -> int:
     with socket.socket() as s:
         s.bind((address, 0))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 from labs.conformance import model
-from labs.conformance.checks import CHECKS, checks_for
+from labs.conformance.checks import CHECKS, checks_for, state_inputs
+from labs.doctor import FlagsMismatch, Status, check_host
+from labs.inventory import LabDevice
+from labs.runtime import LabSession, open_inventory
 from labs.vfio import rules, uapi
+from tests.conftest import write_sim_inventory
 
 FULL = uapi.SC | uapi.P2P | uapi.PRE_COPY
 S = uapi.V2_STATES
@@ -88,3 +93,41 @@ def test_every_rule_has_a_check() -> None:
     assert [c.rule for c in checks_for("v1")] == list(rules.V1_RULES)
     assert [c.rule for c in checks_for("v2")] == list(rules.V2_RULES)
     assert {c.rule for c in CHECKS.values() if c.sim} >= rules.SIM_ONLY
+
+
+def test_state_values_over_the_whole_field() -> None:
+    values = state_inputs()
+    assert set(range(16)) <= set(values) and 0xFFFFFFFF in values and max(values) <= 0xFFFFFFFF
+    for flags in uapi.FLAG_SETS:
+        o = model.V2Oracle(flags, sim=True)
+        for v in values:
+            exp = o.set_state(v)
+            accepted = v < 8 and v != S["ERROR"] and uapi.mig_state_supported(v, flags)
+            assert (exp.ok is True) == accepted, (flags, v)
+            assert accepted or exp.errno == errno.EINVAL
+    v1 = model.V1Oracle(sim=True)
+    for v in values:
+        assert (v1.set_state(v).ok is True) == (v & 7 in (0, 1, 2, 3, 4)), v
+
+
+def test_a_refused_resume_leaves_resuming_or_error_only() -> None:
+    for o in (model.V2Oracle(uapi.SC, sim=True), model.V2Oracle(FULL, sim=False), model.V1Oracle(sim=True)):
+        o.state, o.session, o.resume_data = "RESUMING", "resuming", "partial"
+        target = S["RUNNING"] if isinstance(o, model.V2Oracle) else uapi.V1_RUNNING
+        exp = o.set_state(target)
+        assert exp.ok is False and set(exp.states) == {"RESUMING", "ERROR"}  # never STOP, never RUNNING
+
+
+def test_a_flags_mismatch_is_a_warning_and_the_devices_tests_run(tmp_path: Path) -> None:
+    inventory = open_inventory(write_sim_inventory(tmp_path, devices=True))
+    host = inventory.hosts[0]
+
+    def probe(session: LabSession, device: LabDevice) -> str:
+        raise FlagsMismatch(f"inventory lists p2p but {device.id} reports flags 5 (STOP_COPY|PRE_COPY)")
+
+    with LabSession(inventory) as session:
+        report = check_host(session, host, probe)
+    mine = [d for d in inventory.devices if d.host.name == host.name]
+    assert mine and all(report.device_problem(d.id) is None for d in mine)  # not skipped
+    warned = [c for c in report.checks if c.name == "migration"]
+    assert warned and all(c.status == Status.WARN and "flags 5" in c.detail and "-R1 fails" in c.detail for c in warned)

@@ -82,7 +82,7 @@ def test_infra_errors_recheck_hosts_and_the_run_goes_on(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS", "LABS_RUN_ID")}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(suite), f"--inventory={inventory}", f"--alluredir={alluredir}",
-         "-p", "no:cacheprovider", "-rs", f"--rootdir={tmp_path}"],
+         "-p", "no:cacheprovider", "-p", "no:randomly", "-rs", f"--rootdir={tmp_path}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     out = proc.stdout

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from labs.conformance.checks import CHECKS
+from labs.sim.defects import CORRECT
 from labs.vfio import uapi
 from labs.vfio.client import AgentClient, AgentOSError
 from labs.vfio.device import DeviceHandle
+from tests.test_defects import run_check
 
 DRIVER = "labs.sim.v1:V1Driver"
 OPTS = {"content_size": 200 << 10, "record_size": 16 << 10, "window": 8 << 10}
@@ -199,3 +202,56 @@ def test_read_fault_mid_save(devs: tuple[DeviceHandle, DeviceHandle]) -> None:
     assert exc.value.errname == "EIO" and exc.value.detail["bytes"] <= 20_000
     src.reset()
     assert src.state() == "RUNNING"
+
+
+def test_transactions_follow_the_stream_and_replay_only_as_read(devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    src, dst = devs
+    src.fill(11)
+    saved = src.save()
+    sizes = [len(c) for c in saved.chunks()]
+    window_size = OPTS["window"]
+    # header (32), then each 16 KiB record in window-sized transactions and its remainder: never across a record
+    assert sizes[0] == 32 and max(sizes) == window_size and len(set(sizes)) > 2, sizes
+    merged = [b"".join(saved.chunks())[i : i + window_size] for i in range(0, saved.bytes, window_size)]
+    with pytest.raises(AgentOSError) as exc:
+        dst.resume(iter(merged))
+    assert exc.value.errno == errno.EINVAL and "transaction" in str(exc.value)
+    assert dst.state() == "RESUMING"
+    dst.reset()
+    result = dst.resume(saved)
+    assert result.agent["sizes_sha256"] == saved.parts[0].agent["sizes_sha256"]
+    assert dst.state() == "RUNNING" and dst.digest() == src.digest()
+
+
+def test_without_pre_copy_data_011_is_accepted_and_empty(
+    agents: tuple[AgentClient, AgentClient], tmp_path: Path
+) -> None:
+    dev = open_dev(agents[0], tmp_path / "np", pre_copy=False)
+    try:
+        dev.set_state("PRE_COPY")
+        assert dev.v1_read("pending_bytes") == 0
+        dev.set_state("STOP_COPY")
+        assert dev.v1_read("pending_bytes") > 0
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, d in CORRECT.items() if d.protocol == "v1"))
+def test_correct_driver_with_and_without_pre_copy_passes_every_check(
+    agents: tuple[AgentClient, AgentClient], tmp_path: Path, name: str
+) -> None:
+    for rule in sorted(r for r, c in CHECKS.items() if c.protocol == "v1"):
+        run_check(agents[0], tmp_path / rule, CORRECT[name], rule)
+
+
+def test_device_state_values_over_the_whole_field(devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    dev = devs[0]
+    for value in (8, 0x80000001, 0xFFFFFFF9):
+        dev.reset()
+        dev.v1_write("device_state", value)
+        assert dev.v1_read("device_state") == value
+    for value in (13, 0xFFFFFFFD, -1):
+        dev.reset()
+        with pytest.raises(AgentOSError):
+            dev.v1_write("device_state", value)
+        assert dev.v1_read("device_state") == uapi.V1_RUNNING

@@ -11,12 +11,16 @@ from typing import Any
 
 import pytest
 
+from labs.conformance.checks import CHECKS
+from labs.sim.defects import CATALOGUE, CORRECT
 from labs.vfio import uapi
+from labs.vfio.agent import DATA_FD_SENTINEL
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_SET as SET
 from labs.vfio.client import AgentClient, AgentOSError
 from labs.vfio.device import DeviceHandle
+from tests.test_defects import run_check
 
 DRIVER = "labs.sim.v2:V2Driver"
 FULL = {"content_size": 256 << 10, "record_size": 32 << 10, "pre_copy": True, "p2p": True}
@@ -337,3 +341,64 @@ def test_v1_device_has_no_v2_features(agents: tuple[AgentClient, AgentClient], t
         assert exc.value.errname == "ENOTTY"  # V2-R1 on a device without v2 migration
     finally:
         dev.close()
+
+
+V2_CORRECT = sorted(n for n, d in CORRECT.items() if d.protocol == "v2")
+
+
+@pytest.mark.parametrize("name", V2_CORRECT)
+def test_correct_driver_of_every_flag_set_passes_every_check(
+    agents: tuple[AgentClient, AgentClient], tmp_path: Path, name: str
+) -> None:
+    defect = CORRECT[name]
+    options = dict(defect.options)
+    caps = {"stop_copy", *(c for c in ("p2p", "pre_copy") if options.get(c))}
+    rules = sorted(r for r, c in CHECKS.items() if c.protocol == "v2" and set(c.requires) <= caps)
+    assert "V2-R6" in rules
+    for rule in rules:
+        run_check(agents[0], tmp_path / rule, defect, rule)
+
+
+def test_failed_set_leaves_no_sentinel_in_the_buffer(devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    dev = devs[0]
+    with pytest.raises(AgentOSError) as exc:
+        dev.call("mig_set_state", state=9)
+    assert exc.value.detail["buffer"] == {"device_state": 9, "data_fd": -1}
+
+
+def test_a_driver_that_leaves_data_fd_alone_shows_the_sentinel(
+    agents: tuple[AgentClient, AgentClient], tmp_path: Path
+) -> None:
+    dev = DeviceHandle.open_sim(agents[0], "labs.sim.defects:V2FailedSetKeepsFd", str(tmp_path / "k"), FULL, "k")
+    try:
+        with pytest.raises(AgentOSError) as exc:
+            dev.call("mig_set_state", state=0)
+        assert exc.value.detail["buffer"]["data_fd"] == DATA_FD_SENTINEL
+        with pytest.raises(AssertionError, match="data_fd"):
+            run_check(agents[0], tmp_path / "r17", CATALOGUE["V2FailedSetKeepsFd"], "V2-R17")
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("value", [9, 0x10002, 0xFFFFFFFF, -1])
+def test_undefined_state_values_are_refused(devs: tuple[DeviceHandle, DeviceHandle], value: int) -> None:
+    dev = devs[0]
+    with pytest.raises(AgentOSError) as exc:
+        dev.call("mig_set_state", state=value)
+    assert exc.value.errno == errno.EINVAL
+    assert dev.state() == "RUNNING"
+
+
+def test_data_fd_is_a_stream_with_cloexec(devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    dev = devs[0]
+    fd = dev.set_state("STOP_COPY")
+    assert fd is not None
+    assert dev.client.call("fd_info", fd=fd)["cloexec"] is True
+    for call in (
+        lambda: dev.client.call("fd_read", fd=fd, length=8, offset=0),
+        lambda: dev.client.call("fd_write", fd=fd, data="AAAA", offset=0),
+    ):
+        with pytest.raises(AgentOSError) as exc:
+            call()
+        assert exc.value.errno == errno.ESPIPE
+    dev.close_fd(fd)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -107,7 +108,8 @@ def device_spec(defect: Defect) -> dict[str, Any]:
     options = {**SMALL, **dict(defect.options)}
     caps = ["stop_copy"]
     if defect.protocol == "v1":
-        caps.append("pre_copy")  # v1 has 011 by definition
+        if options.get("pre_copy", True):
+            caps.append("pre_copy")  # v1 has 011 by definition; pre_copy: false offers no data there
     else:
         caps += [c for c in ("p2p", "pre_copy") if options.get(c)]
     return {
@@ -440,11 +442,16 @@ def run_suite(
         "LABS_MODEL_EXAMPLES": str(examples),
         "LABS_MODEL_SHRINK": "0",  # a defect's first failing walk is evidence enough; shrinking costs minutes
     }
+    extra = list(extra or [])
+    if "no:randomly" not in extra and not any(a.startswith("--randomly-seed") for a in extra):
+        seed = random.randrange(1 << 31)
+        print(f"defects: random test order, --randomly-seed={seed}", flush=True)
+        extra.append(f"--randomly-seed={seed}")
     shares = [names[i::workers] for i in range(max(1, workers))]
     procs, junits = [], []
     for i, share in enumerate(s for s in shares if s):
         junit = work / f"junit-{i}.xml"
-        cmd = _pytest_cmd(inventory, junit, share, extra or [])
+        cmd = _pytest_cmd(inventory, junit, share, extra)
         log = (work / f"pytest-{i}.log").open("w")
         procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         junits.append(junit)

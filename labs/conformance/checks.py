@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from labs.conformance import model
 from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
@@ -224,6 +225,26 @@ def resume_into(ctx: CheckContext, dst: DeviceHandle, saved: SavedStream, title:
         assert dst.state() == "RUNNING"
 
 
+def declared_capabilities(ctx: CheckContext, dev: DeviceHandle) -> set[str] | None:
+    """The capabilities the inventory lists for the device (a sim's from its options), or None."""
+    device = getattr(ctx, "device", None)  # a lab context knows its inventory device
+    caps = getattr(device, "capabilities", None)
+    if caps is not None:
+        return {str(getattr(c, "value", c)) for c in caps}
+    if dev.is_sim:
+        options = dev.sim("info")["options"]
+        if dev.protocol == "v1":
+            return {"stop_copy", "pre_copy"} if options.get("pre_copy", True) else {"stop_copy"}
+        return {"stop_copy", *(c for c in ("p2p", "pre_copy") if options.get(c))}
+    return None
+
+
+def declared_flags(ctx: CheckContext, dev: DeviceHandle) -> int | None:
+    """The MIGRATION flags the inventory claims for the device, or None."""
+    caps = declared_capabilities(ctx, dev)
+    return None if caps is None else model.flags_of(caps)
+
+
 # -- v1 -------------------------------------------------------------------------------
 
 
@@ -270,20 +291,46 @@ def _v1_reserved_bits(ctx: CheckContext) -> None:
         assert dev.v1_read("device_state") == 0xA8
 
 
+def skip_if_reset_at_open(dev: DeviceHandle, rule: str) -> None:
+    """The state after open means nothing on a device the test had to reset when it opened it."""
+    found = dev.open_info.get("found_in")
+    if found is not None:
+        pytest.skip(f"{rule}: {dev.name} was found in {found} at open (left so by someone else) and had to be reset")
+
+
 @check("V1-R5")
 def _v1_initial(ctx: CheckContext) -> None:
+    dev = ctx.open()
+    skip_if_reset_at_open(dev, "V1-R5")
     with ctx.step("device_state after open"):
-        assert ctx.open().v1_read("device_state") & 7 == uapi.V1_RUNNING
+        assert dev.v1_read("device_state") & 7 == uapi.V1_RUNNING
+
+
+# device_state values over the field's whole width: every 4-bit value, then high and "negative" ones
+STATE_INPUTS = (*range(16), 0x10, 0x100, 0x10002, 0x7FFFFFFF, 0x80000001, 0x80000002, 0xFFFFFFF9, -2, -1)
+
+
+def state_inputs() -> list[int]:
+    """STATE_INPUTS as the u32 device_state field holds them (-1 is 0xFFFFFFFF)."""
+    return [v & 0xFFFFFFFF for v in STATE_INPUTS]
 
 
 @check("V1-R6")
 def _v1_invalid(ctx: CheckContext) -> None:
     dev = ctx.open()
-    before = dev.v1_read("device_state")
-    for bad in (5, 6, 7):
-        with ctx.step(f"write the invalid state {bad:03b}"):
-            fails(lambda bad=bad: dev.v1_write("device_state", bad))  # type: ignore[misc]
-            assert dev.v1_read("device_state") == before
+    for value in state_inputs():
+        valid = uapi.v1_user_writable(value)
+        verdict = "accepted" if valid else "refused"
+        with ctx.step(f"write device_state {value:#x} (low bits {value & 7:03b}): {verdict}"):
+            dev.reset()
+            before = dev.v1_read("device_state")
+            if valid:
+                dev.v1_write("device_state", value)  # reserved bits ride along (V1-R4)
+                assert dev.v1_read("device_state") == value, f"device_state reads {dev.v1_read('device_state'):#x}"
+            else:
+                fails(lambda value=value: dev.v1_write("device_state", value))  # type: ignore[misc]
+                assert dev.v1_read("device_state") == before
+    dev.reset()
 
 
 @check("V1-R7")
@@ -305,20 +352,28 @@ def _v1_failed_write(ctx: CheckContext) -> None:
         assert dev.v1_read("device_state") & 7 in (prior, uapi.V1_ERROR)
 
 
+V1_SESSION_STATES = ("STOP_COPY", "PRE_COPY", "RESUMING")  # the v1 states that hold a SAVING/RESUMING session
+
+
 @check("V1-R9", sim=FAULT_KNOBS)
 def _v1_error_reset(ctx: CheckContext) -> None:
     dev = ctx.open()
-    dev.faults(transitions=[{"from": dev.state(), "to": "STOP_COPY", "error": True}])
-    with ctx.step("a state write failed into ERROR (110)"):
-        fails(lambda: dev.set_state("STOP_COPY"))
-        assert dev.state() == "ERROR"
-    with ctx.step("every state write fails in ERROR"):
-        for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
-            fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
-            assert dev.state() == "ERROR"
-    with ctx.step("VFIO_DEVICE_RESET leaves 001"):
+    for origin in ("RUNNING", *V1_SESSION_STATES):
         dev.reset()
-        assert dev.state() == "RUNNING"
+        if origin != "RUNNING":
+            dev.set_state(origin)
+        target = "STOP" if origin == "RUNNING" else "RUNNING"
+        dev.faults(transitions=[{"from": origin, "to": target, "error": True, "times": 1}])
+        with ctx.step(f"{origin} -> {target} failed into ERROR (110)"):
+            fails(lambda target=target: dev.set_state(target))  # type: ignore[misc]
+            assert dev.state() == "ERROR"
+        with ctx.step("every state write fails in ERROR"):
+            for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
+                fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
+                assert dev.state() == "ERROR"
+        with ctx.step("VFIO_DEVICE_RESET leaves 001"):
+            dev.reset()
+            assert dev.state() == "RUNNING"
 
 
 @check("V1-R10")
@@ -330,10 +385,12 @@ def _v1_flows(ctx: CheckContext) -> None:
             for state in flow:
                 dev.set_state(state)
         content_kept(ctx, dev, want, f"over 001 -> {' -> '.join(flow)}")
-    with ctx.step("live flow 001 -> 011 -> 010 (pending_bytes > 0) -> 000"):
+    precopy_data = dev.is_sim and "pre_copy" in (declared_capabilities(ctx, dev) or ())
+    with ctx.step(f"live flow 001 -> 011 -> 010 ({'pending_bytes > 0' if precopy_data else 'undrained'}) -> 000"):
         dev.set_state("PRE_COPY")
-        assert not dev.is_sim or dev.v1_read("pending_bytes") > 0
+        assert not precopy_data or dev.v1_read("pending_bytes") > 0
         dev.set_state("STOP_COPY")
+        assert not dev.is_sim or dev.v1_read("pending_bytes") > 0, "nothing to save in 010"
         dev.set_state("STOP")
     content_kept(ctx, dev, want, "over 001 -> 011 -> 010 -> 000", before)
 
@@ -425,12 +482,19 @@ def _v1_terminates(ctx: CheckContext) -> None:
 def _v1_chunk_boundaries(ctx: CheckContext) -> None:
     dev = ctx.open()
     peer = ctx.peer()
-    with ctx.step("save, then resume with the chunk boundaries as read"):
+    want = seed(dev, 8)
+    with ctx.step("save: the data_size of every chunk as the device reported it"):
         saved = dev.save()
-        sizes = [len(c) for c in saved.chunks()]
+        assert len(saved.parts) == 1
+        reported = saved.parts[0].agent.get("sizes_sha256")
+        mine = hashlib.sha256(b"".join(len(c).to_bytes(8, "little") for c in saved.chunks())).hexdigest()
+        assert reported == mine, "the chunks kept are not the transactions the device reported"
+    with ctx.step("resume with exactly those transactions, byte for byte"):
         result = peer.resume(saved)
-        assert result.chunks == saved.nchunks == len(sizes) and result.bytes == saved.bytes
-        assert result.sha256 == saved.sha256
+        assert result.agent.get("sizes_sha256") == reported, "the resume wrote other transaction sizes"
+        assert (result.chunks, result.bytes, result.sha256) == (saved.nchunks, saved.bytes, saved.sha256)
+        assert peer.state() == "RUNNING"
+    assert digest(peer) == want, "the resumed content differs from the saved content"
 
 
 # -- both protocols ---------------------------------------------------------------------
@@ -565,14 +629,6 @@ def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Cal
         yield "the stream of a device of another size", lambda: _foreign(dst, "size", content_size=size // 2)
 
 
-def _refused_state(dst: DeviceHandle) -> list[str]:
-    """Where a refused stream may leave the device: V1-R17 (read-back per V1-R8: RESUMING or ERROR);
-    V2-R14 (RESUMING, a state on its path to RUNNING, or ERROR)."""
-    if dst.protocol == "v1":
-        return ["RESUMING", "ERROR"]
-    return [*(uapi.path_names("RESUMING", "RUNNING", dst.mig_flags) or ["RESUMING"])[:-1], "ERROR"]
-
-
 def _unfinished_v1(dst: DeviceHandle, chunks: list[bytes]) -> None:
     """Every chunk but the last as spec 2.5 says; the last written into the window without its data_size."""
     region = dst.migration_region()
@@ -584,10 +640,26 @@ def _unfinished_v1(dst: DeviceHandle, chunks: list[bytes]) -> None:
     dst.set_state("RUNNING")
 
 
+def refused_resume_states(dev: DeviceHandle) -> tuple[str, ...]:
+    """The states the oracle allows after a refused exit from RESUMING (V1-R17 via V1-R8, V2-R14)."""
+    oracle: model.Oracle
+    if dev.protocol == "v2":
+        oracle = model.V2Oracle(dev.mig_flags, dev.is_sim)
+        target = uapi.V2_STATES["RUNNING"]
+    else:
+        oracle = model.V1Oracle(dev.is_sim)
+        target = uapi.V1_RUNNING
+    oracle.state, oracle.session, oracle.resume_data = "RESUMING", "resuming", "partial"
+    expect = oracle.set_state(target)
+    assert expect.ok is False, expect
+    return expect.states
+
+
 def _truncated(ctx: CheckContext) -> None:
     dst = ctx.open()
     src = ctx.peer()
     seed(src, 5)
+    allowed = refused_resume_states(dst)
     with ctx.step("save the peer: the stream the malformed inputs are made from"):
         saved = src.save()
     cases: list[tuple[str, Callable[[], None]]] = [
@@ -598,9 +670,9 @@ def _truncated(ctx: CheckContext) -> None:
         cases.append(("an unfinished transaction (the last chunk without its data_size)",
                       lambda: _unfinished_v1(dst, list(saved.chunks()))))  # fmt: skip
     for what, resume in cases:
-        with ctx.step(f"resume {what}: refused, then {' or '.join(_refused_state(dst))}"):
+        with ctx.step(f"resume {what}: refused, then {' or '.join(allowed)}"):
             fails(resume)
-            assert dst.state() in _refused_state(dst), f"{what} left {dst.state()}"
+            assert dst.state() in allowed, f"{what} left {dst.state()}"
             dst.reset()
 
 
@@ -611,13 +683,25 @@ for _rule in ("V1-R17", "V2-R14"):
 
 
 @check("V1-R19")
-def _v1_reset_from_saving(ctx: CheckContext) -> None:
+def _v1_reset_anywhere(ctx: CheckContext) -> None:
     dev = ctx.open()
-    for state in ("STOP_COPY", "PRE_COPY"):
-        with ctx.step(f"reset in {state}"):
-            dev.set_state(state)
+    with ctx.step("save a stream to resume from"):
+        chunks = list(dev.save().chunks())
+    for state in ("RUNNING", "STOP", *V1_SESSION_STATES):
+        with ctx.step(f"reset in {state}: 001, the session over"):
             dev.reset()
-            assert dev.state() == "RUNNING" and dev.v1_read("pending_bytes") == 0
+            dev.set_state(state)
+            if state in ("STOP_COPY", "PRE_COPY"):
+                dev.v1_read("pending_bytes")
+                dev.v1_read("data_offset")  # a chunk staged when the reset comes
+            if state == "RESUMING":
+                dev.client.send_frames("v1_resume", chunks[:1], dev=dev.handle)  # half a session
+            dev.reset()
+            assert dev.state() == "RUNNING", f"device_state reads {dev.state()} after the reset"
+            assert dev.v1_read("pending_bytes") == 0, "pending_bytes still counts the saving session"
+    with ctx.step("a whole resume after the reset: nothing of the old session is left"):
+        dev.resume(iter(chunks))
+        assert dev.state() == "RUNNING"
 
 
 # -- v2 -------------------------------------------------------------------------------
@@ -632,8 +716,14 @@ def _v2_flags(ctx: CheckContext) -> None:
     dev = ctx.open()
     with ctx.step("GET and PROBE|GET MIGRATION"):
         flags = dev.mig_flags
-        assert flags in uapi.FLAG_SETS, f"flags {flags:#x} not in {uapi.FLAG_SETS}"
+        names = "|".join(uapi.migration_flag_names(flags))
+        assert flags in uapi.FLAG_SETS, f"flags {flags:#x} ({names}) not in {uapi.FLAG_SETS}"
         assert feature(dev, PROBE | GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, b"")["ret"] == 0
+    want = declared_flags(ctx, dev)
+    if want is not None:
+        with ctx.step("the flags are the ones the inventory lists"):
+            listed = "|".join(uapi.migration_flag_names(want))
+            assert flags == want, f"the device reports flags {flags} ({names}), the inventory lists {want} ({listed})"
 
 
 @check("V2-R2")
@@ -654,20 +744,32 @@ def _v2_header(ctx: CheckContext) -> None:
 
 @check("V2-R3")
 def _v2_initial(ctx: CheckContext) -> None:
+    dev = ctx.open()
+    skip_if_reset_at_open(dev, "V2-R3")
     with ctx.step("GET MIG_DEVICE_STATE after open"):
-        assert ctx.open().call("mig_get_state") == {"state": 2, "name": "RUNNING", "data_fd": -1}
+        assert dev.call("mig_get_state") == {"state": 2, "name": "RUNNING", "data_fd": -1}
 
 
 @check("V2-R4")
 def _v2_bad_target(ctx: CheckContext) -> None:
     dev = ctx.open()
-    before = dev.state()
     flags = dev.mig_flags
-    targets = [8, 0] + [s for s in range(1, uapi.VFIO_DEVICE_STATE_NR) if not uapi.mig_state_supported(s, flags)]
-    for target in targets:
-        with ctx.step(f"SET {uapi.v2_state_name(target)} ({target})"):
-            fails(lambda target=target: dev.call("mig_set_state", state=target), errno.EINVAL)  # type: ignore[misc]
-            assert dev.state() == before
+    for target in state_inputs():
+        ok = target < uapi.VFIO_DEVICE_STATE_NR and target != 0 and uapi.mig_state_supported(target, flags)
+        name = uapi.v2_state_name(target) if target < uapi.VFIO_DEVICE_STATE_NR else "undefined"
+        with ctx.step(f"SET {target:#x} ({name}) from RUNNING: {'accepted' if ok else 'EINVAL'}"):
+            dev.reset()
+            if ok:
+                fd = dev.set_state(target)
+                got = dev.state_value()
+                if fd is not None:
+                    dev.reset()  # the session ends before its fd is closed (mtty: nested findings)
+                    dev.close_fd(fd)
+                assert got == target, f"GET shows {uapi.v2_state_name(got)} after SET {name}"
+            else:
+                fails(lambda target=target: dev.call("mig_set_state", state=target), errno.EINVAL)  # type: ignore[misc]
+                assert dev.state() == "RUNNING", f"GET shows {dev.state()} after a refused SET {target:#x}"
+    dev.reset()
 
 
 @check("V2-R5")
@@ -869,39 +971,83 @@ def _v2_hanging_request(ctx: CheckContext) -> None:
     dev.reset()
 
 
+def v2_session_states(flags: int) -> list[str]:
+    """The v2 states that hold a migration session (a data_fd) on a device with `flags`."""
+    names = ("PRE_COPY", "PRE_COPY_P2P", "STOP_COPY", "RESUMING")
+    return [n for n in names if uapi.mig_state_supported(uapi.v2_state(n), flags)]
+
+
+def enter_session(dev: DeviceHandle, state: str) -> int:
+    """Reset, then SET `state` (which holds a session); returns its data_fd."""
+    dev.reset()
+    if state == "PRE_COPY_P2P":
+        dev.set_state("RUNNING_P2P")
+    fd = dev.set_state(state)
+    assert fd is not None, f"SET {state} returned no data_fd"
+    return fd
+
+
+def fd_io(dev: DeviceHandle, fd: int, state: str) -> None:
+    """One I/O of the kind the session's fd does: read a saving fd, write a resuming one."""
+    if state == "RESUMING":
+        dev.client.call("fd_write", fd=fd, data=base64.b64encode(bytes(8)).decode())
+    else:
+        dev.client.call("fd_read", fd=fd, length=16)
+
+
 @check("V2-R15", sim=FAULT_KNOBS)
 def _v2_error_reset(ctx: CheckContext) -> None:
     dev = ctx.open()
-    dev.set_state("STOP")
-    dev.faults(transitions=[{"from": "STOP", "to": "STOP_COPY", "error": True}])
-    with ctx.step("STOP -> STOP_COPY failed into ERROR"):
-        fails(lambda: dev.set_state("STOP_COPY"))
-        assert dev.state() == "ERROR"
-    with ctx.step("every SET fails EINVAL in ERROR"):
-        for state in uapi.supported_states(dev.mig_flags):
-            fails(lambda state=state: dev.set_state(state), errno.EINVAL)  # type: ignore[misc]
+    flags = dev.mig_flags
+    for origin in ("STOP", *v2_session_states(flags)):
+        fd = None
+        if origin == "STOP":
+            dev.reset()
+            dev.set_state("STOP")
+            target = "STOP_COPY"
+        else:
+            fd = enter_session(dev, origin)
+            target = "RUNNING"
+        path = uapi.path_names(origin, target, flags)
+        assert path is not None
+        dev.faults(transitions=[{"from": origin, "to": path[1], "error": True, "times": 1}])
+        with ctx.step(f"{origin} -> {path[1]} failed into ERROR"):
+            fails(lambda target=target: dev.set_state(target))  # type: ignore[misc]
             assert dev.state() == "ERROR"
-    with ctx.step("VFIO_DEVICE_RESET leaves ERROR for RUNNING"):
-        dev.reset()
-        assert dev.state() == "RUNNING"
+        with ctx.step("every SET fails EINVAL in ERROR"):
+            for state in uapi.supported_states(flags):
+                fails(lambda state=state: dev.set_state(state), errno.EINVAL)  # type: ignore[misc]
+                assert dev.state() == "ERROR"
+        with ctx.step("VFIO_DEVICE_RESET leaves ERROR for RUNNING" + (f"; the {origin} fd is dead" if fd else "")):
+            dev.reset()
+            assert dev.state() == "RUNNING"
+            if fd is not None:
+                fails(lambda fd=fd, origin=origin: fd_io(dev, fd, origin))  # type: ignore[misc]
+                dev.close_fd(fd)
 
 
 @check("V2-R16")
 def _v2_dead_fd(ctx: CheckContext) -> None:
     dev = ctx.open()
-    with ctx.step("reset during STOP_COPY, then read the old fd"):
-        fd = dev.set_state("STOP_COPY")
-        assert fd is not None
-        dev.reset()
-        fails(lambda: dev.client.call("fd_read", fd=fd, length=16))
-        dev.close_fd(fd)
-    with ctx.step("leave STOP_COPY, then read the old fd"):
-        fd = dev.set_state("STOP_COPY")
-        assert fd is not None
-        dev.set_state("STOP")
-        fails(lambda: dev.client.call("fd_read", fd=fd, length=16))
-        dev.close_fd(fd)
-    dev.set_state("RUNNING")
+    flags = dev.mig_flags
+    with ctx.step("save a stream to leave RESUMING with"):
+        stream = dev.save().data()
+    leave = {"PRE_COPY": "RUNNING", "PRE_COPY_P2P": "RUNNING_P2P", "STOP_COPY": "STOP", "RESUMING": "STOP"}
+    for state in v2_session_states(flags):
+        with ctx.step(f"reset during {state}, then I/O on the old fd"):
+            fd = enter_session(dev, state)
+            fd_io(dev, fd, state)  # alive before
+            dev.reset()
+            fails(lambda fd=fd, state=state: fd_io(dev, fd, state))  # type: ignore[misc]
+            dev.close_fd(fd)
+        with ctx.step(f"leave {state} for {leave[state]}, then I/O on the old fd"):
+            fd = enter_session(dev, state)
+            if state == "RESUMING":
+                dev.client.write_stream(fd, [stream])
+            assert dev.set_state(leave[state]) is None
+            fails(lambda fd=fd, state=state: fd_io(dev, fd, state))  # type: ignore[misc]
+            dev.close_fd(fd)
+    dev.reset()
 
 
 @check("V2-R17")

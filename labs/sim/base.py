@@ -289,6 +289,12 @@ class StreamSource:
     def available(self) -> int:
         return len(self.buf) - self.pos
 
+    def unit_left(self) -> int:
+        """Bytes left of the header or record being read (the next one's at a boundary; 0: none ready)."""
+        if not self.available():
+            self._refill()
+        return self.available()
+
     def read(self, n: int) -> bytes:
         """Up to n bytes; b"" when nothing is available (end of stream once final)."""
         faults = self.drv.faults
@@ -573,6 +579,19 @@ class SimDriver:
 
     def reset(self) -> None:
         self.resets += 1
+
+    def check_feature_header(self, argsz: int, flags: int) -> None:
+        """The VFIO core's header validation (spec 3.1); a method so a driver shipping its own
+        core backport (out-of-tree vendor drivers do) can be modelled."""
+        every = uapi.VFIO_DEVICE_FEATURE_MASK | uapi.VFIO_DEVICE_FEATURE_GET | uapi.VFIO_DEVICE_FEATURE_SET
+        every |= uapi.VFIO_DEVICE_FEATURE_PROBE
+        get_set = uapi.VFIO_DEVICE_FEATURE_GET | uapi.VFIO_DEVICE_FEATURE_SET
+        if argsz < uapi.ST_FEATURE_HDR.size:
+            raise err(errno.EINVAL, "feature argsz < 8")
+        if flags & ~every:
+            raise err(errno.EINVAL, f"unknown feature flag bits {flags & ~every:#x}")
+        if flags & get_set == get_set and not flags & uapi.VFIO_DEVICE_FEATURE_PROBE:
+            raise err(errno.EINVAL, "GET and SET together without PROBE")
 
     def feature(self, feature: int, flags: int, buf: bytearray) -> int:
         """Features the core does not handle: without a driver handler, EINVAL (spec 3.1)."""

@@ -21,11 +21,13 @@ from labs.sim.base import (
     RECORD,
     REGS_SIZE,
     STREAM_VERSION,
+    Region,
     StreamSink,
     StreamSource,
     err,
+    sparse_cap,
 )
-from labs.sim.v1 import MASK, RESUMING, RUNNING, SAVING, V1Driver
+from labs.sim.v1 import MASK, MIG_INDEX, RESUMING, RUNNING, SAVING, V1Driver
 from labs.sim.v2 import (
     ERROR,
     PRE_COPY,
@@ -219,6 +221,67 @@ class V1ResetKeepsState(V1Driver):
         super().reset()
 
 
+class V1SparseAreaPastRegion(V1Driver):
+    """V1-R1: the sparse-mmap area of the data window runs past the end of the region."""
+
+    def region(self, index: int) -> Region | None:
+        region = super().region(index)
+        if index == MIG_INDEX and region is not None:
+            region.caps = [c for c in region.caps if c[0] != uapi.VFIO_REGION_INFO_CAP_SPARSE_MMAP]
+            region.caps.append(sparse_cap([(self.data_offset, 2 * self.window)]))
+        return region
+
+
+class V1StateWriteAsync(V1Driver):
+    """V1-R7: a state write returns before the transition is done: the next read shows the old state."""
+
+    stale: int | None = None
+
+    def write_state(self, value: int) -> None:
+        before = self.state_reg
+        super().write_state(value)
+        self.stale = before
+
+    def read_field(self, name: str) -> int:
+        if name == "device_state" and self.stale is not None:
+            value, self.stale = self.stale, None
+            return value
+        return super().read_field(name)
+
+
+class V1ChunksCrossRecords(V1Driver):
+    """V1-R18: saving stages whole windows across stream records, so its transactions are not the
+    ones its own resume side expects (a stream saved here does not replay)."""
+
+    def stage_chunk(self) -> bytes:
+        assert self.source is not None
+        return self.source.read(self.window)
+
+
+class V1RefusedResumeLeavesStop(V1Driver):
+    """V1-R17: a refused exit from 100 drops the session and reads back 000 (neither prior state nor 110)."""
+
+    def write_state(self, value: int) -> None:
+        cur = self.state
+        try:
+            super().write_state(value)
+        except OSError:
+            if cur == RESUMING and self.state == RESUMING and uapi.v1_user_writable(value) and value & MASK != cur:
+                self.sink = None
+                self.state_reg = 0
+            raise
+
+
+class V1ResetIgnoredInResuming(V1Driver):
+    """V1-R19: VFIO_DEVICE_RESET during 100 is dropped: the device stays in its resume session."""
+
+    def reset(self) -> None:
+        if self.state == RESUMING:
+            self.resets += 1
+            return
+        super().reset()
+
+
 # ---------------------------------------------------------------------------
 # v2
 # ---------------------------------------------------------------------------
@@ -406,18 +469,6 @@ class V2FdSurvivesReset(V2Driver):
         self.state = V2_RUNNING
 
 
-class _InheritableFile(DataFile):
-    cloexec = False
-
-
-class V2FdNotCloexec(V2Driver):
-    """V2-R18: the data_fd is created without close-on-exec."""
-
-    def open_saving(self, precopy: bool) -> DataFile:
-        self.file = _InheritableFile(self, source=self.new_source(precopy))
-        return self.file
-
-
 class V2DataSizeOnlyWhenStopped(V2Driver):
     """V2-R19: MIG_DATA_SIZE fails in RUNNING."""
 
@@ -603,6 +654,72 @@ class V1PauseClobbers(V1Driver):
         super().transition(cur, new)
 
 
+class V2FlagsDropP2P(V2Driver):
+    """V2-R1: MIGRATION reports SC|PRE_COPY (a defined set) on a device built, and listed, with P2P."""
+
+    def mig_flags(self) -> int:
+        return self.flags & ~uapi.VFIO_MIGRATION_P2P
+
+
+class V2CoreAcceptsGetSet(V2Driver):
+    """V2-R2: a driver shipping its own VFIO core backport that lets GET|SET through without PROBE."""
+
+    def check_feature_header(self, argsz: int, flags: int) -> None:
+        super().check_feature_header(argsz, flags & ~uapi.VFIO_DEVICE_FEATURE_SET)
+
+
+class V2MasksStateValue(V2Driver):
+    """V2-R4: the driver indexes its arc table with the low 3 bits of device_state: 9 is taken as STOP,
+    0x10002 as RUNNING."""
+
+    def mig_set_state(self, new: int) -> DataFile | None:
+        return super().mig_set_state(new & 7)
+
+
+class V2RefusedResumeLeavesStop(V2Driver):
+    """V2-R14: RESUMING -> STOP commits STOP before validating: a refused stream leaves the device in
+    STOP (neither RESUMING nor ERROR)."""
+
+    def finish_resume(self) -> None:
+        try:
+            super().finish_resume()
+        except OSError:
+            self.end_session()
+            self.state = STOP
+            raise
+
+
+class V2ResetSparesResumingFd(V2Driver):
+    """V2-R16: RESET ends saving sessions but leaves a resuming data_fd writable."""
+
+    def reset(self) -> None:
+        file = self.file if self.file is not None and self.file.sink is not None else None
+        super().reset()
+        if file is not None:
+            file.dead = False
+
+
+class V2FailedSetKeepsFd(V2Driver):
+    """V2-R17: a driver shipping its own core backport copies back only device_state after a failed
+    SET: data_fd keeps whatever the user's buffer held."""
+
+    def failed_set_fd(self) -> int | None:
+        return None
+
+
+class _SeekableFile(DataFile):
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.read(n)  # the position is ignored: no stream_open
+
+
+class V2FdSeekable(V2Driver):
+    """V2-R18: the data_fd is not opened as a stream: pread succeeds (ignoring the offset) instead of ESPIPE."""
+
+    def open_saving(self, precopy: bool) -> DataFile:
+        self.file = _SeekableFile(self, source=self.new_source(precopy))
+        return self.file
+
+
 # ---------------------------------------------------------------------------
 # the catalogue
 # ---------------------------------------------------------------------------
@@ -647,6 +764,11 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V1ResumeIgnoresDataSize, "V1-R16"),
         _defect(V1AcceptsTruncated, "V1-R17"),
         _defect(V1ResetKeepsState, "V1-R19"),
+        _defect(V1SparseAreaPastRegion, "V1-R1", {"mmap": True}),
+        _defect(V1StateWriteAsync, "V1-R7"),
+        _defect(V1ChunksCrossRecords, "V1-R18", also=("V1-R16", "V1-R9")),  # a lab resumes into the saver itself
+        _defect(V1RefusedResumeLeavesStop, "V1-R17"),
+        _defect(V1ResetIgnoredInResuming, "V1-R19"),
         _defect(V2BadFlags, "V2-R1", _V2_FULL),
         _defect(V2StoppedAfterOpen, "V2-R3", _V2_FULL),
         _defect(V2GetLiesAfterFailedSet, "V2-R4", _V2_FULL),
@@ -663,7 +785,13 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V2AcceptsTruncated, "V2-R14", _V2_FULL),
         _defect(V2ErrorSticksAfterReset, "V2-R15", _V2_FULL),
         _defect(V2FdSurvivesReset, "V2-R16", _V2_FULL),
-        _defect(V2FdNotCloexec, "V2-R18", _V2_FULL),
+        _defect(V2FlagsDropP2P, "V2-R1", _V2_FULL),
+        _defect(V2CoreAcceptsGetSet, "V2-R2", _V2_FULL),
+        _defect(V2MasksStateValue, "V2-R4", _V2_FULL),
+        _defect(V2RefusedResumeLeavesStop, "V2-R14", _V2_FULL),
+        _defect(V2ResetSparesResumingFd, "V2-R16", _V2_FULL),
+        _defect(V2FailedSetKeepsFd, "V2-R17", _V2_FULL),
+        _defect(V2FdSeekable, "V2-R18", _V2_FULL),
         _defect(V2DataSizeOnlyWhenStopped, "V2-R19", _V2_FULL),
         _defect(V1ResumeWritesNothing, "V1-R16"),
         _defect(V2ResumeWritesNothing, "V2-R13", _V2_FULL),
@@ -681,8 +809,18 @@ CATALOGUE: dict[str, Defect] = {
     ]
 }
 
-# The correct drivers the catalogue is measured against.
+def _correct(name: str, protocol: str, what: str, options: dict[str, Any]) -> Defect:
+    driver = f"labs.sim.{protocol}:{protocol.upper()}Driver"
+    return Defect(name, "", protocol, driver, f"correct {protocol} driver, {what}", tuple(sorted(options.items())))
+
+
+# The correct drivers the catalogue is measured against: v1 with and without pre-copy data, v2 with
+# every defined flag set. "v1"/"v2" are each protocol's full driver (the peer of a variant).
 CORRECT = {
-    "v1": Defect("V1Driver", "", "v1", "labs.sim.v1:V1Driver", "correct v1 driver"),
-    "v2": Defect("V2Driver", "", "v2", "labs.sim.v2:V2Driver", "correct v2 driver", tuple(sorted(_V2_FULL.items()))),
+    "v1": _correct("V1Driver", "v1", "pre-copy data", {}),
+    "v2": _correct("V2Driver", "v2", "STOP_COPY|P2P|PRE_COPY", _V2_FULL),
+    "v1-no-precopy": _correct("V1DriverNoPreCopy", "v1", "no pre-copy data", {"pre_copy": False}),
+    "v2-sc": _correct("V2DriverSC", "v2", "STOP_COPY", {}),
+    "v2-p2p": _correct("V2DriverP2P", "v2", "STOP_COPY|P2P", {"p2p": True}),
+    "v2-precopy": _correct("V2DriverPreCopy", "v2", "STOP_COPY|PRE_COPY", {"pre_copy": True}),
 }

@@ -26,7 +26,6 @@ from labs.sim.base import REGION_SHIFT, SimDriver, err
 from labs.vfio import agent as uapi
 
 GET, SET, PROBE = uapi.VFIO_DEVICE_FEATURE_GET, uapi.VFIO_DEVICE_FEATURE_SET, uapi.VFIO_DEVICE_FEATURE_PROBE
-FEATURE_FLAGS = uapi.VFIO_DEVICE_FEATURE_MASK | GET | SET | PROBE
 # migration features: (operations supported, payload minimum) as the core registers them
 MIG_FEATURES = {
     uapi.VFIO_DEVICE_FEATURE_MIGRATION: (GET, uapi.ST_MIGRATION.size),
@@ -304,12 +303,7 @@ class SimKernel:
     def _feature(self, drv: SimDriver, buf: bytearray) -> int:
         """vfio_ioctl_device_feature + vfio_check_feature (spec 3.1), then the handler."""
         argsz, flags = uapi.ST_FEATURE_HDR.unpack_from(buf)
-        if argsz < uapi.ST_FEATURE_HDR.size:
-            raise err(errno.EINVAL, "feature argsz < 8")
-        if flags & ~FEATURE_FLAGS:
-            raise err(errno.EINVAL, f"unknown feature flag bits {flags & ~FEATURE_FLAGS:#x}")
-        if flags & GET and flags & SET and not flags & PROBE:
-            raise err(errno.EINVAL, "GET and SET together without PROBE")
+        drv.check_feature_header(argsz, flags)
         feature = flags & uapi.VFIO_DEVICE_FEATURE_MASK
         if feature in LOG_FEATURES and not drv.has_log_ops:
             raise err(errno.ENOTTY, "device has no DMA logging")
@@ -341,19 +335,20 @@ class SimKernel:
             try:
                 file = mig.mig_set_state(new)
             except OSError:
-                # the core copies the struct back with data_fd = -1 and the *requested* state (V2-R17)
-                uapi.ST_MIG_STATE.pack_into(buf, off, new, -1)
+                # the core copies the struct back with the *requested* state and data_fd = -1 (V2-R17)
+                fd = mig.failed_set_fd()
+                if fd is None:
+                    struct.pack_into("=I", buf, off, new)
+                else:
+                    uapi.ST_MIG_STATE.pack_into(buf, off, new, fd)
                 raise
-            cloexec = bool(getattr(file, "cloexec", True))  # the core creates it O_CLOEXEC; defects may not
-            data_fd = self._install(Entry("data", obj=file, cloexec=cloexec)) if file is not None else -1
+            data_fd = self._install(Entry("data", obj=file)) if file is not None else -1  # O_CLOEXEC, by the core
             uapi.ST_MIG_STATE.pack_into(buf, off, new, data_fd)
         return 0
 
     # -- I/O ------------------------------------------------------------------------
     def _region_io(self, fd: int, offset: int, n: int, write: bool) -> tuple[SimDriver, int, int]:
         entry = self._entry(fd)
-        if entry.kind == "data":
-            raise err(errno.ESPIPE, "the migration data fd is a stream")
         if entry.kind != "device":
             raise err(errno.EINVAL, f"positional I/O on a {entry.kind} fd")
         assert entry.slot is not None and entry.slot.driver is not None
@@ -368,11 +363,17 @@ class SimKernel:
         return drv, index, off
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
+        entry = self._entry(fd)
+        if entry.kind == "data":
+            return bytes(entry.obj.pread(n, offset))  # the driver's file decides (stream_open: ESPIPE)
         drv, index, off = self._region_io(fd, offset, n, False)
         size = drv.region(index).size  # type: ignore[union-attr]
         return drv.region_read(index, off, min(n, size - off))
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        entry = self._entry(fd)
+        if entry.kind == "data":
+            return int(entry.obj.pwrite(bytes(data), offset))
         drv, index, off = self._region_io(fd, offset, len(data), True)
         size = drv.region(index).size  # type: ignore[union-attr]
         if off + len(data) > size:

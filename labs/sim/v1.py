@@ -9,6 +9,10 @@ valid at native width and alignment (anything else: EINVAL).
 Save (spec 2.4): pending_bytes reads have no side effect except acknowledging a
 staged chunk; a data_offset read stages the next chunk (and re-reads return the
 same offset/size); the chunk is consumed only at the next pending_bytes read.
+Transactions (2.5): a staged chunk is at most a window and never crosses a
+stream header or record, so the chunking of a stream is fixed by the stream
+and the window; on resume each data_size write must be exactly that
+transaction (EINVAL otherwise): chunks replayed with other sizes are refused.
 Resume (2.5): the user writes a chunk into the window, then data_size; the
 driver applies it before the write returns. Leaving RESUMING validates.
 Errors (2.6): a failed state write leaves the prior state or ERROR (110), which
@@ -17,6 +21,7 @@ only VFIO_DEVICE_RESET leaves, to 001.
 Options:
     window: data window size in bytes (default 64 KiB)
     mmap: advertise the window as mmappable (sparse mmap cap)
+    pre_copy: offer data in 011 (default true; false: 011 is accepted, pending_bytes reads 0 until 010)
     resume_failure: "stay" (default: stay in 100) | "error" (go to 110)
 """
 
@@ -26,7 +31,19 @@ import errno
 import struct
 from typing import Any
 
-from labs.sim.base import RW, Region, SimDriver, StreamSink, StreamSource, err, parse_size, sparse_cap, type_cap
+from labs.sim.base import (
+    HEADER,
+    RECORD,
+    RW,
+    Region,
+    SimDriver,
+    StreamSink,
+    StreamSource,
+    err,
+    parse_size,
+    sparse_cap,
+    type_cap,
+)
 from labs.vfio import agent as uapi
 
 MIG_INDEX = uapi.VFIO_PCI_NUM_REGIONS  # first device-specific index
@@ -50,6 +67,9 @@ class V1Driver(SimDriver):
         self.staged: bytes | None = None  # the chunk made available by the last data_offset read
         self.window_buf = bytearray(self.window)
         self.last_data_size = 0
+        self.pre_copy = bool(options.get("pre_copy", True))
+        self.unit_left = 0  # resume: bytes left of the stream header/record the transactions are in
+        self.header_seen = False
 
     @property
     def state(self) -> int:
@@ -126,6 +146,8 @@ class V1Driver(SimDriver):
         if self.source is None or not self.state & SAVING:
             return 0  # undefined when !SAVING; 0 is the harmless answer
         self.staged = None  # acknowledgement: the previous chunk was consumed
+        if not self.pre_copy and self.state & RUNNING:
+            return 0  # a driver without pre-copy data: nothing to fetch until 010 (spec 2.3)
         return self.source.remaining()
 
     def read_data_offset(self) -> int:
@@ -135,7 +157,19 @@ class V1Driver(SimDriver):
 
     def stage_chunk(self) -> bytes:
         assert self.source is not None
-        return self.source.read(self.window)
+        if not self.pre_copy and self.state & RUNNING:
+            return b""
+        return self.source.read(min(self.window, self.source.unit_left()))
+
+    def transaction_unit(self, data: bytes) -> int:
+        """The size of the stream unit a resume transaction starting with `data` belongs to."""
+        if self.unit_left:
+            return self.unit_left
+        if not self.header_seen:
+            return HEADER.size
+        if len(data) < RECORD.size:
+            return RECORD.size  # a record header cut short: the size check refuses it
+        return RECORD.size + int(RECORD.unpack_from(data)[3])
 
     def read_data_size(self) -> int:
         if self.state & SAVING:
@@ -149,8 +183,14 @@ class V1Driver(SimDriver):
             raise err(errno.EINVAL, "data_size is written only in RESUMING")
         if size > self.window:
             raise err(errno.EINVAL, f"data_size {size} > window {self.window}")
+        data = bytes(self.window_buf[:size])
+        unit = self.transaction_unit(data)
+        want = min(self.window, unit)
+        if size != want:
+            raise err(errno.EINVAL, f"a {size}-byte transaction where the stream's is {want} (same transaction size)")
         self.last_data_size = size
-        self.sink.feed(bytes(self.window_buf[:size]))  # applied before the write returns (V1-R16)
+        self.unit_left, self.header_seen = unit - size, True
+        self.sink.feed(data)  # applied before the write returns (V1-R16)
 
     def window_read(self, offset: int, n: int) -> bytes:
         if self.state & SAVING and self.staged is not None:
@@ -201,6 +241,7 @@ class V1Driver(SimDriver):
             self.sink = self.new_sink()
             self.window_buf = bytearray(self.window)
             self.last_data_size = 0
+            self.unit_left, self.header_seen = 0, False
 
     def enter_error(self) -> None:
         self.state_reg = uapi.v1_set_error(self.state_reg)

@@ -50,6 +50,12 @@ class DataFile:
             raise err(errno.EBADF, "saving fd is read-only")
         return self.sink.feed(data)
 
+    def pread(self, n: int, offset: int) -> bytes:
+        raise err(errno.ESPIPE, "the migration data fd is a stream (stream_open)")
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        raise err(errno.ESPIPE, "the migration data fd is a stream (stream_open)")
+
     def precopy_info(self, buf: bytearray) -> int:
         if self.dead:
             raise err(errno.ENODEV, "migration session is over")
@@ -87,6 +93,10 @@ class V2Driver(SimDriver):
 
     def mig_get_state(self) -> int:
         return self.state
+
+    def failed_set_fd(self) -> int | None:
+        """data_fd the core copies back after a failed SET (None: the field is left as the user wrote it)."""
+        return -1
 
     def mig_data_size(self) -> int:
         source = self.active_source()

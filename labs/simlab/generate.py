@@ -1,9 +1,12 @@
 """Sim inventories of any size: N host pairs on consecutive loopback addresses.
 
 Benchmarks (xdist scaling over 1, 2, 4 pairs) and the framework's tests use
-them; the devices are those of the embedded sim lab's first host, unless a list
-of device specs is given (the seeded-defect catalogue puts one device per
-driver variant on every host, so same-named devices pair up across hosts).
+them; every host gets the devices both hosts of the embedded sim lab have, and
+with `flag_sets` the first host of each pair also gets hostA's small devices of
+the other flag sets (v2 STOP_COPY, +P2P, +PRE_COPY; v1 without pre-copy data),
+unless a list of device specs is given (the seeded-defect catalogue puts one
+device per driver variant on every host, so same-named devices pair up across
+hosts).
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ def sim_inventory_doc(
     devices: bool = True,
     name: str = "sim-generated",
     device_specs: list[dict[str, Any]] | None = None,
+    flag_sets: bool = False,
 ) -> dict[str, Any]:
     """`device_specs`: inventory device entries for every host instead of the embedded lab's."""
     base = yaml.safe_load(SIM_INVENTORY.read_text())
     template = base["hosts"]["hostA"]
+    side_b = {d["name"] for d in base["hosts"]["hostB"]["devices"]}
+    both = [d for d in base["hosts"]["hostA"]["devices"] if d["name"] in side_b]
+    per_side = [base["hosts"]["hostA"]["devices"] if flag_sets else both, both]
     if device_specs is not None:
-        template = {**template, "devices": [dict(d) for d in device_specs]}
+        both = [dict(d) for d in device_specs]
+        per_side = [both, both]
     hosts: dict[str, Any] = {}
     for i in range(2 * pairs):
         # hostA/hostB for one pair, like the embedded lab; p<k>a/p<k>b beyond
@@ -43,7 +51,7 @@ def sim_inventory_doc(
             "libvirt_uri": f"test://{sim_dir}/hosts/{host}/libvirt-node.xml",
         }
         if devices:
-            spec["devices"] = template["devices"]
+            spec["devices"] = per_side[i % 2]
         hosts[host] = spec
     lab = {"name": name, "sim": {"dir": str(sim_dir)}, "timeouts": base["lab"]["timeouts"]}
     doc: dict[str, Any] = {"lab": lab, "hosts": hosts}
@@ -54,7 +62,7 @@ def sim_inventory_doc(
             {"source": f"{src}:{d['name']}", "destination": f"{dst}:{d['name']}"}
             for k in range(pairs)
             for src, dst in ((names[2 * k], names[2 * k + 1]), (names[2 * k + 1], names[2 * k]))
-            for d in (template["devices"] if devices else [])
+            for d in (both if devices else [])
         ]
     return doc
 
@@ -67,7 +75,8 @@ def write_sim_inventory(
     devices: bool = True,
     device_specs: list[dict[str, Any]] | None = None,
     name: str = "sim-generated",
+    flag_sets: bool = False,
 ) -> Path:
-    doc = sim_inventory_doc(sim_dir, port, pairs, devices, name=name, device_specs=device_specs)
+    doc = sim_inventory_doc(sim_dir, port, pairs, devices, name=name, device_specs=device_specs, flag_sets=flag_sets)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -664,13 +664,17 @@ def mig_get_state(sysl, dfd):
     return ST_MIG_STATE.unpack(out)
 
 
+# data_fd pre-fill for SET: not -1, so a failed SET that leaves the field alone shows (V2-R17)
+DATA_FD_SENTINEL = -0x5A5A5A5A
+
+
 def mig_set_state(sysl, dfd, state):
     """SET MIG_DEVICE_STATE. Returns (data_fd or -1, buffer state). On failure the OSError
-    carries .buffer = (state, data_fd) as the kernel echoed it (V2-R17)."""
+    carries .buffer = (state, data_fd) as the kernel left it (V2-R17)."""
     size = ST_FEATURE_HDR.size + ST_MIG_STATE.size
     buf = bytearray(size)
     ST_FEATURE_HDR.pack_into(buf, 0, size, VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE)
-    ST_MIG_STATE.pack_into(buf, ST_FEATURE_HDR.size, state, -1)
+    ST_MIG_STATE.pack_into(buf, ST_FEATURE_HDR.size, state & 0xFFFFFFFF, DATA_FD_SENTINEL)
     try:
         sysl.ioctl(dfd, VFIO_DEVICE_FEATURE, buf)
     except OSError as exc:
@@ -729,6 +733,7 @@ def v1_reg_read(sysl, dfd, region_offset, offset, width):
 
 
 def v1_reg_write(sysl, dfd, region_offset, offset, width, value):
+    value &= (1 << (8 * width)) - 1  # a negative value is written as the field's two's complement
     n = sysl.pwrite(dfd, struct.pack(_WIDTH_FMT[width], value), region_offset + offset)
     if n != width:
         raise oserror(errno.EIO, "short %d-byte write at migration offset %d" % (width, offset))
@@ -1324,6 +1329,7 @@ class Agent(object):
         max_bytes = args.get("max_bytes")
         max_chunks = args.get("max_chunks")
         digest = hashlib.sha256()
+        sizes = hashlib.sha256()  # the data_size sequence the device reported (V1-R18)
         total = chunks = empty = 0
         end = "done"
         rd = lambda name: v1_reg_read(h.sys, h.fd, base, V1_FIELDS[name][0], V1_FIELDS[name][1])  # noqa: E731
@@ -1347,6 +1353,7 @@ class Agent(object):
                     empty = 0
                     data = read_exact_at(h.sys, h.fd, size, base + data_offset)
                     digest.update(data)
+                    sizes.update(struct.pack("<Q", size))
                     total += size
                     chunks += 1
                     emit(data)
@@ -1355,13 +1362,21 @@ class Agent(object):
             raise OpError(
                 exc.errno, exc.strerror or str(exc), {"bytes": total, "chunks": chunks, "sha256": digest.hexdigest()}
             ) from exc
-        return {"bytes": total, "chunks": chunks, "sha256": digest.hexdigest(), "end": end, "pending": pending}
+        return {
+            "bytes": total,
+            "chunks": chunks,
+            "sha256": digest.hexdigest(),
+            "sizes_sha256": sizes.hexdigest(),
+            "end": end,
+            "pending": pending,
+        }
 
     def op_v1_resume(self, args, frames):
         """Spec 2.5 for each frame: read data_offset, write the chunk there, write data_size."""
         h = self._get(args)
         base = self._mig_region(h)["offset"]
         digest = hashlib.sha256()
+        sizes = hashlib.sha256()  # the data_size sequence written: one transaction per frame (V1-R18)
         total = chunks = 0
         try:
             for chunk in frames:
@@ -1369,13 +1384,14 @@ class Agent(object):
                 write_all_at(h.sys, h.fd, chunk, base + data_offset)
                 v1_reg_write(h.sys, h.fd, base, 24, 8, len(chunk))
                 digest.update(chunk)
+                sizes.update(struct.pack("<Q", len(chunk)))
                 total += len(chunk)
                 chunks += 1
         except OSError as exc:
             raise OpError(
                 exc.errno, exc.strerror or str(exc), {"bytes": total, "chunks": chunks, "sha256": digest.hexdigest()}
             ) from exc
-        return {"bytes": total, "chunks": chunks, "sha256": digest.hexdigest()}
+        return {"bytes": total, "chunks": chunks, "sha256": digest.hexdigest(), "sizes_sha256": sizes.hexdigest()}
 
     # -- v2 -------------------------------------------------------------------
     def op_feature(self, args):

@@ -8,6 +8,7 @@ device does not have (by its listed capabilities) are deselected, not skipped.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
@@ -33,20 +34,29 @@ def steps() -> Iterator[StepLog]:
 
 
 def open_dut(stack: ExitStack, lab: LabSession, device: LabDevice) -> DeviceHandle:
-    """Open the device; a real device left elsewhere than RUNNING is reset, now and when the test
-    is done (mtty keeps its state across opens, and one closed in RESUMING oopses the host kernel
-    at the next RESUMING -> STOP: nested findings). A sim driver starts in RUNNING on every open
-    and is not reset: V1-R5/V2-R3 judge exactly that."""
+    """Open the device; a real device is put back in RUNNING when the test is done (mtty keeps its
+    state across opens, and one closed in RESUMING oopses the host kernel at the next
+    RESUMING -> STOP: nested findings), so the next test opens it as this one left it. One found
+    elsewhere than RUNNING (left by someone else) is reset now and that is recorded in
+    `dev.open_info["found_in"]`: V1-R5/V2-R3 skip naming it rather than judge a device we reset.
+    A sim driver starts in RUNNING on every open and is never reset."""
     dev = stack.enter_context(open_device(lab, device))
     if not dev.is_sim:
         stack.callback(_idle, dev)
-        _idle(dev)
+        found = _idle(dev)
+        if found is not None:
+            dev.open_info["found_in"] = found
+            warnings.warn(f"{device.id} was found in {found} at open and reset", stacklevel=2)
     return dev
 
 
-def _idle(dev: DeviceHandle) -> None:
-    if dev.state() != "RUNNING":
-        dev.reset()
+def _idle(dev: DeviceHandle) -> str | None:
+    """Reset a device that is not in RUNNING; returns the state it was in (None: it was RUNNING)."""
+    state = dev.state()
+    if state == "RUNNING":
+        return None
+    dev.reset()
+    return state
 
 
 def peer_of(inventory: Inventory, device: LabDevice) -> LabDevice | None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from labs.conformance import model
-from labs.conformance.checks import stream_limit
+from labs.conformance.checks import state_inputs, stream_limit
 from labs.inventory import LabDevice
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
@@ -139,7 +139,7 @@ class V2Machine(DeviceMachine):
         self.oracle: model.V2Oracle = model.V2Oracle(self.dev.mig_flags, self.sim)
         self.arcs = model.v2_arcs(self.dev.mig_flags)
 
-    @rule(value=st.integers(min_value=0, max_value=uapi.VFIO_DEVICE_STATE_NR))
+    @rule(value=st.sampled_from(state_inputs()))
     def set_state(self, value: int) -> None:
         target = value
         cur, name = self.oracle.state, uapi.v2_state_name(target)
@@ -237,11 +237,11 @@ class V1Machine(DeviceMachine):
         self.oracle: model.V1Oracle = model.V1Oracle(self.sim)
         self.arcs = model.v1_arcs()
 
-    @rule(bits=st.integers(min_value=0, max_value=7))
+    @rule(bits=st.sampled_from(state_inputs()))
     def set_state(self, bits: int) -> None:
         cur, name = self.oracle.state, uapi.v1_state_name(bits)
         exp = self.oracle.set_state(bits)
-        with self.step(f"write device_state {bits:03b} ({name}) in {cur}: expect {exp.describe()}"):
+        with self.step(f"write device_state bits {bits:#x} ({name}) in {cur}: expect {exp.describe()}"):
             exc: AgentOSError | None = None
             try:
                 self.dev.set_state(bits)  # read-modify-write, reserved bits kept
