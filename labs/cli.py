@@ -241,8 +241,8 @@ def janitor(inventory: Path | None, everything: bool) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["suite", "scaling", "agent", "memory", "nested"]),
-    help="these only (nested runs only when named: it needs `lab nested up`)",
+    type=click.Choice(["suite", "scaling", "agent", "memory", "nested", "mutants"]),
+    help="these only (nested and mutants run only when named: nested needs `lab nested up`)",
 )
 @one_line_errors
 def bench(only: tuple[str, ...]) -> None:
