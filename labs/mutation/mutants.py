@@ -4,11 +4,13 @@ Scope is the driver model, not the plumbing (docs/mutation-testing.md says why f
     labs/sim/v1.py      V1Driver (every method) and _fmt
     labs/sim/v2.py      DataFile and V2Driver (every method)
     labs/sim/base.py    StreamSource and StreamSink (the stream a driver saves and resumes), and the
-                        device surface of SimDriver (regions, content writes, reset, features)
+                        migration side of SimDriver (model id, device flags, content writes that
+                        dirty pre-copy, the feature fallback)
     labs/sim/kernel.py  the VFIO core's device-facing part: device ioctls, region info, the
                         VFIO_DEVICE_FEATURE checks, region and data-fd I/O
 Out: module-level constants, option parsing (__init__), the content store and fault knobs (the
-checks' own readback and injection tools), sim_control, and the kernel's fd table, group and
+checks' own readback and injection tools), sim_control, SimDriver's BAR and config-space access
+and its reset counter (no migration rule reads them), and the kernel's fd table, group and
 container plumbing (a mutant there breaks opening, which every check "kills" for free).
 
 A mutant id is `file::function::operator::k`, k counting that operator's sites inside the
@@ -39,11 +41,7 @@ SCOPE: dict[str, tuple[str, ...]] = {
         "SimDriver.model_crc",
         "SimDriver.device_flags",
         "SimDriver.num_regions",
-        "SimDriver.region",
-        "SimDriver.region_read",
-        "SimDriver.region_write",
         "SimDriver.write_content",
-        "SimDriver.reset",
         "SimDriver.feature",
     ),
     "labs/sim/kernel.py": (
