@@ -9,6 +9,7 @@ the mutant; when every check passes, a few model walks (fixed seed) get their tu
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -101,6 +102,7 @@ class Worker:
         self.timeout = timeout
         self.walks = walks
         self.peer_client: AgentClient | None = None
+        self.checks = itertools.count()
         if not self.tree.exists():
             shutil.copytree(snapshot / "labs", self.tree / "labs", ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -168,8 +170,9 @@ class Worker:
         """Run one check; None if it passed, else (killed|timeout, why)."""
         if dut.dead:
             return KILLED, f"the mutant's agent is gone: {dut.dead}"
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        ctx = Ctx(dut, self.peer(), self.scratch, config)
+        tmp = self.scratch / f"c{next(self.checks)}"  # fresh all-zero devices per check, as in tests
+        tmp.mkdir(parents=True, exist_ok=True)
+        ctx = Ctx(dut, self.peer(), tmp, config)
         try:
             fn(ctx)
             return None
