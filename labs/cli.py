@@ -282,8 +282,10 @@ def mutants(
 ) -> None:
     """Mutate the correct sim drivers and run the conformance checks on each mutant: prints killed /
     survived / timed out and the score, writes reports/mutants.{md,json}; exit 1 below --threshold."""
-    from labs.mutation.runner import run_mutants
-
+    try:
+        from labs.mutation.runner import run_mutants
+    except ImportError as exc:  # cosmic-ray is a dev extra
+        raise click.ClickException(f"lab mutants needs the dev extras (pip install -e '.[dev]'): {exc}") from None
     try:
         rc = run_mutants(console, list(only) or None, jobs, max_mutants, timeout, threshold, walks)
     except ValueError as exc:
