@@ -3,7 +3,8 @@
 Figures, never asserts: wall time of the sim-lab suites, xdist scaling over 1,
 2 and 4 sim host pairs, agent operation latency against one ssh exec per
 operation, and controller memory across a 1,000-test run. `--only nested`
-adds the nested lab's figures (labs.nested.bench; the lab must be up).
+adds the nested lab's figures (labs.nested.bench; the lab must be up), `--only mutants`
+the checks' mutation score (`lab mutants`).
 """
 
 from __future__ import annotations
@@ -237,8 +238,19 @@ def bench_nested() -> dict[str, Any]:
     return run()
 
 
-OPT_IN = ("nested",)  # minutes, and needs `lab nested up`: only with `--only nested`
-STEPS = ("suite", "scaling", "agent", "memory", "nested")
+def bench_mutants() -> dict[str, Any]:
+    """`lab mutants` in full: the checks' mutation score and its run time (reports/mutants.md lists survivors)."""
+    from labs.mutation.runner import run_mutants
+
+    run_mutants(Console(quiet=True), threshold=0)
+    summary = json.loads((REPORTS / "mutants.json").read_text())["summary"]
+    keys = ("total", "killed", "survived", "timeout", "equivalent", "score", "wall_s", "jobs")
+    return {"run": {k: summary[k] for k in keys}}
+
+
+# nested: minutes, and needs `lab nested up`; mutants: 10-20 minutes. Only when named with --only.
+OPT_IN = ("nested", "mutants")
+STEPS = ("suite", "scaling", "agent", "memory", "nested", "mutants")
 
 
 def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]:
@@ -252,6 +264,7 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
             "agent": bench_agent,
             "memory": lambda: bench_memory(tmp),
             "nested": bench_nested,
+            "mutants": bench_mutants,
         }  # fmt: skip
         for name, step in steps.items():
             if (only and name not in only) or (name in OPT_IN and not (only and name in only)):
@@ -302,6 +315,15 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
         d = agent["device_save_1gib"]
         rows.append(
             ("1 GiB device save through the agent vs raw SSH copy", f"{d['mbps']} vs {agent['raw_ssh_copy_mbps']} MB/s")
+        )
+    mut = (results.get("mutants") or {}).get("run")
+    if mut:
+        rows.append(
+            (
+                f"mutation score of the checks ({mut['total']} mutants, {mut['jobs']} workers)",
+                f"{mut['score']} % ({mut['killed']} killed, {mut['survived']} survived, {mut['timeout']} timed out, "
+                f"{mut['equivalent']} equivalent) in {mut['wall_s']:.0f} s",
+            )
         )
     mem = results.get("memory")
     if mem and mem["rss_mb"]:

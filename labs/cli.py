@@ -263,8 +263,8 @@ def janitor(inventory: Path | None, everything: bool) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["suite", "scaling", "agent", "memory", "nested"]),
-    help="these only (nested runs only when named: it needs `lab nested up`)",
+    type=click.Choice(["suite", "scaling", "agent", "memory", "nested", "mutants"]),
+    help="these only (nested and mutants run only when named: nested needs `lab nested up`)",
 )
 @one_line_errors
 def bench(only: tuple[str, ...]) -> None:
@@ -327,6 +327,30 @@ def defects(
         python_path=list(python_path),
         rules=rules,
     )
+    sys.exit(rc)
+
+
+@main.command()
+@click.option("--only", "only", multiple=True, metavar="FILE", help="mutate this file only (e.g. labs/sim/v2.py)")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="workers [default: the machine's cores]")
+@click.option("--max", "max_mutants", type=click.IntRange(min=1), default=None, help="a deterministic sample of N")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True, help="seconds per mutant")
+@click.option("--threshold", type=click.FloatRange(0, 100), default=95.0, show_default=True, help="minimum score, %")
+@click.option("--walks", type=click.IntRange(min=0), default=5, show_default=True, help="model walks per protocol")
+@one_line_errors
+def mutants(
+    only: tuple[str, ...], jobs: int | None, max_mutants: int | None, timeout: float, threshold: float, walks: int
+) -> None:
+    """Mutate the correct sim drivers and run the conformance checks on each mutant: prints killed /
+    survived / timed out and the score, writes reports/mutants.{md,json}; exit 1 below --threshold."""
+    try:
+        from labs.mutation.runner import run_mutants
+    except ImportError as exc:  # cosmic-ray is a dev extra
+        raise click.ClickException(f"lab mutants needs the dev extras (pip install -e '.[dev]'): {exc}") from None
+    try:
+        rc = run_mutants(console, list(only) or None, jobs, max_mutants, timeout, threshold, walks)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     sys.exit(rc)
 
 
