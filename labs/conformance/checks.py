@@ -34,6 +34,7 @@ from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_SET as SET
+from labs.vfio.agent import VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION
 from labs.vfio.client import AgentOSError
 from labs.vfio.device import DeviceHandle, SavedStream
 
@@ -152,10 +153,31 @@ def comparator(ctx: CheckContext) -> StreamComparator:
     return COMPARATORS.get(ctx.model, same_bytes)
 
 
+# per PCI vendor:device, how to give a real device a distinctive state its stream carries (registers)
+Seeder = Callable[[DeviceHandle, str], None]
+SEEDERS: dict[tuple[int, int], Seeder] = {}
+
+
+def pci_id(dev: DeviceHandle) -> tuple[int, int]:
+    """Vendor and device id from the device's PCI config space (VFIO's config region)."""
+    raw = base64.b64decode(dev.call("region_read", index=CONFIG_REGION, offset=0, length=4)["data"])
+    return int.from_bytes(raw[:2], "little"), int.from_bytes(raw[2:4], "little")
+
+
+def seeder_for(dev: DeviceHandle) -> Seeder | None:
+    return SEEDERS.get(pci_id(dev)) if SEEDERS else None
+
+
 def apart(ctx: CheckContext, src: DeviceHandle, dst: DeviceHandle, src_seed: str, dst_seed: str) -> str | None:
     """Seed source and destination with different patterns; the source's digest (sim) or None.
-    A real device cannot be seeded: `differs_before` compares its stream instead."""
+    A real device is seeded through its model's seeder where one exists; `differs_before` then
+    compares its streams."""
     if not (src.is_sim and dst.is_sim):
+        seeders = [(dev, seeder_for(dev), value) for dev, value in ((src, src_seed), (dst, dst_seed)) if not dev.is_sim]
+        for dev, seeder, value in seeders:
+            if seeder is not None:
+                with ctx.step(f"give {dev.name} a distinctive state ('{value}') through its model's registers"):
+                    seeder(dev, value)
         return None
     with ctx.step(f"fill the source with '{src_seed}', the destination with '{dst_seed}'"):
         want, other = seed(src, src_seed), seed(dst, dst_seed)

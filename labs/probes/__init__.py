@@ -83,7 +83,7 @@ def register(matches: Callable[[LabDevice], bool], probe: DeviceProbe) -> None:
 
 
 def probe_for(device: LabDevice) -> DeviceProbe | None:
-    _load_builtin()
+    load_builtin()
     for matches, probe in _registry:
         if matches(device):
             return probe
@@ -91,14 +91,15 @@ def probe_for(device: LabDevice) -> DeviceProbe | None:
 
 
 def probe_named(name: str) -> DeviceProbe | None:
-    _load_builtin()
+    load_builtin()
     return next((p for _m, p in _registry if p.name == name), None)
 
 
 _loaded = False
 
 
-def _load_builtin() -> None:
+def load_builtin() -> None:
+    """Import the built-in probes: each registers its probe and its seeder for device-level round trips."""
     global _loaded
     if not _loaded:
         _loaded = True

@@ -15,6 +15,8 @@ The FIFO is never touched (spec 5.4: its indices are not validated on resume).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import random
 import re
 import time
@@ -23,10 +25,12 @@ from typing import Any
 
 import libvirt
 
+from labs.conformance.checks import SEEDERS
 from labs.errors import InfraError
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice
 from labs.probes import ProbeMark, register
+from labs.vfio.device import DeviceHandle
 from labs.virt.monitor import qmp
 
 UART_LCR = 3
@@ -153,3 +157,18 @@ class MttyProbe:
 
 
 register(is_mtty, MttyProbe())
+
+
+def seed_registers(dev: DeviceHandle, value: str) -> None:
+    """A distinctive state for the device-level round trips: each port's scratch and line-control
+    registers (in the stream's uart_reg) written through the BAR regions of the agent's open device."""
+    digest = hashlib.sha256(value.encode()).digest()
+    for port in range(2):
+        if not dev.region_info(port).get("size"):
+            continue  # mtty-1 has one port
+        for i, (reg, top) in enumerate(((UART_SCR, 0x100), (UART_LCR, 0x80))):
+            byte = 1 + digest[2 * port + i] % (top - 1)  # LCR below 0x80: DLAB stays clear
+            dev.call("region_write", index=port, offset=reg, data=base64.b64encode(bytes([byte])).decode())
+
+
+SEEDERS[MTTY_PCI_ID] = seed_registers
