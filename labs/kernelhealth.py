@@ -145,7 +145,7 @@ class HostCheck:
 
     def evidence(self) -> str:
         """The matching lines and the taint change, for the report."""
-        out = [f"{f.kind}: {f.line}" for f in self.findings]
+        out = [f"{f.line}  ({f.kind})" for f in self.findings]
         if self.new_taint:
             out.append(f"taint changed: +{self.new_taint}: {describe_taint(self.new_taint)}")
         return "\n".join(out) + "\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -169,3 +171,220 @@ def test_host_kernel_error_is_a_finding_not_infrastructure() -> None:
 
     assert isinstance(kh.HostKernelError("x"), AssertionError)
     assert infra_error(kh.HostKernelError("x")) is None
+
+
+INVENTORY = """
+hosts:
+  a:
+    address: 10.0.0.1
+    devices:
+      - {kind: pci, pci: "0000:65:00.0", model: nic, protocol: v2}
+      - {kind: mdev, name: mtty-2, parent: mtty, type: mtty-2, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01,
+         protocol: v2, kernel_log_allow: ['PCI config write @0x\\w+ of \\d+ bytes not handled']}
+  b:
+    address: 10.0.0.2
+    devices:
+      - {kind: mdev, name: mtty-2, parent: mtty, type: mtty-2, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a02,
+         protocol: v2}
+  c:
+    address: 10.0.0.3
+    devices:
+      - {kind: pci, pci: "0000:65:00.0", model: nic, protocol: v2}
+"""
+
+
+def test_allowlist_key_applies_to_every_host_with_the_model(tmp_path: Path) -> None:
+    from labs.inventory import load_inventory
+    from labs.pytest_plugin import kernel_log_allow
+
+    path = tmp_path / "inv.yaml"
+    path.write_text(INVENTORY)
+    inv = load_inventory(path)
+    line = "[  1.0] WARNING: mtty x: PCI config write @0x30 of 4 bytes not handled"
+    for host in ("a", "b"):  # b's mtty-2 says nothing: the model's list holds there too
+        assert kh.findings([line], kernel_log_allow(inv, inv.host(host))) == [], host
+    assert kh.findings([line], kernel_log_allow(inv, inv.host("c"))) != []
+
+
+def test_a_bad_allowlist_regex_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
+    from labs.inventory import load_inventory
+    from labs.inventory.yamlsource import InventoryError
+
+    path = tmp_path / "inv.yaml"
+    path.write_text(INVENTORY.replace("'PCI config write", "'PCI config (write"))
+    with pytest.raises(InventoryError) as info:
+        load_inventory(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path)), message
+    assert "hosts.a.devices[1].kernel_log_allow" in message, message
+    assert "not a valid regular expression" in message and "missing )" in message, message
+
+
+def test_sim_hosts_are_not_judged_and_real_hosts_are(tmp_path: Path, sim_inventory: Any) -> None:
+    from labs.inventory import load_inventory
+    from labs.pytest_plugin import kernel_not_judged
+
+    why = kernel_not_judged(sim_inventory, sim_inventory.hosts[0])
+    assert why is not None and "controller" in why
+    path = tmp_path / "inv.yaml"
+    path.write_text(INVENTORY)
+    real = load_inventory(path)
+    assert kernel_not_judged(real, real.host("a")) is None
+
+
+def test_local_agent_gives_the_taint_mask() -> None:
+    from labs.vfio.client import AgentClient
+
+    with AgentClient.local("kmsg") as client:
+        got = client.call("kmsg", after=-1)
+    assert got["tainted"] == int(Path("/proc/sys/kernel/tainted").read_text())
+
+
+# The plugin end to end on a sim lab whose hosts' kernels are a fake: files the inner tests write to.
+FAKE_KERNELS = """
+from pathlib import Path
+
+import re
+
+import pytest
+
+import labs.pytest_plugin as plugin
+
+HERE = Path(__file__).parent
+
+
+class Kernels:
+    def log(self, host, line):
+        with open(HERE / f"{host}.kmsg", "a") as f:
+            f.write(line + "\\n")
+
+    def taint(self, host, mask):
+        (HERE / f"{host}.taint").write_text(str(mask))
+
+
+def fake_source(session, host):
+    def read(after):
+        log, taint = HERE / f"{host}.kmsg", HERE / f"{host}.taint"
+        lines = ["[    0.000000] Linux version 6.12.0"] + (log.read_text().splitlines() if log.exists() else [])
+        tainted = int(taint.read_text()) if taint.exists() else 12288  # O and E, as with mtty.ko
+        return {"seq": len(lines) - 1, "lines": lines[after + 1 :] if after >= 0 else [], "tainted": tainted}
+
+    return read
+
+
+plugin.kmsg_source = fake_source
+plugin.kernel_not_judged = lambda inventory, host: None
+
+
+@pytest.fixture
+def kernel():
+    return Kernels()
+"""
+
+INNER = """
+import re
+
+import pytest
+
+WARN = "[  812.431502] WARNING: CPU: 0 PID: 1 at drivers/vfio/vfio_main.c:1123 vfio_ioctl+0x5a/0x80 [vfio]"
+BUG = "[  813.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008"
+OOPS = "[  813.000001] Oops: 0002 [#1] PREEMPT SMP NOPTI"
+
+
+def test_clean(host, kernel):
+    kernel.log(host.name, "[  811.0] mtty mtty: MDEV: Registered")
+
+
+def test_warns(host, kernel):
+    kernel.log(host.name, "[  812.431500] ------------[ cut here ]------------")
+    kernel.log(host.name, WARN)
+
+
+def test_allowed(host, kernel):
+    kernel.log(host.name, "[  812.5] WARNING: CPU: 1 PID: 7 at labs_benign.c:1 benign+0x0/0x1")
+
+
+def test_taints(host, kernel):
+    kernel.taint(host.name, 12288 | 512)
+
+
+def test_taint_stays(host, kernel):
+    kernel.taint(host.name, 12288 | 512)
+
+
+def test_fails_and_oopses(host, kernel):
+    kernel.log(host.name, BUG)
+    kernel.log(host.name, OOPS)
+    assert 1 == 2, "readback differs"
+
+
+def test_skips_after_oops(host, kernel):
+    kernel.log(host.name, OOPS)
+    pytest.skip("lacks capability p2p")
+
+
+@pytest.fixture
+def warn_at_teardown(host, kernel):
+    yield
+    kernel.log(host.name, WARN)
+
+
+def test_teardown_warns(host, warn_at_teardown):
+    pass
+"""
+
+
+def test_plugin_fails_tests_on_host_kernel_trouble(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import yaml
+
+    from tests import allure_results
+    from tests.conftest import write_sim_inventory
+
+    doc = yaml.safe_load(write_sim_inventory(tmp_path, devices=True).read_text())
+    doc["hosts"]["hostA"]["devices"][0]["kernel_log_allow"] = [r"at labs_benign\.c:\d+ "]
+    inventory = pytester.path / "lab.yaml"
+    inventory.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("COLUMNS", "400")  # the short summary's lines in full
+    pytester.makeconftest(FAKE_KERNELS)
+    pytester.makepyfile(test_inner=INNER)
+    results = pytester.path / "results"
+    args = ("--inventory", str(inventory), f"--alluredir={results}", "--lab-host", "hostA", "-p", "no:randomly")
+    run = pytester.runpytest_subprocess(*args, "-rA")
+    run.assert_outcomes(passed=4, failed=4, errors=1)  # test_teardown_warns: passed, then an error
+    out = run.stdout.str()
+    assert (
+        "FAILED test_inner.py::test_warns[hostA] - labs.kernelhealth.HostKernelError: host kernel: hostA: WARNING:"
+        in out
+    )
+    assert "host kernel: hostA: taint +W" in out
+    assert "ERROR test_inner.py::test_teardown_warns[hostA] - labs.kernelhealth.HostKernelError" in out
+    assert "(the test also failed: AssertionError: readback differs" in out
+
+    tests = allure_results.results(results)
+    attachments = {name: found[1] for name, found in allure_results.evidence(results).items()}
+    categories = json.loads((results / "categories.json").read_text())
+    host_kernel = categories[0]
+    assert host_kernel["name"].startswith("Host kernel") and host_kernel["matchedStatuses"] == ["failed"]
+    failed = ("test_warns", "test_taints", "test_fails_and_oopses", "test_skips_after_oops", "test_teardown_warns")
+    for name in (f"{t}[hostA]" for t in failed):
+        doc = tests[name]
+        assert doc["status"] == "failed", name
+        message = doc["statusDetails"]["message"]
+        assert re.fullmatch(host_kernel["messageRegex"], message), (name, message)
+        for other in categories[1:]:  # the first category that matches names it: no earlier one may
+            assert "messageRegex" not in other or not re.fullmatch(other["messageRegex"], message), (name, other)
+        assert "host kernel hostA" in attachments[name], (name, attachments[name])
+    for name in ("test_clean[hostA]", "test_allowed[hostA]", "test_taint_stays[hostA]"):
+        assert tests[name]["status"] == "passed", name
+    assert "dmesg hostA" in attachments["test_clean[hostA]"]
+    assert "host kernel hostA" not in attachments["test_clean[hostA]"]
+    warned = [a for a in tests["test_warns[hostA]"]["attachments"] if a["name"] == "host kernel hostA"]
+    text = (results / warned[0]["source"]).read_text()
+    assert "[  812.431502] WARNING: CPU: 0 PID: 1 at drivers/vfio/vfio_main.c:1123 vfio_ioctl+0x5a/0x80 [vfio]" in text
+    assert "cut here" not in text
+    env = (results / "environment.properties").read_text()
+    assert "hostA.kernel_verdict=on" in env
