@@ -67,5 +67,6 @@ def test_a_kernel_warning_fails_the_test_and_a_clean_test_passes(
     assert re.fullmatch(categories[0]["messageRegex"], warned["statusDetails"]["message"])
     attached = {a["name"]: (results / a["source"]).read_text() for a in warned.get("attachments", [])}
     evidence = attached[f"host kernel {HOST}"]
-    assert re.search(r"\] WARNING: CPU: \d+ PID: \d+ at \S*labs_warn\.c:\d+ labs_warn_set\+", evidence), evidence
+    # "at FILE:LINE FUNC+off/len" with CONFIG_DEBUG_BUGVERBOSE (Debian's), "at FUNC+off/len" without
+    assert re.search(r"\] WARNING: CPU: \d+ PID: \d+ at .*labs_warn_set\+", evidence), evidence
     assert "labs_warn: deliberate warning" in attached[f"dmesg {HOST}"]
