@@ -23,6 +23,7 @@ from labs.errors import LabError
 from labs.hostwatch import HostWatch, Recheck, TestTimeout, infra_error, is_pytest_timeout
 from labs.inventory import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
+from labs.kernelhealth import HostCheck, HostKernelError, KernelWatch, KmsgSource, compile_allow, reason
 from labs.paths import SIM_INVENTORY
 from labs.reservations import ReservationBusy, reserve
 from labs.runtime import LabSession, new_run_id, open_inventory
@@ -143,6 +144,7 @@ class LabState:
         self.run_id: str = (worker or {}).get("labs_run_id") or os.environ.get("LABS_RUN_ID") or new_run_id()
         self.watch = HostWatch(self.run_id)
         self.worker_summaries: list[dict[str, Any]] = []  # xdist controller: what each worker saw
+        self.kernel_log_errors: dict[str, str] = {}  # host -> why its kernel log could not be read
 
     @property
     def inventory_path(self) -> Path:
@@ -293,13 +295,14 @@ def _timeout_is_infra(item: pytest.Item) -> Generator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None]:
-    with _timeout_is_infra(item):
+    # a setup that passed is judged with the call; one that skipped or failed is judged here
+    with _kernel_verdict(item, "setup", after_success=False), _timeout_is_infra(item):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
-    with _timeout_is_infra(item):
+    with _kernel_verdict(item, "call", after_success=True), _timeout_is_infra(item):
         return (yield)
 
 
@@ -312,7 +315,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    err = infra_error(call.excinfo.value) if report.failed and call.excinfo is not None else None
+    exc = call.excinfo.value if report.failed and call.excinfo is not None else None
+    # a kernel finding that ended an infrastructure error still has that host rechecked
+    err = infra_error(exc.__cause__ if isinstance(exc, HostKernelError) else exc)
     if err is not None:
         from labs.reporting.allure_hooks import subject_of
 
@@ -343,6 +348,101 @@ def _infra_summary(state: LabState) -> dict[str, Any]:
     # pytester run inside the framework's own tests would otherwise show up in the outer run
     summary["retries"] = [str(e) for e in retries.since(0)] if state._session is not None else []
     return summary
+
+
+# -- host kernel verdict -------------------------------------------------------
+KERNEL_WATCHES = pytest.StashKey[list[KernelWatch]]()
+
+
+def kernel_not_judged(inventory: Inventory, host: LabHost) -> str | None:
+    """Why a host's kernel is not judged, or None when it is."""
+    if inventory.is_sim:
+        return "a sim host is an sshd on this machine: its kernel log is the controller's, shared by every process here"
+    return None
+
+
+def kernel_log_allow(inventory: Inventory, host: LabHost) -> tuple[Any, ...]:
+    """The compiled allowlist on `host`: every pattern given for a model that has a device there."""
+    models = {d.model_key for d in host.spec.devices}
+    patterns = dict.fromkeys(
+        p for d in inventory.devices if d.spec.model_key in models for p in d.spec.kernel_log_allow
+    )
+    return compile_allow(patterns)
+
+
+def kmsg_source(session: LabSession, host: str) -> KmsgSource:
+    """The host's kernel log and taint through a pooled agent; a host that stopped answering gives nothing."""
+
+    def read(after: int) -> dict[str, Any]:
+        from labs.hostagent import agent_for
+
+        try:
+            with agent_for(session, host) as agent:
+                return dict(agent.call("kmsg", after=after, limit=2000))
+        except LabError:
+            return {}
+
+    return read
+
+
+def _watch_kernels(item: pytest.Item, state: LabState) -> None:
+    from labs.reporting.allure_hooks import subject_of
+
+    watches = []
+    for h in subject_of(item)[0]:
+        if kernel_not_judged(state.inventory, h) is None:
+            watch = KernelWatch(h.name, kmsg_source(state.session, h.name), kernel_log_allow(state.inventory, h))
+            if watch.error:
+                state.kernel_log_errors[h.name] = watch.error
+            watches.append(watch)
+    item.stash[KERNEL_WATCHES] = watches
+
+
+def _judge_kernels(item: pytest.Item, when: str, failure: BaseException | None) -> None:
+    """Attach what each watched host's kernel said; raise HostKernelError when one reported trouble."""
+    from labs.reporting.evidence import attach
+
+    checks: list[HostCheck] = [w.check() for w in item.stash.get(KERNEL_WATCHES, [])]
+    for c in checks:
+        if c.lines:
+            attach(f"dmesg {c.host}", "".join(f"{line}\n" for line in c.lines))
+        if c.failed:
+            attach(f"host kernel {c.host}", c.evidence())
+            item.add_report_section(when, f"host kernel {c.host}", c.evidence())
+    if not any(c.failed for c in checks):
+        return
+    message = reason(checks)
+    if failure is not None and not isinstance(failure, pytest.skip.Exception):
+        first = (str(failure).strip().splitlines() or [""])[0][:200]
+        message += f" (the test also failed: {type(failure).__name__}: {first})"
+    raise HostKernelError(message) from failure
+
+
+@contextmanager
+def _kernel_verdict(item: pytest.Item, when: str, after_success: bool) -> Generator[None]:
+    try:
+        yield
+    except (KeyboardInterrupt, pytest.exit.Exception):
+        raise
+    except BaseException as exc:
+        _judge_kernels(item, when, exc)
+        raise
+    else:
+        if after_success:
+            _judge_kernels(item, when, None)
+
+
+@pytest.fixture(autouse=True)
+def _labs_kernel_watch(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Watches the test's hosts' kernels from before its lab fixtures are set up to after they are torn
+    down (autouse: set up first, torn down last); the teardown's own lines are judged here."""
+    if not any(n in request.fixturenames for n in LAB_FIXTURES):
+        yield
+        return
+    state = _state(request.config)
+    _watch_kernels(request.node, state)
+    yield
+    _judge_kernels(request.node, "teardown", None)
 
 
 # -- skips ---------------------------------------------------------------------
@@ -455,6 +555,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if state is None:
         return
     _infra_section(terminalreporter, state)
+    _kernel_section(terminalreporter, state)
     if not state._health:
         return
     bad = [(r.host, c) for r in state._health.values() for c in r.checks if c.status == Status.FAIL]
@@ -462,6 +563,20 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("lab health")
         for host, c in bad:
             terminalreporter.write_line(f"{host}{' ' + c.device if c.device else ''}: {c.name}: {c.detail}")
+
+
+def _kernel_section(terminalreporter: Any, state: LabState) -> None:
+    """Hosts whose kernel the verdict could not judge (fully or at all), and why."""
+    if state._inventory is None:
+        return
+    off = {h.name: why for h in state.inventory.hosts if (why := kernel_not_judged(state.inventory, h))}
+    if not (off or state.kernel_log_errors):
+        return
+    terminalreporter.section("host kernel")
+    for name, why in off.items():
+        terminalreporter.write_line(f"not judged on {name}: {why}")
+    for name, error in state.kernel_log_errors.items():
+        terminalreporter.write_line(f"kernel log of {name} unreadable ({error}): only its taint is judged")
 
 
 def _infra_section(terminalreporter: Any, state: LabState) -> None:

@@ -64,7 +64,7 @@ def test_no_secret_reaches_the_results(
     env = (results / "environment.properties").read_text()
     assert "hostA.kernel=" in env and "labs.version=" in env
     categories = json.loads((results / "categories.json").read_text())
-    assert [c["name"].split(" ")[0] for c in categories] == ["Lab", "Driver", "Framework"]
+    assert [c["name"].split(" ")[0] for c in categories] == ["Host", "Lab", "Driver", "Framework"]
     labels = next(json.loads(p.read_text())["labels"] for p in results.glob("*-result.json"))
     assert {"name": "lab_host", "value": "hostA"} in labels
     assert {"name": "epic", "value": "VFIO device migration"} in labels

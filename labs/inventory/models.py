@@ -55,6 +55,22 @@ class _DeviceBase(Strict):
         "(e.g. enable-migration: 'on' where device dirty tracking is unavailable)",
     )
 
+    kernel_log_allow: tuple[str, ...] = Field(
+        default=(),
+        description="regular expressions (searched in a kernel log line's text) of known benign lines this "
+        "model's driver logs: such a line never fails a test; they apply on every host with a device of the model",
+    )
+
+    @field_validator("kernel_log_allow")
+    @classmethod
+    def _allow_compiles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return v
+
     @field_validator("qemu_properties", mode="before")
     @classmethod
     def _props_as_strings(cls, v: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Build the nested lab's base image: Debian trixie + kernel 6.12 + mtty.ko + libvirtd.
+"""Build the nested lab's base image: Debian trixie + kernel 6.12 + mtty.ko (+ labs_warn.ko) + libvirtd.
 
 The build runs in stages inside one cache directory (see recipe.image_dir):
 debootstrap, packages (apt in a chroot), mtty (kbuild against the image's own
@@ -359,13 +359,15 @@ class Builder:
                 f"*/{self.recipe.mtty_source}",
             ]
         )
-        (src / "Makefile").write_text("obj-m := mtty.o\n")
+        (src / "labs_warn.c").write_text(self.recipe.warn_module_source)
+        (src / "Makefile").write_text("obj-m := mtty.o labs_warn.o\n")
         self.reporter.update(note="kbuild")
         with self.mounted():
             self.chroot("make", "-C", f"/lib/modules/{kver}/build", "M=/usr/src/mtty", "modules")
             dest = self.root / f"lib/modules/{kver}/updates"
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src / "mtty.ko", dest / "mtty.ko")
+            for module in ("mtty.ko", "labs_warn.ko"):
+                shutil.copy(src / module, dest / module)
             self.chroot("depmod", "-a", kver)
         # The 150 MB source tarball has served its purpose; the extracted mtty.c stays as a record.
         tarballs[-1].unlink()

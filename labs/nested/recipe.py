@@ -53,6 +53,28 @@ GUEST_PACKAGES: tuple[str, ...] = (
     "ca-certificates",
 )
 
+# A test module built beside mtty.ko and not loaded at boot: each write to its `warn` parameter makes
+# the kernel log a WARNING (and taint W), so tests can show the lab's host kernel verdict on a real kernel.
+LABS_WARN_C = r"""// SPDX-License-Identifier: GPL-2.0
+#include <linux/bug.h>
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+
+static int labs_warn_set(const char *val, const struct kernel_param *kp)
+{
+	WARN(1, "labs_warn: deliberate warning\n");
+	return 0;
+}
+
+static const struct kernel_param_ops labs_warn_ops = {
+	.set = labs_warn_set,
+};
+module_param_cb(warn, &labs_warn_ops, NULL, 0200);
+MODULE_PARM_DESC(warn, "any write logs a WARNING");
+MODULE_DESCRIPTION("labs: a kernel WARNING on demand, for tests of the host kernel verdict");
+MODULE_LICENSE("GPL");
+"""
+
 # Modules loaded at boot, in dependency order (modprobe resolves the rest).
 BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty")
 
@@ -86,6 +108,7 @@ class Recipe:
     # along so the NICs exist before labs-seed configures them
     initrd_modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
     mtty_source: str = "samples/vfio-mdev/mtty.c"
+    warn_module_source: str = LABS_WARN_C
     image_size_gb: int = 6
     sshd_config: tuple[str, ...] = (
         "PermitRootLogin prohibit-password",

@@ -1,4 +1,4 @@
-"""What the Allure report knows about each lab test: labels, parameters, dmesg, environment.
+"""What the Allure report knows about each lab test: labels, parameters, environment, categories.
 
 Registered by the labs pytest plugin. Everything here is a no-op when the run
 has no --alluredir, except the environment and category files, which are
@@ -18,7 +18,6 @@ import pytest
 
 import labs
 from labs import retries
-from labs.errors import LabError
 from labs.hostwatch import infra_exception_names
 from labs.inventory import LabDevice, LabHost, LabPair
 from labs.reporting.evidence import attach, register_secret_env
@@ -31,6 +30,12 @@ def categories() -> list[dict[str, Any]]:
     trace would also match a test whose source merely mentions one of these names.
     """
     return [
+        {
+            # first: a kernel finding names the test's failure even when the test also failed otherwise
+            "name": "Host kernel (Oops, BUG, WARNING, stall, lockup, taint change)",
+            "matchedStatuses": ["failed"],
+            "messageRegex": "(?s)([\\w.]*\\.)?HostKernelError:.*",
+        },
         {
             "name": "Lab infrastructure (SSH, libvirt, timeouts)",
             "matchedStatuses": ["broken", "failed"],
@@ -124,29 +129,6 @@ def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
             allure.dynamic.parameter(f"kernel {h.name}", kernels[h.name])
 
 
-class DmesgCursor:
-    """The host's kernel log lines written while a test ran, read by a pooled agent from /dev/kmsg
-    (a host that denies it, like a sim host run by a user with dmesg_restrict, gives nothing)."""
-
-    def __init__(self, lab: Any, host: str) -> None:
-        self.lab, self.host = lab, host
-        self.seq = self._read(-1).get("seq")
-
-    def _read(self, after: int) -> dict[str, Any]:
-        from labs.hostagent import agent_for
-
-        try:
-            with agent_for(self.lab, self.host) as agent:
-                return dict(agent.call("kmsg", after=after, limit=400))
-        except LabError:
-            return {}
-
-    def new_lines(self) -> str:
-        if self.seq is None:
-            return ""
-        return "".join(f"{line}\n" for line in self._read(int(self.seq)).get("lines", []))
-
-
 @pytest.fixture(autouse=True)
 def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
     from labs.pytest_plugin import LAB_FIXTURES, STATE
@@ -162,18 +144,12 @@ def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
         if check is not None:
             kernels[host.name] = check.detail
     label_test(request.node, kernels)
-    collect = results_dir(request.config) is not None and state._session is not None
-    cursors = [DmesgCursor(state.session, h.name) for h in subject_of(request.node)[0]] if collect else []
     retried_from = retries.mark()
     yield
     retried = retries.since(retried_from)
     if retried:
         # a pass that needed a second connection is still a pass, but a host worth watching
         attach("connection retries", "\n".join(map(str, retried)))
-    for cursor in cursors:
-        lines = cursor.new_lines()
-        if lines.strip():
-            attach(f"dmesg {cursor.host}", lines)
 
 
 def environment_properties(state: Any) -> dict[str, str]:
@@ -186,6 +162,11 @@ def environment_properties(state: Any) -> dict[str, str]:
         for c in report.checks:
             if c.device is None and c.name in ("kernel", "libvirt", "python"):
                 env[f"{name}.{c.name}"] = c.detail
+    from labs.pytest_plugin import kernel_not_judged
+
+    for h in inv.hosts:
+        why = kernel_not_judged(inv, h)
+        env[f"{h.name}.kernel_verdict"] = f"off: {why}" if why else "on"
     for d in inv.devices:
         # Allure 3 splits a key at its first ':' even when escaped: device ids keep their ':' out of keys
         env[f"{d.host.name}.{d.name}.driver"] = getattr(d.spec, "driver", None) or d.spec.kind

@@ -1149,15 +1149,22 @@ class Agent(object):
         os.close(fd)
 
     def op_kmsg(self, args):
-        """Kernel log records with a sequence number above `after` (dmesg's format), at most `limit`;
+        """Kernel log records with a sequence number above `after` (dmesg's format), at most `limit`,
+        and the kernel's taint mask;
         `after` < 0 reads none, only the newest sequence number (a cursor for later). Reading
         /dev/kmsg here spares the controller an SSH exec (a session, a shell, dmesg) per test."""
         after = int(args.get("after", -1))
         limit = int(args.get("limit", 400))
+        tainted = None  # /proc/sys/kernel/tainted, world-readable even where dmesg is restricted
+        try:
+            with open("/proc/sys/kernel/tainted") as f:
+                tainted = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
         try:
             fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
-            return {"seq": None, "lines": [], "error": errname(exc.errno or errno.EIO)}
+            return {"seq": None, "lines": [], "tainted": tainted, "error": errname(exc.errno or errno.EIO)}
         last, lines = after, []
         try:
             while True:
@@ -1177,7 +1184,7 @@ class Agent(object):
                     lines.append("[%5d.%06d] %s" % (usec // 1000000, usec % 1000000, text.split("\n")[0]))
         finally:
             os.close(fd)
-        return {"seq": last, "lines": lines[-limit:]}
+        return {"seq": last, "lines": lines[-limit:], "tainted": tainted}
 
     def op_sleep(self, args):
         """For watchdog tests: sleep without progress."""
