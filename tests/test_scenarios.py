@@ -13,10 +13,12 @@ from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, SimDevice
 from labs.runtime import LabSession
 from labs.scenarios import migration as mig
+from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import migrate_under_fault
 from labs.scenarios.readback import Readback, SideView
+from labs.vfio.client import AgentInfraError, AgentOSError
 from labs.virt.janitor import janitor
 from labs.virt.migrate import JobSample, MigrationHung, MigrationOptions, MigrationResult
 
@@ -210,3 +212,16 @@ def test_device_round_trip_through_the_agent(sim_session: LabSession, scenario: 
     assert rt.skipped is None and rt.stream_bytes > 65536
     assert rt.digest_before == rt.digest_after and rt.state_after == "RUNNING"
     assert all("through the agent" in s.title for s in scenario.steps.records)
+
+
+def test_recovery_counts_only_an_errno_as_a_refusal() -> None:
+    def refuse() -> None:
+        raise AgentOSError("mig_set_state", 22, "EINVAL", "arc not allowed")
+
+    def agent_dies() -> None:
+        raise AgentInfraError("agent watchdog: no reply within 30s")
+
+    assert rc._outcome(refuse) == "EINVAL"
+    assert rc._outcome(lambda: None) == "ACCEPTED"
+    with pytest.raises(AgentInfraError):
+        rc._outcome(agent_dies)

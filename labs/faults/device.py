@@ -20,6 +20,7 @@ from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
 from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 from labs.transport import HostConnection
+from labs.vfio.client import AgentOSError
 from labs.virt.xml import Hostdev, hostdev_for
 
 ABSENT_PCI = "0000:fe:1f.7"  # a function no lab host has; the destination XML points there
@@ -189,7 +190,7 @@ class CorruptResumeStream(Fault):
     def _inject(self) -> None:
         try:
             self.dev.resume(self.chunks)
-        except Exception as exc:  # the refusal is the expected outcome: an errno from the device (AgentOSError)
+        except AgentOSError as exc:  # only an errno from the device is a refusal; a framework error propagates
             self.refused = f"{type(exc).__name__}: {exc}"
         self.state_after = self.dev.state()
         self.note(f"resumed {len(self.stream)} damaged bytes: {self.refused or 'ACCEPTED'}; state {self.state_after}")

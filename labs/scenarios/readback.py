@@ -27,6 +27,7 @@ from labs.probes import ProbeMark, ProbeReading, probe_named
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
 from labs.scenarios.steps import StepLog
+from labs.vfio.client import AgentOSError
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
 from labs.virt.monitor import query_migrate, vfio_view
@@ -267,8 +268,8 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
         with opener(session, device) as dev:
             view.state = dev.state()
             view.data_size = dev.data_size() if device.spec.protocol == "v2" else None
-    except Exception as exc:  # an errno from the device (AgentOSError) is a finding, not a crash of the readback
-        if getattr(exc, "errname", None) == "ENOENT" and device.spec.kind == "mdev":
+    except AgentOSError as exc:  # an errno from the device is a finding; a framework error propagates (broken)
+        if exc.errname == "ENOENT" and device.spec.kind == "mdev":
             view.skipped = "absent: the mdev does not exist on its host (removed, e.g. by a fault)"
         else:
             view.error = f"{type(exc).__name__}: {exc}"
@@ -299,7 +300,7 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
                 with opener(session, device) as dev:
                     dev.reset()
                     view.recovered_from, view.state = view.state, dev.state()
-            except Exception as exc:  # the reset failing is a finding: the view keeps the bad state
+            except AgentOSError as exc:  # the device refusing the reset is a finding: the view keeps the bad state
                 view.error = f"reset after {view.state}: {type(exc).__name__}: {exc}"
 
 
@@ -320,8 +321,8 @@ def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = 
     with ExitStack() as stack:
         try:
             dev = stack.enter_context(opener(session, device))
-        except Exception as exc:
-            if getattr(exc, "errname", None) == "ENOENT":
+        except AgentOSError as exc:
+            if exc.errname == "ENOENT":
                 return None  # not there (a fault removed it): nothing a VM could take
             raise
         state = dev.state()

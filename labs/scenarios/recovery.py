@@ -28,6 +28,7 @@ from labs.inventory import LabDevice
 from labs.reporting.evidence import attach
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
+from labs.vfio.client import AgentOSError
 
 Entry = Literal["knob", "truncate", "bad-magic"]
 # every state a SET / device_state write can name, per protocol (ERROR itself is no transition)
@@ -92,8 +93,8 @@ def _outcome(action: Callable[..., Any], *args: Any, **kw: Any) -> str:
     """The errname that refused `action(*args)`, or ACCEPTED."""
     try:
         action(*args, **kw)
-    except Exception as exc:  # the refusal is the point: an errno from the device (AgentOSError)
-        return str(getattr(exc, "errname", None) or type(exc).__name__)
+    except AgentOSError as exc:  # only an errno from the device is a refusal; a framework error propagates
+        return exc.errname
     return "ACCEPTED"
 
 
