@@ -210,8 +210,9 @@ def test_device_round_trip_through_the_agent(sim_session: LabSession, scenario: 
     src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
     rt = sr.device_round_trip(scenario, src, dst, why="test:/// saves carry no device state")
     assert rt.skipped is None and rt.stream_bytes > 65536
-    assert rt.digest_before == rt.digest_after and rt.state_after == "RUNNING"
-    assert all("through the agent" in s.title for s in scenario.steps.records)
+    assert rt.problems == [] and rt.check is not None and rt.check.undecided is None
+    assert rt.check.before != rt.check.source_content == rt.check.after and rt.check.state_after == "RUNNING"
+    assert any("through the agent" in s.title for s in scenario.steps.records)
 
 
 def test_recovery_counts_only_an_errno_as_a_refusal() -> None:

@@ -43,6 +43,7 @@ def test_error_by_fault_knob(lab: LabSession, device: LabDevice, scenario: Scena
     assert rec.entered == "ERROR", f"a transition failure armed to land in ERROR left {rec.entered}"
     assert rec.refusals and all(v != "ACCEPTED" for v in rec.refusals.values()), rec.refusals
     assert not rec.problems, "; ".join(rec.problems)
+    assert rec.undecided is None, rec.undecided
 
 
 @pytest.mark.rule("V1-R17", "V2-R14", "V1-R9", "V1-R19", "V2-R15")
@@ -51,6 +52,8 @@ def test_refused_stream_then_reset(lab: LabSession, device: LabDevice, scenario:
     rec = _recover(lab, scenario, device, how)
     assert rec.entered in ("ERROR", "RESUMING"), f"a refused {how} stream left {rec.entered}"
     assert not rec.problems, "; ".join(rec.problems)
+    if rec.undecided:
+        pytest.skip(f"the save/resume cycle after recovery made no content verdict: {rec.undecided}")
 
 
 @pytest.mark.save_resume

@@ -50,10 +50,10 @@ def test_restore_on_other_host(lab: LabSession, pair: LabPair, scenario: Scenari
 
 @pytest.mark.sim_only("test:/// carries no device state, so the sim lab drives the device explicitly")
 def test_device_content_round_trip(lab: LabSession, pair: LabPair, scenario: Scenario) -> None:
-    """Save on the source's device, resume on the destination's, through the device layer; content must match."""
+    """Save on the source's device, resume into the destination's (seeded apart), through the device layer."""
     if device_opener() is None:
         pytest.skip(NO_DEVICE_LAYER)
     rt = sr.device_round_trip(scenario, pair.source, pair.destination, why="test:/// saves carry no device state")
     assert rt.stream_bytes > 0
-    assert rt.state_after in ("RUNNING", "001")
-    assert rt.digest_before == rt.digest_after, "device content changed across save and resume"
+    assert not rt.problems, "; ".join(rt.problems)
+    assert rt.check is not None and rt.check.undecided is None, rt.check and rt.check.undecided
