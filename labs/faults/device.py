@@ -13,9 +13,11 @@ import shlex
 import uuid
 from typing import Literal
 
+import libvirt
+
 from labs.errors import InfraError
 from labs.faults import mdevs
-from labs.faults.base import Fault
+from labs.faults.base import ExpectedError, Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
 from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
@@ -35,6 +37,7 @@ class DestinationLacksDevice(Fault):
     """
 
     name = "destination-lacks-device"
+    expected_errors = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
 
     def __init__(self, ssh: HostConnection, device: LabDevice) -> None:
         super().__init__(device.id)
@@ -76,6 +79,7 @@ class IncompatibleDestinationMdev(Fault):
     """
 
     name = "incompatible-destination-device"
+    expected_errors = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
 
     def __init__(self, ssh: HostConnection, device: LabDevice, other_type: str, run_id: str | None = None) -> None:
         super().__init__(f"{device.id} as {other_type}")

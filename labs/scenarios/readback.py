@@ -26,6 +26,7 @@ from labs.inventory import LabDevice
 from labs.probes import ProbeMark, ProbeReading, probe_named
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
+from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
 from labs.vfio.client import AgentOSError
 from labs.virt.capabilities import VirtCapability
@@ -140,6 +141,7 @@ class DeviceView:
     error: str | None = None  # the device layer failed to read it
     accepted: tuple[str, ...] = RUNNING_STATES  # the states it may be found in (IDLE_STATES for real devices)
     recovered_from: str | None = None  # found in this state after a failed operation, then reset (recover_devices)
+    known: str | None = None  # that state is a documented issue of the device's model (labs.scenarios.known)
 
 
 @dataclass
@@ -176,6 +178,9 @@ class Readback:
                 elif d.skipped is None and d.state not in d.accepted:
                     want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
                     out.append(f"device {d.device} is {d.state}, not {want}")
+                elif d.recovered_from is not None and d.known is None:
+                    # judged as the failed operation left it: the recovery reset does not make it right
+                    out.append(f"device {d.device} was left {d.recovered_from} by the failed operation (then reset)")
         for s in self.sides:
             for r in s.registers:
                 if r.error is not None:
@@ -183,6 +188,11 @@ class Readback:
                 elif r.mismatches:
                     out.append(f"{r.probe} on {s.host}: device state lost: {'; '.join(r.mismatches)}")
         return out
+
+    @property
+    def known_issues(self) -> list[str]:
+        """The documented issues of the devices' models this readback found (not problems, not a pass)."""
+        return [d.known for d in self.devices if d.known]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -285,8 +295,9 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
     VFIO_DEVICE_FLAGS_RESET (mtty) keeps RESUMING, and the next QEMU's SET
     RESUMING is then a no-op without a data fd (nested findings 4). A user
     recovers with VFIO_DEVICE_RESET (spec 3.5: RESUMING is left only by reset),
-    and so does this, through the device layer. The view keeps `recovered_from`;
-    a device the reset did not bring back stays a problem.
+    and so does this, through the device layer. The view keeps `recovered_from`,
+    judged as found (a problem, or a known issue of the model: labs.scenarios.known);
+    a device the reset did not bring back stays a problem too.
     """
     opener = device_opener()
     by_id = {d.id: d for d in devices}
@@ -294,6 +305,8 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
         device = by_id.get(view.device)
         if device is None or view.skipped or view.error or view.state in view.accepted or opener is None:
             continue
+        issue = known_issue(device, "failed-incoming", view.state)
+        view.known = issue.describe(device.id) if issue else None
         title = f"reset {device.id} through the agent: a failed operation left it {view.state}"
         with steps.step(title) if steps is not None else step(title):
             try:

@@ -33,7 +33,7 @@ from labs.scenarios.readback import (
 )
 from labs.scenarios.roundtrip import ContentCheck
 from labs.virt.domain import VM
-from labs.virt.migrate import completed_stats
+from labs.virt.migrate import completed_stats, vfio_bytes
 from labs.virt.xml import hostdev_for, with_hostdevs
 
 TEST_DRIVER_NOTE = "test:/// image carries no device state"
@@ -47,6 +47,15 @@ class SaveResumeResult:
     readbacks: list[Readback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     save_stats: dict[str, Any] = field(default_factory=dict)  # libvirt's completed-job statistics of the save
+
+    @property
+    def device_bytes(self) -> int | None:
+        """The device bytes the save wrote, where libvirt reports them (None: it does not)."""
+        return vfio_bytes(self.save_stats)
+
+    @property
+    def save_problems(self) -> list[str]:
+        return ["the save moved no device bytes (QEMU reports 0 for the VFIO device)"] if self.device_bytes == 0 else []
 
     @property
     def final(self) -> Readback:
@@ -109,6 +118,7 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
     result = SaveResumeResult(vm)
     with sc.steps.step(f"managed save {vm}{_note(vm)}"):
         vm.managed_save()
+        result.save_stats = completed_stats(vm.hv, name=vm.name)
         if not vm.has_managed_save():
             raise InfraError(f"{vm}: no managed save image after managed save")
     result.readbacks.append(
@@ -144,6 +154,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
         xml = vm.xml()
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
+        result.save_stats = completed_stats(vm.hv, name=vm.name)
     with sc.steps.step(f"carry the image {vm.hv.name} -> {dst_hv.name}"):
         moved = sc.transfer_image(vm.hv, path, dst_hv)
         result.image = moved
