@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,9 @@ class Stream:
     def data(self) -> bytes:
         return self._data
 
+    def chunks(self) -> Iterator[bytes]:
+        yield self._data
+
 
 class FakeDevice:
     """A device whose content is a few bytes; `writes_on_resume=False` is a driver whose resume writes nothing."""
@@ -35,6 +39,15 @@ class FakeDevice:
 
     def set_state(self, state: str) -> None:
         self.st = state
+
+    def data_size(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        self.st = "RUNNING"
+
+    def faults(self, **knobs: Any) -> dict[str, Any]:
+        return {}
 
     def digest(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
@@ -51,7 +64,7 @@ class FakeDevice:
         self.st = "STOP"
         return Stream(b"HDR" + self.content)
 
-    def resume(self, stream: Stream) -> None:
+    def resume(self, stream: Any) -> None:
         if self.writes_on_resume:
             self.content = stream.data()[3:]
         self.st = "RUNNING"
