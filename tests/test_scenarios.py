@@ -341,3 +341,13 @@ def test_post_copy_refusal_must_be_the_vfio_blocker() -> None:
 def test_a_vm_test_on_test_driver_is_a_skip_not_a_pass(sim_session: LabSession) -> None:
     with pytest.raises(pytest.skip.Exception, match="never touched its device"):
         skip_where_no_device(hypervisor(sim_session, "hostA"))
+
+
+def test_a_hang_is_only_the_outcome_of_a_fault_that_stalls_the_job() -> None:
+    run = _faulted(None, None)
+    run.failed.result.timed_out, run.failed.result.error = True, "migration did not return within 30s"
+    assert run.problems == [
+        "migration under fails-to-inject hung until the deadline: migration did not return within 30s"
+    ]
+    run.fault.stalls = True  # a cut link: the stall is what it does
+    assert run.problems == []

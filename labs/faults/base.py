@@ -69,6 +69,8 @@ class Fault(ABC):
     name: str = "fault"
     # the libvirt errors an operation failing under this fault may end with (never matched by message text)
     expected_errors: tuple[ExpectedError, ...] = ()
+    # the expected outcome is a job that stalls until the scenario's deadline aborts it (no libvirt error)
+    stalls: bool = False
 
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target)

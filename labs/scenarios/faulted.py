@@ -78,6 +78,10 @@ class FaultedMigration:
             out.append(f"migration under {self.fault.name} succeeded; it should have failed")
         elif not result.error:
             out.append(f"migration under {self.fault.name} failed without an error message")
+        elif result.timed_out and not self.fault.stalls:
+            out.append(f"migration under {self.fault.name} hung until the deadline: {result.error}")
+        elif result.timed_out:
+            pass  # the stall is this fault's outcome: our deadline ended it, libvirt reported nothing of its own
         elif not self.fault.matches(result.error_domain, result.error_code):
             expected = " or ".join(map(str, self.fault.expected_errors)) or "nothing declared"
             out.append(
