@@ -172,21 +172,27 @@ class Readback:
             if s.host != expect_on and s.domain_state != "absent":
                 out.append(f"{s.host} keeps a leftover {self.domain} ({s.domain_state})")
         if expect_device_running:
-            for d in self.devices:
-                if d.error is not None:
-                    out.append(f"device {d.device} could not be read: {d.error}")
-                elif d.skipped is None and d.state not in d.accepted:
-                    want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
-                    out.append(f"device {d.device} is {d.state}, not {want}")
-                elif d.recovered_from is not None and d.known is None:
-                    # judged as the failed operation left it: the recovery reset does not make it right
-                    out.append(f"device {d.device} was left {d.recovered_from} by the failed operation (then reset)")
+            out += self.device_problems()
         for s in self.sides:
             for r in s.registers:
                 if r.error is not None:
                     out.append(f"{r.probe} on {s.host}: registers not read: {r.error}")
                 elif r.mismatches:
                     out.append(f"{r.probe} on {s.host}: device state lost: {'; '.join(r.mismatches)}")
+        return out
+
+    def device_problems(self) -> list[str]:
+        """What is wrong with the devices as read (before any recovery reset: `recovered_from`)."""
+        out: list[str] = []
+        for d in self.devices:
+            if d.error is not None:
+                out.append(f"device {d.device} could not be read: {d.error}")
+            elif d.skipped is None and d.state not in d.accepted:
+                want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
+                out.append(f"device {d.device} is {d.state}, not {want}")
+            elif d.recovered_from is not None and d.known is None:
+                # judged as the failed operation left it: the recovery reset does not make it right
+                out.append(f"device {d.device} was left {d.recovered_from} by the failed operation (then reset)")
         return out
 
     @property

@@ -41,8 +41,9 @@ def test_restore_with_damaged_device_stream(
     out = sr.restore_corrupted(scenario, vm, device, how)
     assert out.refused, f"restore from an image with a {how} device stream was accepted"
     assert out.after_refusal is not None
+    assert out.after_refusal.running_on == [], f"a refused restore left {vm.name} running"
     # the device is judged as the failed restore left it (read before the recovery reset)
-    problems = out.after_refusal.problems(expect_on=None)
+    problems = out.after_refusal.device_problems()
     assert out.following is not None
     problems += out.following.problems(expect_on=device.host.name)
     assert not problems, "; ".join(problems)
