@@ -30,6 +30,7 @@ from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, PciDevice, SimDevice
 from labs.runtime import LabSession
 from labs.transport import Result
+from labs.vfio.client import AgentInfraError, AgentOSError
 from labs.virt.domain import hypervisor
 from labs.virt.janitor import janitor
 from labs.virt.xml import DomainSpec
@@ -305,7 +306,14 @@ class FakeDevice:
 
     def resume(self, stream: list[bytes]) -> None:
         self.st = "RESUMING"
-        raise InfraError(f"EINVAL: {sum(map(len, stream))} bytes is a short stream")
+        raise AgentOSError("data_write", 22, "EINVAL", f"{sum(map(len, stream))} bytes is a short stream")
+
+
+class DyingAgentDevice(FakeDevice):
+    """The agent dies (watchdog) during the resume: a framework error, never the device's refusal."""
+
+    def resume(self, stream: list[bytes]) -> None:
+        raise AgentInfraError("agent watchdog: no reply within 30s")
 
 
 def test_device_transition_failure_disarms_and_resets() -> None:
@@ -337,6 +345,13 @@ def test_corrupt_stream_is_refused_and_reset(how: str) -> None:
     assert damaged != stream
     if how == "bad-magic":
         assert damaged[24:] == stream[24:], "the port payload must never be touched (spec 5.4)"
+
+
+def test_only_an_errno_from_the_device_is_a_refusal() -> None:
+    fault = CorruptResumeStream(DyingAgentDevice(), _mdev(), bytes(range(96)), "truncate")  # type: ignore[arg-type]
+    with pytest.raises(AgentInfraError, match="watchdog"):
+        fault.inject()
+    assert fault.refused is None
 
 
 def test_kill_destination_qemu_kills_by_pid(sim_session: LabSession, tmp_path: Path) -> None:

@@ -13,7 +13,41 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import libvirt
+
+from labs.errors import InfraError
 from labs.reporting.evidence import attach, step
+
+
+class FaultNotInjected(InfraError):
+    """A fault's injection raised: the test it was for made no verdict (the lab's failure, not the device's)."""
+
+
+def _names(prefix: str) -> dict[int, str]:
+    levels = ("VIR_ERR_NONE", "VIR_ERR_WARNING", "VIR_ERR_ERROR")  # error levels, not codes, share the prefix
+    names = (k for k in vars(libvirt) if k.startswith(prefix) and k not in levels)
+    return {getattr(libvirt, k): k for k in sorted(names, reverse=True) if isinstance(getattr(libvirt, k), int)}
+
+
+_CODES, _DOMAINS = _names("VIR_ERR_"), _names("VIR_FROM_")
+
+
+@dataclass(frozen=True)
+class ExpectedError:
+    """A libvirt error by its domain (VIR_FROM_*: who reported it; VIR_FROM_QEMU for QEMU's own) and code."""
+
+    domain: int
+    code: int
+
+    def __str__(self) -> str:
+        return error_name(self.domain, self.code)
+
+
+def error_name(domain: int | None, code: int | None) -> str:
+    """`VIR_FROM_QEMU/VIR_ERR_OPERATION_FAILED` (numbers where libvirt-python has no name)."""
+    dom = _DOMAINS.get(domain, str(domain)) if domain is not None else "no domain"
+    num = _CODES.get(code, str(code)) if code is not None else "no code"
+    return f"{dom}/{num}"
 
 
 @dataclass
@@ -33,6 +67,10 @@ class Fault(ABC):
     """One induced failure. Subclasses set `name` and implement _inject/_undo."""
 
     name: str = "fault"
+    # the libvirt errors an operation failing under this fault may end with (never matched by message text)
+    expected_errors: tuple[ExpectedError, ...] = ()
+    # the expected outcome is a job that stalls until the scenario's deadline aborts it (no libvirt error)
+    stalls: bool = False
 
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target)
@@ -54,6 +92,9 @@ class Fault(ABC):
     @property
     def needs_undo(self) -> bool:
         return self._attempted and not self._undone
+
+    def matches(self, domain: int | None, code: int | None) -> bool:
+        return any(e.domain == domain and e.code == code for e in self.expected_errors)
 
     def note(self, action: str) -> None:
         self.record.actions.append(action)

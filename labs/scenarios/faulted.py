@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from labs.faults.base import Fault
+from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
 from labs.scenarios.context import Scenario
 from labs.scenarios.migration import Leg, migrate_leg
@@ -64,14 +64,30 @@ class FaultedMigration:
         )
 
     @property
+    def known_issues(self) -> list[str]:
+        legs = [self.failed] + ([self.following] if self.following else [])
+        return [k for leg in legs for k in leg.readback.known_issues]
+
+    @property
     def problems(self) -> list[str]:
         out = []
         if self.never_injected and not self.failed.result.ok:
             out.append(f"the migration failed before {self.fault.name} was injected: {self.failed.result.error}")
-        if self.failed.result.ok:
+        result = self.failed.result
+        if result.ok:
             out.append(f"migration under {self.fault.name} succeeded; it should have failed")
-        elif not self.failed.result.error:
+        elif not result.error:
             out.append(f"migration under {self.fault.name} failed without an error message")
+        elif result.timed_out and not self.fault.stalls:
+            out.append(f"migration under {self.fault.name} hung until the deadline: {result.error}")
+        elif result.timed_out:
+            pass  # the stall is this fault's outcome: our deadline ended it, libvirt reported nothing of its own
+        elif not self.fault.matches(result.error_domain, result.error_code):
+            expected = " or ".join(map(str, self.fault.expected_errors)) or "nothing declared"
+            out.append(
+                f"migration under {self.fault.name} failed with {error_name(result.error_domain, result.error_code)}, "
+                f"not the fault's ({expected}): {result.error}"
+            )
         out += [f"after {self.fault.name}: {p}" for p in self.failed.problems]
         if not self.undone:
             out.append(f"{self.fault.name} was not undone: {self.fault.record.error}")
@@ -98,7 +114,10 @@ def migrate_under_fault(
     fault = make_fault(vm)
     dest_xml = None
     if trigger == "before":
-        sc.inject(fault)
+        try:
+            sc.inject(fault)
+        except Exception as exc:
+            raise FaultNotInjected(f"{fault.name} could not be injected: {type(exc).__name__}: {exc}") from exc
         hostdev = dest_hostdev(fault) if dest_hostdev else None
         if hostdev is not None:
             import libvirt
@@ -130,6 +149,9 @@ def migrate_under_fault(
             fault.undo()
         except Exception:
             undone = False
+    if failed.result.hook_error:
+        # whatever the migration did next proves nothing about the fault: the test is broken, not judged
+        raise FaultNotInjected(f"{fault.name} could not be injected {trigger}: {failed.result.hook_error}")
     following: Leg | None = None
     if not failed.result.ok:
         vm_after, following = migrate_leg(

@@ -26,7 +26,9 @@ from labs.inventory import LabDevice
 from labs.probes import ProbeMark, ProbeReading, probe_named
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
+from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
+from labs.vfio.client import AgentOSError
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
 from labs.virt.monitor import query_migrate, vfio_view
@@ -139,6 +141,7 @@ class DeviceView:
     error: str | None = None  # the device layer failed to read it
     accepted: tuple[str, ...] = RUNNING_STATES  # the states it may be found in (IDLE_STATES for real devices)
     recovered_from: str | None = None  # found in this state after a failed operation, then reset (recover_devices)
+    known: str | None = None  # that state is a documented issue of the device's model (labs.scenarios.known)
 
 
 @dataclass
@@ -169,12 +172,7 @@ class Readback:
             if s.host != expect_on and s.domain_state != "absent":
                 out.append(f"{s.host} keeps a leftover {self.domain} ({s.domain_state})")
         if expect_device_running:
-            for d in self.devices:
-                if d.error is not None:
-                    out.append(f"device {d.device} could not be read: {d.error}")
-                elif d.skipped is None and d.state not in d.accepted:
-                    want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
-                    out.append(f"device {d.device} is {d.state}, not {want}")
+            out += self.device_problems()
         for s in self.sides:
             for r in s.registers:
                 if r.error is not None:
@@ -182,6 +180,25 @@ class Readback:
                 elif r.mismatches:
                     out.append(f"{r.probe} on {s.host}: device state lost: {'; '.join(r.mismatches)}")
         return out
+
+    def device_problems(self) -> list[str]:
+        """What is wrong with the devices as read (before any recovery reset: `recovered_from`)."""
+        out: list[str] = []
+        for d in self.devices:
+            if d.error is not None:
+                out.append(f"device {d.device} could not be read: {d.error}")
+            elif d.skipped is None and d.state not in d.accepted:
+                want = "RUNNING" if d.accepted == RUNNING_STATES else "RUNNING or STOP"
+                out.append(f"device {d.device} is {d.state}, not {want}")
+            elif d.recovered_from is not None and d.known is None:
+                # judged as the failed operation left it: the recovery reset does not make it right
+                out.append(f"device {d.device} was left {d.recovered_from} by the failed operation (then reset)")
+        return out
+
+    @property
+    def known_issues(self) -> list[str]:
+        """The documented issues of the devices' models this readback found (not problems, not a pass)."""
+        return [d.known for d in self.devices if d.known]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -267,8 +284,8 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
         with opener(session, device) as dev:
             view.state = dev.state()
             view.data_size = dev.data_size() if device.spec.protocol == "v2" else None
-    except Exception as exc:  # an errno from the device (AgentOSError) is a finding, not a crash of the readback
-        if getattr(exc, "errname", None) == "ENOENT" and device.spec.kind == "mdev":
+    except AgentOSError as exc:  # an errno from the device is a finding; a framework error propagates (broken)
+        if exc.errname == "ENOENT" and device.spec.kind == "mdev":
             view.skipped = "absent: the mdev does not exist on its host (removed, e.g. by a fault)"
         else:
             view.error = f"{type(exc).__name__}: {exc}"
@@ -284,8 +301,9 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
     VFIO_DEVICE_FLAGS_RESET (mtty) keeps RESUMING, and the next QEMU's SET
     RESUMING is then a no-op without a data fd (nested findings 4). A user
     recovers with VFIO_DEVICE_RESET (spec 3.5: RESUMING is left only by reset),
-    and so does this, through the device layer. The view keeps `recovered_from`;
-    a device the reset did not bring back stays a problem.
+    and so does this, through the device layer. The view keeps `recovered_from`,
+    judged as found (a problem, or a known issue of the model: labs.scenarios.known);
+    a device the reset did not bring back stays a problem too.
     """
     opener = device_opener()
     by_id = {d.id: d for d in devices}
@@ -293,13 +311,15 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
         device = by_id.get(view.device)
         if device is None or view.skipped or view.error or view.state in view.accepted or opener is None:
             continue
+        issue = known_issue(device, "failed-incoming", view.state)
+        view.known = issue.describe(device.id) if issue else None
         title = f"reset {device.id} through the agent: a failed operation left it {view.state}"
         with steps.step(title) if steps is not None else step(title):
             try:
                 with opener(session, device) as dev:
                     dev.reset()
                     view.recovered_from, view.state = view.state, dev.state()
-            except Exception as exc:  # the reset failing is a finding: the view keeps the bad state
+            except AgentOSError as exc:  # the device refusing the reset is a finding: the view keeps the bad state
                 view.error = f"reset after {view.state}: {type(exc).__name__}: {exc}"
 
 
@@ -320,8 +340,8 @@ def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = 
     with ExitStack() as stack:
         try:
             dev = stack.enter_context(opener(session, device))
-        except Exception as exc:
-            if getattr(exc, "errname", None) == "ENOENT":
+        except AgentOSError as exc:
+            if exc.errname == "ENOENT":
                 return None  # not there (a fault removed it): nothing a VM could take
             raise
         state = dev.state()

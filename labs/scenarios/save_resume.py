@@ -13,13 +13,15 @@ layer, and says so in its step titles.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from labs.errors import InfraError, LabError
 from labs.faults.device import CorruptSaveImage, ImageDamage
 from labs.inventory import LabDevice
 from labs.probes import probe_for
-from labs.scenarios import probing
+from labs.scenarios import probing, roundtrip
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import (
     NO_DEVICE_LAYER,
@@ -29,7 +31,9 @@ from labs.scenarios.readback import (
     read_back,
     recover_devices,
 )
+from labs.scenarios.roundtrip import ContentCheck
 from labs.virt.domain import VM
+from labs.virt.migrate import completed_stats, vfio_bytes
 from labs.virt.xml import hostdev_for, with_hostdevs
 
 TEST_DRIVER_NOTE = "test:/// image carries no device state"
@@ -42,6 +46,16 @@ class SaveResumeResult:
     image_bytes: int | None = None
     readbacks: list[Readback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    save_stats: dict[str, Any] = field(default_factory=dict)  # libvirt's completed-job statistics of the save
+
+    @property
+    def device_bytes(self) -> int | None:
+        """The device bytes the save wrote, where libvirt reports them (None: it does not)."""
+        return vfio_bytes(self.save_stats)
+
+    @property
+    def save_problems(self) -> list[str]:
+        return ["the save moved no device bytes (QEMU reports 0 for the VFIO device)"] if self.device_bytes == 0 else []
 
     @property
     def final(self) -> Readback:
@@ -75,9 +89,11 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
     result = SaveResumeResult(vm)
     path = sc.image_path(vm.hv, vm.name)
     result.image = path
-    with sc.steps.step(f"save {vm} to {path}{_note(vm)}"):
+    with sc.steps.step(f"save {vm} to {path}{_note(vm)}") as rec:
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
+        result.save_stats = completed_stats(vm.hv, name=vm.name)
+        rec.detail = result.save_stats
     result.readbacks.append(
         read_back(sc.session, [vm.hv], vm.name, [device], title="readback after save", steps=sc.steps)
     )
@@ -102,6 +118,7 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
     result = SaveResumeResult(vm)
     with sc.steps.step(f"managed save {vm}{_note(vm)}"):
         vm.managed_save()
+        result.save_stats = completed_stats(vm.hv, name=vm.name)
         if not vm.has_managed_save():
             raise InfraError(f"{vm}: no managed save image after managed save")
     result.readbacks.append(
@@ -137,6 +154,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
         xml = vm.xml()
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
+        result.save_stats = completed_stats(vm.hv, name=vm.name)
     with sc.steps.step(f"carry the image {vm.hv.name} -> {dst_hv.name}"):
         moved = sc.transfer_image(vm.hv, path, dst_hv)
         result.image = moved
@@ -171,37 +189,43 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
 @dataclass
 class DeviceRoundTrip:
     skipped: str | None = None
-    stream_bytes: int = 0
-    digest_before: str | None = None
-    digest_after: str | None = None
-    state_after: str | None = None
+    check: ContentCheck | None = None
+
+    @property
+    def stream_bytes(self) -> int:
+        return self.check.stream_bytes if self.check else 0
+
+    @property
+    def problems(self) -> list[str]:
+        if self.check is None:
+            return [f"no round trip was made: {self.skipped}"]
+        return self.check.problems
 
 
 def device_round_trip(sc: Scenario, src: LabDevice, dst: LabDevice, why: str) -> DeviceRoundTrip:
-    """Save the device's state through the device layer on src and resume it on dst (explicit, device level)."""
+    """Save src's state through the device layer and resume it into dst (explicit, device level).
+
+    Both are seeded apart first; the same device twice resumes into its private sim peer instead.
+    """
     out = DeviceRoundTrip()
     opener = device_opener()
     if opener is None:
         out.skipped = NO_DEVICE_LAYER
         return out
-    with sc.steps.step(f"device save of {src.id} through the agent (explicit: {why})"), opener(sc.session, src) as dev:
-        out.digest_before = dev.digest()
-        stream = dev.save()
-        out.stream_bytes = stream.bytes
-    with (
-        sc.steps.step(f"device resume of {dst.id} through the agent (explicit: {why})"),
-        opener(sc.session, dst) as dev,
-    ):
-        dev.resume(stream)
-        out.digest_after = dev.digest()
-        out.state_after = dev.state()
-    if src.id == dst.id:
-        return out
-    with (
-        sc.steps.step(f"device resume of {src.id} through the agent (it keeps running too)"),
-        opener(sc.session, src) as dev,
-    ):
-        dev.resume(stream)
+    title = f"device save of {src.id}, resume into {{}}, through the agent (explicit: {why})"
+    with ExitStack() as stack:
+        src_dev = stack.enter_context(opener(sc.session, src))
+        if src.id == dst.id:
+            peer = stack.enter_context(roundtrip.sim_peer(src_dev, src))
+            if peer is None:
+                raise InfraError(f"{src.id}: a round trip needs a second device (the pair names the same one)")
+            dst_dev, dst = peer, roundtrip.peer_device(src)
+        else:
+            dst_dev = stack.enter_context(opener(sc.session, dst))
+        with sc.steps.step(title.format(dst.id)):
+            out.check = roundtrip.round_trip(src_dev, src, dst_dev, dst)
+        with sc.steps.step(f"{src.id} runs again after its save"):
+            src_dev.set_state("RUNNING")
     return out
 
 

@@ -70,7 +70,8 @@ class MigrationResult:
     domain: str
     ok: bool = False
     error: str | None = None
-    error_code: int | None = None
+    error_code: int | None = None  # libvirt's virErrorNumber of the failure
+    error_domain: int | None = None  # libvirt's virErrorDomain (VIR_FROM_QEMU: QEMU's own error)
     duration: float = 0.0
     timed_out: bool = False
     aborted: bool = False  # we aborted it (deadline); a fault's own abort is the fault's record
@@ -87,16 +88,14 @@ class MigrationResult:
     @property
     def device_data_bytes(self) -> int | None:
         """What libvirt reports for the VFIO device (libvirt 10.x names it vfio_data_transferred)."""
-        for source in (self.completed, *(s.stats for s in reversed(self.samples))):
-            for key, value in source.items():
-                if "vfio" in key and isinstance(value, int):
-                    return value
-        return None
+        return vfio_bytes(self.completed, *(s.stats for s in reversed(self.samples)))
 
     def summary(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
             "error": self.error,
+            "error_code": self.error_code,
+            "error_domain": self.error_domain,
             "duration_s": round(self.duration, 3),
             "timed_out": self.timed_out,
             "downtime_ms": self.metric("downtime"),
@@ -107,6 +106,15 @@ class MigrationResult:
             "samples": len(self.samples),
             "hook_error": self.hook_error,
         }
+
+
+def vfio_bytes(*stats: dict[str, Any]) -> int | None:
+    """The VFIO device bytes the first job statistics that report them give (None: none reports them)."""
+    for source in stats:
+        for key, value in source.items():
+            if "vfio" in key and isinstance(value, int):
+                return value
+    return None
 
 
 ProgressHook = Callable[[JobSample], None]
@@ -151,6 +159,7 @@ def migrate(
         except libvirt.libvirtError as exc:
             result.error = f"set max downtime {opts.max_downtime_ms} ms: {exc.get_error_message()}"
             result.error_code = exc.get_error_code()
+            result.error_domain = exc.get_error_domain()
             return result
 
     def run() -> None:
@@ -160,6 +169,7 @@ def migrate(
         except libvirt.libvirtError as exc:
             outcome["error"] = exc.get_error_message()
             outcome["code"] = exc.get_error_code()
+            outcome["domain"] = exc.get_error_domain()
 
     start = time.monotonic()
     worker = threading.Thread(target=run, name=f"migrate-{vm.name}", daemon=True)
@@ -190,6 +200,7 @@ def migrate(
     result.ok = bool(outcome.get("ok"))
     result.error = outcome.get("error")
     result.error_code = outcome.get("code")
+    result.error_domain = outcome.get("domain")
     result.completed = completed_stats(dst, vm.hv, name=vm.name)
     return result
 

@@ -12,6 +12,7 @@ from labs.inventory import LabPair
 from labs.scenarios import migration as mig
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
+from labs.scenarios.known import xfail_known
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
 
@@ -51,5 +52,6 @@ def test_postcopy_refused(migratable: LabPair, scenario: Scenario) -> None:
     leg = mig.postcopy_refused(scenario, vm, migratable)
     assert not leg.result.ok, "post-copy was accepted for a VM with a VFIO device"
     assert not leg.result.timed_out, f"post-copy request hung for {leg.result.duration:.0f}s instead of a refusal"
-    assert leg.result.error, "refused without an error message"
-    assert not leg.problems, "; ".join(leg.problems)
+    problems = mig.postcopy_problems(leg) + leg.problems
+    assert not problems, "; ".join(problems)
+    xfail_known(leg.readback.known_issues)

@@ -15,6 +15,7 @@ import pytest
 from labs.faults import CorruptResumeStream, DeviceTransitionFailure
 from labs.inventory import LabDevice
 from labs.runtime import LabSession
+from labs.scenarios import roundtrip
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import NO_DEVICE_LAYER, DeviceAccess, device_opener
 from labs.vfio.client import AgentOSError
@@ -34,12 +35,14 @@ def dev(lab: LabSession, device: LabDevice) -> Iterator[DeviceAccess]:
 
 
 def _following_round_trip(scenario: Scenario, dev: DeviceAccess, device: LabDevice) -> None:
-    with scenario.steps.step(f"following device save and resume of {device.id} through the agent"):
-        digest = dev.digest() if device.spec.kind == "sim" else None
-        dev.resume(dev.save())
-        assert dev.state() == "RUNNING"
-        if digest is not None:
-            assert dev.digest() == digest, "content changed across the following save/resume"
+    """Round trips into a device seeded apart (a sim peer; a real device into itself, reseeded): must carry content."""
+    checks = roundtrip.both_ways(scenario.steps, dev, device, f"following save and resume of {device.id}")
+    problems = [p for c in checks for p in c.problems]
+    assert not problems, "; ".join(problems)
+    assert dev.state() == "RUNNING", f"{device.id} is {dev.state()} after the following round trip"
+    undecided = next((c.undecided for c in checks if c.undecided), None)
+    if undecided:
+        pytest.skip(f"the following round trip made no content verdict: {undecided}")
 
 
 @pytest.mark.sim_only("transition fault knobs exist only in simulated drivers")

@@ -3,9 +3,10 @@
 On a real device this is how a device transition is made to fail (spec 5.4):
 QEMU writes the damaged stream into the destination's RESUMING data fd, the
 driver refuses it, and the restore fails. Then: no domain runs, the device is
-recovered (VFIO_DEVICE_RESET where the failure left it out of RUNNING), the
-image is repaired, and a restore from it brings the VM back with the register
-values the device probe wrote before the save.
+judged as the failure left it (a state out of RUNNING/STOP fails, or is shown as
+a known issue of the model), recovered (VFIO_DEVICE_RESET), the image is
+repaired, and a restore from it brings the VM back with the register values the
+device probe wrote before the save.
 
 Needs a device probe that knows the device's stream signature (mtty) and a
 libvirt that saves real device state (not test:///).
@@ -21,7 +22,7 @@ from labs.probes import probe_for
 from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import IDLE_STATES
+from labs.scenarios.known import xfail_known
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
 
@@ -41,8 +42,9 @@ def test_restore_with_damaged_device_stream(
     assert out.refused, f"restore from an image with a {how} device stream was accepted"
     assert out.after_refusal is not None
     assert out.after_refusal.running_on == [], f"a refused restore left {vm.name} running"
-    if out.device_state_after not in IDLE_STATES:
-        assert out.recovered_by_reset, f"{device.id} left {out.device_state_after}, and a reset did not recover it"
+    # the device is judged as the failed restore left it (read before the recovery reset)
+    problems = out.after_refusal.device_problems()
     assert out.following is not None
-    problems = out.following.problems(expect_on=device.host.name)
+    problems += out.following.problems(expect_on=device.host.name)
     assert not problems, "; ".join(problems)
+    xfail_known(out.after_refusal.known_issues)
