@@ -352,7 +352,7 @@ def test_correct_driver_of_every_flag_set_passes_every_check(
 ) -> None:
     defect = CORRECT[name]
     options = dict(defect.options)
-    caps = {"stop_copy", *(c for c in ("p2p", "pre_copy") if options.get(c))}
+    caps = {"stop_copy", *(c for c in ("p2p", "pre_copy", "dirty_logging") if options.get(c))}
     rules = sorted(r for r, c in CHECKS.items() if c.protocol == "v2" and set(c.requires) <= caps)
     assert "V2-R6" in rules
     for rule in rules:

@@ -720,6 +720,26 @@ class V2FdSeekable(V2Driver):
         return self.file
 
 
+class V2DirtyReportKeepsBits(V2Driver):
+    """V2-R20: REPORT reads the dirty log without clearing it, so a page once written shows dirty on
+    every later REPORT."""
+
+    def log_read_and_clear(self, iova: int, length: int) -> list[tuple[int, int]]:
+        kept = set(self.log_dirty)
+        spans = super().log_read_and_clear(iova, length)
+        self.log_dirty = kept
+        return spans
+
+
+class V2DirtyReportClearsAll(V2Driver):
+    """V2-R20: REPORT clears the whole log, not only its range: pages dirtied outside a partial REPORT are lost."""
+
+    def log_read_and_clear(self, iova: int, length: int) -> list[tuple[int, int]]:
+        spans = super().log_read_and_clear(iova, length)
+        self.log_dirty.clear()
+        return spans
+
+
 # ---------------------------------------------------------------------------
 # the catalogue
 # ---------------------------------------------------------------------------
@@ -744,6 +764,7 @@ def _defect(cls: type, rule: str, options: dict[str, Any] | None = None, also: t
 
 
 _V2_FULL = {"pre_copy": True, "p2p": True}
+_V2_DIRTY = {**_V2_FULL, "dirty_logging": True}
 
 CATALOGUE: dict[str, Defect] = {
     d.name: d
@@ -806,6 +827,8 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V2StopRunClobbers, "V2-R6", {"pre_copy": True}),
         _defect(V2P2PRunClobbers, "V2-R6", _V2_FULL),
         _defect(V1PauseClobbers, "V1-R10"),
+        _defect(V2DirtyReportKeepsBits, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyReportClearsAll, "V2-R20", _V2_DIRTY),
     ]
 }
 
@@ -823,4 +846,5 @@ CORRECT = {
     "v2-sc": _correct("V2DriverSC", "v2", "STOP_COPY", {}),
     "v2-p2p": _correct("V2DriverP2P", "v2", "STOP_COPY|P2P", {"p2p": True}),
     "v2-precopy": _correct("V2DriverPreCopy", "v2", "STOP_COPY|PRE_COPY", {"pre_copy": True}),
+    "v2-dirty": _correct("V2DriverDirtyLog", "v2", "STOP_COPY|P2P|PRE_COPY, DMA dirty logging", _V2_DIRTY),
 }
