@@ -481,3 +481,9 @@ def test_dma_logging_needs_the_option_and_a_lent_pointer(
         feature(logdev, SET | uapi.FEATURES["DMA_LOGGING_START"], control)
     assert exc.value.errno == errno.EFAULT  # a pointer the agent did not lend
     assert logdev.call("feature", flags=PROBE | GET | uapi.FEATURES["DMA_LOGGING_REPORT"])["ret"] == 0
+
+
+def test_dirty_logging_capability_is_probed(logdev: DeviceHandle, devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    """The health probe checks an inventory's dirty_logging by PROBE|SET DMA_LOGGING_START (log_ops or ENOTTY)."""
+    assert logdev.supports("dirty_logging")
+    assert not devs[0].supports("dirty_logging")
