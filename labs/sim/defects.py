@@ -740,6 +740,22 @@ class V2DirtyReportClearsAll(V2Driver):
         return spans
 
 
+class V2DirtyFirstPageOnly(V2Driver):
+    """V2-R20: the tracker marks only the page where a DMA write starts; the rest of a write that
+    crosses pages is never logged."""
+
+    def device_dma_write(self, iova: int, length: int) -> int:
+        return super().device_dma_write(iova, min(length, 1))
+
+
+class V2DirtyRestartsOnStart(V2Driver):
+    """V2-R20: a second START replaces the running log (and its dirty pages) instead of being refused."""
+
+    def log_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
+        self.log_ranges = None
+        return super().log_start(ranges, page_size)
+
+
 # ---------------------------------------------------------------------------
 # the catalogue
 # ---------------------------------------------------------------------------
@@ -829,6 +845,8 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V1PauseClobbers, "V1-R10"),
         _defect(V2DirtyReportKeepsBits, "V2-R20", _V2_DIRTY),
         _defect(V2DirtyReportClearsAll, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyFirstPageOnly, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyRestartsOnStart, "V2-R20", _V2_DIRTY),
     ]
 }
 
