@@ -24,7 +24,8 @@ from labs.vfio.client import AgentClient, AgentOSError
 from labs.vfio.device import DeviceHandle
 
 SMALL = {"content_size": 96 << 10, "record_size": 16 << 10, "window": 8 << 10}
-CAPS = {"v1": {"stop_copy", "pre_copy"}, "v2": {"stop_copy", "p2p", "pre_copy"}}  # the sim drivers' (no dirty_logging)
+CAPS = {"v1": {"stop_copy", "pre_copy"}, "v2": {"stop_copy", "p2p", "pre_copy", "dirty_logging"}}  # the sim drivers'
+
 
 
 def applicable(protocol: str) -> list[str]:
@@ -95,7 +96,8 @@ def test_correct_v1_driver_passes(agent: AgentClient, tmp_path: Path, rule: str)
 
 @pytest.mark.parametrize("rule", applicable("v2"))
 def test_correct_v2_driver_passes(agent: AgentClient, tmp_path: Path, rule: str) -> None:
-    run_check(agent, tmp_path, CORRECT["v2"], rule)
+    driver = CORRECT["v2-dirty" if "dirty_logging" in CHECKS[rule].requires else "v2"]  # the option it needs
+    run_check(agent, tmp_path, driver, rule)
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))

@@ -352,7 +352,7 @@ def test_correct_driver_of_every_flag_set_passes_every_check(
 ) -> None:
     defect = CORRECT[name]
     options = dict(defect.options)
-    caps = {"stop_copy", *(c for c in ("p2p", "pre_copy") if options.get(c))}
+    caps = {"stop_copy", *(c for c in ("p2p", "pre_copy", "dirty_logging") if options.get(c))}
     rules = sorted(r for r, c in CHECKS.items() if c.protocol == "v2" and set(c.requires) <= caps)
     assert "V2-R6" in rules
     for rule in rules:
@@ -402,3 +402,88 @@ def test_data_fd_is_a_stream_with_cloexec(devs: tuple[DeviceHandle, DeviceHandle
             call()
         assert exc.value.errno == errno.ESPIPE
     dev.close_fd(fd)
+
+
+# -- DMA dirty logging (V2-R20) ----------------------------------------------------------------
+
+PAGE = 4096
+LOG_RANGES = [[0x10000, 16 * PAGE], [0x100000, 8 * PAGE]]
+
+
+def start_log(dev: DeviceHandle, ranges: list[list[int]], page_size: int = PAGE) -> int:
+    return int(dev.call("dma_logging_start", page_size=page_size, ranges=ranges)["page_size"])
+
+
+def report(dev: DeviceHandle, iova: int, length: int, page_size: int = PAGE) -> list[int]:
+    return list(dev.call("dma_logging_report", iova=iova, length=length, page_size=page_size)["pages"])
+
+
+@pytest.fixture
+def logdev(agents: tuple[AgentClient, AgentClient], tmp_path: Path) -> Iterator[DeviceHandle]:
+    dev = open_dev(agents[0], tmp_path / "log", name="simlog", dirty_logging=True)
+    yield dev
+    dev.close()
+
+
+def test_dma_logging_start_validation(logdev: DeviceHandle) -> None:
+    """The core's START checks (spec 3.7), in the order the kernel makes them."""
+    cases: list[tuple[int, list[list[int]], int]] = [
+        (PAGE, [], errno.EINVAL),  # no ranges
+        (PAGE, [[2 * i * PAGE, PAGE] for i in range(257)], errno.E2BIG),  # more than PAGE_SIZE/16
+        (PAGE, [[PAGE + 512, PAGE]], errno.EINVAL),  # iova not aligned
+        (PAGE, [[PAGE, PAGE + 1]], errno.EINVAL),  # length not aligned
+        (PAGE, [[(1 << 64) - PAGE, 2 * PAGE]], errno.EOVERFLOW),
+        (PAGE, [[0, 4 * PAGE], [2 * PAGE, 4 * PAGE]], errno.EINVAL),  # overlapping
+    ]
+    for page_size, ranges, code in cases:
+        with pytest.raises(AgentOSError) as exc:
+            start_log(logdev, ranges, page_size)
+        assert exc.value.errno == code, (len(ranges), ranges[:2])
+    assert logdev.sim("dma_log")["ranges"] is None  # nothing started by a refused START
+    assert start_log(logdev, [[2 * i * PAGE, PAGE] for i in range(256)]) == PAGE  # 256 is the limit
+    with pytest.raises(AgentOSError) as exc:
+        start_log(logdev, LOG_RANGES)
+    assert exc.value.errno == errno.EINVAL  # one START until STOP
+    logdev.call("dma_logging_stop")
+    assert start_log(logdev, LOG_RANGES, 3000) == PAGE  # the driver's choice is written back
+
+
+def test_dma_logging_report_reads_and_clears(logdev: DeviceHandle) -> None:
+    start_log(logdev, LOG_RANGES)
+    logdev.sim("dma_write", iova=0x10000 + PAGE + 8, length=8)  # page 1 of the first range
+    logdev.sim("dma_write", iova=0x10000 + 3 * PAGE + 100, length=2 * PAGE)  # pages 3, 4, 5
+    logdev.sim("dma_write", iova=0x80000, length=PAGE)  # outside every range: not logged
+    logdev.sim("dma_write", iova=0x100000 + 7 * PAGE, length=4 * PAGE)  # last page of range 2, then beyond
+    span = 0x100000 + 8 * PAGE - 0x10000
+    assert report(logdev, 0x10000, span) == [1, 3, 4, 5, (0x100000 - 0x10000) // PAGE + 7]
+    assert report(logdev, 0x10000, span) == []  # read and clear
+    logdev.sim("dma_write", iova=0x10000 + 2 * PAGE, length=1)
+    logdev.sim("dma_write", iova=0x10000 + 10 * PAGE, length=1)
+    assert report(logdev, 0x10000, 8 * PAGE) == [2]  # only the reported range is cleared
+    assert report(logdev, 0x10000, 16 * PAGE, 2 * PAGE) == [5]  # page 10 at 8 KiB granularity
+    with pytest.raises(AgentOSError) as exc:
+        report(logdev, 0x10000, span, 1000)
+    assert exc.value.errno == errno.EINVAL  # page size not a power of two >= 4096
+    logdev.call("dma_logging_stop")
+    with pytest.raises(AgentOSError) as exc:
+        report(logdev, 0x10000, span)
+    assert exc.value.errno == errno.EINVAL  # no log after STOP
+
+
+def test_dma_logging_needs_the_option_and_a_lent_pointer(
+    logdev: DeviceHandle, devs: tuple[DeviceHandle, DeviceHandle]
+) -> None:
+    with pytest.raises(AgentOSError) as exc:
+        start_log(devs[0], LOG_RANGES)
+    assert exc.value.errno == errno.ENOTTY  # no dirty_logging option: no log_ops
+    control = PAGE.to_bytes(8, "little") + (1).to_bytes(4, "little") + bytes(4) + (0x1000).to_bytes(8, "little")
+    with pytest.raises(AgentOSError) as exc:
+        feature(logdev, SET | uapi.FEATURES["DMA_LOGGING_START"], control)
+    assert exc.value.errno == errno.EFAULT  # a pointer the agent did not lend
+    assert logdev.call("feature", flags=PROBE | GET | uapi.FEATURES["DMA_LOGGING_REPORT"])["ret"] == 0
+
+
+def test_dirty_logging_capability_is_probed(logdev: DeviceHandle, devs: tuple[DeviceHandle, DeviceHandle]) -> None:
+    """The health probe checks an inventory's dirty_logging by PROBE|SET DMA_LOGGING_START (log_ops or ENOTTY)."""
+    assert logdev.supports("dirty_logging")
+    assert not devs[0].supports("dirty_logging")

@@ -111,7 +111,7 @@ def device_spec(defect: Defect) -> dict[str, Any]:
         if options.get("pre_copy", True):
             caps.append("pre_copy")  # v1 has 011 by definition; pre_copy: false offers no data there
     else:
-        caps += [c for c in ("p2p", "pre_copy") if options.get(c)]
+        caps += [c for c in ("p2p", "pre_copy", "dirty_logging") if options.get(c)]
     return {
         "kind": "sim",
         "name": defect.name,

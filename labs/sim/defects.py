@@ -720,6 +720,42 @@ class V2FdSeekable(V2Driver):
         return self.file
 
 
+class V2DirtyReportKeepsBits(V2Driver):
+    """V2-R20: REPORT reads the dirty log without clearing it, so a page once written shows dirty on
+    every later REPORT."""
+
+    def log_read_and_clear(self, iova: int, length: int) -> list[tuple[int, int]]:
+        kept = set(self.log_dirty)
+        spans = super().log_read_and_clear(iova, length)
+        self.log_dirty = kept
+        return spans
+
+
+class V2DirtyReportClearsAll(V2Driver):
+    """V2-R20: REPORT clears the whole log, not only its range: pages dirtied outside a partial REPORT are lost."""
+
+    def log_read_and_clear(self, iova: int, length: int) -> list[tuple[int, int]]:
+        spans = super().log_read_and_clear(iova, length)
+        self.log_dirty.clear()
+        return spans
+
+
+class V2DirtyFirstPageOnly(V2Driver):
+    """V2-R20: the tracker marks only the page where a DMA write starts; the rest of a write that
+    crosses pages is never logged."""
+
+    def device_dma_write(self, iova: int, length: int) -> int:
+        return super().device_dma_write(iova, min(length, 1))
+
+
+class V2DirtyRestartsOnStart(V2Driver):
+    """V2-R20: a second START replaces the running log (and its dirty pages) instead of being refused."""
+
+    def log_start(self, ranges: list[tuple[int, int]], page_size: int) -> int:
+        self.log_ranges = None
+        return super().log_start(ranges, page_size)
+
+
 # ---------------------------------------------------------------------------
 # the catalogue
 # ---------------------------------------------------------------------------
@@ -744,6 +780,7 @@ def _defect(cls: type, rule: str, options: dict[str, Any] | None = None, also: t
 
 
 _V2_FULL = {"pre_copy": True, "p2p": True}
+_V2_DIRTY = {**_V2_FULL, "dirty_logging": True}
 
 CATALOGUE: dict[str, Defect] = {
     d.name: d
@@ -806,6 +843,10 @@ CATALOGUE: dict[str, Defect] = {
         _defect(V2StopRunClobbers, "V2-R6", {"pre_copy": True}),
         _defect(V2P2PRunClobbers, "V2-R6", _V2_FULL),
         _defect(V1PauseClobbers, "V1-R10"),
+        _defect(V2DirtyReportKeepsBits, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyReportClearsAll, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyFirstPageOnly, "V2-R20", _V2_DIRTY),
+        _defect(V2DirtyRestartsOnStart, "V2-R20", _V2_DIRTY),
     ]
 }
 
@@ -823,4 +864,5 @@ CORRECT = {
     "v2-sc": _correct("V2DriverSC", "v2", "STOP_COPY", {}),
     "v2-p2p": _correct("V2DriverP2P", "v2", "STOP_COPY|P2P", {"p2p": True}),
     "v2-precopy": _correct("V2DriverPreCopy", "v2", "STOP_COPY|PRE_COPY", {"pre_copy": True}),
+    "v2-dirty": _correct("V2DriverDirtyLog", "v2", "STOP_COPY|P2P|PRE_COPY, DMA dirty logging", _V2_DIRTY),
 }

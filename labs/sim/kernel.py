@@ -14,6 +14,7 @@ the holding agent dies).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import importlib
@@ -32,7 +33,10 @@ MIG_FEATURES = {
     uapi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: (GET | SET, uapi.ST_MIG_STATE.size),
     uapi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: (GET, uapi.ST_MIG_DATA_SIZE.size),
 }
-LOG_FEATURES = (6, 7, 8)
+LOG_START, LOG_STOP, LOG_REPORT = (uapi.FEATURES[f"DMA_LOGGING_{n}"] for n in ("START", "STOP", "REPORT"))
+LOG_FEATURES = (LOG_START, LOG_STOP, LOG_REPORT)
+LOG_MAX_RANGES = 4096 // uapi.ST_LOG_RANGE.size  # PAGE_SIZE / sizeof(range): 256
+U64 = (1 << 64) - 1
 REGION_MASK = (1 << REGION_SHIFT) - 1
 
 
@@ -42,6 +46,12 @@ def load_driver_class(ref: str) -> type[SimDriver]:
     if not (isinstance(cls, type) and issubclass(cls, SimDriver)):
         raise TypeError(f"{ref} is not a labs.sim.base.SimDriver subclass")
     return cls
+
+
+def payload(buf: bytearray, off: int, st: struct.Struct) -> tuple[Any, ...]:
+    if len(buf) < off + st.size:
+        raise err(errno.EFAULT, "buffer shorter than argsz")
+    return st.unpack_from(bytes(buf), off)
 
 
 @dataclass
@@ -95,6 +105,7 @@ class SimKernel:
         self.fds: dict[int, Entry] = {}
         self.next_fd = 1000  # far from real fds, so a mix-up shows
         self.slots: dict[str, Slot] = {}
+        self.user_buffers: dict[int, int] = {}  # address -> size of memory the agent lent (UserBuffer)
 
     # -- "sysfs" ------------------------------------------------------------------
     def plug(self, name: str, driver: str, options: dict[str, Any], state_dir: str) -> str:
@@ -305,8 +316,10 @@ class SimKernel:
         argsz, flags = uapi.ST_FEATURE_HDR.unpack_from(buf)
         drv.check_feature_header(argsz, flags)
         feature = flags & uapi.VFIO_DEVICE_FEATURE_MASK
-        if feature in LOG_FEATURES and not drv.has_log_ops:
-            raise err(errno.ENOTTY, "device has no DMA logging")
+        if feature in LOG_FEATURES:
+            if not drv.has_log_ops:
+                raise err(errno.ENOTTY, "device has no DMA logging")
+            return self._log_feature(drv, feature, flags, argsz - uapi.ST_FEATURE_HDR.size, buf)
         if feature not in MIG_FEATURES:
             return drv.feature(feature, flags, buf)
         if not drv.has_mig_v2:
@@ -344,6 +357,82 @@ class SimKernel:
                 raise
             data_fd = self._install(Entry("data", obj=file)) if file is not None else -1  # O_CLOEXEC, by the core
             uapi.ST_MIG_STATE.pack_into(buf, off, new, data_fd)
+        return 0
+
+    def _user_range(self, addr: int, n: int) -> None:
+        """copy_{from,to}_user's access check: the range lies in memory the agent lent."""
+        if not any(start <= addr and addr + n <= start + size for start, size in self.user_buffers.items()):
+            raise err(errno.EFAULT, f"bad user address {addr:#x} (+{n})")
+
+    def copy_from_user(self, addr: int, n: int) -> bytes:
+        if n == 0:
+            return b""
+        self._user_range(addr, n)
+        return ctypes.string_at(addr, n)
+
+    def copy_to_user(self, addr: int, data: bytes) -> None:
+        if data:
+            self._user_range(addr, len(data))
+            ctypes.memmove(addr, data, len(data))
+
+    @staticmethod
+    def _check_feature(flags: int, size: int, supported: int, minsz: int) -> bool:
+        """vfio_check_feature: False for a PROBE (answered 0), True when the payload is to be handled."""
+        if flags & (GET | SET) & ~supported:
+            raise err(errno.EINVAL, "feature does not support that operation")
+        if flags & PROBE:
+            return False
+        if not flags & (GET | SET):
+            raise err(errno.EINVAL, "neither GET nor SET")
+        if size < minsz:
+            raise err(errno.EINVAL, f"feature payload needs {minsz} bytes")
+        return True
+
+    def _log_feature(self, drv: SimDriver, feature: int, flags: int, size: int, buf: bytearray) -> int:
+        """vfio_ioctl_device_feature_logging_{start,stop,report} (spec 3.7), then the driver's log_ops."""
+        log: Any = drv  # a DirtyLogging driver: has_log_ops is set
+        off = uapi.ST_FEATURE_HDR.size
+        if feature == LOG_STOP:
+            if self._check_feature(flags, size, SET, 0):
+                log.log_stop()
+            return 0
+        if feature == LOG_START:
+            if not self._check_feature(flags, size, SET, uapi.ST_LOG_CONTROL.size):
+                return 0
+            page_size, count, _reserved, ranges_ptr = payload(buf, off, uapi.ST_LOG_CONTROL)
+            if count == 0:
+                raise err(errno.EINVAL, "START with no ranges")
+            if count > LOG_MAX_RANGES:
+                raise err(errno.E2BIG, f"START with {count} ranges (at most {LOG_MAX_RANGES})")
+            mask = (page_size - 1) & U64  # IS_ALIGNED(x, page_size)
+            ranges: list[tuple[int, int]] = []
+            for i in range(count):
+                raw = self.copy_from_user(ranges_ptr + i * uapi.ST_LOG_RANGE.size, uapi.ST_LOG_RANGE.size)
+                iova, length = uapi.ST_LOG_RANGE.unpack(raw)
+                if iova & mask or length & mask:
+                    raise err(errno.EINVAL, f"range {i} is not aligned to page size {page_size}")
+                if iova + length > U64:
+                    raise err(errno.EOVERFLOW, f"range {i} ends past 2**64")
+                if any(iova < s + n and s < iova + length for s, n in ranges):
+                    raise err(errno.EINVAL, f"range {i} overlaps another")
+                ranges.append((iova, length))
+            chosen = log.log_start(ranges, page_size)
+            uapi.ST_LOG_CONTROL.pack_into(buf, off, chosen, count, _reserved, ranges_ptr)
+            return 0
+        if not self._check_feature(flags, size, GET, uapi.ST_LOG_REPORT.size):
+            return 0
+        iova, length, page_size, bitmap_ptr = payload(buf, off, uapi.ST_LOG_REPORT)
+        if page_size < 4096 or page_size & (page_size - 1):
+            raise err(errno.EINVAL, f"REPORT page size {page_size} is not a power of two >= 4096")
+        if iova + length > U64:
+            raise err(errno.EOVERFLOW, "REPORT range ends past 2**64")
+        words = ((length + page_size - 1) // page_size + 63) // 64
+        bitmap = bytearray(self.copy_from_user(bitmap_ptr, words * 8))  # iova_bitmap pins the user's pages
+        for span_iova, span_length in log.log_read_and_clear(iova, length):
+            lo, hi = max(span_iova, iova), min(span_iova + span_length, iova + length)
+            for page in range((lo - iova) // page_size, (hi - 1 - iova) // page_size + 1) if lo < hi else ():
+                bitmap[page // 8] |= 1 << page % 8  # only sets bits (spec 3.7): bit k%64 of LE u64 word k/64
+        self.copy_to_user(bitmap_ptr, bytes(bitmap))
         return 0
 
     # -- I/O ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ good state (spec 3.8). Options:
     p2p: bool             advertise P2P (RUNNING_P2P)
     precopy_empty: "enomsg" | "zero"   what an exhausted pre-copy read returns (V2-R10)
     resume_failure: "stay" | "error"   state after a rejected stream (RESUMING or ERROR)
+    dirty_logging: bool   DMA dirty logging (log_ops, labs.sim.dirty)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 from typing import Any
 
 from labs.sim.base import SimDriver, StreamSink, StreamSource, err
+from labs.sim.dirty import DirtyLogging
 from labs.vfio import agent as uapi
 
 S = uapi.V2_STATES
@@ -69,7 +71,7 @@ class DataFile:
         return 0
 
 
-class V2Driver(SimDriver):
+class V2Driver(DirtyLogging, SimDriver):
     has_mig_v2 = True
 
     def __init__(self, state_dir: str, options: dict[str, Any]) -> None:
@@ -83,6 +85,7 @@ class V2Driver(SimDriver):
         self.resume_failure = str(options.get("resume_failure", "stay"))
         self.state = RUNNING
         self.file: DataFile | None = None
+        self.init_dirty_logging(options)
 
     def state_name(self) -> str:
         return NAMES.get(self.state, str(self.state))

@@ -387,6 +387,9 @@ ST_BIND_IOMMUFD = struct.Struct("=IIiI")  # argsz, flags, iommufd, out_devid (or
 ST_ATTACH_PT = struct.Struct("=III")  # argsz, flags, pt_id
 ST_IOAS_ALLOC = struct.Struct("=III")  # size, flags, out_ioas_id
 ST_V1_INFO = struct.Struct("=IIQQQ")  # device_state, reserved, pending_bytes, data_offset, data_size
+ST_LOG_CONTROL = struct.Struct("=QIIQ")  # page_size, num_ranges, reserved, ranges (user pointer)
+ST_LOG_RANGE = struct.Struct("=QQ")  # iova, length
+ST_LOG_REPORT = struct.Struct("=QQQQ")  # iova, length, page_size, bitmap (user pointer)
 
 STRUCT_SIZES = {
     "vfio_group_status": ST_GROUP_STATUS.size,
@@ -662,6 +665,62 @@ def mig_get_state(sysl, dfd):
         sysl, dfd, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, ST_MIG_STATE.pack(0, -1)
     )
     return ST_MIG_STATE.unpack(out)
+
+
+class UserBuffer(object):
+    """Process memory lent to the kernel through a pointer in an ioctl struct. A backend with a
+    `user_buffers` dict (the sim kernel) is told the address, so it can refuse others (EFAULT)."""
+
+    def __init__(self, sysl, data):
+        import ctypes  # only the DMA-logging ops need it
+
+        self.size = len(data)
+        self.buf = ctypes.create_string_buffer(bytes(data), max(1, self.size))
+        self.addr = ctypes.addressof(self.buf)
+        self.lent = getattr(sysl, "user_buffers", None)
+        if self.lent is not None:
+            self.lent[self.addr] = self.size
+
+    def read(self):
+        return self.buf.raw[: self.size]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lent is not None:
+            self.lent.pop(self.addr, None)
+
+
+def dma_logging_start(sysl, dfd, page_size, ranges):
+    """SET DMA_LOGGING_START over [(iova, length)]; returns the page size the driver chose."""
+    table = b"".join(ST_LOG_RANGE.pack(iova, length) for iova, length in ranges)
+    with UserBuffer(sysl, table) as ranges_buf:
+        payload = ST_LOG_CONTROL.pack(page_size, len(ranges), 0, ranges_buf.addr if ranges else 0)
+        _ret, out = device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_SET | FEATURES["DMA_LOGGING_START"], payload)
+    return ST_LOG_CONTROL.unpack(out)[0]
+
+
+def dma_logging_stop(sysl, dfd):
+    device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_SET | FEATURES["DMA_LOGGING_STOP"])
+
+
+def dma_logging_report(sysl, dfd, iova, length, page_size):
+    """GET DMA_LOGGING_REPORT into a zeroed bitmap (the kernel only sets bits); returns its bytes."""
+    pages = (length + page_size - 1) // page_size if page_size else 0
+    with UserBuffer(sysl, bytes((pages + 63) // 64 * 8)) as bitmap:
+        payload = ST_LOG_REPORT.pack(iova, length, page_size, bitmap.addr)
+        device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_GET | FEATURES["DMA_LOGGING_REPORT"], payload)
+        return bitmap.read()
+
+
+def bitmap_pages(bitmap):
+    """Set bits of a DMA-logging bitmap: page k is bit k%64 of little-endian u64 word k/64 (spec 3.7)."""
+    out = []  # type: list[int]
+    for w in range(len(bitmap) // 8):
+        word = struct.unpack_from("<Q", bitmap, w * 8)[0]
+        out.extend(w * 64 + b for b in range(64) if word >> b & 1)
+    return out
 
 
 # data_fd pre-fill for SET: not -1, so a failed SET that leaves the field alone shows (V2-R17)
@@ -1431,6 +1490,21 @@ class Agent(object):
     def op_mig_data_size(self, args):
         h = self._get(args)
         return {"stop_copy_length": mig_data_size(h.sys, h.fd)}
+
+    def op_dma_logging_start(self, args):
+        h = self._get(args)
+        ranges = [(int(i), int(n)) for i, n in args.get("ranges") or []]
+        return {"page_size": dma_logging_start(h.sys, h.fd, int(args["page_size"]), ranges)}
+
+    def op_dma_logging_stop(self, args):
+        h = self._get(args)
+        dma_logging_stop(h.sys, h.fd)
+        return {}
+
+    def op_dma_logging_report(self, args):
+        h = self._get(args)
+        bitmap = dma_logging_report(h.sys, h.fd, int(args["iova"]), int(args["length"]), int(args["page_size"]))
+        return {"bitmap": _b64(bitmap), "pages": bitmap_pages(bitmap)}
 
     def op_precopy_info(self, args):
         h = self._get(args, "fd", "data")

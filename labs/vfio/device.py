@@ -21,7 +21,7 @@ from typing import Any
 
 from labs.inventory.models import Capability, MdevDevice, PciDevice, SimDevice
 from labs.vfio import uapi
-from labs.vfio.client import AgentClient, CopyResult, StreamResult, copy_stream
+from labs.vfio.client import AgentClient, AgentOSError, CopyResult, StreamResult, copy_stream
 
 _LEN = struct.Struct(">I")
 SPOOL_IN_MEMORY = 64 << 20
@@ -169,6 +169,13 @@ class DeviceHandle:
     def supports(self, capability: str) -> bool:
         if self.protocol == "v1":
             return capability in ("stop_copy", "pre_copy")  # v1 has 011 by definition
+        if capability == "dirty_logging":  # log_ops: PROBE|SET DMA_LOGGING_START answers 0, else ENOTTY
+            flags = uapi.VFIO_DEVICE_FEATURE_PROBE | uapi.VFIO_DEVICE_FEATURE_SET | uapi.FEATURES["DMA_LOGGING_START"]
+            try:
+                self.call("feature", flags=flags, payload="")
+            except AgentOSError:
+                return False
+            return True
         bit = {"stop_copy": uapi.SC, "p2p": uapi.P2P, "pre_copy": uapi.PRE_COPY}[capability]
         return bool(self.mig_flags & bit)
 
