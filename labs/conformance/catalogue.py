@@ -136,12 +136,27 @@ def correct_peers(inventory: Path) -> Path:
 def variants(names: list[str] | None = None) -> list[Defect]:
     """The correct drivers first, then the chosen catalogue variants (all by default)."""
     chosen = [CATALOGUE[n] for n in names] if names else list(CATALOGUE.values())
-    return controls({d.protocol for d in chosen}) + chosen
+    return controls(chosen, every=not names) + chosen
 
 
-def controls(protocols: set[str]) -> list[Defect]:
-    """The correct drivers of these protocols (all of them when none is named)."""
-    return [d for d in CORRECT.values() if not protocols or d.protocol in protocols]
+def flag_set(defect: Defect) -> tuple[Any, ...]:
+    """What a driver is built to advertise: the protocol and its flag options."""
+    opts = dict(defect.options)
+    if defect.protocol == "v1":
+        return ("v1", bool(opts.get("pre_copy", True)))
+    return ("v2", *(bool(opts.get(k)) for k in ("p2p", "pre_copy", "dirty_logging")))
+
+
+def controls(judged: list[Defect], every: bool = False) -> list[Defect]:
+    """The correct drivers to measure against: every one for the whole catalogue, else those of the
+    judged drivers' flag sets (the protocol's full one where no correct driver has that set)."""
+    if every:
+        return list(CORRECT.values())
+    wanted = {flag_set(d) for d in judged}
+    out = [c for c in CORRECT.values() if flag_set(c) in wanted]
+    have = {flag_set(c) for c in out}
+    out += [CORRECT[d.protocol] for d in judged if flag_set(d) not in have and CORRECT[d.protocol] not in out]
+    return out
 
 
 # -- outside drivers -------------------------------------------------------------------
@@ -501,7 +516,7 @@ def run_catalogue(
     found = importcheck.check_local(sys.executable, agent_sys_path(path), wanted)
     outside, broken = outside_defects(refs, found, declared, {d.name for d in [*CORRECT.values(), *CATALOGUE.values()]})
     judged = [*chosen, *outside]
-    subjects = controls({d.protocol for d in judged}) + judged if judged else []
+    subjects = controls(judged, every=not names and not refs) + judged if judged else []
     runnable = [d for d in subjects if found[d.driver].ok]
     broken = [_not_imported(d, found[d.driver]) for d in subjects if not found[d.driver].ok] + broken
     report_dir = report_dir or REPORTS
