@@ -41,11 +41,14 @@ class KillDestinationQemu(Fault):
 
     name = "kill-destination-qemu"
     # killed while libvirt prepares the incoming QEMU, the step it is in fails: the cgroup or the machined
-    # registration (both measured, libvirt 11.3); killed while data moves: QEMU's job failure (not measured)
+    # registration (both measured, libvirt 11.3), or its monitor (QEMU gone: internal error, domain not
+    # running); killed while data moves: QEMU's job failure. Never a device, abort or compatibility error.
     expected_errors = (
         ExpectedError(libvirt.VIR_FROM_CGROUP, libvirt.VIR_ERR_SYSTEM_ERROR),
         ExpectedError(libvirt.VIR_FROM_DBUS, libvirt.VIR_ERR_DBUS_SERVICE),
         ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
     )
 
     def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
