@@ -175,13 +175,23 @@ def differs_before(ctx: CheckContext, dst: DeviceHandle, stream: SavedStream) ->
         pytest.skip("the destination already holds the source's state: the round trip cannot show the resume")
 
 
-def verify_resumed(ctx: CheckContext, dst: DeviceHandle, want: str | None, stream: SavedStream | None) -> None:
-    """dst (RUNNING) holds what `stream` carries: its digest on a sim, else a new save of dst compared
+def verify_resumed(
+    ctx: CheckContext, dst: DeviceHandle, want: str | None, stream: SavedStream | None, resave: bool = True
+) -> None:
+    """dst (RUNNING) holds what `stream` carries: its digest on a sim (and, unless `resave` is off for a
+    stream that re-sent dirty chunks, a new save equal to `stream`), else a new save of dst compared
     with `stream` through the model's comparator. Never passes without a comparison."""
     if dst.is_sim:
         got = digest(dst)
         assert want is not None and got is not None, "no digest to compare"
         assert got == want, "the resumed content differs from the saved content"
+        if stream is not None and resave:
+            # the sim's stream is a pure function of its state: the resumed device saves it again byte for byte
+            with ctx.step("save the resumed device again: the same stream, byte for byte"):
+                again = dst.save()
+                dst.set_state("RUNNING")
+            problem = same_bytes(stream.data(), again.data())
+            assert problem is None, f"the resumed device saves another stream: {problem}"
         return
     assert stream is not None, "no stream to compare the resumed device with"
     with ctx.step("save the resumed device again and compare its stream with the one it resumed"):
@@ -216,6 +226,24 @@ def content_kept(
                 dev.set_state("RUNNING")
             problem = comparator(ctx)(before.data(), dev.save().data())
             assert problem is None, f"the device state changed {after}: {problem}"
+
+
+def poke(dev: DeviceHandle, spans: list[tuple[int, int]], what: str) -> None:
+    """Device activity on a sim: write (offset, length) spans of the content with bytes no pattern has."""
+    for offset, length in spans:
+        data = hashlib.sha256(f"{what}:{offset}".encode()).digest() * (length // 32 + 1)
+        dev.sim("write", offset=offset, data=base64.b64encode(data[:length]).decode())
+
+
+def read_exactly(dev: DeviceHandle, fd: int, n: int) -> int:
+    """Read n bytes of a saving fd (fewer if it runs dry first); the bytes read."""
+    got = 0
+    while got < n:
+        piece = dev.client.call("fd_read", fd=fd, length=min(n - got, 1 << 16))["length"]
+        if not piece:
+            break
+        got += piece
+    return got
 
 
 def resume_into(ctx: CheckContext, dst: DeviceHandle, saved: SavedStream, title: str) -> None:
@@ -514,6 +542,52 @@ def _round_trip(ctx: CheckContext) -> None:
     _saves_past_the_first(ctx, dst, src)
     if dst.protocol == "v1":
         _v1_early_stop(ctx, dst, src)  # v2: V2-R8
+    if dst.is_sim:
+        _odd_size_round_trip(ctx, dst)
+
+
+def _sibling(dev: DeviceHandle, what: str, **options: Any) -> DeviceHandle:
+    """Another simulated device of the device's own driver class, on its agent, with other options."""
+    info = dev.sim("info")
+    name = f"{dev.name}-{what}"
+    state_dir = os.path.join(os.path.dirname(str(dev.open_info["state_dir"])), name)
+    return DeviceHandle.open_sim(
+        dev.client, str(info["class"]), state_dir, {**info["options"], **options}, name=name, protocol=dev.protocol
+    )
+
+
+def _tiny_writes(chunks: Iterator[bytes], head: int) -> Iterator[bytes]:
+    """The stream's first `head` bytes in 1- to 7-byte writes (headers straddle writes), then as given."""
+    sizes = itertools.cycle((1, 7, 3, 5))
+    done = 0
+    for c in chunks:
+        while done < head and c:
+            n = min(next(sizes), head - done, len(c))
+            yield c[:n]
+            c, done = c[n:], done + n
+        if c:
+            yield c
+
+
+def _odd_size_round_trip(ctx: CheckContext, dev: DeviceHandle) -> None:
+    """A device whose content is not a whole number of records (its last one short) round-trips too;
+    v2 writes the stream's start a few bytes at a time (V2-R13: arbitrary write sizes)."""
+    info = dev.sim("info")
+    size = int(info["content_size"]) + int(info["record_size"]) // 2 + 1
+    src, dst = _sibling(dev, "odd-src", content_size=size), _sibling(dev, "odd-dst", content_size=size)
+    try:
+        want = apart(ctx, src, dst, "odd/source", "odd/destination")
+        with ctx.step(f"save a device of {size} bytes (a short last record)"):
+            saved = src.save()
+        how = "" if dev.protocol == "v1" else ", the first 400 bytes 1 to 7 at a time"
+        with ctx.step(f"resume it into another such device{how}"):
+            chunks = saved.chunks() if dev.protocol == "v1" else _tiny_writes(saved.rechunk(5000), 400)
+            dst.resume(chunks)
+            assert dst.state() == "RUNNING"
+        verify_resumed(ctx, dst, want, saved)
+    finally:
+        src.close()
+        dst.close()
 
 
 def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
@@ -553,13 +627,18 @@ def _v1_early_stop(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> 
         dev.set_state("PRE_COPY")
         for chunk in dev.client.frames("v1_save", dev=dev.handle, max_chunks=2):
             stopped.append(chunk)
+        if dev.is_sim:
+            # the device runs in 011: what it writes there (sent or not) must reach the peer
+            size = int(dev.sim("info")["content_size"])
+            poke(dev, [(0, 1), (size // 2, 2), (size - 1, 1)], "early-stop")
+            want = dev.digest()
         dev.set_state("STOP_COPY")
         for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
             stopped.append(chunk)
         dev.set_state("STOP")
     if dev.is_sim:
         resume_into(ctx, peer, stopped, "resume the early-stopped stream into the peer")
-        verify_resumed(ctx, peer, want, stopped)
+        verify_resumed(ctx, peer, want, stopped, resave=False)
         return
     with ctx.step("the early-stopped stream carries the state of a full save"):
         dev.set_state("RUNNING")
@@ -904,6 +983,35 @@ def _v2_saving_group_fd(ctx: CheckContext) -> None:
         with ctx.step("the early-stopped stream carries the state of the one read to its end"):
             problem = comparator(ctx)(saved.data(), stopped.data())
         assert problem is None, f"the early-stopped stream carries another state: {problem}"
+    if dev.is_sim:
+        dev.set_state("RUNNING")
+        _v2_dirtied_in_precopy(ctx, dev, peer)
+
+
+def _v2_dirtied_in_precopy(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """Content written during PRE_COPY (to sent, half-sent and unsent parts, before and after the
+    initial pass) reaches the peer: the stream carries the device as it is at STOP_COPY."""
+    apart(ctx, dev, peer, "saving-group/dirty", "saving-group/peer-3")
+    info = dev.sim("info")
+    rec, size = int(info["record_size"]), int(info["content_size"])
+    out = SavedStream(dev.protocol)
+    with ctx.step("PRE_COPY: read a part, write the content, read on, write again, then STOP_COPY"):
+        fd = dev.set_state("PRE_COPY")
+        assert fd is not None
+        # a part ending inside the second record: its chunk is the last one the stream took
+        first, _ = dev.client.read_stream(fd, out.append, limit=rec + rec // 2)
+        poke(dev, [(0, 1), (rec, 1), (rec + rec // 2, 3), (size - 1, 1)], "mid-pass")
+        second, _ = dev.client.read_stream(fd, out.append, limit=stream_limit(dev))
+        poke(dev, [(2 * rec - 1, 1), (min(3 * rec, size - rec), rec), (size // 2 - 1, 2)], "after the pass")
+        assert dev.precopy_info(fd)["dirty_bytes"] > 0, "content written after the initial pass: dirty_bytes is 0"
+        assert dev.set_state("STOP_COPY") is None
+        rest, _ = dev.client.read_stream(fd, out.append, limit=stream_limit(dev))
+        dev.close_fd(fd)
+        dev.set_state("STOP")
+        want = dev.digest()
+    out.parts += [first, second, rest]
+    resume_into(ctx, peer, out, "the stream resumes into the peer, which must hold the content as at STOP_COPY")
+    verify_resumed(ctx, peer, want, out, resave=False)
 
 
 @check("V2-R9")
@@ -942,10 +1050,35 @@ def _v2_precopy_info(ctx: CheckContext) -> None:
         fd = dev.set_state("PRE_COPY")
         assert fd is not None
         before = dev.precopy_info(fd)
+        assert before["initial_bytes"] > 0 and before["dirty_bytes"] == 0, f"at the start of PRE_COPY: {before}"
+        assert before["flags"] == 0, f"PRECOPY_INFO set flags {before['flags']:#x} (none are defined)"
         fails(lambda: dev.client.call("precopy_info", fd=fd, argsz=16), errno.EINVAL)
         n = dev.client.call("fd_read", fd=fd, length=4096)["length"]
         after = dev.precopy_info(fd)
         assert after["initial_bytes"] <= max(0, before["initial_bytes"] - n), (before, n, after)
+    with ctx.step("read initial_bytes more bytes: the initial data is over (0); with no dirty bytes, ENOMSG or 0"):
+        left = after["initial_bytes"]
+        got = read_exactly(dev, fd, left)
+        assert got == left, f"PRECOPY_INFO announced {left} initial bytes, the fd gave {got}"
+        done = dev.precopy_info(fd)
+        assert done["initial_bytes"] == 0, done
+        if done["dirty_bytes"] == 0:
+            try:
+                extra = dev.client.call("fd_read", fd=fd, length=64)["length"]
+            except AgentOSError as exc:
+                assert exc.errno == errno.ENOMSG, exc
+            else:
+                assert extra == 0, f"{extra} bytes past initial_bytes with dirty_bytes 0 (spec 3.5: ENOMSG)"
+    if dev.is_sim:
+        with ctx.step("write the content after the initial pass: dirty_bytes grows, initial_bytes stays 0"):
+            rec = int(dev.sim("info")["record_size"])
+            poke(dev, [(rec, 1)], "precopy-info")
+            dirty = dev.precopy_info(fd)
+            assert dirty["initial_bytes"] == 0 and dirty["dirty_bytes"] > 0, dirty
+            # reading the re-sent part drains it: both counters back to 0
+            assert read_exactly(dev, fd, dirty["dirty_bytes"]) == dirty["dirty_bytes"]
+            drained = dev.precopy_info(fd)
+            assert (drained["initial_bytes"], drained["dirty_bytes"]) == (0, 0), drained
     with ctx.step("PRECOPY_INFO in STOP_COPY fails EINVAL"):
         assert dev.set_state("STOP_COPY") is None
         fails(lambda: dev.precopy_info(fd), errno.EINVAL)
@@ -1093,8 +1226,23 @@ def _v2_data_size(ctx: CheckContext) -> None:
             fd = dev.set_state(state)
             if fd is not None:
                 dev.close_fd(fd)
-            dev.data_size()
+            got = dev.data_size()
+            if dev.is_sim and state in ("RUNNING", "STOP"):
+                assert got == size, f"MIG_DATA_SIZE {got} in {state}, the stream is {size} bytes"
     dev.reset()
+    if dev.is_sim:
+        # the sim knows its stream exactly (as mtty does): what is left to the end, whatever was read
+        for state in ("PRE_COPY", "STOP_COPY") if dev.supports("pre_copy") else ("STOP_COPY",):
+            with ctx.step(f"MIG_DATA_SIZE in {state} after reading 5000 bytes: the bytes left to the end"):
+                if state == "STOP_COPY":
+                    dev.set_state("STOP")
+                fd = dev.set_state(state)
+                assert fd is not None
+                n = read_exactly(dev, fd, 5000)
+                got = dev.data_size()
+                dev.reset()
+                dev.close_fd(fd)
+                assert got == size - n, f"MIG_DATA_SIZE {got} after {n} of {size} bytes were read"
 
 
 @check("V2-R20", requires=("dirty_logging",))
