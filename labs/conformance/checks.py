@@ -399,6 +399,14 @@ def _v1_error_reset(ctx: CheckContext) -> None:
             for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
                 fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
                 assert dev.state() == "ERROR"
+        with ctx.step("the other fields in ERROR: a value or an errno (never a driver crash); data_size writes fail"):
+            for name in ("pending_bytes", "data_offset", "data_size"):
+                try:
+                    dev.v1_read(name)
+                except AgentOSError:
+                    pass  # undefined outside SAVING/RESUMING (spec 2.4): a refusal is fine
+            fails(lambda: dev.v1_write("data_size", 32))
+            assert dev.state() == "ERROR"
         with ctx.step("VFIO_DEVICE_RESET leaves 001"):
             dev.reset()
             assert dev.state() == "RUNNING"
@@ -416,7 +424,12 @@ def _v1_flows(ctx: CheckContext) -> None:
     precopy_data = dev.is_sim and "pre_copy" in (declared_capabilities(ctx, dev) or ())
     with ctx.step(f"live flow 001 -> 011 -> 010 ({'pending_bytes > 0' if precopy_data else 'undrained'}) -> 000"):
         dev.set_state("PRE_COPY")
-        assert not precopy_data or dev.v1_read("pending_bytes") > 0
+        pending = dev.v1_read("pending_bytes")
+        assert not precopy_data or pending > 0
+        if pending > 0:
+            # spec 2.4 a: pending_bytes > 0 means there is something to fetch now
+            dev.v1_read("data_offset")
+            assert dev.v1_read("data_size") > 0, f"pending_bytes {pending} in 011, but the staged chunk is empty"
         dev.set_state("STOP_COPY")
         assert not dev.is_sim or dev.v1_read("pending_bytes") > 0, "nothing to save in 010"
         dev.set_state("STOP")
@@ -542,8 +555,70 @@ def _round_trip(ctx: CheckContext) -> None:
     _saves_past_the_first(ctx, dst, src)
     if dst.protocol == "v1":
         _v1_early_stop(ctx, dst, src)  # v2: V2-R8
+        _v1_split_transaction(ctx, dst, src)
     if dst.is_sim:
         _odd_size_round_trip(ctx, dst)
+        if dst.protocol == "v1":
+            _v1_saves_after_every_arc(ctx, dst, src)
+
+
+V1_VALID = ("RUNNING", "STOP", "PRE_COPY", "STOP_COPY", "RESUMING")
+
+
+def _v1_saves_after_every_arc(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """After any arc between valid states (a session opened, kept or closed by it), a save carries
+    the content of that moment: sessions start and end on the right arcs. Sim only: some of these
+    arcs are undocumented flows (spec 2.3)."""
+    with ctx.step("a stream of the device to leave RESUMING with"):
+        own = list(dev.save().chunks())
+        dev.set_state("RUNNING")
+    for a, b in itertools.permutations(V1_VALID, 2):
+        if b == "RESUMING":
+            continue  # leaving it needs a stream: covered as the arc's origin
+        with ctx.step(f"{a} -> {b}, then save the rest and resume it into the peer"):
+            dev.reset()
+            dev.set_state(a)
+            if a == "RESUMING":
+                dev.client.send_frames("v1_resume", iter(own), dev=dev.handle)
+            dev.set_state(b)
+            want = seed(dev, f"arc {a}->{b}") if b in ("RUNNING", "PRE_COPY") else digest(dev)
+            saved = SavedStream(dev.protocol)
+            if b == "PRE_COPY":
+                for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+                    saved.append(chunk)
+            if b in ("RUNNING", "STOP"):
+                dev.set_state("STOP")
+            dev.set_state("STOP_COPY")
+            for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+                saved.append(chunk)
+            assert dev.v1_read("pending_bytes") == 0, "pending_bytes after the save"
+            dev.set_state("STOP")
+            peer.fill(f"arc {a}->{b}/peer")
+            peer.resume(saved)
+        verify_resumed(ctx, peer, want, saved, resave=b != "PRE_COPY")
+    dev.reset()
+
+
+def _v1_split_transaction(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """A chunk written into the window in two pieces (spec 2.5 b: the write may take several) is one
+    transaction: the resume still succeeds."""
+    want = apart(ctx, peer, dev, "split/source", "split/destination")
+    with ctx.step("save the peer"):
+        saved = peer.save()
+    region = dev.migration_region()
+    assert region is not None
+    chunks = list(saved.chunks())
+    first = chunks[0]
+    half = len(first) // 2
+    with ctx.step(f"RESUMING: the first chunk ({len(first)} bytes) written in two pieces, then the rest"):
+        dev.set_state("RESUMING")
+        offset = dev.v1_read("data_offset")
+        for at, piece in ((0, first[:half]), (half, first[half:])):
+            dev.call("region_write", index=region["index"], offset=offset + at, data=base64.b64encode(piece).decode())
+        dev.v1_write("data_size", len(first))
+        dev.client.send_frames("v1_resume", iter(chunks[1:]), dev=dev.handle)
+        dev.set_state("RUNNING")
+    verify_resumed(ctx, dev, want, saved)
 
 
 def _sibling(dev: DeviceHandle, what: str, **options: Any) -> DeviceHandle:
