@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import pytest
 
 from labs.conformance import model
+from labs.vfio import agent as vfio
 from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
@@ -286,8 +287,30 @@ def _v1_region(ctx: CheckContext) -> None:
     assert (uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION) in types, region
     assert {"READ", "WRITE"} <= set(region["flag_names"]), region["flag_names"]
     assert region["size"] > uapi.V1_INFO_SIZE, f"region size {region['size']} leaves no data section"
-    for cap in region["caps"]:
-        for offset, size in cap.get("areas", ()):
+    _v1_region_caps(region)
+    if dev.is_sim and not dev.sim("info")["options"].get("mmap"):
+        # the same driver with an mmappable window: a chain of two capabilities (TYPE, SPARSE_MMAP)
+        other = _sibling(dev, "mmap", mmap=True)
+        try:
+            with ctx.step("the migration region of an mmappable sibling: TYPE and SPARSE_MMAP chained"):
+                mapped = other.migration_region()
+                assert mapped is not None, "no migration region with mmap: true"
+                assert sorted(c["id"] for c in mapped["caps"]) == [1, 2], mapped["caps"]
+                assert "MMAP" in mapped["flag_names"], mapped["flag_names"]
+                _v1_region_caps(mapped)
+        finally:
+            other.close()
+
+
+def _v1_region_caps(region: dict[str, Any]) -> None:
+    types = [(c.get("type"), c.get("subtype")) for c in region["caps"] if c["id"] == 2]
+    assert (uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION) in types, region
+    assert "CAPS" in region["flag_names"], region["flag_names"]
+    sparse = [c for c in region["caps"] if c["id"] == 1]
+    assert not sparse or "MMAP" in region["flag_names"], f"SPARSE_MMAP without the MMAP flag: {region['flag_names']}"
+    for cap in sparse:
+        assert cap.get("areas"), f"a SPARSE_MMAP capability with no areas: {cap}"
+        for offset, size in cap["areas"]:
             assert offset >= uapi.V1_INFO_SIZE and offset + size <= region["size"], (offset, size, region["size"])
 
 
@@ -838,9 +861,21 @@ for _rule in ("V1-R17", "V2-R14"):
     CHECKS[_rule] = Check(_rule, _truncated)
 
 
+def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
+    """The reset rules use VFIO_DEVICE_RESET: GET_INFO must advertise it, and be well formed."""
+    with ctx.step("VFIO_DEVICE_GET_INFO: RESET advertised, a PCI device's regions, no stray cap_offset"):
+        info = dev.info()
+        assert info["flags"] & vfio.VFIO_DEVICE_FLAGS_RESET, f"GET_INFO flags {info['flag_names']} lack RESET"
+        if info["flags"] & vfio.VFIO_DEVICE_FLAGS_PCI:
+            assert info["num_regions"] >= vfio.VFIO_PCI_NUM_REGIONS, f"a PCI device with {info['num_regions']} regions"
+        if not info["flags"] & vfio.VFIO_DEVICE_FLAGS_CAPS:
+            assert info["cap_offset"] == 0, f"cap_offset {info['cap_offset']} without the CAPS flag"
+
+
 @check("V1-R19")
 def _v1_reset_anywhere(ctx: CheckContext) -> None:
     dev = ctx.open()
+    reset_advertised(ctx, dev)
     with ctx.step("save a stream to resume from"):
         chunks = list(dev.save().chunks())
     for state in ("RUNNING", "STOP", *V1_SESSION_STATES):
@@ -1245,6 +1280,7 @@ def _v2_error_reset(ctx: CheckContext) -> None:
 @check("V2-R16")
 def _v2_dead_fd(ctx: CheckContext) -> None:
     dev = ctx.open()
+    reset_advertised(ctx, dev)
     flags = dev.mig_flags
     with ctx.step("save a stream to leave RESUMING with"):
         stream = dev.save().data()
