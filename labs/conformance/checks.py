@@ -910,6 +910,9 @@ def _v2_flags(ctx: CheckContext) -> None:
         names = "|".join(uapi.migration_flag_names(flags))
         assert flags in uapi.FLAG_SETS, f"flags {flags:#x} ({names}) not in {uapi.FLAG_SETS}"
         assert feature(dev, PROBE | GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, b"")["ret"] == 0
+        assert feature(dev, GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, bytes(8))["ret"] == 0, (
+            "GET MIGRATION returned non-zero"
+        )
     want = declared_flags(ctx, dev)
     if want is not None:
         with ctx.step("the flags are the ones the inventory lists"):
@@ -927,6 +930,7 @@ def _v2_header(ctx: CheckContext) -> None:
         ("GET|SET without PROBE", GET | SET | state, bytes(8), None),
         ("SET on MIGRATION", SET | mig, bytes(8), None),
         ("MIG_DEVICE_STATE with argsz < 16", GET | state, bytes(4), None),
+        ("MIG_DEVICE_STATE with neither GET nor SET (nor PROBE)", state, bytes(8), None),
     ]
     for what, flags, payload, argsz in cases:
         with ctx.step(f"VFIO_DEVICE_FEATURE with {what}"):
@@ -1046,11 +1050,13 @@ def _v2_fd_iff_session(ctx: CheckContext) -> None:
         cur = dev.state()
         p = uapi.path(uapi.v2_state(cur), uapi.v2_state(target), flags)
         assert p is not None
-        with ctx.step(f"SET {cur} -> {target}: a data_fd iff the last arc opens a session"):
-            fd = dev.set_state(target)
+        with ctx.step(f"SET {cur} -> {target}: a data_fd iff the last arc opens a session, else exactly -1"):
+            reply = dev.call("mig_set_state", state=uapi.v2_state(target))
+            fd = reply["data_fd"]
             if fd is not None:
                 dev.close_fd(fd)
-            assert (fd is not None) == uapi.opens_session(p), f"data_fd {fd} for {cur} -> {target}"
+            assert (fd is not None) == uapi.opens_session(p), f"data_fd {reply['fd']} for {cur} -> {target}"
+            assert fd is not None or reply["fd"] == -1, f"data_fd {reply['fd']} without a session (not -1)"
     dev.reset()
 
 
