@@ -636,7 +636,7 @@ def _v1_split_transaction(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHand
     with ctx.step(f"RESUMING: the first chunk ({len(first)} bytes) written in two pieces, then the rest"):
         dev.set_state("RESUMING")
         offset = dev.v1_read("data_offset")
-        for at, piece in ((0, first[:half]), (half, first[half:])):
+        for at, piece in ((half, first[half:]), (0, first[:half])):  # the second half first: any order holds
             dev.call("region_write", index=region["index"], offset=offset + at, data=base64.b64encode(piece).decode())
         dev.v1_write("data_size", len(first))
         dev.client.send_frames("v1_resume", iter(chunks[1:]), dev=dev.handle)
@@ -1182,6 +1182,8 @@ def _v2_precopy_info(ctx: CheckContext) -> None:
         assert got == left, f"PRECOPY_INFO announced {left} initial bytes, the fd gave {got}"
         done = dev.precopy_info(fd)
         assert done["initial_bytes"] == 0, done
+        # spec 3.6: dirty_bytes starts at 0 and grows with device activity; an idle sim has none
+        assert not dev.is_sim or done["dirty_bytes"] == 0, f"dirty_bytes on an idle device: {done}"
         if done["dirty_bytes"] == 0:
             try:
                 extra = dev.client.call("fd_read", fd=fd, length=64)["length"]
