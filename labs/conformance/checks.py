@@ -862,7 +862,7 @@ for _rule in ("V1-R17", "V2-R14"):
 
 
 def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
-    """The reset rules use VFIO_DEVICE_RESET: GET_INFO must advertise it, and be well formed."""
+    """The reset rules use VFIO_DEVICE_RESET: GET_INFO must advertise it (and be well formed), the ioctl return 0."""
     with ctx.step("VFIO_DEVICE_GET_INFO: RESET advertised, a PCI device's regions, no stray cap_offset"):
         info = dev.info()
         assert info["flags"] & vfio.VFIO_DEVICE_FLAGS_RESET, f"GET_INFO flags {info['flag_names']} lack RESET"
@@ -870,6 +870,8 @@ def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
             assert info["num_regions"] >= vfio.VFIO_PCI_NUM_REGIONS, f"a PCI device with {info['num_regions']} regions"
         if not info["flags"] & vfio.VFIO_DEVICE_FLAGS_CAPS:
             assert info["cap_offset"] == 0, f"cap_offset {info['cap_offset']} without the CAPS flag"
+    with ctx.step("VFIO_DEVICE_RESET in RUNNING returns 0"):
+        assert dev.call("reset")["ret"] == 0, "VFIO_DEVICE_RESET returned non-zero"
 
 
 @check("V1-R19")
