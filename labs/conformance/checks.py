@@ -22,6 +22,7 @@ import errno
 import hashlib
 import itertools
 import os
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -656,7 +657,7 @@ def _sibling(dev: DeviceHandle, what: str, **options: Any) -> DeviceHandle:
 
 def _tiny_writes(chunks: Iterator[bytes], head: int) -> Iterator[bytes]:
     """The stream's first `head` bytes in 1- to 7-byte writes (headers straddle writes), then as given."""
-    sizes = itertools.cycle((1, 7, 3, 5))
+    sizes = itertools.cycle((1, 7, 3, 6))  # 17 a cycle: pieces end inside headers, not on their boundaries
     done = 0
     for c in chunks:
         while done < head and c:
@@ -806,6 +807,23 @@ def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Cal
         size = int(dst.sim("info")["content_size"])
         yield "the stream of another device model", lambda: _foreign(dst, "model", model="labs-sim-foreign")
         yield "the stream of a device of another size", lambda: _foreign(dst, "size", content_size=size // 2)
+        yield "a stream with its register record twice (checksum redone)", lambda: _regs_twice(chunks)
+
+
+def _regs_twice(chunks: list[bytes]) -> list[bytes]:
+    """The sim's stream with its REGS record repeated and the END checksum recomputed: well formed
+    bytes, a malformed stream (the sim's format: 32-byte header, records "=IIQQ" + payload)."""
+    data, pos = b"".join(chunks), 32
+    out: list[bytes] = []
+    while pos < len(data):
+        rtype, _flags, _offset, length = struct.unpack_from("=IIQQ", data, pos)
+        record = data[pos : pos + 24 + length]
+        if rtype == 3:  # END: sha256 of every byte before it
+            body = data[:32] + b"".join(out)
+            return [body + record[:24] + hashlib.sha256(body).digest()]
+        out.append(record + record if rtype == 2 else record)
+        pos += 24 + length
+    raise AssertionError("no END record in the sim's stream")
 
 
 def _unfinished_v1(dst: DeviceHandle, chunks: list[bytes]) -> None:
@@ -1122,7 +1140,7 @@ def _v2_dirtied_in_precopy(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHan
         first, _ = dev.client.read_stream(fd, out.append, limit=rec + rec // 2)
         poke(dev, [(0, 1), (rec, 1), (rec + rec // 2, 3), (size - 1, 1)], "mid-pass")
         second, _ = dev.client.read_stream(fd, out.append, limit=stream_limit(dev))
-        poke(dev, [(2 * rec - 1, 1), (min(3 * rec, size - rec), rec), (size // 2 - 1, 2)], "after the pass")
+        poke(dev, [(2 * rec - 1, 1), (min(3 * rec, size - rec), rec), (size // 2 - 1, 2), (size - 1, 1)], "after")
         assert dev.precopy_info(fd)["dirty_bytes"] > 0, "content written after the initial pass: dirty_bytes is 0"
         left = dev.data_size()  # the sim's MIG_DATA_SIZE is exact (V2-R19): the bytes to the end
         assert dev.set_state("STOP_COPY") is None
