@@ -950,7 +950,8 @@ def _v2_header(ctx: CheckContext) -> None:
         ("GET|SET without PROBE", GET | SET | state, bytes(8), None),
         ("SET on MIGRATION", SET | mig, bytes(8), None),
         ("MIG_DEVICE_STATE with argsz < 16", GET | state, bytes(4), None),
-        ("MIG_DEVICE_STATE with neither GET nor SET (nor PROBE)", state, bytes(8), None),
+        # the payload asks for RUNNING, which a SET would grant: the refusal must come from the header
+        ("MIG_DEVICE_STATE with neither GET nor SET (nor PROBE)", state, (2).to_bytes(4, "little") + bytes(4), None),
     ]
     for what, flags, payload, argsz in cases:
         with ctx.step(f"VFIO_DEVICE_FEATURE with {what}"):
