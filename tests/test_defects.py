@@ -100,6 +100,23 @@ def test_correct_v2_driver_passes(agent: AgentClient, tmp_path: Path, rule: str)
     run_check(agent, tmp_path, driver, rule)
 
 
+def _flag_set_cases() -> list[tuple[str, str]]:
+    """(correct driver setup, rule) for the setups other than each protocol's full one."""
+    out = []
+    for name, setup in CORRECT.items():
+        if name in ("v1", "v2"):
+            continue
+        options = dict(setup.options)
+        caps = {"stop_copy"} | {c for c in ("p2p", "pre_copy") if options.get(c, setup.protocol == "v1")}
+        out += [(name, r) for r in applicable(setup.protocol) if set(CHECKS[r].requires) <= caps]
+    return out
+
+
+@pytest.mark.parametrize("setup,rule", _flag_set_cases())
+def test_correct_driver_of_every_flag_set_passes(agent: AgentClient, tmp_path: Path, setup: str, rule: str) -> None:
+    run_check(agent, tmp_path, CORRECT[setup], rule)
+
+
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
 def test_defect_is_caught_by_its_rule(agent: AgentClient, tmp_path: Path, name: str) -> None:
     defect = CATALOGUE[name]

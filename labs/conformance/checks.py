@@ -22,6 +22,7 @@ import errno
 import hashlib
 import itertools
 import os
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import pytest
 
 from labs.conformance import model
+from labs.vfio import agent as vfio
 from labs.vfio import rules, uapi
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
 from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
@@ -197,13 +199,23 @@ def differs_before(ctx: CheckContext, dst: DeviceHandle, stream: SavedStream) ->
         pytest.skip("the destination already holds the source's state: the round trip cannot show the resume")
 
 
-def verify_resumed(ctx: CheckContext, dst: DeviceHandle, want: str | None, stream: SavedStream | None) -> None:
-    """dst (RUNNING) holds what `stream` carries: its digest on a sim, else a new save of dst compared
+def verify_resumed(
+    ctx: CheckContext, dst: DeviceHandle, want: str | None, stream: SavedStream | None, resave: bool = True
+) -> None:
+    """dst (RUNNING) holds what `stream` carries: its digest on a sim (and, unless `resave` is off for a
+    stream that re-sent dirty chunks, a new save equal to `stream`), else a new save of dst compared
     with `stream` through the model's comparator. Never passes without a comparison."""
     if dst.is_sim:
         got = digest(dst)
         assert want is not None and got is not None, "no digest to compare"
         assert got == want, "the resumed content differs from the saved content"
+        if stream is not None and resave:
+            # the sim's stream is a pure function of its state: the resumed device saves it again byte for byte
+            with ctx.step("save the resumed device again: the same stream, byte for byte"):
+                again = dst.save()
+                dst.set_state("RUNNING")
+            problem = same_bytes(stream.data(), again.data())
+            assert problem is None, f"the resumed device saves another stream: {problem}"
         return
     assert stream is not None, "no stream to compare the resumed device with"
     with ctx.step("save the resumed device again and compare its stream with the one it resumed"):
@@ -238,6 +250,24 @@ def content_kept(
                 dev.set_state("RUNNING")
             problem = comparator(ctx)(before.data(), dev.save().data())
             assert problem is None, f"the device state changed {after}: {problem}"
+
+
+def poke(dev: DeviceHandle, spans: list[tuple[int, int]], what: str) -> None:
+    """Device activity on a sim: write (offset, length) spans of the content with bytes no pattern has."""
+    for offset, length in spans:
+        data = hashlib.sha256(f"{what}:{offset}".encode()).digest() * (length // 32 + 1)
+        dev.sim("write", offset=offset, data=base64.b64encode(data[:length]).decode())
+
+
+def read_exactly(dev: DeviceHandle, fd: int, n: int) -> int:
+    """Read n bytes of a saving fd (fewer if it runs dry first); the bytes read."""
+    got = 0
+    while got < n:
+        piece = dev.client.call("fd_read", fd=fd, length=min(n - got, 1 << 16))["length"]
+        if not piece:
+            break
+        got += piece
+    return got
 
 
 def resume_into(ctx: CheckContext, dst: DeviceHandle, saved: SavedStream, title: str) -> None:
@@ -280,8 +310,30 @@ def _v1_region(ctx: CheckContext) -> None:
     assert (uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION) in types, region
     assert {"READ", "WRITE"} <= set(region["flag_names"]), region["flag_names"]
     assert region["size"] > uapi.V1_INFO_SIZE, f"region size {region['size']} leaves no data section"
-    for cap in region["caps"]:
-        for offset, size in cap.get("areas", ()):
+    _v1_region_caps(region)
+    if dev.is_sim and not dev.sim("info")["options"].get("mmap"):
+        # the same driver with an mmappable window: a chain of two capabilities (TYPE, SPARSE_MMAP)
+        other = _sibling(dev, "mmap", mmap=True)
+        try:
+            with ctx.step("the migration region of an mmappable sibling: TYPE and SPARSE_MMAP chained"):
+                mapped = other.migration_region()
+                assert mapped is not None, "no migration region with mmap: true"
+                assert sorted(c["id"] for c in mapped["caps"]) == [1, 2], mapped["caps"]
+                assert "MMAP" in mapped["flag_names"], mapped["flag_names"]
+                _v1_region_caps(mapped)
+        finally:
+            other.close()
+
+
+def _v1_region_caps(region: dict[str, Any]) -> None:
+    types = [(c.get("type"), c.get("subtype")) for c in region["caps"] if c["id"] == 2]
+    assert (uapi.VFIO_REGION_TYPE_MIGRATION, uapi.VFIO_REGION_SUBTYPE_MIGRATION) in types, region
+    assert "CAPS" in region["flag_names"], region["flag_names"]
+    sparse = [c for c in region["caps"] if c["id"] == 1]
+    assert not sparse or "MMAP" in region["flag_names"], f"SPARSE_MMAP without the MMAP flag: {region['flag_names']}"
+    for cap in sparse:
+        assert cap.get("areas"), f"a SPARSE_MMAP capability with no areas: {cap}"
+        for offset, size in cap["areas"]:
             assert offset >= uapi.V1_INFO_SIZE and offset + size <= region["size"], (offset, size, region["size"])
 
 
@@ -393,6 +445,14 @@ def _v1_error_reset(ctx: CheckContext) -> None:
             for state in ("RUNNING", "STOP", "STOP_COPY", "PRE_COPY", "RESUMING"):
                 fails(lambda state=state: dev.set_state(state))  # type: ignore[misc]
                 assert dev.state() == "ERROR"
+        with ctx.step("the other fields in ERROR: a value or an errno (never a driver crash); data_size writes fail"):
+            for name in ("pending_bytes", "data_offset", "data_size"):
+                try:
+                    dev.v1_read(name)
+                except AgentOSError:
+                    pass  # undefined outside SAVING/RESUMING (spec 2.4): a refusal is fine
+            fails(lambda: dev.v1_write("data_size", 32))
+            assert dev.state() == "ERROR"
         with ctx.step("VFIO_DEVICE_RESET leaves 001"):
             dev.reset()
             assert dev.state() == "RUNNING"
@@ -410,7 +470,12 @@ def _v1_flows(ctx: CheckContext) -> None:
     precopy_data = dev.is_sim and "pre_copy" in (declared_capabilities(ctx, dev) or ())
     with ctx.step(f"live flow 001 -> 011 -> 010 ({'pending_bytes > 0' if precopy_data else 'undrained'}) -> 000"):
         dev.set_state("PRE_COPY")
-        assert not precopy_data or dev.v1_read("pending_bytes") > 0
+        pending = dev.v1_read("pending_bytes")
+        assert not precopy_data or pending > 0
+        if pending > 0:
+            # spec 2.4 a: pending_bytes > 0 means there is something to fetch now
+            dev.v1_read("data_offset")
+            assert dev.v1_read("data_size") > 0, f"pending_bytes {pending} in 011, but the staged chunk is empty"
         dev.set_state("STOP_COPY")
         assert not dev.is_sim or dev.v1_read("pending_bytes") > 0, "nothing to save in 010"
         dev.set_state("STOP")
@@ -536,6 +601,116 @@ def _round_trip(ctx: CheckContext) -> None:
     _saves_past_the_first(ctx, dst, src)
     if dst.protocol == "v1":
         _v1_early_stop(ctx, dst, src)  # v2: V2-R8
+        _v1_split_transaction(ctx, dst, src)
+    if dst.is_sim:
+        _odd_size_round_trip(ctx, dst)
+        if dst.protocol == "v1":
+            _v1_saves_after_every_arc(ctx, dst, src)
+
+
+V1_VALID = ("RUNNING", "STOP", "PRE_COPY", "STOP_COPY", "RESUMING")
+
+
+def _v1_saves_after_every_arc(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """After any arc between valid states (a session opened, kept or closed by it), a save carries
+    the content of that moment: sessions start and end on the right arcs. Sim only: some of these
+    arcs are undocumented flows (spec 2.3)."""
+    with ctx.step("a stream of the device to leave RESUMING with"):
+        own = list(dev.save().chunks())
+        dev.set_state("RUNNING")
+    for a, b in itertools.permutations(V1_VALID, 2):
+        if b == "RESUMING":
+            continue  # leaving it needs a stream: covered as the arc's origin
+        with ctx.step(f"{a} -> {b}, then save the rest and resume it into the peer"):
+            dev.reset()
+            dev.set_state(a)
+            if a == "RESUMING":
+                dev.client.send_frames("v1_resume", iter(own), dev=dev.handle)
+            dev.set_state(b)
+            want = seed(dev, f"arc {a}->{b}") if b in ("RUNNING", "PRE_COPY") else digest(dev)
+            saved = SavedStream(dev.protocol)
+            if b == "PRE_COPY":
+                for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+                    saved.append(chunk)
+            if b in ("RUNNING", "STOP"):
+                dev.set_state("STOP")
+            dev.set_state("STOP_COPY")
+            for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
+                saved.append(chunk)
+            assert dev.v1_read("pending_bytes") == 0, "pending_bytes after the save"
+            dev.set_state("STOP")
+            peer.fill(f"arc {a}->{b}/peer")
+            peer.resume(saved)
+        verify_resumed(ctx, peer, want, saved, resave=b != "PRE_COPY")
+    dev.reset()
+
+
+def _v1_split_transaction(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """A chunk written into the window in two pieces (spec 2.5 b: the write may take several) is one
+    transaction: the resume still succeeds."""
+    want = apart(ctx, peer, dev, "split/source", "split/destination")
+    with ctx.step("save the peer"):
+        saved = peer.save()
+    region = dev.migration_region()
+    assert region is not None
+    chunks = list(saved.chunks())
+    first = chunks[0]
+    half = len(first) // 2
+    with ctx.step(f"RESUMING: the first chunk ({len(first)} bytes) written in two pieces, then the rest"):
+        dev.set_state("RESUMING")
+        offset = dev.v1_read("data_offset")
+        for at, piece in ((half, first[half:]), (0, first[:half])):  # the second half first: any order holds
+            dev.call("region_write", index=region["index"], offset=offset + at, data=base64.b64encode(piece).decode())
+        dev.v1_write("data_size", len(first))
+        dev.client.send_frames("v1_resume", iter(chunks[1:]), dev=dev.handle)
+        dev.set_state("RUNNING")
+    verify_resumed(ctx, dev, want, saved)
+
+
+def _sibling(dev: DeviceHandle, what: str, **options: Any) -> DeviceHandle:
+    """Another simulated device of the device's own driver class, on its agent, with other options."""
+    info = dev.sim("info")
+    name = f"{dev.name}-{what}"
+    state_dir = os.path.join(os.path.dirname(str(dev.open_info["state_dir"])), name)
+    return DeviceHandle.open_sim(
+        dev.client, str(info["class"]), state_dir, {**info["options"], **options}, name=name, protocol=dev.protocol
+    )
+
+
+def _tiny_writes(chunks: Iterator[bytes], head: int) -> Iterator[bytes]:
+    """The stream's first `head` bytes in 1- to 7-byte writes (headers straddle writes), then as given."""
+    sizes = itertools.cycle((1, 7, 3, 6))  # 17 a cycle: pieces end inside headers, not on their boundaries
+    done = 0
+    for c in chunks:
+        while done < head and c:
+            n = min(next(sizes), head - done, len(c))
+            yield c[:n]
+            c, done = c[n:], done + n
+        if c:
+            yield c
+
+
+def _odd_size_round_trip(ctx: CheckContext, dev: DeviceHandle) -> None:
+    """A device whose content is not a whole number of records (its last one short) round-trips too;
+    v2 writes the stream's start a few bytes at a time (V2-R13: arbitrary write sizes)."""
+    info = dev.sim("info")
+    size = int(info["content_size"]) + 1
+    src, dst = _sibling(dev, "odd-src", content_size=size), _sibling(dev, "odd-dst", content_size=size)
+    try:
+        want = apart(ctx, src, dst, "odd/source", "odd/destination")
+        with ctx.step(f"save a device of {size} bytes (a 1-byte last record)"):
+            expect = src.data_size() if dev.protocol == "v2" else None
+            saved = src.save()
+            assert expect is None or saved.bytes == expect, f"MIG_DATA_SIZE {expect}, the stream {saved.bytes} bytes"
+        how = "" if dev.protocol == "v1" else ", the first 400 bytes 1 to 7 at a time"
+        with ctx.step(f"resume it into another such device{how}"):
+            chunks = saved.chunks() if dev.protocol == "v1" else _tiny_writes(saved.rechunk(5000), 400)
+            dst.resume(chunks)
+            assert dst.state() == "RUNNING"
+        verify_resumed(ctx, dst, want, saved)
+    finally:
+        src.close()
+        dst.close()
 
 
 def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
@@ -575,13 +750,18 @@ def _v1_early_stop(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> 
         dev.set_state("PRE_COPY")
         for chunk in dev.client.frames("v1_save", dev=dev.handle, max_chunks=2):
             stopped.append(chunk)
+        if dev.is_sim:
+            # the device runs in 011: what it writes there (sent or not) must reach the peer
+            size = int(dev.sim("info")["content_size"])
+            poke(dev, [(0, 1), (size // 2, 2), (size - 1, 1)], "early-stop")
+            want = dev.digest()
         dev.set_state("STOP_COPY")
         for chunk in dev.client.frames("v1_save", dev=dev.handle, max_bytes=stream_limit(dev)):
             stopped.append(chunk)
         dev.set_state("STOP")
     if dev.is_sim:
         resume_into(ctx, peer, stopped, "resume the early-stopped stream into the peer")
-        verify_resumed(ctx, peer, want, stopped)
+        verify_resumed(ctx, peer, want, stopped, resave=False)
         return
     with ctx.step("the early-stopped stream carries the state of a full save"):
         dev.set_state("RUNNING")
@@ -649,6 +829,23 @@ def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Cal
         size = int(dst.sim("info")["content_size"])
         yield "the stream of another device model", lambda: _foreign(dst, "model", model="labs-sim-foreign")
         yield "the stream of a device of another size", lambda: _foreign(dst, "size", content_size=size // 2)
+        yield "a stream with its register record twice (checksum redone)", lambda: _regs_twice(chunks)
+
+
+def _regs_twice(chunks: list[bytes]) -> list[bytes]:
+    """The sim's stream with its REGS record repeated and the END checksum recomputed: well formed
+    bytes, a malformed stream (the sim's format: 32-byte header, records "=IIQQ" + payload)."""
+    data, pos = b"".join(chunks), 32
+    out: list[bytes] = []
+    while pos < len(data):
+        rtype, _flags, _offset, length = struct.unpack_from("=IIQQ", data, pos)
+        record = data[pos : pos + 24 + length]
+        if rtype == 3:  # END: sha256 of every byte before it
+            body = data[:32] + b"".join(out)
+            return [body + record[:24] + hashlib.sha256(body).digest()]
+        out.append(record + record if rtype == 2 else record)
+        pos += 24 + length
+    raise AssertionError("no END record in the sim's stream")
 
 
 def _unfinished_v1(dst: DeviceHandle, chunks: list[bytes]) -> None:
@@ -704,9 +901,23 @@ for _rule in ("V1-R17", "V2-R14"):
     CHECKS[_rule] = Check(_rule, _truncated)
 
 
+def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
+    """The reset rules use VFIO_DEVICE_RESET: GET_INFO must advertise it (and be well formed), the ioctl return 0."""
+    with ctx.step("VFIO_DEVICE_GET_INFO: RESET advertised, a PCI device's regions, no stray cap_offset"):
+        info = dev.info()
+        assert info["flags"] & vfio.VFIO_DEVICE_FLAGS_RESET, f"GET_INFO flags {info['flag_names']} lack RESET"
+        if info["flags"] & vfio.VFIO_DEVICE_FLAGS_PCI:
+            assert info["num_regions"] >= vfio.VFIO_PCI_NUM_REGIONS, f"a PCI device with {info['num_regions']} regions"
+        if not info["flags"] & vfio.VFIO_DEVICE_FLAGS_CAPS:
+            assert info["cap_offset"] == 0, f"cap_offset {info['cap_offset']} without the CAPS flag"
+    with ctx.step("VFIO_DEVICE_RESET in RUNNING returns 0"):
+        assert dev.call("reset")["ret"] == 0, "VFIO_DEVICE_RESET returned non-zero"
+
+
 @check("V1-R19")
 def _v1_reset_anywhere(ctx: CheckContext) -> None:
     dev = ctx.open()
+    reset_advertised(ctx, dev)
     with ctx.step("save a stream to resume from"):
         chunks = list(dev.save().chunks())
     for state in ("RUNNING", "STOP", *V1_SESSION_STATES):
@@ -741,6 +952,9 @@ def _v2_flags(ctx: CheckContext) -> None:
         names = "|".join(uapi.migration_flag_names(flags))
         assert flags in uapi.FLAG_SETS, f"flags {flags:#x} ({names}) not in {uapi.FLAG_SETS}"
         assert feature(dev, PROBE | GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, b"")["ret"] == 0
+        assert feature(dev, GET | uapi.VFIO_DEVICE_FEATURE_MIGRATION, bytes(8))["ret"] == 0, (
+            "GET MIGRATION returned non-zero"
+        )
     want = declared_flags(ctx, dev)
     if want is not None:
         with ctx.step("the flags are the ones the inventory lists"):
@@ -758,6 +972,8 @@ def _v2_header(ctx: CheckContext) -> None:
         ("GET|SET without PROBE", GET | SET | state, bytes(8), None),
         ("SET on MIGRATION", SET | mig, bytes(8), None),
         ("MIG_DEVICE_STATE with argsz < 16", GET | state, bytes(4), None),
+        # the payload asks for RUNNING, which a SET would grant: the refusal must come from the header
+        ("MIG_DEVICE_STATE with neither GET nor SET (nor PROBE)", state, (2).to_bytes(4, "little") + bytes(4), None),
     ]
     for what, flags, payload, argsz in cases:
         with ctx.step(f"VFIO_DEVICE_FEATURE with {what}"):
@@ -877,11 +1093,13 @@ def _v2_fd_iff_session(ctx: CheckContext) -> None:
         cur = dev.state()
         p = uapi.path(uapi.v2_state(cur), uapi.v2_state(target), flags)
         assert p is not None
-        with ctx.step(f"SET {cur} -> {target}: a data_fd iff the last arc opens a session"):
-            fd = dev.set_state(target)
+        with ctx.step(f"SET {cur} -> {target}: a data_fd iff the last arc opens a session, else exactly -1"):
+            reply = dev.call("mig_set_state", state=uapi.v2_state(target))
+            fd = reply["data_fd"]
             if fd is not None:
                 dev.close_fd(fd)
-            assert (fd is not None) == uapi.opens_session(p), f"data_fd {fd} for {cur} -> {target}"
+            assert (fd is not None) == uapi.opens_session(p), f"data_fd {reply['fd']} for {cur} -> {target}"
+            assert fd is not None or reply["fd"] == -1, f"data_fd {reply['fd']} without a session (not -1)"
     dev.reset()
 
 
@@ -926,6 +1144,37 @@ def _v2_saving_group_fd(ctx: CheckContext) -> None:
         with ctx.step("the early-stopped stream carries the state of the one read to its end"):
             problem = comparator(ctx)(saved.data(), stopped.data())
         assert problem is None, f"the early-stopped stream carries another state: {problem}"
+    if dev.is_sim:
+        dev.set_state("RUNNING")
+        _v2_dirtied_in_precopy(ctx, dev, peer)
+
+
+def _v2_dirtied_in_precopy(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> None:
+    """Content written during PRE_COPY (to sent, half-sent and unsent parts, before and after the
+    initial pass) reaches the peer: the stream carries the device as it is at STOP_COPY."""
+    apart(ctx, dev, peer, "saving-group/dirty", "saving-group/peer-3")
+    info = dev.sim("info")
+    rec, size = int(info["record_size"]), int(info["content_size"])
+    out = SavedStream(dev.protocol)
+    with ctx.step("PRE_COPY: read a part, write the content, read on, write again, then STOP_COPY"):
+        fd = dev.set_state("PRE_COPY")
+        assert fd is not None
+        # a part ending inside the second record: its chunk is the last one the stream took
+        first, _ = dev.client.read_stream(fd, out.append, limit=rec + rec // 2)
+        poke(dev, [(0, 1), (rec, 1), (rec + rec // 2, 3), (size - 1, 1)], "mid-pass")
+        second, _ = dev.client.read_stream(fd, out.append, limit=stream_limit(dev))
+        poke(dev, [(2 * rec - 1, 1), (min(3 * rec, size - rec), rec), (size // 2 - 1, 2), (size - 1, 1)], "after")
+        assert dev.precopy_info(fd)["dirty_bytes"] > 0, "content written after the initial pass: dirty_bytes is 0"
+        left = dev.data_size()  # the sim's MIG_DATA_SIZE is exact (V2-R19): the bytes to the end
+        assert dev.set_state("STOP_COPY") is None
+        rest, _ = dev.client.read_stream(fd, out.append, limit=stream_limit(dev))
+        assert rest.bytes == left, f"MIG_DATA_SIZE said {left} bytes were left, STOP_COPY gave {rest.bytes}"
+        dev.close_fd(fd)
+        dev.set_state("STOP")
+        want = dev.digest()
+    out.parts += [first, second, rest]
+    resume_into(ctx, peer, out, "the stream resumes into the peer, which must hold the content as at STOP_COPY")
+    verify_resumed(ctx, peer, want, out, resave=False)
 
 
 @check("V2-R9")
@@ -964,10 +1213,41 @@ def _v2_precopy_info(ctx: CheckContext) -> None:
         fd = dev.set_state("PRE_COPY")
         assert fd is not None
         before = dev.precopy_info(fd)
+        assert before["initial_bytes"] > 0 and before["dirty_bytes"] == 0, f"at the start of PRE_COPY: {before}"
+        assert before["flags"] == 0, f"PRECOPY_INFO set flags {before['flags']:#x} (none are defined)"
         fails(lambda: dev.client.call("precopy_info", fd=fd, argsz=16), errno.EINVAL)
         n = dev.client.call("fd_read", fd=fd, length=4096)["length"]
         after = dev.precopy_info(fd)
         assert after["initial_bytes"] <= max(0, before["initial_bytes"] - n), (before, n, after)
+    with ctx.step("read initial_bytes more bytes: the initial data is over (0); with no dirty bytes, ENOMSG or 0"):
+        left = after["initial_bytes"]
+        got = read_exactly(dev, fd, left)
+        assert got == left, f"PRECOPY_INFO announced {left} initial bytes, the fd gave {got}"
+        done = dev.precopy_info(fd)
+        assert done["initial_bytes"] == 0, done
+        # spec 3.6: dirty_bytes starts at 0 and grows with device activity; an idle sim has none
+        assert not dev.is_sim or done["dirty_bytes"] == 0, f"dirty_bytes on an idle device: {done}"
+        if done["dirty_bytes"] == 0:
+            try:
+                extra = dev.client.call("fd_read", fd=fd, length=64)["length"]
+            except AgentOSError as exc:
+                assert exc.errno == errno.ENOMSG, exc
+            else:
+                assert extra == 0, f"{extra} bytes past initial_bytes with dirty_bytes 0 (spec 3.5: ENOMSG)"
+    if dev.is_sim:
+        with ctx.step("write the content after the initial pass: dirty_bytes grows, initial_bytes stays 0"):
+            rec = int(dev.sim("info")["record_size"])
+            poke(dev, [(rec, 1)], "precopy-info")
+            dirty = dev.precopy_info(fd)
+            assert dirty["initial_bytes"] == 0 and dirty["dirty_bytes"] > 0, dirty
+            # reading the re-sent part drains it: dirty_bytes shrinks by the bytes read, then both are 0
+            half = dirty["dirty_bytes"] // 2
+            assert read_exactly(dev, fd, half) == half
+            part = dev.precopy_info(fd)
+            assert part["dirty_bytes"] == dirty["dirty_bytes"] - half, (dirty, half, part)
+            assert read_exactly(dev, fd, part["dirty_bytes"]) == part["dirty_bytes"]
+            drained = dev.precopy_info(fd)
+            assert (drained["initial_bytes"], drained["dirty_bytes"]) == (0, 0), drained
     with ctx.step("PRECOPY_INFO in STOP_COPY fails EINVAL"):
         assert dev.set_state("STOP_COPY") is None
         fails(lambda: dev.precopy_info(fd), errno.EINVAL)
@@ -1051,6 +1331,7 @@ def _v2_error_reset(ctx: CheckContext) -> None:
 @check("V2-R16")
 def _v2_dead_fd(ctx: CheckContext) -> None:
     dev = ctx.open()
+    reset_advertised(ctx, dev)
     flags = dev.mig_flags
     with ctx.step("save a stream to leave RESUMING with"):
         stream = dev.save().data()
@@ -1115,8 +1396,23 @@ def _v2_data_size(ctx: CheckContext) -> None:
             fd = dev.set_state(state)
             if fd is not None:
                 dev.close_fd(fd)
-            dev.data_size()
+            got = dev.data_size()
+            if dev.is_sim and state in ("RUNNING", "STOP"):
+                assert got == size, f"MIG_DATA_SIZE {got} in {state}, the stream is {size} bytes"
     dev.reset()
+    if dev.is_sim:
+        # the sim knows its stream exactly (as mtty does): what is left to the end, whatever was read
+        for state in ("PRE_COPY", "STOP_COPY") if dev.supports("pre_copy") else ("STOP_COPY",):
+            with ctx.step(f"MIG_DATA_SIZE in {state} after reading 5000 bytes: the bytes left to the end"):
+                if state == "STOP_COPY":
+                    dev.set_state("STOP")
+                fd = dev.set_state(state)
+                assert fd is not None
+                n = read_exactly(dev, fd, 5000)
+                got = dev.data_size()
+                dev.reset()
+                dev.close_fd(fd)
+                assert got == size - n, f"MIG_DATA_SIZE {got} after {n} of {size} bytes were read"
 
 
 LOG_PAGE = 4096

@@ -33,9 +33,10 @@ AGENT_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def configs(protocol: str) -> list[Defect]:
-    """The correct driver setups a mutant of `protocol` is judged in: v2 with every flag, then bare STOP_COPY."""
+    """The correct driver setups a mutant of `protocol` is judged in: v1 with and without pre-copy data;
+    v2 with every flag, then bare STOP_COPY."""
     if protocol == "v1":
-        return [CORRECT["v1"]]
+        return [CORRECT["v1"], CORRECT["v1-no-precopy"]]
     full = CORRECT["v2"]
     bare = tuple((k, v) for k, v in full.options if k not in ("p2p", "pre_copy"))
     return [full, Defect("V2Driver-stop-copy", "", "v2", full.driver, "v2, STOP_COPY only", bare)]
