@@ -458,7 +458,8 @@ def run_suite(
         "LABS_MODEL_SHRINK": "0",  # a defect's first failing walk is evidence enough; shrinking costs minutes
     }
     extra = list(extra or [])
-    if "no:randomly" not in extra and not any(a.startswith("--randomly-seed") for a in extra):
+    given = [*extra, *os.environ.get("PYTEST_ADDOPTS", "").split()]  # the user's own order wins
+    if "no:randomly" not in given and not any(a.startswith("--randomly-seed") for a in given):
         seed = random.randrange(1 << 31)
         print(f"defects: random test order, --randomly-seed={seed}", flush=True)
         extra.append(f"--randomly-seed={seed}")
