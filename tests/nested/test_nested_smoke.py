@@ -19,7 +19,8 @@ from labs.nested import lab
 def _nested_hosts() -> dict[str, Any]:
     if not lab.NESTED_INVENTORY.is_file():
         pytest.skip(f"nested lab not up: no {lab.NESTED_INVENTORY} (run `lab nested up`)")
-    dead = [st.name for st in lab.status() if not (st.alive and st.ssh)]
+    # a host just booted under TCG may take seconds to send its banner: not being up is what skips
+    dead = [st.name for st in lab.status(check=lambda vm: vm.ssh_banner(timeout=30)) if not (st.alive and st.ssh)]
     if dead:
         pytest.skip(f"nested lab not up: {', '.join(dead)} not running or sshd not answering (`lab nested status`)")
     hosts: dict[str, Any] = yaml.safe_load(lab.NESTED_INVENTORY.read_text())["hosts"]
