@@ -14,7 +14,7 @@ import pytest
 
 from labs.nested import lab
 from tests import allure_results
-from tests.nested.test_nested_smoke import _nested_hosts
+from tests.nested.test_nested_smoke import nested_hosts  # noqa: F401  (the fixture, used by name)
 
 HOST = lab.HOST_NAMES[0]
 
@@ -34,10 +34,10 @@ def test_deliberate_warn(host, ssh):
 
 
 @pytest.mark.destructive
+@pytest.mark.usefixtures("nested_hosts")  # skips unless the lab is up; module scope: before pytester moves HOME
 def test_a_kernel_warning_fails_the_test_and_a_clean_test_passes(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _nested_hosts()  # skips, saying why, unless the lab is up
     monkeypatch.setenv("COLUMNS", "400")  # the short summary's lines in full
     pytester.makepyfile(test_inner_kernel=INNER)
     results = pytester.path / "results"
