@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -93,6 +94,8 @@ def report(run: Path | None, open_browser: bool, serve: bool, port: int) -> None
         console.print(f"serving {server.url}  (Ctrl-C to stop)", highlight=False)
         if open_browser and not webbrowser.open(server.url):
             console.print("no browser found here: open the URL above", highlight=False)
+        # a shell's background job inherits SIGINT ignored: Ctrl-C (or the test's SIGINT) must still stop it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)
