@@ -68,25 +68,33 @@ def run(inventory: Path | None, suites: str | None, pytest_args: tuple[str, ...]
 
 
 @main.command()
-@click.argument("run", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--open", "open_browser", is_flag=True, help="serve the full report on 127.0.0.1 and open a browser")
 @click.option("--serve", is_flag=True, help="serve the full report on 127.0.0.1 until Ctrl-C")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="port to serve on (default: a free one)")
 @one_line_errors
-def report(run: Path | None, open_browser: bool, serve: bool, port: int) -> None:
-    """Render a run's Allure results to HTML (default: reports/latest); --open/--serve serve it over HTTP."""
+def report(runs: tuple[Path, ...], open_browser: bool, serve: bool, port: int) -> None:
+    """Render a run's Allure results to HTML (default: reports/latest); several runs (of several labs) make one
+    report under reports/merged-*, split by lab; --open/--serve serve it over HTTP."""
     import time
     import webbrowser
 
     from labs.paths import REPORTS
+    from labs.reporting.merge import gate_results_of, merge
     from labs.reporting.render import render
     from labs.reporting.serve import ReportServer
+    from labs.runtime import new_run_id
 
-    run_dir = (run or REPORTS / "latest").resolve()
-    full = run_dir / "html" / "awesome" / "index.html"
-    if not ((open_browser or serve) and full.exists()):
-        rendered = render(run_dir)
+    if len(runs) > 1:
+        run_dir = REPORTS / new_run_id().replace("labs-", "merged-", 1)
+        rendered = merge([r.resolve() for r in runs], run_dir)
         console.print(f"single file: {rendered.single}  (opens from disk)", highlight=False)
+    else:
+        run_dir = (runs[0] if runs else REPORTS / "latest").resolve()
+        full = run_dir / "html" / "awesome" / "index.html"
+        if not ((open_browser or serve) and full.exists()):
+            rendered = render(run_dir, quality_gate=gate_results_of(run_dir))
+            console.print(f"single file: {rendered.single}  (opens from disk)", highlight=False)
     if not (open_browser or serve):
         console.print(f"full report: ./lab report --open {run_dir}  (needs HTTP)", highlight=False)
         return

@@ -233,6 +233,13 @@ class Gates(Strict):
     max_failures: int = Field(default=0, ge=0, description="more failed or broken tests fail the run")
     must_rules: bool = Field(default=True, description="a failing test of a MUST rule fails the run")
     max_duration_s: float | None = Field(default=None, gt=0, description="a longer run fails")
+    regression_pct: float = Field(
+        default=50.0, gt=0, description="a median downtime or total time this much (%) above its baseline fails"
+    )
+    regression_runs: int = Field(default=5, ge=2, description="the baseline: the median of the last N runs' medians")
+    regression_min_ms: float = Field(
+        default=20.0, ge=0, description="a regression smaller than this (ms) is noise, whatever its percentage"
+    )
 
 
 class LabSettings(Strict):

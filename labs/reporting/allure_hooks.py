@@ -89,6 +89,12 @@ def static_labels(item: pytest.Item) -> None:
     parts = Path(str(item.path)).parts
     suite = parts[parts.index("suites") + 1] if "suites" in parts and parts.index("suites") + 1 < len(parts) else ""
     _label(item, "epic", "VFIO device migration")
+    from labs.pytest_plugin import STATE
+
+    state = item.config.stash.get(STATE, None)
+    if state is not None:
+        # the lab's name: a report merging several labs splits by it (Allure environments, labs.reporting.render)
+        _label(item, "lab", state.inventory.name)
     _label(item, "feature", FEATURES.get(suite, suite or "labs"))
     name = getattr(item, "originalname", item.name)
     _label(item, "story", name.removeprefix("test_").replace("_", " "))

@@ -10,12 +10,15 @@ maxDuration is per test).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from labs.certify.policy import POLICIES, Level
 from labs.certify.results import TestResult
 from labs.inventory.models import Gates
 
 FAILED = ("failed", "broken")
+# the keys that are gates of their own (the other regression_* keys tune regression_pct)
+GATE_KEYS = ("min_passed", "min_tests", "max_failures", "must_rules", "max_duration_s", "regression_pct")
 MUST_RULES = frozenset(p.rule for rules in POLICIES.values() for p in rules if p.level == Level.MUST)
 
 
@@ -56,4 +59,23 @@ def evaluate(
     if gates.max_duration_s is not None and seconds > gates.max_duration_s:
         detail = f"the run took {seconds:.0f} s, at most {gates.max_duration_s:.0f} s allowed"
         out.append(GateFailure("max_duration_s", detail))
+    return out
+
+
+def allure_results(gates: Gates, failures: list[GateFailure], environment: str | None = None) -> list[dict[str, Any]]:
+    """Every gate the lab sets, passed or failed, as Allure 3 quality-gate results (its report's tab)."""
+    failed: dict[str, list[str]] = {}
+    for f in failures:
+        failed.setdefault(f.gate, []).append(f.detail)
+    settings = gates.model_dump()
+    # a minimum of 0 and a switched-off or unset gate check nothing
+    active = {k: settings[k] for k in GATE_KEYS if settings[k] is not None and settings[k] is not False}
+    active = {k: v for k, v in active.items() if not (k.startswith("min_") and v == 0)}
+    out = []
+    for key, expected in active.items():
+        details = failed.pop(key, [])
+        message = "; ".join(details) or "passed"
+        rec: dict[str, Any] = {"success": not details, "rule": f"lab.gates.{key}", "expected": expected}
+        rec |= {"actual": message, "message": message, "testResults": []}
+        out.append(rec | ({"environment": environment} if environment else {}))
     return out

@@ -66,7 +66,8 @@ def plot_trend(history: Path, out: Path, key: str = "downtime_ms") -> Path | Non
             run = str(rec["run"])
             if run not in runs:
                 runs.append(run)
-            series[f"{rec.get('subject')} {rec.get('scenario')}"][run].append(float(rec[key]))
+            model = f"{rec['model']} " if "model" in rec else ""
+            series[f"{model}{rec.get('subject')} {rec.get('scenario')}"][run].append(float(rec[key]))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 3))

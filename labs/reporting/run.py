@@ -10,6 +10,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -17,8 +18,8 @@ from labs.certify.results import read_results
 from labs.errors import InfraError
 from labs.inventory import Inventory
 from labs.paths import REPO_ROOT, REPORTS, SUITES
-from labs.reporting import known
-from labs.reporting.gates import GateFailure, evaluate
+from labs.reporting import known, regression, trends
+from labs.reporting.gates import GateFailure, allure_results, evaluate
 from labs.reporting.metrics import read_run_metrics
 from labs.reporting.plots import append_history, plot_run, plot_trend
 from labs.reporting.render import render
@@ -60,15 +61,17 @@ def _link_latest(run_dir: Path) -> None:
     tmp.replace(latest)
 
 
-def plot_metrics(run_dir: Path, run_id: str, reports: Path = REPORTS) -> list[Path]:
-    metrics = read_run_metrics(run_dir / "allure-results")
+def plot_metrics(run_dir: Path, run_id: str, metrics: list[dict[str, Any]], history: Path) -> list[Path]:
+    """This run's figures, then the lab's trend of each trended figure (the run joins the history first)."""
     if not metrics:
         return []
-    history = reports / "metrics-history.jsonl"
+    history.parent.mkdir(parents=True, exist_ok=True)
     append_history(history, run_id, metrics)
     written = plot_run(metrics, run_dir / "plots", run_id)
-    trend = plot_trend(history, run_dir / "plots" / "trend-downtime.png")
-    return [*written, *([trend] if trend else [])]
+    for key in trends.TRENDED:
+        trend = plot_trend(history, run_dir / "plots" / f"trend-{key.removesuffix('_ms')}.png", key)
+        written += [trend] if trend else []
+    return written
 
 
 def _shown(path: Path) -> str:
@@ -76,13 +79,18 @@ def _shown(path: Path) -> str:
 
 
 def check_gates(
-    run_dir: Path, inv: Inventory, issues: list[known.KnownIssue], seconds: float
+    run_dir: Path,
+    inv: Inventory,
+    issues: list[known.KnownIssue],
+    seconds: float,
+    regressions: list[GateFailure] | None = None,
 ) -> tuple[list[GateFailure], list[known.Seen]]:
+    """`regressions`: the metric regression gate's findings (labs.reporting.regression), judged beforehand."""
     results_dir = run_dir / "allure-results"
     results = read_results(results_dir) if results_dir.is_dir() else []
     seen = known.classify(issues, results, inv)
     gates = inv.settings.gates
-    failures = evaluate(gates, results, seconds, known.known_failures(seen))
+    failures = evaluate(gates, results, seconds, known.known_failures(seen)) + (regressions or [])
     doc = {
         "gates": gates.model_dump(),
         "seconds": round(seconds, 1),
@@ -115,7 +123,10 @@ def run_suites(
     seconds = time.monotonic() - started
     _link_latest(run_dir)
     t = junit_totals(junit)
-    failed_gates, seen = check_gates(run_dir, inv, issues, seconds)
+    metrics = trends.with_models(read_run_metrics(results), inv) if results.is_dir() else []
+    history = trends.history_dir(reports, inv.name)
+    regressions = regression.evaluate(inv.settings.gates, metrics, trends.read_history(history / "metrics.jsonl"))
+    failed_gates, seen = check_gates(run_dir, inv, issues, seconds, regressions)
     # pytest's 1 means "tests failed", which the gates judge; anything else (interrupted, usage) stands
     status = rc if rc not in (0, 1) else (1 if failed_gates else 0)
     colour = "green" if status == 0 else "red"
@@ -132,11 +143,14 @@ def run_suites(
     console.print(f"junit:          {_shown(junit)}", highlight=False)
     console.print(f"latest run:     {_shown(reports / 'latest')} -> {run_id}", highlight=False)
     if results.is_dir():
-        for png in plot_metrics(run_dir, run_id, reports):
+        for png in plot_metrics(run_dir, run_id, metrics, history / "metrics.jsonl"):
             console.print(f"plot:           {_shown(png)}", highlight=False)
+        trends.write_allure_metrics(results, metrics)
         try:
             resolutions = known.allure_resolutions(seen)
-            rendered = render(run_dir, f"labs {inv.name} {run_id}", reports / "history.jsonl", resolutions)
+            gate_results = allure_results(inv.settings.gates, failed_gates)
+            name = f"labs {inv.name} {run_id}"
+            rendered = render(run_dir, name, history / "allure.jsonl", resolutions, gate_results)
         except InfraError as exc:
             console.print(f"[yellow]report not rendered: {exc}[/]", highlight=False)
         else:
