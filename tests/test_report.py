@@ -68,6 +68,8 @@ def test_no_secret_reaches_the_results(
     labels = next(json.loads(p.read_text())["labels"] for p in results.glob("*-result.json"))
     assert {"name": "lab_host", "value": "hostA"} in labels
     assert {"name": "epic", "value": "VFIO device migration"} in labels
+    lab = str(doc.get("lab", {}).get("name", "lab"))
+    assert {"name": "lab", "value": lab} in labels  # the environment of a report over several labs
 
 
 def test_rendered_report_shows_the_run_in_chromium(pytester: pytest.Pytester, tmp_path: Path) -> None:
