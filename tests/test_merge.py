@@ -55,3 +55,20 @@ def test_a_run_whose_results_name_no_lab_is_a_one_line_error(tmp_path: Path) -> 
         merge([alpha, old], tmp_path / "merged")
     with pytest.raises(ConfigError, match=r"not a run directory"):
         merge([alpha, tmp_path / "nothing"], tmp_path / "merged")
+
+
+def test_the_gates_are_on_the_reports_quality_gate_tab_in_chromium(tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (./lab test installs it as root)")
+    from labs.inventory.models import Gates
+    from labs.reporting.gates import GateFailure, allure_results
+    from labs.reporting.render import render
+    from tests.test_report import _chromium_dom
+
+    run_dir = _run(tmp_path / "run", "alpha", {"test_skipped": "skipped"})
+    failures = [GateFailure("min_passed", "0 passed of 1 (1 skipped), at least 1 required")]
+    rendered = render(run_dir, "labs gates test", quality_gate=allure_results(Gates(max_duration_s=60), failures))
+    dom = _chromium_dom(chromium, rendered.single.as_uri() + "#/qualityGate", tmp_path / "chromium")
+    for text in ("lab.gates.min_passed", "0 passed of 1 (1 skipped), at least 1 required", "lab.gates.max_duration_s"):
+        assert text in dom, f"{text!r} not on the quality-gate tab"
