@@ -21,6 +21,7 @@ from labs import retries
 from labs.hostwatch import infra_exception_names
 from labs.inventory import LabDevice, LabHost, LabPair
 from labs.reporting.evidence import attach, register_secret_env
+from labs.reporting.render import ENV_LABEL
 
 
 def categories() -> list[dict[str, Any]]:
@@ -94,7 +95,7 @@ def static_labels(item: pytest.Item) -> None:
     state = item.config.stash.get(STATE, None)
     if state is not None:
         # the lab's name: a report merging several labs splits by it (Allure environments, labs.reporting.render)
-        _label(item, "lab", state.inventory.name)
+        _label(item, ENV_LABEL, state.inventory.name)
     _label(item, "feature", FEATURES.get(suite, suite or "labs"))
     name = getattr(item, "originalname", item.name)
     _label(item, "story", name.removeprefix("test_").replace("_", " "))
