@@ -13,7 +13,7 @@ from labs.faults.base import ExpectedError, Fault, FaultNotInjected
 from labs.hostwatch import infra_error
 from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, MdevDevice, SimDevice
-from labs.runtime import LabSession
+from labs.janitor import janitor
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
@@ -23,9 +23,9 @@ from labs.scenarios.known import known_issue, xfail_known
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import DeviceView, Readback, SideView
 from labs.scenarios.support import skip_where_no_device
+from labs.session import LabSession
 from labs.vfio.client import AgentInfraError, AgentOSError
 from labs.virt.domain import hypervisor
-from labs.virt.janitor import janitor
 from labs.virt.migrate import JobSample, MigrationHung, MigrationOptions, MigrationResult
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labs.reporting.evidence import attach
+from labs.attachments import attach
 
 ATTACHMENT_NAME = "metrics"
 

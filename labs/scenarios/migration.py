@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from labs.attachments import attach
 from labs.faults.base import ExpectedError, error_name
 from labs.inventory import LabDevice, LabPair
 from labs.reporting import metrics
-from labs.reporting.evidence import attach
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices

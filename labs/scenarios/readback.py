@@ -8,7 +8,7 @@ Three views, each recorded even when an earlier one already failed:
    state (RUNNING / 001) and pending data size.
 
 The device layer is reached through a small Protocol of our own
-(`DeviceAccess`), opened by `labs.hostagent.open_device(session, device)` when
+(`DeviceAccess`), opened by `labs.agentpool.open_device(session, device)` when
 that glue exists; until then the device view is skipped with the reason.
 """
 
@@ -21,13 +21,13 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from labs.attachments import attach, step
 from labs.errors import LabError
 from labs.inventory import LabDevice
 from labs.probes import ProbeMark, ProbeReading, probe_named
-from labs.reporting.evidence import attach, step
-from labs.runtime import LabSession
 from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
+from labs.session import LabSession
 from labs.vfio.client import AgentOSError
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
@@ -89,12 +89,12 @@ class DeviceAccess(Protocol):
 
 
 DeviceOpener = Callable[[LabSession, LabDevice], AbstractContextManager[DeviceAccess]]
-NO_DEVICE_LAYER = "device layer unavailable (neither labs.hostagent.open_device nor labs.vfio)"
+NO_DEVICE_LAYER = "device layer unavailable (neither labs.agentpool.open_device nor labs.vfio)"
 
 
 @contextmanager
 def _open_direct(session: LabSession, device: LabDevice) -> Iterator[DeviceAccess]:
-    """Until labs.hostagent pools agents: one agent over SSH per open, closed with the device."""
+    """Until labs.agentpool pools agents: one agent over SSH per open, closed with the device."""
     from labs.vfio.client import AgentClient
     from labs.vfio.device import DeviceHandle
 
@@ -109,9 +109,9 @@ def _open_direct(session: LabSession, device: LabDevice) -> Iterator[DeviceAcces
 
 
 def device_opener() -> DeviceOpener | None:
-    """`labs.hostagent.open_device` when the glue provides it, else a direct agent per open."""
+    """`labs.agentpool.open_device` when the glue provides it, else a direct agent per open."""
     try:
-        module = importlib.import_module("labs.hostagent")
+        module = importlib.import_module("labs.agentpool")
         opener = getattr(module, "open_device", None)
         if callable(opener):
             return opener

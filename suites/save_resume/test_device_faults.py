@@ -14,10 +14,10 @@ import pytest
 
 from labs.faults import CorruptResumeStream, DeviceTransitionFailure
 from labs.inventory import LabDevice
-from labs.runtime import LabSession
 from labs.scenarios import roundtrip
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import NO_DEVICE_LAYER, DeviceAccess, device_opener
+from labs.session import LabSession
 from labs.vfio.client import AgentOSError
 
 pytestmark = [pytest.mark.save_resume, pytest.mark.fault]

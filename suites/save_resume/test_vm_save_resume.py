@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 
 from labs.inventory import LabDevice, LabPair
-from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import NO_DEVICE_LAYER, device_opener
 from labs.scenarios.support import require, skip_where_no_device
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 
 pytestmark = [pytest.mark.save_resume]

@@ -26,7 +26,7 @@ from labs.inventory.models import Capability
 from labs.kernelhealth import HostCheck, HostKernelError, KernelWatch, KmsgSource, compile_allow, reason
 from labs.paths import SIM_INVENTORY
 from labs.reservations import ReservationBusy, reserve
-from labs.runtime import LabSession, new_run_id, open_inventory
+from labs.session import LabSession, new_run_id, open_inventory
 from labs.transport import HostConnection
 
 MARKERS = {
@@ -99,10 +99,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     state = LabState(config)
     config.stash[STATE] = state
-    from labs.reporting import allure_hooks
+    from labs.plugin import allure_hooks
 
     if not config.pluginmanager.is_registered(allure_hooks):
-        config.pluginmanager.register(allure_hooks, "labs.reporting.allure_hooks")
+        config.pluginmanager.register(allure_hooks, "labs.plugin.allure_hooks")
     if config.getoption("--inventory"):
         # asked for by name: validate now, so a bad file is one usage-error line, not a collection error
         _ = state.inventory
@@ -180,14 +180,14 @@ class LabState:
         if self._health is None:
             self._health = {}
         if host.name not in self._health:
-            from labs.hostagent import migration_probe
+            from labs.agentpool import migration_probe
 
             self._health.update(check_lab(self.session, [host], migration_probe))
         return self._health[host.name]
 
     def recheck(self, host: str) -> str | None:
         """The doctor again on one host (after an infrastructure error there): its problem, or None."""
-        from labs.hostagent import agent_pool, migration_probe
+        from labs.agentpool import agent_pool, migration_probe
 
         agent_pool(self.session).drop(host)  # an agent that hung there is not lent out again
         report = check_lab(self.session, [self.inventory.host(host)], migration_probe)[host]
@@ -319,7 +319,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     # a kernel finding that ended an infrastructure error still has that host rechecked
     err = infra_error(exc.__cause__ if isinstance(exc, HostKernelError) else exc)
     if err is not None:
-        from labs.reporting.allure_hooks import subject_of
+        from labs.plugin.allure_hooks import subject_of
 
         hosts = [h.name for h in subject_of(item)[0]]
         _state(item.config).watch.suspect(hosts, item.nodeid, err)
@@ -374,7 +374,7 @@ def kmsg_source(session: LabSession, host: str) -> KmsgSource:
     """The host's kernel log and taint through a pooled agent; a host that stopped answering gives nothing."""
 
     def read(after: int) -> dict[str, Any]:
-        from labs.hostagent import agent_for
+        from labs.agentpool import agent_for
 
         try:
             with agent_for(session, host) as agent:
@@ -386,7 +386,7 @@ def kmsg_source(session: LabSession, host: str) -> KmsgSource:
 
 
 def _watch_kernels(item: pytest.Item, state: LabState) -> None:
-    from labs.reporting.allure_hooks import subject_of
+    from labs.plugin.allure_hooks import subject_of
 
     watches = []
     for h in subject_of(item)[0]:
@@ -400,7 +400,7 @@ def _watch_kernels(item: pytest.Item, state: LabState) -> None:
 
 def _judge_kernels(item: pytest.Item, when: str, failure: BaseException | None) -> None:
     """Attach what each watched host's kernel said; raise HostKernelError when one reported trouble."""
-    from labs.reporting.evidence import attach
+    from labs.attachments import attach
 
     checks: list[HostCheck] = [w.check() for w in item.stash.get(KERNEL_WATCHES, [])]
     for c in checks:
@@ -449,7 +449,7 @@ def _labs_kernel_watch(request: pytest.FixtureRequest) -> Iterator[None]:
 def _skip_unhealthy(state: LabState, host: LabHost) -> None:
     recheck = state.watch.recheck_if_suspect(host.name, state.recheck)
     if recheck is not None:
-        from labs.reporting.evidence import attach
+        from labs.attachments import attach
 
         attach(f"doctor recheck of {host.name}", str(recheck))
     problem = state.watch.unhealthy(host.name)

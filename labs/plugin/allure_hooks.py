@@ -18,9 +18,9 @@ import pytest
 
 import labs
 from labs import retries
+from labs.attachments import attach, register_secret_env
 from labs.hostwatch import infra_exception_names
 from labs.inventory import LabDevice, LabHost, LabPair
-from labs.reporting.evidence import attach, register_secret_env
 
 
 def categories() -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def static_labels(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    from labs.pytest_plugin import LAB_FIXTURES
+    from labs.plugin import LAB_FIXTURES
 
     for item in items:
         if any(n in getattr(item, "fixturenames", ()) for n in LAB_FIXTURES):
@@ -131,7 +131,7 @@ def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
 
 @pytest.fixture(autouse=True)
 def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
-    from labs.pytest_plugin import LAB_FIXTURES, STATE
+    from labs.plugin import LAB_FIXTURES, STATE
 
     if not any(n in request.fixturenames for n in LAB_FIXTURES):
         yield
@@ -162,7 +162,7 @@ def environment_properties(state: Any) -> dict[str, str]:
         for c in report.checks:
             if c.device is None and c.name in ("kernel", "libvirt", "python"):
                 env[f"{name}.{c.name}"] = c.detail
-    from labs.pytest_plugin import kernel_not_judged
+    from labs.plugin import kernel_not_judged
 
     for h in inv.hosts:
         why = kernel_not_judged(inv, h)
@@ -180,7 +180,7 @@ def write_run_files(config: pytest.Config) -> None:
     Each worker leaves its part in the results directory and the controller,
     which finishes last, merges them.
     """
-    from labs.pytest_plugin import STATE
+    from labs.plugin import STATE
 
     out = results_dir(config)
     if out is None:
@@ -204,7 +204,7 @@ def _escape(value: str) -> str:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    from labs.pytest_plugin import STATE
+    from labs.plugin import STATE
 
     state = session.config.stash.get(STATE, None)
     if state is not None and state._inventory is not None:
