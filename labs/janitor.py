@@ -31,8 +31,8 @@ from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice
 from labs.liveruns import live_runs
 from labs.reservations import ReservationBusy, list_reservations, reserve, sweep_stale
-from labs.scenarios.readback import RUNNING_STATES
 from labs.session import LabSession
+from labs.vfio.access import RUNNING_STATES
 from labs.vfio.client import AgentOSError
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM, hypervisor, local_image_dir
 

@@ -28,8 +28,8 @@ from labs.faults.device import StreamDamage
 from labs.inventory import LabDevice
 from labs.scenarios import roundtrip
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 from labs.scenarios.roundtrip import ContentCheck
+from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
 
 Entry = Literal["knob", "truncate", "bad-magic"]
