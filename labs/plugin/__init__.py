@@ -1,5 +1,8 @@
 """pytest plugin: parametrize suites over an inventory's hosts, devices and pairs.
 
+The hooks live here; the per-process state in state.py, the lab fixtures in fixtures.py, the
+host kernel verdict in kernels.py and the Allure labels and attachments in allure_hooks.py.
+
 Loaded by the root conftest.py and, from an installed package, through the
 pytest11 entry point. Nothing touches an inventory or a host until a test asks
 for a lab fixture, so the plugin costs nothing in unrelated test runs.
@@ -7,27 +10,22 @@ for a lab fixture, so the plugin costs nothing in unrelated test runs.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-from collections.abc import Generator, Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from collections.abc import Generator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from labs import retries
-from labs.doctor import HostReport, Status, check_lab
-from labs.errors import LabError
-from labs.hostwatch import HostWatch, Recheck, TestTimeout, infra_error, is_pytest_timeout
-from labs.inventory import Inventory, LabDevice, LabHost, LabPair
-from labs.inventory.models import Capability
-from labs.kernelhealth import HostCheck, HostKernelError, KernelWatch, KmsgSource, compile_allow, reason
-from labs.paths import SIM_INVENTORY
-from labs.reservations import ReservationBusy, reserve
-from labs.session import LabSession, new_run_id, open_inventory
-from labs.transport import HostConnection
+from labs.doctor import Status
+from labs.hostwatch import Recheck, TestTimeout, infra_error, is_pytest_timeout
+from labs.kernelhealth import HostKernelError
+from labs.plugin import kernels
+from labs.plugin.state import LAB_FIXTURES, STATE, LabState, state_of, subject_of
+
+pytest_plugins = ("labs.plugin.fixtures",)
 
 MARKERS = {
     "conformance": "device-level rule checks against the VFIO migration uAPI",
@@ -42,7 +40,6 @@ MARKERS = {
     "sim_only(reason)": "only for simulated devices (e.g. requests known to hang real kernels)",
     "rule(*ids)": "the spec rule ids (V1-R*, V2-R*) this test checks",
 }
-LAB_FIXTURES = ("lab", "host", "device", "pair", "ssh")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -111,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: every worker works for the controller's run id (names, janitor, reservations)."""
-    node.workerinput["labs_run_id"] = _state(node.config).run_id
+    node.workerinput["labs_run_id"] = state_of(node.config).run_id
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -122,117 +119,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from labs.xdist_groups import DeviceScopeScheduling, device_groups
 
-    return DeviceScopeScheduling(config, log, device_groups(_state(config).inventory))
+    return DeviceScopeScheduling(config, log, device_groups(state_of(config).inventory))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
         state.close()
-
-
-class LabState:
-    """Per-process plugin state: the inventory, the live session, the health report."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self._inventory: Inventory | None = None
-        self._session: LabSession | None = None
-        self._health: dict[str, HostReport] | None = None
-        # one run id for the whole run: xdist workers get the controller's (pytest_configure_node)
-        worker = getattr(config, "workerinput", None)
-        self.run_id: str = (worker or {}).get("labs_run_id") or os.environ.get("LABS_RUN_ID") or new_run_id()
-        self.watch = HostWatch(self.run_id)
-        self.worker_summaries: list[dict[str, Any]] = []  # xdist controller: what each worker saw
-        self.kernel_log_errors: dict[str, str] = {}  # host -> why its kernel log could not be read
-
-    @property
-    def inventory_path(self) -> Path:
-        opt = self.config.getoption("--inventory")
-        if opt:
-            return Path(opt)
-        if os.environ.get("LABS_INVENTORY"):
-            return Path(os.environ["LABS_INVENTORY"])
-        local = Path(str(self.config.rootpath)) / "inventories" / "sim.yaml"
-        return local if local.exists() else SIM_INVENTORY
-
-    @property
-    def inventory(self) -> Inventory:
-        if self._inventory is None:
-            try:
-                self._inventory = open_inventory(self.inventory_path)
-            except LabError as exc:
-                # pytest prints a UsageError as one line, without a traceback
-                raise pytest.UsageError(str(exc)) from None
-        return self._inventory
-
-    @property
-    def session(self) -> LabSession:
-        if self._session is None:
-            self._session = LabSession(self.inventory, run_id=self.run_id).start()
-        return self._session
-
-    def health_of(self, host: LabHost) -> HostReport | None:
-        """The doctor's report on `host`, checked when a test first wants the host: an xdist worker
-        that only ever gets one pair's devices checks those two hosts, not the whole lab."""
-        if self.config.getoption("--lab-no-doctor"):
-            return None
-        if self._health is None:
-            self._health = {}
-        if host.name not in self._health:
-            from labs.agentpool import migration_probe
-
-            self._health.update(check_lab(self.session, [host], migration_probe))
-        return self._health[host.name]
-
-    def recheck(self, host: str) -> str | None:
-        """The doctor again on one host (after an infrastructure error there): its problem, or None."""
-        from labs.agentpool import agent_pool, migration_probe
-
-        agent_pool(self.session).drop(host)  # an agent that hung there is not lent out again
-        report = check_lab(self.session, [self.inventory.host(host)], migration_probe)[host]
-        if self._health is not None:
-            self._health[host] = report
-        return report.problem
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        if not hasattr(self.config, "workerinput"):
-            self.watch.remove()  # the run is over (xdist: all workers are done)
-
-    # -- selection ----------------------------------------------------------
-    def _host_ok(self, host: LabHost) -> bool:
-        globs = self.config.getoption("--lab-host")
-        return not globs or any(fnmatch.fnmatchcase(host.name, g) for g in globs)
-
-    def _device_ok(self, device: LabDevice) -> bool:
-        globs = self.config.getoption("--lab-device")
-        host_ok = self._host_ok(device.host)
-        return host_ok and (not globs or any(fnmatch.fnmatchcase(device.id, g) for g in globs))
-
-    def hosts(self) -> list[LabHost]:
-        return [h for h in self.inventory.hosts if self._host_ok(h)]
-
-    def devices(self) -> list[LabDevice]:
-        subject = self.config.getoption("--lab-subject")
-        return [d for d in self.inventory.devices if self._device_ok(d) and subject in (None, d.id)]
-
-    def pairs(self) -> list[LabPair]:
-        subject = self.config.getoption("--lab-subject")
-        return [
-            p
-            for p in self.inventory.pairs
-            if self._device_ok(p.source) and self._device_ok(p.destination) and subject in (None, p.source.id)
-        ]
-
-
-STATE = pytest.StashKey[LabState]()
-
-
-def _state(config: pytest.Config) -> LabState:
-    return config.stash[STATE]
 
 
 # -- parametrization ---------------------------------------------------------
@@ -249,7 +142,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     names = metafunc.fixturenames
     if not any(n in names for n in ("host", "device", "pair")):
         return
-    state = _state(metafunc.config)
+    state = state_of(metafunc.config)
     protocol = _protocol_filter(metafunc)
     why = f" (inventory {state.inventory_path})"
     if protocol:
@@ -268,7 +161,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    state = _state(config)
+    state = state_of(config)
     for item in items:
         if not any(n in getattr(item, "fixturenames", ()) for n in LAB_FIXTURES):
             continue
@@ -296,13 +189,13 @@ def _timeout_is_infra(item: pytest.Item) -> Generator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None]:
     # a setup that passed is judged with the call; one that skipped or failed is judged here
-    with _kernel_verdict(item, "setup", after_success=False), _timeout_is_infra(item):
+    with kernels.kernel_verdict(item, "setup", after_success=False), _timeout_is_infra(item):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
-    with _kernel_verdict(item, "call", after_success=True), _timeout_is_infra(item):
+    with kernels.kernel_verdict(item, "call", after_success=True), _timeout_is_infra(item):
         return (yield)
 
 
@@ -319,10 +212,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     # a kernel finding that ended an infrastructure error still has that host rechecked
     err = infra_error(exc.__cause__ if isinstance(exc, HostKernelError) else exc)
     if err is not None:
-        from labs.plugin.allure_hooks import subject_of
-
         hosts = [h.name for h in subject_of(item)[0]]
-        _state(item.config).watch.suspect(hosts, item.nodeid, err)
+        state_of(item.config).watch.suspect(hosts, item.nodeid, err)
         report.sections.append(("lab infrastructure", f"{type(err).__name__}; hosts to recheck: {hosts}"))
     return report
 
@@ -339,7 +230,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     """xdist controller: keep each worker's infrastructure summary for the terminal."""
     text = getattr(node, "workeroutput", {}).get("labs_infra")
     if text:
-        _state(node.config).worker_summaries.append(json.loads(text))
+        state_of(node.config).worker_summaries.append(json.loads(text))
 
 
 def _infra_summary(state: LabState) -> dict[str, Any]:
@@ -348,198 +239,6 @@ def _infra_summary(state: LabState) -> dict[str, Any]:
     # pytester run inside the framework's own tests would otherwise show up in the outer run
     summary["retries"] = [str(e) for e in retries.since(0)] if state._session is not None else []
     return summary
-
-
-# -- host kernel verdict -------------------------------------------------------
-KERNEL_WATCHES = pytest.StashKey[list[KernelWatch]]()
-
-
-def kernel_not_judged(inventory: Inventory, host: LabHost) -> str | None:
-    """Why a host's kernel is not judged, or None when it is."""
-    if inventory.is_sim:
-        return "a sim host is an sshd on this machine: its kernel log is the controller's, shared by every process here"
-    return None
-
-
-def kernel_log_allow(inventory: Inventory, host: LabHost) -> tuple[Any, ...]:
-    """The compiled allowlist on `host`: every pattern given for a model that has a device there."""
-    models = {d.model_key for d in host.spec.devices}
-    patterns = dict.fromkeys(
-        p for d in inventory.devices if d.spec.model_key in models for p in d.spec.kernel_log_allow
-    )
-    return compile_allow(patterns)
-
-
-def kmsg_source(session: LabSession, host: str) -> KmsgSource:
-    """The host's kernel log and taint through a pooled agent; a host that stopped answering gives nothing."""
-
-    def read(after: int) -> dict[str, Any]:
-        from labs.agentpool import agent_for
-
-        try:
-            with agent_for(session, host) as agent:
-                return dict(agent.call("kmsg", after=after, limit=2000))
-        except LabError:
-            return {}
-
-    return read
-
-
-def _watch_kernels(item: pytest.Item, state: LabState) -> None:
-    from labs.plugin.allure_hooks import subject_of
-
-    watches = []
-    for h in subject_of(item)[0]:
-        if kernel_not_judged(state.inventory, h) is None:
-            watch = KernelWatch(h.name, kmsg_source(state.session, h.name), kernel_log_allow(state.inventory, h))
-            if watch.error:
-                state.kernel_log_errors[h.name] = watch.error
-            watches.append(watch)
-    item.stash[KERNEL_WATCHES] = watches
-
-
-def _judge_kernels(item: pytest.Item, when: str, failure: BaseException | None) -> None:
-    """Attach what each watched host's kernel said; raise HostKernelError when one reported trouble."""
-    from labs.attachments import attach
-
-    checks: list[HostCheck] = [w.check() for w in item.stash.get(KERNEL_WATCHES, [])]
-    for c in checks:
-        if c.lines:
-            attach(f"dmesg {c.host}", "".join(f"{line}\n" for line in c.lines))
-        if c.failed:
-            attach(f"host kernel {c.host}", c.evidence())
-            item.add_report_section(when, f"host kernel {c.host}", c.evidence())
-    if not any(c.failed for c in checks):
-        return
-    message = reason(checks)
-    if failure is not None and not isinstance(failure, pytest.skip.Exception):
-        first = (str(failure).strip().splitlines() or [""])[0][:200]
-        message += f" (the test also failed: {type(failure).__name__}: {first})"
-    raise HostKernelError(message) from failure
-
-
-@contextmanager
-def _kernel_verdict(item: pytest.Item, when: str, after_success: bool) -> Generator[None]:
-    try:
-        yield
-    except (KeyboardInterrupt, pytest.exit.Exception):
-        raise
-    except BaseException as exc:
-        _judge_kernels(item, when, exc)
-        raise
-    else:
-        if after_success:
-            _judge_kernels(item, when, None)
-
-
-@pytest.fixture(autouse=True)
-def _labs_kernel_watch(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Watches the test's hosts' kernels from before its lab fixtures are set up to after they are torn
-    down (autouse: set up first, torn down last); the teardown's own lines are judged here."""
-    if not any(n in request.fixturenames for n in LAB_FIXTURES):
-        yield
-        return
-    state = _state(request.config)
-    _watch_kernels(request.node, state)
-    yield
-    _judge_kernels(request.node, "teardown", None)
-
-
-# -- skips ---------------------------------------------------------------------
-def _skip_unhealthy(state: LabState, host: LabHost) -> None:
-    recheck = state.watch.recheck_if_suspect(host.name, state.recheck)
-    if recheck is not None:
-        from labs.attachments import attach
-
-        attach(f"doctor recheck of {host.name}", str(recheck))
-    problem = state.watch.unhealthy(host.name)
-    if problem:
-        pytest.skip(f"host {host.name} unhealthy after an infrastructure error: {problem}")
-    report = state.health_of(host)
-    if report is not None and report.problem:
-        pytest.skip(f"host {host.name} unhealthy: {report.problem}")
-
-
-def _skip_device(request: pytest.FixtureRequest, state: LabState, device: LabDevice) -> None:
-    _skip_unhealthy(state, device.host)
-    report = state.health_of(device.host)
-    problem = report.device_problem(device.id) if report else None
-    if problem:
-        pytest.skip(f"device {device.id} unhealthy: {problem}")
-    wanted: list[Capability] = []
-    for mark in request.node.iter_markers("requires"):
-        wanted.extend(Capability(c) for c in mark.args)
-    missing = [c.value for c in wanted if c not in device.capabilities]
-    if missing:
-        pytest.skip(f"{device.id} lacks capability {', '.join(missing)}")
-    sim_only = request.node.get_closest_marker("sim_only")
-    if sim_only and device.spec.kind != "sim":
-        reason = sim_only.args[0] if sim_only.args else "simulated devices only"
-        pytest.skip(f"{device.id} is a real device: {reason}")
-
-
-def _reserve(stack: ExitStack, state: LabState, devices: list[LabDevice]) -> None:
-    """Hold each device on its host for the test; sorted, so two pair tests cannot deadlock."""
-    t = state.inventory.settings.timeouts
-    if state.config.getoption("--lab-no-reserve"):
-        return
-    wait = float(state.config.getoption("--lab-reserve-wait"))
-    session = state.session
-    for dev in sorted(devices, key=lambda d: d.id):
-        try:
-            held = reserve(session.ssh(dev.host.name), dev, session.run_id, wait=wait, expires_in=2 * t.test)
-        except ReservationBusy as exc:
-            pytest.skip(str(exc))
-        stack.callback(held.release)
-
-
-# -- fixtures ------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def lab(request: pytest.FixtureRequest) -> LabSession:
-    """The lab in use: inventory, SSH pool, run id (the sim lab is started on first use)."""
-    try:
-        return _state(request.config).session
-    except LabError as exc:
-        pytest.exit(f"lab could not start: {exc}", returncode=3)
-
-
-@pytest.fixture
-def host(request: pytest.FixtureRequest, lab: LabSession) -> LabHost:
-    h: LabHost = request.param
-    _skip_unhealthy(_state(request.config), h)
-    return h
-
-
-@pytest.fixture
-def ssh(lab: LabSession, request: pytest.FixtureRequest) -> HostConnection:
-    """The SSH connection to the test's host (or its device's host)."""
-    for name in ("host", "device", "pair"):
-        if name in request.fixturenames:
-            obj = request.getfixturevalue(name)
-            h = obj if isinstance(obj, LabHost) else obj.host if isinstance(obj, LabDevice) else obj.source.host
-            return lab.ssh(h.name)
-    raise pytest.UsageError("the ssh fixture needs a host, device or pair fixture in the same test")
-
-
-@pytest.fixture
-def device(request: pytest.FixtureRequest, lab: LabSession) -> Iterator[LabDevice]:
-    d: LabDevice = request.param
-    state = _state(request.config)
-    _skip_device(request, state, d)
-    with ExitStack() as stack:
-        _reserve(stack, state, [d])
-        yield d
-
-
-@pytest.fixture
-def pair(request: pytest.FixtureRequest, lab: LabSession) -> Iterator[LabPair]:
-    p: LabPair = request.param
-    state = _state(request.config)
-    _skip_device(request, state, p.source)
-    _skip_device(request, state, p.destination)
-    with ExitStack() as stack:
-        _reserve(stack, state, [p.source, p.destination])
-        yield p
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -569,7 +268,7 @@ def _kernel_section(terminalreporter: Any, state: LabState) -> None:
     """Hosts whose kernel the verdict could not judge (fully or at all), and why."""
     if state._inventory is None:
         return
-    off = {h.name: why for h in state.inventory.hosts if (why := kernel_not_judged(state.inventory, h))}
+    off = {h.name: why for h in state.inventory.hosts if (why := kernels.kernel_not_judged(state.inventory, h))}
     if not (off or state.kernel_log_errors):
         return
     terminalreporter.section("host kernel")
@@ -596,9 +295,3 @@ def _infra_section(terminalreporter: Any, state: LabState) -> None:
         terminalreporter.write_line(f"connection retries: {len(retried)}")
         for line in retried[-10:]:
             terminalreporter.write_line(f"  {line}")
-
-
-@pytest.fixture
-def pingpong(request: pytest.FixtureRequest) -> int:
-    """Round trips for ping-pong scenarios (--lab-pingpong)."""
-    return int(request.config.getoption("--lab-pingpong"))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from labs.inventory import LabPair
-from labs.plugin import STATE
+from labs.plugin.state import STATE
 from labs.scenarios.context import Scenario
 from labs.scenarios.support import require, scenario_for
 from labs.session import LabSession
