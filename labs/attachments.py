@@ -61,6 +61,17 @@ def attach(name: str, body: str | bytes | Any, kind: str = "text") -> None:
     allure.attach(redact(text), name=name, attachment_type=KINDS.get(kind, AttachmentType.TEXT))
 
 
+METRICS_ATTACHMENT = "metrics"  # labs.reporting.metrics reads these back after the run
+
+
+def record_metrics(subject: str, scenario: str, **values: float | int | str | None) -> dict[str, Any]:
+    """One scenario run's numbers (downtime_ms, total_ms, ...) as a JSON attachment of the running test."""
+    numbers = {k: v for k, v in values.items() if v is not None}
+    rec: dict[str, Any] = {"subject": subject, "scenario": scenario, **numbers}
+    attach(METRICS_ATTACHMENT, rec, "json")
+    return rec
+
+
 def step(title: str) -> Any:
     """An Allure step (a context manager); titles carry host and device ids."""
     return allure.step(redact(title))
