@@ -22,7 +22,7 @@ from labs import retries
 from labs.doctor import Status
 from labs.hostwatch import Recheck, TestTimeout, infra_error, is_pytest_timeout
 from labs.kernelhealth import HostKernelError
-from labs.plugin import kernels
+from labs.plugin import allure_hooks, kernels
 from labs.plugin.state import LAB_FIXTURES, STATE, LabState, state_of, subject_of
 
 pytest_plugins = ("labs.plugin.fixtures",)
@@ -96,8 +96,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
     state = LabState(config)
     config.stash[STATE] = state
-    from labs.plugin import allure_hooks
-
     if not config.pluginmanager.is_registered(allure_hooks):
         config.pluginmanager.register(allure_hooks, "labs.plugin.allure_hooks")
     if config.getoption("--inventory"):

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from labs.attachments import attach
 from labs.errors import LabError
 from labs.inventory import LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
@@ -35,8 +36,6 @@ def _labs_kernel_watch(request: pytest.FixtureRequest) -> Iterator[None]:
 def _skip_unhealthy(state: LabState, host: LabHost) -> None:
     recheck = state.watch.recheck_if_suspect(host.name, state.recheck)
     if recheck is not None:
-        from labs.attachments import attach
-
         attach(f"doctor recheck of {host.name}", str(recheck))
     problem = state.watch.unhealthy(host.name)
     if problem:

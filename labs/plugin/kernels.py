@@ -13,7 +13,7 @@ from labs.attachments import attach
 from labs.errors import LabError
 from labs.inventory import Inventory, LabHost
 from labs.kernelhealth import HostCheck, HostKernelError, KernelWatch, KmsgSource, compile_allow, reason
-from labs.plugin.state import LabState
+from labs.plugin.state import LabState, subject_of
 from labs.session import LabSession
 
 KERNEL_WATCHES = pytest.StashKey[list[KernelWatch]]()
@@ -51,8 +51,6 @@ def kmsg_source(session: LabSession, host: str) -> KmsgSource:
 
 
 def watch_kernels(item: pytest.Item, state: LabState) -> None:
-    from labs.plugin.allure_hooks import subject_of
-
     watches = []
     for h in subject_of(item)[0]:
         if kernel_not_judged(state.inventory, h) is None:
