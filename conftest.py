@@ -4,4 +4,4 @@ When labs is installed the pytest11 entry point registers the same module
 under the same name, so it is loaded exactly once either way.
 """
 
-pytest_plugins = ["labs.pytest_plugin"]
+pytest_plugins = ["labs.plugin"]

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from labs.paths import REPO_ROOT, REPORTS, SIM_INVENTORY, SUITES
-from labs.runtime import open_inventory
+from labs.session import open_inventory
 from labs.simlab.generate import write_sim_inventory
 
 
@@ -91,8 +91,8 @@ def bench_scaling(tmp: Path, suites: list[str]) -> dict[str, Any]:
 
 def bench_agent(ops: int = 200) -> dict[str, Any]:
     """Agent round trips on one channel vs a fresh `ssh exec` per operation."""
-    from labs.hostagent import agent_for
-    from labs.runtime import LabSession
+    from labs.agentpool import agent_for
+    from labs.session import LabSession
     from labs.vfio.client import AgentClient
 
     inv = open_inventory(SIM_INVENTORY)
@@ -157,7 +157,7 @@ def bench_memory(tmp: Path, tests: int = 1000) -> dict[str, Any]:
         textwrap.dedent(
             f"""
             import pytest
-            from labs.hostagent import open_device
+            from labs.agentpool import open_device
 
             @pytest.mark.parametrize("i", range({-(-tests // devices)}))
             def test_many(lab, device, i):

@@ -62,7 +62,7 @@ def main() -> None:
 @one_line_errors
 def run(inventory: Path | None, suites: str | None, pytest_args: tuple[str, ...]) -> None:
     """Run the suites against a lab and write Allure results under reports/."""
-    from labs.reporting.run import run_suites
+    from labs.reporting.suiterun import run_suites
 
     sys.exit(run_suites(inventory or default_inventory(), suites, list(pytest_args), console))
 
@@ -83,7 +83,7 @@ def report(runs: tuple[Path, ...], open_browser: bool, serve: bool, port: int) -
     from labs.reporting.merge import gate_results_of, merge
     from labs.reporting.render import render
     from labs.reporting.serve import ReportServer
-    from labs.runtime import new_run_id
+    from labs.session import new_run_id
 
     if len(runs) > 1:
         run_dir = REPORTS / new_run_id().replace("labs-", "merged-", 1)
@@ -127,9 +127,9 @@ def test(tox_args: tuple[str, ...]) -> None:
 @one_line_errors
 def doctor(inventory: Path | None, hosts: tuple[str, ...]) -> None:
     """Preflight every host of an inventory; exit 1 when something fails."""
+    from labs.agentpool import migration_probe
     from labs.doctor import Status, check_lab
-    from labs.hostagent import migration_probe
-    from labs.runtime import LabSession, open_inventory
+    from labs.session import LabSession, open_inventory
 
     inv = open_inventory(inventory or default_inventory())
     chosen = [h for h in inv.hosts if not hosts or h.name in hosts]
@@ -161,7 +161,7 @@ def inventory_group() -> None:
 @one_line_errors
 def inventory_check(file: Path) -> None:
     """Validate FILE without touching any host."""
-    from labs.runtime import open_inventory
+    from labs.session import open_inventory
 
     inv = open_inventory(file)
     console.print(
@@ -179,7 +179,7 @@ def inventory_check(file: Path) -> None:
 @one_line_errors
 def certify(inventory: Path | None, device: str, pytest_args: tuple[str, ...]) -> None:
     """Certify one device: conformance rules and scenarios -> certification.json/.md/.html."""
-    from labs.certify.run import certify as run_certify
+    from labs.certify.certification import certify as run_certify
 
     sys.exit(run_certify(inventory or default_inventory(), device, list(pytest_args), console))
 
@@ -193,7 +193,7 @@ def locks(inventory: Path | None, clear: bool) -> None:
     import time
 
     from labs.reservations import clear_reservations, list_reservations
-    from labs.runtime import LabSession, open_inventory
+    from labs.session import LabSession, open_inventory
 
     inv = open_inventory(inventory or default_inventory())
     with LabSession(inv) as session:
@@ -214,7 +214,7 @@ def sim_group() -> None:
 
 
 def _simlab(inventory: Path | None) -> Any:
-    from labs.runtime import open_inventory
+    from labs.session import open_inventory
     from labs.simlab import SimLab
 
     return SimLab(open_inventory(inventory or default_inventory()))
@@ -225,7 +225,7 @@ def _simlab(inventory: Path | None) -> Any:
 @one_line_errors
 def sim_up(inventory: Path | None) -> None:
     """Start the sim hosts and keep them up until `lab sim down`."""
-    from labs.simlab.lab import CLI_USER
+    from labs.simlab.lifecycle import CLI_USER
 
     lab = _simlab(inventory)
     lab.start(CLI_USER)
@@ -259,8 +259,8 @@ def sim_status(inventory: Path | None) -> None:
 def janitor(inventory: Path | None, everything: bool) -> None:
     """Remove what killed runs left (VMs, save images, firewall rules, stale reservations, orphaned agents,
     devices left outside RUNNING), by run-id prefix; what live runs own is kept."""
-    from labs.runtime import LabSession, open_inventory
-    from labs.virt.janitor import janitor as sweep
+    from labs.janitor import janitor as sweep
+    from labs.session import LabSession, open_inventory
 
     inv = open_inventory(inventory or default_inventory())
     with LabSession(inv) as session:

@@ -17,7 +17,7 @@ from enum import StrEnum
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice, PciDevice, SimDevice
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.sim import importcheck
 from labs.transport import HostConnection
 from labs.vfio.client import agent_sys_path

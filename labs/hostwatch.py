@@ -28,7 +28,7 @@ import libvirt
 import paramiko
 
 from labs.errors import InfraError
-from labs.runs import RUNS_DIR
+from labs.liveruns import RUNS_DIR
 
 # What ends a test as "the lab broke", whatever the test was doing at the time.
 INFRA_EXCEPTIONS: tuple[type[BaseException], ...] = (

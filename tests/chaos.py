@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from labs.liveruns import RUNS_DIR
 from labs.paths import REPO_ROOT
-from labs.runs import RUNS_DIR
 
 LAB = str(Path(sys.executable).with_name("lab"))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from labs.inventory import Inventory
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.simlab import generate
 
 pytest_plugins = ["pytester"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from labs.vfio import agent
+from labs.vfio import agent, hostsys
 from labs.vfio.client import (
     AgentClient,
     AgentInfraError,
@@ -152,7 +152,7 @@ def test_real_backend_without_vfio() -> None:
 
 
 def test_agent_module_imports_in_process() -> None:
-    assert agent.RealSys().name == "real"
+    assert hostsys.RealSys().name == "real"
     assert "python3 -u -c" in agent_command()
 
 

@@ -20,10 +20,10 @@ from labs.conformance.catalogue import (
     run_catalogue,
     variants,
 )
-from labs.runtime import open_inventory
+from labs.session import open_inventory
 from labs.sim.defects import CATALOGUE, CORRECT
 from labs.simlab.generate import sim_inventory_doc
-from labs.simlab.lab import SimLab
+from labs.simlab.lifecycle import SimLab
 
 
 def _out(device: str, rules: list[str], failed: bool = True) -> Outcome:

@@ -10,13 +10,13 @@ import pytest
 import yaml
 from rich.console import Console
 
+from labs.certify.certification import build_document, certify, verify
 from labs.certify.policy import SCENARIOS, policy_for
 from labs.certify.results import TestResult as Result
-from labs.certify.run import build_document, certify, verify
 from labs.inventory import LabDevice
 from labs.paths import SUITES
-from labs.reporting.allure_hooks import FEATURES
-from labs.runtime import open_inventory
+from labs.plugin.allure_hooks import FEATURES
+from labs.session import open_inventory
 from tests.conftest import write_sim_inventory
 
 DEFECT = "labs.sim.defects:V2FdSurvivesReset"  # breaks V2-R16 (a MUST rule), nothing else

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from labs.janitor import janitor
 from labs.reservations import list_reservations
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.virt.domain import local_image_dir
-from labs.virt.janitor import janitor
 from tests.conftest import write_sim_inventory
 
 RUN_ID = "labs-20260101-000000-c1ea11"
@@ -25,7 +25,7 @@ import time
 import pytest
 
 from labs.faults import DeviceTransitionFailure
-from labs.hostagent import open_device
+from labs.agentpool import open_device
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
 from labs.scenarios.support import scenario_for

@@ -23,7 +23,7 @@ import json, os, time, uuid
 
 import pytest
 
-from labs.hostagent import open_device
+from labs.agentpool import open_device
 
 
 @pytest.mark.parametrize("i", range(2))

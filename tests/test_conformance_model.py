@@ -9,7 +9,7 @@ from labs.conformance import model
 from labs.conformance.checks import CHECKS, checks_for, state_inputs
 from labs.doctor import FlagsMismatch, Status, check_host
 from labs.inventory import LabDevice
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.vfio import rules, uapi
 from tests.conftest import write_sim_inventory
 

@@ -28,11 +28,11 @@ from labs.faults.device import damage
 from labs.faults.network import rule_tag
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, PciDevice, SimDevice
-from labs.runtime import LabSession
+from labs.janitor import janitor
+from labs.session import LabSession
 from labs.transport import Result
 from labs.vfio.client import AgentInfraError, AgentOSError
 from labs.virt.domain import hypervisor
-from labs.virt.janitor import janitor
 from labs.virt.xml import DomainSpec
 
 UUID = "0b0c5a3e-7c1d-4c8e-9a57-6d1f0e2b3c4d"

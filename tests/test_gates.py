@@ -13,8 +13,8 @@ from labs.certify.results import TestResult as Result
 from labs.errors import ConfigError
 from labs.inventory.models import Gates
 from labs.reporting.gates import evaluate
-from labs.reporting.run import run_suites
-from labs.runtime import open_inventory
+from labs.reporting.suiterun import run_suites
+from labs.session import open_inventory
 from tests.conftest import write_sim_inventory
 
 

@@ -27,7 +27,7 @@ from tests.conftest import write_sim_inventory
 SUITE = '''
 import time
 import pytest
-from labs.hostagent import agent_for
+from labs.agentpool import agent_for
 
 RAN = {ran!r}
 

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import pytest
 
-import labs.virt.janitor as janitor_module
+import labs.janitor as janitor_module
 from labs.inventory import LabDevice
+from labs.janitor import janitor
+from labs.liveruns import RunMark, live_runs
 from labs.paths import REPO_ROOT
 from labs.reservations import reserve
-from labs.runs import RunMark, live_runs
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.virt.domain import local_image_dir
-from labs.virt.janitor import janitor
 from tests.conftest import write_sim_inventory
 
 RUN = "labs-20000101-000000-a11ve0"
 HOLD = f"""
 import sys, time
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from labs.runs import RunMark
+from labs.liveruns import RunMark
 mark = RunMark({RUN!r})
 print("marked", flush=True)
 time.sleep(120)

@@ -195,7 +195,7 @@ hosts:
 
 def test_allowlist_key_applies_to_every_host_with_the_model(tmp_path: Path) -> None:
     from labs.inventory import load_inventory
-    from labs.pytest_plugin import kernel_log_allow
+    from labs.plugin.kernels import kernel_log_allow
 
     path = tmp_path / "inv.yaml"
     path.write_text(INVENTORY)
@@ -222,7 +222,7 @@ def test_a_bad_allowlist_regex_is_one_line_naming_file_and_key(tmp_path: Path) -
 
 def test_sim_hosts_are_not_judged_and_real_hosts_are(tmp_path: Path, sim_inventory: Any) -> None:
     from labs.inventory import load_inventory
-    from labs.pytest_plugin import kernel_not_judged
+    from labs.plugin.kernels import kernel_not_judged
 
     why = kernel_not_judged(sim_inventory, sim_inventory.hosts[0])
     assert why is not None and "controller" in why
@@ -248,7 +248,7 @@ import re
 
 import pytest
 
-import labs.pytest_plugin as plugin
+import labs.plugin.kernels as kernels
 
 HERE = Path(__file__).parent
 
@@ -272,8 +272,8 @@ def fake_source(session, host):
     return read
 
 
-plugin.kmsg_source = fake_source
-plugin.kernel_not_judged = lambda inventory, host: None
+kernels.kmsg_source = fake_source
+kernels.kernel_not_judged = lambda inventory, host: None
 
 
 @pytest.fixture

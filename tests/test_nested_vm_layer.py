@@ -19,8 +19,9 @@ from labs.inventory.models import Host, MdevDevice
 from labs.nested import ci
 from labs.probes import ProbeMark, probe_for, probe_named
 from labs.probes import mtty as mtty_probe
-from labs.scenarios.readback import IDLE_STATES, DeviceView, Readback
+from labs.scenarios.readback import DeviceView, Readback
 from labs.transport.ssh import Result
+from labs.vfio.access import IDLE_STATES
 from labs.virt.xml import QEMU_NS, domain_xml, hostdev_for, hostdevs_of, spec_for, with_hostdevs
 
 UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
@@ -229,7 +230,7 @@ def _opener(dev: FakeDev) -> Any:
     def open_(_session: Any, _device: Any) -> Any:
         yield dev
 
-    return lambda: open_
+    return open_
 
 
 @pytest.mark.parametrize(("state", "resets"), [("RUNNING", 0), ("STOP", 0), ("RESUMING", 1), ("STOP_COPY", 1)])
@@ -237,7 +238,7 @@ def test_ensure_idle_resets_a_device_left_resuming(monkeypatch: pytest.MonkeyPat
     from labs.scenarios import readback
 
     dev = FakeDev(state)
-    monkeypatch.setattr(readback, "device_opener", _opener(dev))
+    monkeypatch.setattr(readback, "open_device", _opener(dev))
     found = readback.ensure_idle(None, _mtty())  # type: ignore[arg-type]
     assert dev.resets == resets and found == (state if resets else None)
 
@@ -246,7 +247,7 @@ def test_recover_devices_resets_and_records(monkeypatch: pytest.MonkeyPatch) -> 
     from labs.scenarios import readback
 
     dev = FakeDev("RESUMING")
-    monkeypatch.setattr(readback, "device_opener", _opener(dev))
+    monkeypatch.setattr(readback, "open_device", _opener(dev))
     device = _mtty()
     rb = Readback("d", devices=[DeviceView(device.id, state="RESUMING", accepted=IDLE_STATES)])
     assert rb.problems(expect_on=None)

@@ -13,14 +13,14 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
+from labs.agentpool import migration_probe
 from labs.conformance import catalogue
 from labs.conformance.catalogue import DriverRef, outside_defects, parse_driver, parse_rules, run_catalogue
 from labs.doctor import Status, check_lab
 from labs.errors import ConfigError
-from labs.hostagent import migration_probe
 from labs.inventory.yamlsource import InventoryError
 from labs.paths import REPO_ROOT
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.sim.importcheck import DriverImport, check_local
 from labs.simlab.generate import sim_inventory_doc
 from labs.vfio import agent

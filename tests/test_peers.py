@@ -16,10 +16,10 @@ import yaml
 from labs.conformance.catalogue import Outcome, correct_peers, device_spec, read_junit
 from labs.paths import REPO_ROOT, SUITES
 from labs.reservations import reserve
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.sim.defects import CATALOGUE, CORRECT
 from labs.simlab import generate
-from labs.simlab.lab import SimLab
+from labs.simlab.lifecycle import SimLab
 from suites.conformance.conftest import peer_of
 from tests.conftest import free_port
 

@@ -13,7 +13,7 @@ from labs.reporting.plots import append_history, plot_run, plot_trend
 def test_metrics_round_trip_and_plots(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile(
         test_m="""
-        from labs.reporting.metrics import record
+        from labs.attachments import record_metrics as record
         def test_a():
             record("hostA->hostB:simv2", "live migration", downtime_ms=42.0, total_ms=900, device_data_bytes=4096)
             record("hostA->hostB:simv2", "ping-pong", downtime_ms=40.0, total_ms=1900)

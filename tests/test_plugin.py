@@ -151,7 +151,7 @@ def test_sim_lab_is_started_and_stopped_by_the_plugin(pytester: pytest.Pytester,
     )
     result = pytester.runpytest_subprocess("--inventory", str(inventory), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    from labs.runtime import open_inventory
+    from labs.session import open_inventory
     from labs.simlab import SimLab
 
     lab = SimLab(open_inventory(inventory))

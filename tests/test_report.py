@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from labs.reporting.evidence import REDACTED, redact, register_secret_env
+from labs.attachments import REDACTED, redact, register_secret_env
 
 KEY = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n-----END OPENSSH PRIVATE KEY-----"
@@ -31,7 +31,7 @@ def test_redact_scrubs_keys_assignments_and_registered_values(monkeypatch: pytes
 
 SUITE = """
 import os
-from labs.reporting.evidence import attach
+from labs.attachments import attach
 
 def test_leaky(host):
     secrets = {"key": os.environ["LEAK_KEY"], "pp": os.environ["LEAK_PP"]}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from labs.inventory import LabDevice
-from labs.inventory.lab import LabHost
 from labs.inventory.models import SimDevice
+from labs.inventory.resolved import LabHost
 from labs.reservations import ReservationBusy, clear_reservations, list_reservations, reserve
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.transport import HostConnection
 
 
@@ -59,7 +59,7 @@ def test_expired_owner_is_taken_over(sim_session: LabSession) -> None:
 def test_dead_controller_leaves_no_lock(sim_session: LabSession, sim_inventory_file: Path) -> None:
     code = f"""
 import os, sys
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.reservations import reserve
 from tests.test_reservations import fake_device
 s = LabSession(open_inventory({str(sim_inventory_file)!r}))

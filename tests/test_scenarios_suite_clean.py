@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from labs.janitor import janitor
 from labs.paths import SUITES
-from labs.runtime import LabSession, open_inventory
-from labs.virt.janitor import janitor
+from labs.session import LabSession, open_inventory
 from tests.allure_results import evidence
 from tests.conftest import write_sim_inventory
 

@@ -14,12 +14,12 @@ import pytest
 from labs.conformance.checks import CHECKS
 from labs.sim.defects import CATALOGUE, CORRECT
 from labs.vfio import uapi
-from labs.vfio.agent import DATA_FD_SENTINEL
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_SET as SET
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_GET as GET
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_PROBE as PROBE
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_SET as SET
 from labs.vfio.client import AgentClient, AgentOSError
 from labs.vfio.device import DeviceHandle
+from labs.vfio.hostsys import DATA_FD_SENTINEL
 from tests.test_defects import run_check
 
 DRIVER = "labs.sim.v2:V2Driver"

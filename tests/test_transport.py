@@ -10,7 +10,7 @@ import pytest
 
 from labs.errors import CommandTimeout, SSHError
 from labs.inventory.models import Host, HostKeyPolicy
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.simlab import keys
 from labs.simlab.sshd import SimSshd
 from labs.transport import CommandFailed, ConnectionLost, HostConnection, HostKeyError

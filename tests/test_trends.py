@@ -12,7 +12,7 @@ from rich.console import Console
 
 from labs.inventory.models import Gates
 from labs.reporting import regression, trends
-from labs.reporting.run import run_suites
+from labs.reporting.suiterun import run_suites
 from tests.conftest import write_sim_inventory
 
 DEVICE = "hostA->hostB:dev0"
@@ -66,11 +66,11 @@ def test_allure_gets_one_metric_key_per_figure_and_series(tmp_path: Path) -> Non
 
 SUITE = """
 import os
-from labs.reporting import metrics
+from labs.attachments import record_metrics
 
 def test_migrate():
     for downtime in os.environ["SEEDED_DOWNTIMES"].split(","):
-        metrics.record("hostA->hostB:simv2", "migrate", ok=1, downtime_ms=float(downtime), total_ms=1000.0)
+        record_metrics("hostA->hostB:simv2", "migrate", ok=1, downtime_ms=float(downtime), total_ms=1000.0)
 """
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import hypervisor
 from labs.virt.xml import DomainSpec

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from labs.faults import mdevs
+from labs.janitor import _mdevs, _restore_mdev, janitor
 from labs.reservations import reserve
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.transport import HostConnection
 from labs.virt.domain import hypervisor, local_image_dir
-from labs.virt.janitor import _mdevs, _restore_mdev, janitor
 from labs.virt.xml import DomainSpec
 from tests.test_faults import UUID, FakeHost, _mdev
 

@@ -9,7 +9,7 @@ that needs something the device lacks is "not applicable". Simulator-only rules
 Required scenarios are VM-level tests every device of a class must have run and
 passed: a scenario whose tests all skipped leaves the certificate INCOMPLETE,
 naming the skip reason. A scenario is found in the Allure results by its
-suite's feature label and its test's story label (labs.reporting.allure_hooks).
+suite's feature label and its test's story label (labs.plugin.allure_hooks).
 """
 
 from __future__ import annotations

@@ -480,8 +480,8 @@ def run_suite(
 
 def _stop_lab(inventory: Path) -> None:
     """The plugin stops the sim sshds when its last user leaves; make sure nothing outlives the run."""
-    from labs.runtime import open_inventory
-    from labs.simlab.lab import SimLab
+    from labs.session import open_inventory
+    from labs.simlab.lifecycle import SimLab
 
     try:
         SimLab(open_inventory(inventory)).stop(force=True)

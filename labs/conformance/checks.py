@@ -31,12 +31,12 @@ from typing import Any, Protocol
 import pytest
 
 from labs.conformance import model
-from labs.vfio import agent as vfio
+from labs.vfio import abi as vfio
 from labs.vfio import rules, uapi
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_GET as GET
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_PROBE as PROBE
-from labs.vfio.agent import VFIO_DEVICE_FEATURE_SET as SET
-from labs.vfio.agent import VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_GET as GET
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_PROBE as PROBE
+from labs.vfio.abi import VFIO_DEVICE_FEATURE_SET as SET
+from labs.vfio.abi import VFIO_PCI_CONFIG_REGION_INDEX as CONFIG_REGION
 from labs.vfio.client import AgentOSError
 from labs.vfio.device import DeviceHandle, SavedStream
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import libvirt
 
+from labs.attachments import attach, step
 from labs.errors import InfraError
-from labs.reporting.evidence import attach, step
 
 
 class FaultNotInjected(InfraError):

@@ -20,8 +20,8 @@ from labs.faults import mdevs
 from labs.faults.base import ExpectedError, Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
-from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 from labs.transport import HostConnection
+from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
 from labs.virt.xml import Hostdev, hostdev_for
 

@@ -40,10 +40,7 @@ class KillDestinationQemu(Fault):
     """SIGKILL the destination's incoming QEMU, found by the pid file libvirt keeps for the domain."""
 
     name = "kill-destination-qemu"
-    # killed while libvirt prepares the incoming QEMU, the step it is in fails: the cgroup, the machined
-    # registration or the mount namespace setup (all three measured, libvirt 11.3), or its monitor (QEMU
-    # gone: internal error, domain not running); killed while data moves: QEMU's job failure. Never a
-    # device, abort or compatibility error.
+    # whichever step of libvirt's incoming setup the kill lands in fails; never a device error (docs/incidents.md)
     expected_errors = (
         ExpectedError(libvirt.VIR_FROM_CGROUP, libvirt.VIR_ERR_SYSTEM_ERROR),
         ExpectedError(libvirt.VIR_FROM_NONE, libvirt.VIR_ERR_SYSTEM_ERROR),

@@ -4,7 +4,7 @@ An mdev a fault creates has a random UUID that nothing else names: if the run is
 killed before the fault is undone, no run-id prefix leads to it. So the fault
 first writes a record `<run id>.<uuid>` into the host's record directory, then
 creates the mdev; undo removes the mdev, then the record. The janitor removes the
-mdevs whose record names a dead run (labs.virt.janitor), then the record.
+mdevs whose record names a dead run (labs.janitor), then the record.
 
 The run is the one holding the device's reservation on that host (the pytest
 plugin reserves both devices of a pair before a fault touches them), unless the

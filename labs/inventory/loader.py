@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from labs.inventory import ansible
-from labs.inventory.lab import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.models import HostKeyPolicy, InventoryDoc, JumpHost
+from labs.inventory.resolved import Inventory, LabDevice, LabHost, LabPair
 from labs.inventory.yamlsource import InventoryError, KeyPath, read_yaml
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

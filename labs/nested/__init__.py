@@ -7,7 +7,7 @@ Public API (wired into `lab nested up | down | status`):
     HOST_PACKAGES                      Debian packages the controller needs (bootstrap installs them)
 """
 
-from labs.nested.lab import NESTED_INVENTORY, UpResult, VmStatus, down, is_up, status, status_table, up
+from labs.nested.lifecycle import NESTED_INVENTORY, UpResult, VmStatus, down, is_up, status, status_table, up
 from labs.nested.recipe import HOST_PACKAGES, Recipe
 
 __all__ = [

@@ -20,7 +20,7 @@ from typing import Any
 import libvirt
 
 from labs.errors import InfraError
-from labs.nested import lab
+from labs.nested import lifecycle
 from labs.nested.recipe import cache_root
 
 
@@ -36,7 +36,7 @@ def build_figures() -> dict[str, Any]:
         m = json.loads(manifests[-1].read_text())
         out["cold_build_s"] = m.get("build_seconds")
         out["build_stages_s"] = m.get("stage_seconds")
-    up = lab.run_dir() / "up.json"
+    up = lifecycle.run_dir() / "up.json"
     if up.is_file():
         out["last_up_s"] = json.loads(up.read_text()).get("seconds")
     return out
@@ -44,17 +44,17 @@ def build_figures() -> dict[str, Any]:
 
 def bench_nested(rounds: int = 3) -> dict[str, Any]:
     from labs.inventory import LabPair
-    from labs.runtime import LabSession, open_inventory
     from labs.scenarios import save_resume as sr
     from labs.scenarios.context import Scenario
     from labs.scenarios.migration import migrate_leg
+    from labs.session import LabSession, open_inventory
     from labs.virt.migrate import MigrationOptions, _params, migrate
 
     out: dict[str, Any] = build_figures()
-    if not lab.NESTED_INVENTORY.is_file() or not all(st.alive and st.ssh for st in lab.status()):
+    if not lifecycle.NESTED_INVENTORY.is_file() or not all(st.alive and st.ssh for st in lifecycle.status()):
         out["skipped"] = "the nested lab is not up (`lab nested up`)"
         return out
-    inv = open_inventory(lab.NESTED_INVENTORY)
+    inv = open_inventory(lifecycle.NESTED_INVENTORY)
     pair: LabPair = inv.pairs[0]
     downtime = inv.settings.max_downtime_ms
     with LabSession(inv) as session:

@@ -116,7 +116,7 @@ def _stop(proc: subprocess.Popen[bytes], rc: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from labs.nested import lab
+    from labs.nested import lifecycle
 
     reason = cannot_run()
     if reason:
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     reports.mkdir(parents=True, exist_ok=True)
     rc = 2
     started = False
-    if any(st.alive for st in lab.status(check=lambda _vm: False)):
+    if any(st.alive for st in lifecycle.status(check=lambda _vm: False)):
         if os.environ.get("LABS_NESTED_REUSE") != "1":
             print(
                 "nested: a nested lab is already up and is not this run's: not touching it "
@@ -139,14 +139,14 @@ def main(argv: list[str]) -> int:
             return 2
         print("nested: reusing the running lab (LABS_NESTED_REUSE=1); it stays up", flush=True)
     try:
-        if not started and not any(st.alive for st in lab.status(check=lambda _vm: False)):
+        if not started and not any(st.alive for st in lifecycle.status(check=lambda _vm: False)):
             t = time.monotonic()
             started = True
-            up = lab.up()
+            up = lifecycle.up()
             print(f"nested: up in {time.monotonic() - t:.0f}s {up.seconds}", flush=True)
         args = [
             *suites(),
-            f"--inventory={lab.NESTED_INVENTORY}",
+            f"--inventory={lifecycle.NESTED_INVENTORY}",
             "-p",
             "no:cacheprovider",
             "-rs",
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> int:
             *argv,
         ]
         rc = _pytest(args, deadline)
-        for report in lab.post_mortem():
+        for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:
         print(f"nested: interrupted ({exc or 'Ctrl-C'})", flush=True)
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if started:
-            stopped = lab.down()
+            stopped = lifecycle.down()
             print(f"nested: down ({', '.join(stopped) or 'nothing was running'})", flush=True)
         print(f"nested: total {time.monotonic() - start:.0f}s; exit {rc}", flush=True)
     return rc

@@ -100,10 +100,7 @@ def kernel_cmdline(spec: VmSpec) -> str:
 
 
 def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths, qemu: str = "qemu-system-x86_64") -> list[str]:
-    # TCG with one thread for all vCPUs: with thread=multi (QEMU 7.2) the guest kernel's live
-    # code patching (a static key flipped when libvirt starts or stops a domain) let another
-    # vCPU run the patch's temporary int3 and the host died with "Oops: int3" (CI, 2026-11-26;
-    # reproduced within 20 s by toggling the cpuset controller, none in 950 flips single-threaded).
+    # one TCG thread for all vCPUs: multi-threaded TCG races the guest's live code patching (docs/incidents.md)
     accel = "kvm" if spec.accel == "kvm" else "tcg,thread=single,tb-size=256"
     cpu = "host" if spec.accel == "kvm" else "max"
     return [

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from labs.attachments import ENV_LABEL
 from labs.errors import ConfigError
 from labs.inventory.models import Gates
 from labs.reporting.gates import GateFailure, allure_results
-from labs.reporting.render import ENV_LABEL, Rendered, render
+from labs.reporting.render import Rendered, render
 
 
 def lab_of(run_dir: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""Migration metrics: recorded by scenarios as Allure attachments, read back after the run.
+"""Migration metrics: recorded by scenarios as Allure attachments (labs.attachments.record_metrics),
+read back here after the run.
 
 A metric record is one JSON object per scenario run: the device (or pair), the
 scenario, and numbers such as downtime_ms, total_ms, device_data_bytes and
@@ -12,16 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from labs.reporting.evidence import attach
-
-ATTACHMENT_NAME = "metrics"
-
-
-def record(subject: str, scenario: str, **values: float | int | str | None) -> dict[str, Any]:
-    numbers = {k: v for k, v in values.items() if v is not None}
-    rec: dict[str, Any] = {"subject": subject, "scenario": scenario, **numbers}
-    attach(ATTACHMENT_NAME, rec, "json")
-    return rec
+from labs.attachments import METRICS_ATTACHMENT as ATTACHMENT_NAME
 
 
 def read_run_metrics(results_dir: Path) -> list[dict[str, Any]]:

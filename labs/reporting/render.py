@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labs.attachments import ENV_LABEL
 from labs.errors import InfraError
 from labs.paths import REPO_ROOT
 
@@ -22,7 +23,6 @@ TOOLS = REPO_ROOT / "tools" / "report"
 ALLURE_BIN = TOOLS / "node_modules" / ".bin" / "allure"
 GENERATE = TOOLS / "generate.mjs"
 HISTORY_LIMIT = 30  # runs of a lab that its report's history (and trend charts) keep
-ENV_LABEL = "lab"  # the label naming a result's lab (labs.reporting.allure_hooks): its Allure environment
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from labs.errors import LabError
 from labs.faults.base import Fault, FaultLedger
 from labs.inventory import LabDevice, LabHost
 from labs.probes import ProbeMark
-from labs.runtime import LabSession
 from labs.scenarios.evidence import attach_domains
 from labs.scenarios.steps import StepLog
+from labs.session import LabSession
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor, local_image_dir
 from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
 

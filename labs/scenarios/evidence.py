@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from labs.attachments import attach
 from labs.errors import LabError
-from labs.reporting.evidence import attach
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.virt.domain import VM, Hypervisor
 
 QEMU_LOG_DIR = "/var/log/libvirt/qemu"

@@ -21,10 +21,7 @@ from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
 from labs.virt.xml import Hostdev, with_hostdevs
 
-# An idle diskless VM's migration is one pass over its RAM, nearly all zero pages (a few bytes each on
-# the wire). With 128 MiB the pass moved ~750 KiB in under 0.3 s at 2 MiB/s, often between two polls, and
-# a mid-flight abort landed after QEMU had finished (seen in CI). A VM for an in-flight fault gets 1 GiB
-# (pages it never touches cost no host memory on either side) and the 1 MiB/s floor, so its pass lasts seconds.
+# an in-flight fault needs a pass over RAM that lasts seconds: 1 GiB of untouched pages at 1 MiB/s (docs/incidents.md)
 IN_FLIGHT_MEMORY_MIB = 1024
 SLOW_MIB_S = 1
 # before: the fault is in place when the job starts; started: at the first sample of an active job (the
@@ -158,9 +155,7 @@ def migrate_under_fault(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"
         )
         if _destination_not_released(following, vm.name):
-            # libvirt (11.3) reports a failed incoming migration before it has released the destination's
-            # hostdevs; a migration right after meets "mediated device ... is in use by driver QEMU, domain
-            # <this one>". Seen after a killed destination QEMU. Once more, after libvirt has caught up.
+            # libvirt reports a failed incoming migration before it releases the hostdevs (docs/incidents.md)
             with sc.steps.step(f"wait {RELEASE_WAIT:g}s for the destination's libvirt to release the device"):
                 time.sleep(RELEASE_WAIT)
             vm_after, following = migrate_leg(

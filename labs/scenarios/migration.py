@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from labs.attachments import attach, record_metrics
 from labs.faults.base import ExpectedError, error_name
 from labs.inventory import LabDevice, LabPair
-from labs.reporting import metrics
-from labs.reporting.evidence import attach
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
@@ -140,7 +139,7 @@ def migrate_leg(
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
     total_ms = result.metric("time_elapsed")
     processed = result.metric("data_processed")
-    metrics.record(
+    record_metrics(
         subject,
         scenario,
         ok=int(result.ok),

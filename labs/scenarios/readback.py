@@ -7,118 +7,31 @@ Three views, each recorded even when an earlier one already failed:
 3. the device, through the device layer, once no VM holds it: its migration
    state (RUNNING / 001) and pending data size.
 
-The device layer is reached through a small Protocol of our own
-(`DeviceAccess`), opened by `labs.hostagent.open_device(session, device)` when
-that glue exists; until then the device view is skipped with the reason.
+The device is reached through `DeviceAccess` (labs/vfio/access.py), opened by
+`labs.agentpool.open_device(session, device)` on the host's pooled agent.
 """
 
 from __future__ import annotations
 
-import builtins
-import importlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from labs.agentpool import open_device
+from labs.attachments import attach, step
 from labs.errors import LabError
 from labs.inventory import LabDevice
 from labs.probes import ProbeMark, ProbeReading, probe_named
-from labs.reporting.evidence import attach, step
-from labs.runtime import LabSession
 from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
+from labs.session import LabSession
+from labs.vfio.access import IDLE_STATES, RUNNING_STATES
 from labs.vfio.client import AgentOSError
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
 from labs.virt.monitor import query_migrate, vfio_view
 from labs.virt.xml import Hostdev, hostdevs_of
-
-RUNNING_STATES = ("RUNNING", "001")  # v2 name, v1 device_state bits
-# A real device that no VM holds any more may also be stopped: QEMU leaves it in STOP after a completed
-# save or outgoing migration (save_cleanup: STOP_COPY -> STOP, then close; spec 4.2), and a driver that
-# does not reset on close keeps that (mtty). The next user can go on from there. Not RESUMING, STOP_COPY
-# or ERROR: a device left RESUMING hands the next QEMU's SET RESUMING no data fd (nested findings 4).
-IDLE_STATES = (*RUNNING_STATES, "STOP", "000")
-
-
-class SavedStreamLike(Protocol):
-    bytes: int  # its length (the device layer's name for it)
-
-    def data(self) -> builtins.bytes: ...
-
-    def chunks(self) -> Iterator[builtins.bytes]:
-        """The stream as the device gave it (v1 keeps its chunk boundaries)."""
-        ...
-
-
-class DeviceAccess(Protocol):
-    """What the scenarios need from a device handle of the device layer (labs.vfio.device.DeviceHandle)."""
-
-    def state(self) -> str:
-        """The migration state by name: RUNNING, STOP, ... (v1 bit values get the same names)."""
-        ...
-
-    def data_size(self) -> int:
-        """Pending stop-copy data size (v2 MIG_DATA_SIZE)."""
-        ...
-
-    def save(self) -> SavedStreamLike:
-        """A full device-level save: the stream, with the device left in STOP."""
-        ...
-
-    def resume(self, stream: Any) -> object:
-        """RESUMING, the stream (a saved stream or an iterable of chunks), then RUNNING; raises on refusal."""
-        ...
-
-    def set_state(self, state: str) -> object:
-        """One requested transition by state name (what QEMU does to recover: back to RUNNING)."""
-        ...
-
-    def reset(self) -> None:
-        """VFIO_DEVICE_RESET."""
-        ...
-
-    def digest(self) -> str:
-        """Content digest (simulated devices only)."""
-        ...
-
-    def faults(self, **knobs: Any) -> dict[str, Any]:
-        """A simulated driver's fault knobs (transitions=[{from, to, errno, error}], clear=True, ...)."""
-        ...
-
-
-DeviceOpener = Callable[[LabSession, LabDevice], AbstractContextManager[DeviceAccess]]
-NO_DEVICE_LAYER = "device layer unavailable (neither labs.hostagent.open_device nor labs.vfio)"
-
-
-@contextmanager
-def _open_direct(session: LabSession, device: LabDevice) -> Iterator[DeviceAccess]:
-    """Until labs.hostagent pools agents: one agent over SSH per open, closed with the device."""
-    from labs.vfio.client import AgentClient
-    from labs.vfio.device import DeviceHandle
-
-    spec = device.host.spec
-    timeout = session.inventory.settings.timeouts.agent_op
-    with AgentClient.over_ssh(session.ssh(device.host.name), python=spec.python, timeout=timeout) as client:
-        handle = DeviceHandle.open(client, device.spec)
-        try:
-            yield handle
-        finally:
-            handle.close()
-
-
-def device_opener() -> DeviceOpener | None:
-    """`labs.hostagent.open_device` when the glue provides it, else a direct agent per open."""
-    try:
-        module = importlib.import_module("labs.hostagent")
-        opener = getattr(module, "open_device", None)
-        if callable(opener):
-            return opener
-        importlib.import_module("labs.vfio.device")
-    except ImportError:
-        return None
-    return _open_direct
 
 
 @dataclass
@@ -276,12 +189,8 @@ def device_view(session: LabSession, device: LabDevice, held_by_vm: bool) -> Dev
         # a real device belongs to QEMU while the VM runs; opening it would fail (EBUSY) or disturb it
         view.skipped = "held by a running VM (read after the VM is gone)"
         return view
-    opener = device_opener()
-    if opener is None:
-        view.skipped = NO_DEVICE_LAYER
-        return view
     try:
-        with opener(session, device) as dev:
+        with open_device(session, device) as dev:
             view.state = dev.state()
             view.data_size = dev.data_size() if device.spec.protocol == "v2" else None
     except AgentOSError as exc:  # an errno from the device is a finding; a framework error propagates (broken)
@@ -305,18 +214,17 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
     judged as found (a problem, or a known issue of the model: labs.scenarios.known);
     a device the reset did not bring back stays a problem too.
     """
-    opener = device_opener()
     by_id = {d.id: d for d in devices}
     for view in rb.devices:
         device = by_id.get(view.device)
-        if device is None or view.skipped or view.error or view.state in view.accepted or opener is None:
+        if device is None or view.skipped or view.error or view.state in view.accepted:
             continue
         issue = known_issue(device, "failed-incoming", view.state)
         view.known = issue.describe(device.id) if issue else None
         title = f"reset {device.id} through the agent: a failed operation left it {view.state}"
         with steps.step(title) if steps is not None else step(title):
             try:
-                with opener(session, device) as dev:
+                with open_device(session, device) as dev:
                     dev.reset()
                     view.recovered_from, view.state = view.state, dev.state()
             except AgentOSError as exc:  # the device refusing the reset is a finding: the view keeps the bad state
@@ -330,16 +238,13 @@ def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = 
     next RESUMING -> STOP arc dereferences the resuming file the close already
     dropped, and the host kernel oopses in mtty_set_state (nested findings).
     Returns the state it was found in when a reset was needed (None: it was
-    idle, or a simulated device, or there is no device layer).
+    idle, or a simulated device).
     """
     if device.spec.kind == "sim":
         return None
-    opener = device_opener()
-    if opener is None:
-        return None
     with ExitStack() as stack:
         try:
-            dev = stack.enter_context(opener(session, device))
+            dev = stack.enter_context(open_device(session, device))
         except AgentOSError as exc:
             if exc.errname == "ENOENT":
                 return None  # not there (a fault removed it): nothing a VM could take

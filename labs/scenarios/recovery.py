@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from labs.attachments import attach
 from labs.faults import CorruptResumeStream, DeviceTransitionFailure, Fault
 from labs.faults.device import StreamDamage
 from labs.inventory import LabDevice
-from labs.reporting.evidence import attach
 from labs.scenarios import roundtrip
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 from labs.scenarios.roundtrip import ContentCheck
+from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
 
 Entry = Literal["knob", "truncate", "bad-magic"]

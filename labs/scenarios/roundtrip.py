@@ -23,8 +23,8 @@ from typing import Any
 from labs.inventory import LabDevice
 from labs.inventory.models import SimDevice
 from labs.probes.mtty import UART_SCR, is_mtty
-from labs.scenarios.readback import RUNNING_STATES, DeviceAccess
 from labs.scenarios.steps import StepLog
+from labs.vfio.access import RUNNING_STATES, DeviceAccess
 
 PEER_SUFFIX = "-peer"
 # per model: the stream with its volatile fields blanked (none known: mtty's stream is its registers and FIFOs)

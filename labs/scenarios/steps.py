@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from labs.reporting.evidence import attach, step
+from labs.attachments import attach, step
 
 
 @dataclass

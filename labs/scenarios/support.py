@@ -9,8 +9,8 @@ import pytest
 
 from labs.errors import LabError
 from labs.inventory import LabHost
-from labs.runtime import LabSession
 from labs.scenarios.context import Scenario
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor, hypervisor
 

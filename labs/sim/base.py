@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from labs.vfio import agent as uapi
+from labs.vfio import abi as uapi
 
 MAGIC = b"LABSSIM1"
 STREAM_VERSION = 1

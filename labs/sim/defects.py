@@ -40,7 +40,7 @@ from labs.sim.v2 import (
 )
 from labs.sim.v2 import RESUMING as RESUMING_V2
 from labs.sim.v2 import RUNNING as V2_RUNNING
-from labs.vfio import agent as uapi
+from labs.vfio import abi as uapi
 
 # ---------------------------------------------------------------------------
 # v1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labs.sim.base import REGION_SHIFT, SimDriver, err
-from labs.vfio import agent as uapi
+from labs.vfio import abi as uapi
 
 GET, SET, PROBE = uapi.VFIO_DEVICE_FEATURE_GET, uapi.VFIO_DEVICE_FEATURE_SET, uapi.VFIO_DEVICE_FEATURE_PROBE
 # migration features: (operations supported, payload minimum) as the core registers them

@@ -44,7 +44,7 @@ from labs.sim.base import (
     sparse_cap,
     type_cap,
 )
-from labs.vfio import agent as uapi
+from labs.vfio import abi as uapi
 
 MIG_INDEX = uapi.VFIO_PCI_NUM_REGIONS  # first device-specific index
 DATA_OFFSET = 4096

@@ -18,7 +18,7 @@ from typing import Any
 
 from labs.sim.base import SimDriver, StreamSink, StreamSource, err
 from labs.sim.dirty import DirtyLogging
-from labs.vfio import agent as uapi
+from labs.vfio import abi as uapi
 
 S = uapi.V2_STATES
 NAMES = uapi.V2_STATE_NAMES

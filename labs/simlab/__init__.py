@@ -1,5 +1,5 @@
 """The embedded sim lab: real sshd on loopback addresses, simulated devices."""
 
-from labs.simlab.lab import SimLab
+from labs.simlab.lifecycle import SimLab
 
 __all__ = ["SimLab"]

@@ -1,9 +1,9 @@
 """labs device agent: drives a host's VFIO migration uAPI for a remote controller.
 
-This one file is sent over SSH and run as root on lab hosts, so it is stdlib
-only and Python 3.6 compatible (no walrus, no dataclasses, no annotations
-future import). It is also imported in-process: the controller takes the uAPI
-tables from here (single source of truth) and the simulator reuses the packing.
+Sent over SSH together with abi.py and hostsys.py (joined by labs/vfio/bundle.py) and run
+as root on lab hosts, so it is stdlib only and Python 3.6 compatible (no walrus, no
+dataclasses, no annotations future import). The controller imports it in-process for the
+framing constants and to run a local agent.
 
 Wire protocol (stdin -> requests, stdout -> replies; stderr is free text):
   request   {"id": N, "op": "...", "args": {...}, "timeout": s}\\n
@@ -23,780 +23,54 @@ import base64
 import errno
 import fcntl
 import hashlib
-import importlib
 import json
 import os
-import platform
 import signal
 import struct
 import sys
 import threading
 import time
 
+from labs.vfio.abi import (
+    MIGRATION_FLAGS,
+    V1_FIELDS,
+    V1_STATE_MASK,
+    V1_STATE_NAMES,
+    V2_STATE_NAMES,
+    V2_STATES,
+    VFIO_DEVICE_RESET,
+    errname,
+    flag_names,
+    oserror,
+)
+from labs.vfio.hostsys import (
+    SIM_BACKEND,
+    WIDTH_FMT,
+    RealSys,
+    bitmap_pages,
+    device_feature,
+    device_info,
+    dma_logging_report,
+    dma_logging_start,
+    dma_logging_stop,
+    find_migration_region,
+    mig_data_size,
+    mig_flags,
+    mig_get_state,
+    mig_set_state,
+    open_group_path,
+    open_host_device,
+    precopy_info,
+    read_exact_at,
+    region_info,
+    sim_backend,
+    v1_reg_read,
+    v1_reg_write,
+    write_all_at,
+)
+
 AGENT_VERSION = "1.0"
 PROTOCOL_VERSION = 1
-
-# ---------------------------------------------------------------------------
-# ioctl encoding
-# ---------------------------------------------------------------------------
-
-# (value of _IOC_NONE, shift of the direction field, width of the size field).
-# x86_64 and aarch64 use the asm-generic layout; the others differ (spec 1.1).
-_IOC_LAYOUTS = {
-    "generic": (0, 30, 14),
-    "powerpc": (1, 29, 13),  # also mips, sparc, alpha: _IOC_NONE = 1, 13-bit size
-}
-_ARCH_LAYOUT = {
-    "x86_64": "generic",
-    "aarch64": "generic",
-    "arm64": "generic",
-    "riscv64": "generic",
-    "s390x": "generic",
-    "ppc64": "powerpc",
-    "ppc64le": "powerpc",
-    "mips": "powerpc",
-    "mips64": "powerpc",
-    "sparc64": "powerpc",
-    "alpha": "powerpc",
-}
-HOST_ARCH = platform.machine() or "x86_64"
-
-
-def ioc_layout(arch):
-    return _IOC_LAYOUTS[_ARCH_LAYOUT.get(arch, "generic")]
-
-
-def _IOC(direction, typ, nr, size, arch=None):
-    _none, dir_shift, size_bits = ioc_layout(arch or HOST_ARCH)
-    if size >= (1 << size_bits):
-        raise ValueError("ioctl size too large")
-    return (direction << dir_shift) | (size << 16) | (typ << 8) | nr
-
-
-def _IO(typ, nr, arch=None):
-    none = ioc_layout(arch or HOST_ARCH)[0]
-    return _IOC(none, typ, nr, 0, arch)
-
-
-VFIO_TYPE = ord(";")
-VFIO_BASE = 100
-IOMMUFD_TYPE = ord(";")
-IOMMUFD_CMD_BASE = 0x80
-
-# n -> names; one number means different things on different fds (spec 1.1).
-VFIO_IOCTL_OFFSETS = (
-    ("VFIO_GET_API_VERSION", 0),
-    ("VFIO_CHECK_EXTENSION", 1),
-    ("VFIO_SET_IOMMU", 2),
-    ("VFIO_GROUP_GET_STATUS", 3),
-    ("VFIO_GROUP_SET_CONTAINER", 4),
-    ("VFIO_GROUP_UNSET_CONTAINER", 5),
-    ("VFIO_GROUP_GET_DEVICE_FD", 6),
-    ("VFIO_DEVICE_GET_INFO", 7),
-    ("VFIO_DEVICE_GET_REGION_INFO", 8),
-    ("VFIO_DEVICE_GET_IRQ_INFO", 9),
-    ("VFIO_DEVICE_SET_IRQS", 10),
-    ("VFIO_DEVICE_RESET", 11),
-    ("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", 12),
-    ("VFIO_IOMMU_GET_INFO", 12),
-    ("VFIO_DEVICE_PCI_HOT_RESET", 13),
-    ("VFIO_IOMMU_MAP_DMA", 13),
-    ("VFIO_DEVICE_QUERY_GFX_PLANE", 14),
-    ("VFIO_IOMMU_UNMAP_DMA", 14),
-    ("VFIO_DEVICE_GET_GFX_DMABUF", 15),
-    ("VFIO_IOMMU_ENABLE", 15),
-    ("VFIO_DEVICE_IOEVENTFD", 16),
-    ("VFIO_IOMMU_DISABLE", 16),
-    ("VFIO_DEVICE_FEATURE", 17),
-    ("VFIO_IOMMU_DIRTY_PAGES", 17),
-    ("VFIO_DEVICE_BIND_IOMMUFD", 18),
-    ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", 19),
-    ("VFIO_DEVICE_DETACH_IOMMUFD_PT", 20),
-    ("VFIO_MIG_GET_PRECOPY_INFO", 21),
-    ("VFIO_EEH_PE_OP", 21),
-)
-IOMMUFD_IOCTL_OFFSETS = (
-    ("IOMMU_DESTROY", 0),
-    ("IOMMU_IOAS_ALLOC", 1),
-)
-
-
-def ioctl_numbers(arch=None):
-    """name -> request number for `arch` (default: this host)."""
-    out = {}
-    for name, n in VFIO_IOCTL_OFFSETS:
-        out[name] = _IO(VFIO_TYPE, VFIO_BASE + n, arch)
-    for name, n in IOMMUFD_IOCTL_OFFSETS:
-        out[name] = _IO(IOMMUFD_TYPE, IOMMUFD_CMD_BASE + n, arch)
-    return out
-
-
-_NR = ioctl_numbers()
-VFIO_GET_API_VERSION = _NR["VFIO_GET_API_VERSION"]
-VFIO_CHECK_EXTENSION = _NR["VFIO_CHECK_EXTENSION"]
-VFIO_SET_IOMMU = _NR["VFIO_SET_IOMMU"]
-VFIO_GROUP_GET_STATUS = _NR["VFIO_GROUP_GET_STATUS"]
-VFIO_GROUP_SET_CONTAINER = _NR["VFIO_GROUP_SET_CONTAINER"]
-VFIO_GROUP_UNSET_CONTAINER = _NR["VFIO_GROUP_UNSET_CONTAINER"]
-VFIO_GROUP_GET_DEVICE_FD = _NR["VFIO_GROUP_GET_DEVICE_FD"]
-VFIO_DEVICE_GET_INFO = _NR["VFIO_DEVICE_GET_INFO"]
-VFIO_DEVICE_GET_REGION_INFO = _NR["VFIO_DEVICE_GET_REGION_INFO"]
-VFIO_DEVICE_GET_IRQ_INFO = _NR["VFIO_DEVICE_GET_IRQ_INFO"]
-VFIO_DEVICE_RESET = _NR["VFIO_DEVICE_RESET"]
-VFIO_DEVICE_FEATURE = _NR["VFIO_DEVICE_FEATURE"]
-VFIO_DEVICE_BIND_IOMMUFD = _NR["VFIO_DEVICE_BIND_IOMMUFD"]
-VFIO_DEVICE_ATTACH_IOMMUFD_PT = _NR["VFIO_DEVICE_ATTACH_IOMMUFD_PT"]
-VFIO_DEVICE_DETACH_IOMMUFD_PT = _NR["VFIO_DEVICE_DETACH_IOMMUFD_PT"]
-VFIO_MIG_GET_PRECOPY_INFO = _NR["VFIO_MIG_GET_PRECOPY_INFO"]
-IOMMU_DESTROY = _NR["IOMMU_DESTROY"]
-IOMMU_IOAS_ALLOC = _NR["IOMMU_IOAS_ALLOC"]
-
-# ---------------------------------------------------------------------------
-# constants (spec 1.3, 1.5, 2.1, 3.1, 3.2)
-# ---------------------------------------------------------------------------
-
-VFIO_API_VERSION = 0
-VFIO_TYPE1_IOMMU = 1
-VFIO_TYPE1v2_IOMMU = 3
-VFIO_NOIOMMU_IOMMU = 8
-VFIO_GROUP_FLAGS_VIABLE = 1 << 0
-VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
-
-DEVICE_FLAGS = (
-    ("RESET", 1 << 0),
-    ("PCI", 1 << 1),
-    ("PLATFORM", 1 << 2),
-    ("AMBA", 1 << 3),
-    ("CCW", 1 << 4),
-    ("AP", 1 << 5),
-    ("FSL_MC", 1 << 6),
-    ("CAPS", 1 << 7),
-    ("CDX", 1 << 8),
-)
-VFIO_DEVICE_FLAGS_RESET = 1 << 0
-VFIO_DEVICE_FLAGS_PCI = 1 << 1
-VFIO_DEVICE_FLAGS_CAPS = 1 << 7
-
-REGION_FLAGS = (("READ", 1), ("WRITE", 2), ("MMAP", 4), ("CAPS", 8))
-VFIO_REGION_INFO_FLAG_READ = 1
-VFIO_REGION_INFO_FLAG_WRITE = 2
-VFIO_REGION_INFO_FLAG_MMAP = 4
-VFIO_REGION_INFO_FLAG_CAPS = 8
-VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
-VFIO_REGION_INFO_CAP_TYPE = 2
-VFIO_REGION_TYPE_MIGRATION = 3  # _DEPRECATED since 5.18
-VFIO_REGION_SUBTYPE_MIGRATION = 1
-VFIO_PCI_BAR0_REGION_INDEX = 0
-VFIO_PCI_CONFIG_REGION_INDEX = 7
-VFIO_PCI_NUM_REGIONS = 9
-
-# v1 device_state bits (<= 5.17 names; VFIO_DEVICE_STATE_V1_* from 5.18)
-V1_STOP = 0
-V1_RUNNING = 1 << 0
-V1_SAVING = 1 << 1
-V1_RESUMING = 1 << 2
-V1_STATE_MASK = 0x7
-V1_ERROR = V1_SAVING | V1_RESUMING
-# Friendly names shared with v2 where the meaning matches (a suite can be protocol-agnostic).
-V1_STATE_NAMES = {
-    0: "STOP",
-    1: "RUNNING",
-    2: "STOP_COPY",
-    3: "PRE_COPY",
-    4: "RESUMING",
-    5: "INVALID_101",
-    6: "ERROR",
-    7: "INVALID_111",
-}
-
-
-def v1_valid(state):
-    """VFIO_DEVICE_STATE_VALID from the 5.8 header: false for 101, 110 and 111."""
-    if state & V1_RESUMING:
-        return (state & V1_STATE_MASK) == V1_RESUMING
-    return True
-
-
-def v1_is_error(state):
-    return (state & V1_STATE_MASK) == V1_ERROR
-
-
-def v1_set_error(state):
-    return (state & ~V1_STATE_MASK & 0xFFFFFFFF) | V1_SAVING | V1_RESUMING
-
-
-def v1_user_writable(state):
-    """The five states a user may write (spec 2.2)."""
-    return (state & V1_STATE_MASK) in (0, 1, 2, 3, 4)
-
-
-# v1 register block at migration-region offset 0: name -> (offset, width)
-V1_FIELDS = {
-    "device_state": (0, 4),
-    "reserved": (4, 4),
-    "pending_bytes": (8, 8),
-    "data_offset": (16, 8),
-    "data_size": (24, 8),
-}
-V1_INFO_SIZE = 32
-
-# v2 VFIO_DEVICE_FEATURE
-VFIO_DEVICE_FEATURE_MASK = 0xFFFF
-VFIO_DEVICE_FEATURE_GET = 1 << 16
-VFIO_DEVICE_FEATURE_SET = 1 << 17
-VFIO_DEVICE_FEATURE_PROBE = 1 << 18
-FEATURES = {
-    "PCI_VF_TOKEN": 0,
-    "MIGRATION": 1,
-    "MIG_DEVICE_STATE": 2,
-    "LOW_POWER_ENTRY": 3,
-    "LOW_POWER_ENTRY_WITH_WAKEUP": 4,
-    "LOW_POWER_EXIT": 5,
-    "DMA_LOGGING_START": 6,
-    "DMA_LOGGING_STOP": 7,
-    "DMA_LOGGING_REPORT": 8,
-    "MIG_DATA_SIZE": 9,
-    "BUS_MASTER": 10,
-    "DMA_BUF": 11,
-}
-VFIO_DEVICE_FEATURE_MIGRATION = 1
-VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE = 2
-VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
-
-VFIO_MIGRATION_STOP_COPY = 1 << 0
-VFIO_MIGRATION_P2P = 1 << 1
-VFIO_MIGRATION_PRE_COPY = 1 << 2
-MIGRATION_FLAGS = (("STOP_COPY", 1 << 0), ("P2P", 1 << 1), ("PRE_COPY", 1 << 2))
-
-V2_STATES = {
-    "ERROR": 0,
-    "STOP": 1,
-    "RUNNING": 2,
-    "STOP_COPY": 3,
-    "RESUMING": 4,
-    "RUNNING_P2P": 5,
-    "PRE_COPY": 6,
-    "PRE_COPY_P2P": 7,
-}
-V2_STATE_NAMES = dict((v, k) for k, v in V2_STATES.items())
-VFIO_DEVICE_STATE_NR = 8
-S_ERROR, S_STOP, S_RUNNING, S_STOP_COPY, S_RESUMING, S_RUNNING_P2P, S_PRE_COPY, S_PRE_COPY_P2P = range(8)
-
-# ---------------------------------------------------------------------------
-# v2 next-state resolution: vfio_mig_get_next_state (spec 3.4), copied table
-# ---------------------------------------------------------------------------
-
-_E, _S, _R, _SC, _RS, _RP, _PC, _PCP = range(8)
-MIG_NEXT_STATE = (
-    # target: ERROR STOP RUNNING STOP_COPY RESUMING RUNNING_P2P PRE_COPY PRE_COPY_P2P
-    (_E, _E, _E, _E, _E, _E, _E, _E),  # from ERROR
-    (_E, _S, _RP, _SC, _RS, _RP, _RP, _RP),  # from STOP
-    (_E, _RP, _R, _RP, _RP, _RP, _PC, _RP),  # from RUNNING
-    (_E, _S, _S, _SC, _S, _S, _E, _E),  # from STOP_COPY
-    (_E, _S, _S, _S, _RS, _S, _S, _S),  # from RESUMING
-    (_E, _S, _R, _S, _S, _RP, _R, _PCP),  # from RUNNING_P2P
-    (_E, _R, _R, _PCP, _R, _R, _PC, _PCP),  # from PRE_COPY
-    (_E, _RP, _RP, _SC, _RP, _RP, _PC, _PCP),  # from PRE_COPY_P2P
-)
-_SC_F, _P2P_F, _PC_F = VFIO_MIGRATION_STOP_COPY, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY
-MIG_STATE_FLAGS = (
-    0xFFFFFFFF,  # ERROR: never satisfiable
-    _SC_F,
-    _SC_F,
-    _SC_F,
-    _SC_F,
-    _SC_F | _P2P_F,
-    _SC_F | _PC_F,
-    _SC_F | _P2P_F | _PC_F,
-)
-
-
-def mig_state_supported(state, flags):
-    return 0 <= state < VFIO_DEVICE_STATE_NR and (MIG_STATE_FLAGS[state] & flags) == MIG_STATE_FLAGS[state]
-
-
-def mig_request_hangs(cur, new, flags):
-    """True when the kernel's skip loop spins forever on this request (spec 3.4, before FIX-2026):
-    both states are supported but the resolution runs into ERROR, which is never 'supported'."""
-    if not (mig_state_supported(cur, flags) and mig_state_supported(new, flags)):
-        return False
-    nxt = MIG_NEXT_STATE[cur][new]
-    seen = set()
-    while not mig_state_supported(nxt, flags):
-        if nxt == S_ERROR or nxt in seen:
-            return True
-        seen.add(nxt)
-        nxt = MIG_NEXT_STATE[nxt][new]
-    return False
-
-
-def mig_next_state(cur, new, flags):
-    """The next single arc from `cur` toward `new`, or raise OSError(EINVAL).
-
-    Same result as the kernel's function for every request, except the two that
-    hang a real kernel (mig_request_hangs): there we stop on ERROR and fail, which
-    is what the kernel documents and what FIX-2026 does.
-    """
-    if not mig_state_supported(cur, flags):
-        raise OSError(errno.EINVAL, "current state %s not supported" % cur)
-    if new >= VFIO_DEVICE_STATE_NR or new < 0 or not mig_state_supported(new, flags):
-        raise OSError(errno.EINVAL, "target state %s not supported" % new)
-    nxt = MIG_NEXT_STATE[cur][new]
-    while nxt != S_ERROR and not mig_state_supported(nxt, flags):
-        nxt = MIG_NEXT_STATE[nxt][new]
-    if nxt == S_ERROR:
-        raise OSError(errno.EINVAL, "no path from %s to %s" % (V2_STATE_NAMES[cur], V2_STATE_NAMES[new]))
-    return nxt
-
-
-def mig_path(cur, new, flags):
-    """The arcs a driver sees for SET `new` from `cur`: [cur, a, b, ..., new]."""
-    path = [cur]
-    while cur != new:
-        cur = mig_next_state(cur, new, flags)
-        path.append(cur)
-    return path
-
-
-# arcs whose last step opens a data session (V2-R7)
-SESSION_OPENING_ARCS = (
-    (S_RUNNING, S_PRE_COPY),
-    (S_RUNNING_P2P, S_PRE_COPY_P2P),
-    (S_STOP, S_STOP_COPY),
-    (S_STOP, S_RESUMING),
-)
-SAVING_GROUP = (S_PRE_COPY, S_PRE_COPY_P2P, S_STOP_COPY)
-
-# ---------------------------------------------------------------------------
-# struct layouts (native byte order, standard sizes; none has holes)
-# ---------------------------------------------------------------------------
-
-ST_GROUP_STATUS = struct.Struct("=II")  # argsz, flags
-ST_DEVICE_INFO = struct.Struct("=IIIIII")  # argsz, flags, num_regions, num_irqs, cap_offset, pad
-ST_REGION_INFO = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
-ST_CAP_HEADER = struct.Struct("=HHI")  # id, version, next
-ST_CAP_TYPE = struct.Struct("=II")  # type, subtype (after the header)
-ST_CAP_SPARSE = struct.Struct("=II")  # nr_areas, reserved
-ST_SPARSE_AREA = struct.Struct("=QQ")  # offset, size
-ST_FEATURE_HDR = struct.Struct("=II")  # argsz, flags
-ST_MIGRATION = struct.Struct("=Q")  # migration flags
-ST_MIG_STATE = struct.Struct("=Ii")  # device_state, data_fd
-ST_MIG_DATA_SIZE = struct.Struct("=Q")  # stop_copy_length
-ST_PRECOPY_INFO = struct.Struct("=IIQQ")  # argsz, flags, initial_bytes, dirty_bytes
-ST_BIND_IOMMUFD = struct.Struct("=IIiI")  # argsz, flags, iommufd, out_devid (original 16-byte form)
-ST_ATTACH_PT = struct.Struct("=III")  # argsz, flags, pt_id
-ST_IOAS_ALLOC = struct.Struct("=III")  # size, flags, out_ioas_id
-ST_V1_INFO = struct.Struct("=IIQQQ")  # device_state, reserved, pending_bytes, data_offset, data_size
-ST_LOG_CONTROL = struct.Struct("=QIIQ")  # page_size, num_ranges, reserved, ranges (user pointer)
-ST_LOG_RANGE = struct.Struct("=QQ")  # iova, length
-ST_LOG_REPORT = struct.Struct("=QQQQ")  # iova, length, page_size, bitmap (user pointer)
-
-STRUCT_SIZES = {
-    "vfio_group_status": ST_GROUP_STATUS.size,
-    "vfio_device_info": ST_DEVICE_INFO.size,
-    "vfio_region_info": ST_REGION_INFO.size,
-    "vfio_info_cap_header": ST_CAP_HEADER.size,
-    "vfio_region_info_cap_type": ST_CAP_HEADER.size + ST_CAP_TYPE.size,
-    "vfio_device_feature": ST_FEATURE_HDR.size,
-    "vfio_device_feature_migration": ST_MIGRATION.size,
-    "vfio_device_feature_mig_state": ST_MIG_STATE.size,
-    "vfio_device_feature_mig_data_size": ST_MIG_DATA_SIZE.size,
-    "vfio_precopy_info": ST_PRECOPY_INFO.size,
-    "vfio_device_migration_info": ST_V1_INFO.size,
-    "vfio_device_bind_iommufd": ST_BIND_IOMMUFD.size,
-    "vfio_device_attach_iommufd_pt": ST_ATTACH_PT.size,
-    "iommu_ioas_alloc": ST_IOAS_ALLOC.size,
-}
-
-
-def flag_names(value, table):
-    return [name for name, bit in table if value & bit]
-
-
-def errname(code):
-    return errno.errorcode.get(code, "E%s" % code) if code is not None else None
-
-
-def oserror(code, message):
-    return OSError(code, "%s: %s" % (errname(code), message))
-
-
-# ---------------------------------------------------------------------------
-# syscall layer: real backend (the sim backend, labs.sim.kernel.SimKernel, has the same methods)
-# ---------------------------------------------------------------------------
-
-
-class RealSys(object):
-    """os/fcntl calls. ioctl buffers are mutable bytearrays so the kernel's writes and
-    the syscall return value both reach us (spec 1.2)."""
-
-    name = "real"
-
-    def open(self, path, flags=os.O_RDWR):
-        return os.open(path, flags | os.O_CLOEXEC)
-
-    def close(self, fd):
-        os.close(fd)
-
-    def ioctl(self, fd, request, arg=0):
-        if isinstance(arg, bytearray):
-            return fcntl.ioctl(fd, request, arg, True)
-        return fcntl.ioctl(fd, request, arg)
-
-    def pread(self, fd, n, offset):
-        return os.pread(fd, n, offset)
-
-    def pwrite(self, fd, data, offset):
-        return os.pwrite(fd, data, offset)
-
-    def read(self, fd, n):
-        return os.read(fd, n)
-
-    def write(self, fd, data):
-        return os.write(fd, data)
-
-    def cloexec(self, fd):
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
-
-    def iommu_group(self, sysfs_dev):
-        return os.path.basename(os.readlink(os.path.join(sysfs_dev, "iommu_group")))
-
-    def exists(self, path):
-        return os.path.exists(path)
-
-    def listdir(self, path):
-        return sorted(os.listdir(path))
-
-    def driver_for(self, fd):
-        raise oserror(errno.EOPNOTSUPP, "not a simulated device")
-
-
-# ---------------------------------------------------------------------------
-# uAPI operations on any backend
-# ---------------------------------------------------------------------------
-
-
-def sysfs_device_path(kind, address):
-    if kind == "pci":
-        return "/sys/bus/pci/devices/%s" % address
-    if kind == "mdev":
-        return "/sys/bus/mdev/devices/%s" % address
-    raise oserror(errno.EINVAL, "unknown device kind %r" % kind)
-
-
-def open_group_path(sysl, sysfs_dev, name, noiommu=None):
-    """Legacy container/group sequence (spec 1.3). Returns (device_fd, [fds to close after it], info)."""
-    group = sysl.iommu_group(sysfs_dev)
-    if noiommu is None:
-        noiommu = sysl.exists("/dev/vfio/noiommu-%s" % group)
-    gpath = ("/dev/vfio/noiommu-%s" if noiommu else "/dev/vfio/%s") % group
-    opened = []
-    try:
-        cfd = sysl.open("/dev/vfio/vfio")
-        opened.append(cfd)
-        version = sysl.ioctl(cfd, VFIO_GET_API_VERSION, 0)
-        if version != VFIO_API_VERSION:
-            raise oserror(errno.EPROTO, "VFIO API version %s, expected %s" % (version, VFIO_API_VERSION))
-        if noiommu:
-            iommu = VFIO_NOIOMMU_IOMMU
-        elif sysl.ioctl(cfd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) > 0:
-            iommu = VFIO_TYPE1v2_IOMMU
-        else:
-            iommu = VFIO_TYPE1_IOMMU
-        gfd = sysl.open(gpath)
-        opened.append(gfd)
-        status = bytearray(ST_GROUP_STATUS.pack(ST_GROUP_STATUS.size, 0))
-        sysl.ioctl(gfd, VFIO_GROUP_GET_STATUS, status)
-        gflags = ST_GROUP_STATUS.unpack(bytes(status))[1]
-        if not gflags & VFIO_GROUP_FLAGS_VIABLE:
-            raise oserror(errno.EPERM, "group %s is not viable (bind every device in it to vfio)" % group)
-        sysl.ioctl(gfd, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", cfd)))
-        sysl.ioctl(cfd, VFIO_SET_IOMMU, iommu)
-        dfd = sysl.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
-    except Exception:
-        for fd in reversed(opened):
-            _quiet_close(sysl, fd)
-        raise
-    # the device fd holds its own references; we keep group and container open
-    # for the device's lifetime anyway (as QEMU does) and close them after it.
-    return dfd, [gfd, cfd], {"path": "group", "group": group, "iommu": iommu}
-
-
-def open_cdev_path(sysl, sysfs_dev):
-    """cdev/iommufd sequence (spec 1.4). Returns (device_fd, [fds], info)."""
-    vdir = os.path.join(sysfs_dev, "vfio-dev")
-    names = [n for n in sysl.listdir(vdir) if n.startswith("vfio")]
-    if not names:
-        raise oserror(errno.ENODEV, "no vfio-dev under %s" % sysfs_dev)
-    opened = []
-    try:
-        dfd = sysl.open("/dev/vfio/devices/%s" % names[0])
-        opened.append(dfd)
-        ifd = sysl.open("/dev/iommu")
-        opened.append(ifd)
-        bind = bytearray(ST_BIND_IOMMUFD.pack(ST_BIND_IOMMUFD.size, 0, ifd, 0))
-        sysl.ioctl(dfd, VFIO_DEVICE_BIND_IOMMUFD, bind)
-        devid = ST_BIND_IOMMUFD.unpack(bytes(bind))[3]
-        alloc = bytearray(ST_IOAS_ALLOC.pack(ST_IOAS_ALLOC.size, 0, 0))
-        sysl.ioctl(ifd, IOMMU_IOAS_ALLOC, alloc)
-        ioas = ST_IOAS_ALLOC.unpack(bytes(alloc))[2]
-        attach = bytearray(ST_ATTACH_PT.pack(ST_ATTACH_PT.size, 0, ioas))
-        sysl.ioctl(dfd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)
-    except Exception:
-        for fd in reversed(opened):
-            _quiet_close(sysl, fd)
-        raise
-    return dfd, [ifd], {"path": "cdev", "cdev": names[0], "devid": devid, "ioas": ioas}
-
-
-def _quiet_close(sysl, fd):
-    try:
-        sysl.close(fd)
-    except OSError:
-        pass
-
-
-def device_info(sysl, dfd):
-    buf = bytearray(ST_DEVICE_INFO.pack(ST_DEVICE_INFO.size, 0, 0, 0, 0, 0))
-    sysl.ioctl(dfd, VFIO_DEVICE_GET_INFO, buf)
-    argsz, flags, num_regions, num_irqs, cap_offset, _pad = ST_DEVICE_INFO.unpack(bytes(buf))
-    return {
-        "argsz": argsz,
-        "flags": flags,
-        "flag_names": flag_names(flags, DEVICE_FLAGS),
-        "num_regions": num_regions,
-        "num_irqs": num_irqs,
-        "cap_offset": cap_offset,
-    }
-
-
-def region_info(sysl, dfd, index):
-    """GET_REGION_INFO with the capability chain; re-issued with the argsz the kernel asks for."""
-    argsz = ST_REGION_INFO.size
-    for _attempt in range(3):
-        buf = bytearray(argsz)
-        ST_REGION_INFO.pack_into(buf, 0, argsz, 0, index, 0, 0, 0)
-        sysl.ioctl(dfd, VFIO_DEVICE_GET_REGION_INFO, buf)
-        need, flags, idx, cap_offset, size, offset = ST_REGION_INFO.unpack_from(bytes(buf), 0)
-        if flags & VFIO_REGION_INFO_FLAG_CAPS and need > argsz and cap_offset == 0:
-            argsz = need
-            continue
-        break
-    caps = []
-    if flags & VFIO_REGION_INFO_FLAG_CAPS and cap_offset:
-        caps = walk_caps(bytes(buf), cap_offset)
-    return {
-        "index": idx,
-        "flags": flags,
-        "flag_names": flag_names(flags, REGION_FLAGS),
-        "cap_offset": cap_offset,
-        "size": size,
-        "offset": offset,
-        "argsz": need,
-        "caps": caps,
-    }
-
-
-def walk_caps(buf, offset):
-    caps = []
-    seen = set()
-    while offset:
-        if offset in seen or offset + ST_CAP_HEADER.size > len(buf):
-            raise oserror(errno.EPROTO, "broken capability chain at offset %d" % offset)
-        seen.add(offset)
-        cid, version, nxt = ST_CAP_HEADER.unpack_from(buf, offset)
-        cap = {"id": cid, "version": version, "offset": offset}
-        body = offset + ST_CAP_HEADER.size
-        if cid == VFIO_REGION_INFO_CAP_TYPE and body + ST_CAP_TYPE.size <= len(buf):
-            cap["type"], cap["subtype"] = ST_CAP_TYPE.unpack_from(buf, body)
-        elif cid == VFIO_REGION_INFO_CAP_SPARSE_MMAP and body + ST_CAP_SPARSE.size <= len(buf):
-            nr, _res = ST_CAP_SPARSE.unpack_from(buf, body)
-            areas = []
-            for i in range(min(nr, 1024)):
-                at = body + ST_CAP_SPARSE.size + i * ST_SPARSE_AREA.size
-                if at + ST_SPARSE_AREA.size > len(buf):
-                    break
-                areas.append(list(ST_SPARSE_AREA.unpack_from(buf, at)))
-            cap["areas"] = areas
-        caps.append(cap)
-        offset = nxt
-    return caps
-
-
-def is_migration_region(info):
-    for cap in info["caps"]:
-        if cap["id"] == VFIO_REGION_INFO_CAP_TYPE and cap.get("type") == VFIO_REGION_TYPE_MIGRATION:
-            if cap.get("subtype") == VFIO_REGION_SUBTYPE_MIGRATION:
-                return True
-    return False
-
-
-def find_migration_region(sysl, dfd):
-    info = device_info(sysl, dfd)
-    for index in range(VFIO_PCI_NUM_REGIONS, info["num_regions"]):
-        try:
-            r = region_info(sysl, dfd, index)
-        except OSError:
-            continue
-        if is_migration_region(r):
-            return r
-    return None
-
-
-def device_feature(sysl, dfd, flags, payload=b"", argsz=None):
-    """Raw VFIO_DEVICE_FEATURE: returns (ret, payload bytes after the kernel wrote them)."""
-    size = ST_FEATURE_HDR.size + len(payload)
-    buf = bytearray(size)
-    ST_FEATURE_HDR.pack_into(buf, 0, size if argsz is None else argsz, flags)
-    buf[ST_FEATURE_HDR.size :] = payload
-    ret = sysl.ioctl(dfd, VFIO_DEVICE_FEATURE, buf)
-    return ret, bytes(buf[ST_FEATURE_HDR.size :])
-
-
-def mig_flags(sysl, dfd):
-    _ret, out = device_feature(
-        sysl, dfd, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIGRATION, bytes(ST_MIGRATION.size)
-    )
-    return ST_MIGRATION.unpack(out)[0]
-
-
-def mig_get_state(sysl, dfd):
-    _ret, out = device_feature(
-        sysl, dfd, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, ST_MIG_STATE.pack(0, -1)
-    )
-    return ST_MIG_STATE.unpack(out)
-
-
-class UserBuffer(object):
-    """Process memory lent to the kernel through a pointer in an ioctl struct. A backend with a
-    `user_buffers` dict (the sim kernel) is told the address, so it can refuse others (EFAULT)."""
-
-    def __init__(self, sysl, data):
-        import ctypes  # only the DMA-logging ops need it
-
-        self.size = len(data)
-        self.buf = ctypes.create_string_buffer(bytes(data), max(1, self.size))
-        self.addr = ctypes.addressof(self.buf)
-        self.lent = getattr(sysl, "user_buffers", None)
-        if self.lent is not None:
-            self.lent[self.addr] = self.size
-
-    def read(self):
-        return self.buf.raw[: self.size]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.lent is not None:
-            self.lent.pop(self.addr, None)
-
-
-def dma_logging_start(sysl, dfd, page_size, ranges):
-    """SET DMA_LOGGING_START over [(iova, length)]; returns the page size the driver chose."""
-    table = b"".join(ST_LOG_RANGE.pack(iova, length) for iova, length in ranges)
-    with UserBuffer(sysl, table) as ranges_buf:
-        payload = ST_LOG_CONTROL.pack(page_size, len(ranges), 0, ranges_buf.addr if ranges else 0)
-        _ret, out = device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_SET | FEATURES["DMA_LOGGING_START"], payload)
-    return ST_LOG_CONTROL.unpack(out)[0]
-
-
-def dma_logging_stop(sysl, dfd):
-    device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_SET | FEATURES["DMA_LOGGING_STOP"])
-
-
-def dma_logging_report(sysl, dfd, iova, length, page_size):
-    """GET DMA_LOGGING_REPORT into a zeroed bitmap (the kernel only sets bits); returns its bytes."""
-    pages = (length + page_size - 1) // page_size if page_size else 0
-    with UserBuffer(sysl, bytes((pages + 63) // 64 * 8)) as bitmap:
-        payload = ST_LOG_REPORT.pack(iova, length, page_size, bitmap.addr)
-        device_feature(sysl, dfd, VFIO_DEVICE_FEATURE_GET | FEATURES["DMA_LOGGING_REPORT"], payload)
-        return bitmap.read()
-
-
-def bitmap_pages(bitmap):
-    """Set bits of a DMA-logging bitmap: page k is bit k%64 of little-endian u64 word k/64 (spec 3.7)."""
-    out = []  # type: list[int]
-    for w in range(len(bitmap) // 8):
-        word = struct.unpack_from("<Q", bitmap, w * 8)[0]
-        out.extend(w * 64 + b for b in range(64) if word >> b & 1)
-    return out
-
-
-# data_fd pre-fill for SET: not -1, so a failed SET that leaves the field alone shows (V2-R17)
-DATA_FD_SENTINEL = -0x5A5A5A5A
-
-
-def mig_set_state(sysl, dfd, state):
-    """SET MIG_DEVICE_STATE. Returns (data_fd or -1, buffer state). On failure the OSError
-    carries .buffer = (state, data_fd) as the kernel left it (V2-R17)."""
-    size = ST_FEATURE_HDR.size + ST_MIG_STATE.size
-    buf = bytearray(size)
-    ST_FEATURE_HDR.pack_into(buf, 0, size, VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE)
-    ST_MIG_STATE.pack_into(buf, ST_FEATURE_HDR.size, state & 0xFFFFFFFF, DATA_FD_SENTINEL)
-    try:
-        sysl.ioctl(dfd, VFIO_DEVICE_FEATURE, buf)
-    except OSError as exc:
-        exc.buffer = ST_MIG_STATE.unpack_from(bytes(buf), ST_FEATURE_HDR.size)  # type: ignore[attr-defined]
-        raise
-    bstate, data_fd = ST_MIG_STATE.unpack_from(bytes(buf), ST_FEATURE_HDR.size)
-    return data_fd, bstate
-
-
-def mig_data_size(sysl, dfd):
-    _ret, out = device_feature(
-        sysl, dfd, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, bytes(ST_MIG_DATA_SIZE.size)
-    )
-    return ST_MIG_DATA_SIZE.unpack(out)[0]
-
-
-def precopy_info(sysl, data_fd, argsz=None):
-    buf = bytearray(ST_PRECOPY_INFO.pack(ST_PRECOPY_INFO.size if argsz is None else argsz, 0, 0, 0))
-    sysl.ioctl(data_fd, VFIO_MIG_GET_PRECOPY_INFO, buf)
-    _argsz, flags, initial, dirty = ST_PRECOPY_INFO.unpack(bytes(buf))
-    return {"initial_bytes": initial, "dirty_bytes": dirty, "flags": flags}
-
-
-def read_exact_at(sysl, fd, n, offset):
-    out = []
-    got = 0
-    while got < n:
-        piece = sysl.pread(fd, n - got, offset + got)
-        if not piece:
-            raise oserror(errno.EIO, "short region read at %d" % (offset + got))
-        out.append(piece)
-        got += len(piece)
-    return b"".join(out)
-
-
-def write_all_at(sysl, fd, data, offset):
-    done = 0
-    view = memoryview(data)
-    while done < len(data):
-        n = sysl.pwrite(fd, bytes(view[done:]), offset + done)
-        if n <= 0:
-            raise oserror(errno.EIO, "short region write at %d" % (offset + done))
-        done += n
-    return done
-
-
-_WIDTH_FMT = {1: "=B", 2: "=H", 4: "=I", 8: "=Q"}
-
-
-def v1_reg_read(sysl, dfd, region_offset, offset, width):
-    """One pread of exactly `width` bytes: native width, one syscall per field (spec 1.2)."""
-    data = sysl.pread(dfd, width, region_offset + offset)
-    if len(data) != width:
-        raise oserror(errno.EIO, "short %d-byte read at migration offset %d" % (width, offset))
-    return struct.unpack(_WIDTH_FMT[width], data)[0]
-
-
-def v1_reg_write(sysl, dfd, region_offset, offset, width, value):
-    value &= (1 << (8 * width)) - 1  # a negative value is written as the field's two's complement
-    n = sysl.pwrite(dfd, struct.pack(_WIDTH_FMT[width], value), region_offset + offset)
-    if n != width:
-        raise oserror(errno.EIO, "short %d-byte write at migration offset %d" % (width, offset))
-
 
 # ---------------------------------------------------------------------------
 # the agent process
@@ -1264,8 +538,7 @@ class Agent(object):
     # -- devices ------------------------------------------------------------
     def _sim_kernel(self):
         if self.sim is None:
-            kernel = importlib.import_module("labs.sim.kernel")
-            self.sim = kernel.SimKernel()
+            self.sim = sim_backend(SIM_BACKEND)
         return self.sim
 
     def op_open(self, args):
@@ -1283,14 +556,7 @@ class Agent(object):
             address = args.get("address") or args.get("uuid")
             if not address:
                 raise ProtocolError("open %s needs an address or uuid" % kind)
-            sysfs = sysfs_device_path(kind, address)
-            path = args.get("path", "auto")
-            if path == "auto":
-                path = "group" if os.path.exists("/dev/vfio/vfio") else "cdev"
-            if path == "cdev":
-                dfd, extra, info = open_cdev_path(sysl, sysfs)
-            else:
-                dfd, extra, info = open_group_path(sysl, sysfs, address, args.get("noiommu"))
+            dfd, extra, info = open_host_device(sysl, kind, address, args.get("path", "auto"), args.get("noiommu"))
         h = self._new_handle("device", sysl, dfd)
         h.extra_fds = extra
         info.update(handle=h.id, backend=sysl.name, fd=dfd)
@@ -1369,7 +635,7 @@ class Agent(object):
                 raise ProtocolError("unknown v1 field %r" % args["field"])
             return V1_FIELDS[args["field"]]
         width = int(args.get("width", 4))
-        if width not in _WIDTH_FMT:
+        if width not in WIDTH_FMT:
             raise ProtocolError("width must be 1, 2, 4 or 8")
         return int(args["offset"]), width
 

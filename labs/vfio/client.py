@@ -5,7 +5,7 @@
     dev = client.call("open", kind="sim", driver="labs.sim.v2:V2Driver", state_dir=...)["handle"]
 
 Both start the agent the same way: `python3 -u -c BOOTSTRAP`, then the agent's
-source is sent on stdin (12 ASCII digits of length, then the bytes), so nothing
+bundled source is sent on stdin (12 ASCII digits of length, then the bytes), so nothing
 is installed on a host. Device errors come back as AgentOSError (tests assert on
 errno); everything else that goes wrong (EOF, watchdog, garbage, a timeout) is
 AgentInfraError, which reports classify as lab infrastructure.
@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from labs.errors import InfraError
 from labs.vfio import agent as _agent
+from labs.vfio.bundle import bundle_source
 
 if TYPE_CHECKING:
     import paramiko
@@ -56,7 +57,8 @@ sys.exit(_g['main']())
 
 
 def agent_source() -> bytes:
-    return Path(_agent.__file__).read_bytes()
+    """What a host runs: the agent with the modules it imports (labs/vfio/bundle.py)."""
+    return bundle_source()
 
 
 def bootstrap_payload() -> bytes:

@@ -1,14 +1,14 @@
 """The VFIO migration uAPI as data, for the controller and the suites.
 
-Every number and table comes from labs.vfio.agent (the one file that also runs
-on hosts), so the controller and the agent can never disagree. This module adds
+Every number and table comes from labs.vfio.abi (the module the agent also carries
+to hosts), so the controller and the agent can never disagree. This module adds
 names, typed helpers and the questions suites ask: which arcs does a SET walk,
 which requests hang a real kernel, which arcs open a data session.
 """
 
 from __future__ import annotations
 
-from labs.vfio.agent import (
+from labs.vfio.abi import (
     FEATURES,
     MIG_NEXT_STATE,
     MIG_STATE_FLAGS,

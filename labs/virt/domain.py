@@ -20,7 +20,7 @@ import libvirt
 
 from labs.errors import InfraError
 from labs.inventory import LabHost
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.virt.capabilities import Capabilities, VirtCapability, probe_capabilities
 from labs.virt.connection import open_connection
 from labs.virt.events import EventLog, ensure_event_loop

@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from labs.attachments import attach, step
 from labs.conformance import model
 from labs.conformance.checks import state_inputs, stream_limit
 from labs.inventory import LabDevice
-from labs.reporting.evidence import attach, step
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.vfio import uapi
 from labs.vfio.client import AgentOSError
 from labs.vfio.device import DeviceHandle

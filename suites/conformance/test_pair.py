@@ -15,8 +15,8 @@ import pytest
 
 from labs.conformance.checks import apart, differs_before, verify_resumed
 from labs.inventory import LabPair
-from labs.runtime import LabSession
 from labs.scenarios.steps import StepLog
+from labs.session import LabSession
 from labs.vfio.device import DeviceHandle
 from suites.conformance.conftest import LabCheckContext, open_dut
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from labs.inventory import LabPair
-from labs.pytest_plugin import STATE
-from labs.runtime import LabSession
+from labs.plugin.state import STATE
 from labs.scenarios.context import Scenario
 from labs.scenarios.support import require, scenario_for
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 
 

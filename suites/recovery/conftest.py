@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from labs.runtime import LabSession
 from labs.scenarios.context import Scenario
 from labs.scenarios.support import scenario_for
+from labs.session import LabSession
 
 # the same gate (skip before the pair is reserved, naming the capability) and fixture as the migration suite
 from suites.migration.conftest import migratable, pytest_runtest_setup

@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import pytest
 
+from labs.agentpool import open_device
 from labs.inventory import LabDevice, LabPair
-from labs.runtime import LabSession
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import NO_DEVICE_LAYER, device_opener
 from labs.scenarios.support import require, skip_where_no_device
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 
 pytestmark = [pytest.mark.recovery, pytest.mark.fault]
 
 
 def _recover(lab: LabSession, scenario: Scenario, device: LabDevice, entry: rc.Entry) -> rc.Recovery:
-    opener = device_opener()
-    if opener is None:
-        pytest.skip(NO_DEVICE_LAYER)
-    with opener(lab, device) as dev:
+    with open_device(lab, device) as dev:
         return rc.recover(scenario, dev, device, entry)
 
 

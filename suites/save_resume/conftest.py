@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from labs.runtime import LabSession
 from labs.scenarios.context import Scenario
 from labs.scenarios.support import scenario_for
+from labs.session import LabSession
 
 
 @pytest.fixture

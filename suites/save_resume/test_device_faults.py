@@ -12,12 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from labs.agentpool import open_device
 from labs.faults import CorruptResumeStream, DeviceTransitionFailure
 from labs.inventory import LabDevice
-from labs.runtime import LabSession
 from labs.scenarios import roundtrip
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import NO_DEVICE_LAYER, DeviceAccess, device_opener
+from labs.session import LabSession
+from labs.vfio.access import DeviceAccess
 from labs.vfio.client import AgentOSError
 
 pytestmark = [pytest.mark.save_resume, pytest.mark.fault]
@@ -25,10 +26,7 @@ pytestmark = [pytest.mark.save_resume, pytest.mark.fault]
 
 @pytest.fixture
 def dev(lab: LabSession, device: LabDevice) -> Iterator[DeviceAccess]:
-    opener = device_opener()
-    if opener is None:
-        pytest.skip(NO_DEVICE_LAYER)
-    with opener(lab, device) as handle:
+    with open_device(lab, device) as handle:
         if handle.state() != "RUNNING":
             handle.reset()  # a device left stopped by someone else (mtty keeps its state across opens)
         yield handle

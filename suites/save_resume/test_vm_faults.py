@@ -19,11 +19,11 @@ import pytest
 from labs.faults.device import ImageDamage
 from labs.inventory import LabDevice
 from labs.probes import probe_for
-from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.known import xfail_known
 from labs.scenarios.support import require
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 
 pytestmark = [pytest.mark.save_resume, pytest.mark.fault]

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 
 from labs.inventory import LabDevice, LabPair
-from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import NO_DEVICE_LAYER, device_opener
 from labs.scenarios.support import require, skip_where_no_device
+from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 
 pytestmark = [pytest.mark.save_resume]
@@ -57,8 +56,6 @@ def test_restore_on_other_host(lab: LabSession, pair: LabPair, scenario: Scenari
 @pytest.mark.sim_only("test:/// carries no device state, so the sim lab drives the device explicitly")
 def test_device_content_round_trip(lab: LabSession, pair: LabPair, scenario: Scenario) -> None:
     """Save on the source's device, resume into the destination's (seeded apart), through the device layer."""
-    if device_opener() is None:
-        pytest.skip(NO_DEVICE_LAYER)
     rt = sr.device_round_trip(scenario, pair.source, pair.destination, why="test:/// saves carry no device state")
     assert rt.stream_bytes > 0
     assert not rt.problems, "; ".join(rt.problems)

@@ -6,7 +6,7 @@ import pytest
 
 from labs.doctor import Status, check_host
 from labs.inventory import LabHost
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.transport import HostConnection
 from labs.virt.connection import probe
 
@@ -25,7 +25,7 @@ def test_libvirt_connection(host: LabHost) -> None:
 
 
 def test_doctor_green(lab: LabSession, host: LabHost) -> None:
-    from labs.hostagent import migration_probe
+    from labs.agentpool import migration_probe
 
     report = check_host(lab, host, migration_probe)
     failed = [f"{c.name} {c.device or ''}: {c.detail}" for c in report.checks if c.status == Status.FAIL]

@@ -31,9 +31,9 @@ import pytest
 from labs.faults.mdevs import RECORD_DIR
 from labs.faults.network import rule_tag
 from labs.inventory.models import MdevDevice
-from labs.nested import lab
+from labs.nested import lifecycle
 from labs.paths import REPO_ROOT, SUITES
-from labs.runtime import LabSession, open_inventory
+from labs.session import LabSession, open_inventory
 from labs.virt.domain import REMOTE_IMAGE_DIR
 from tests.chaos import LAB, chaos_env, chaos_run_id, chaos_seed, kill_when, run_marks
 from tests.nested.test_nested_smoke import nested_hosts  # noqa: F401  (the fixture: skips unless the lab is up)
@@ -76,13 +76,13 @@ true
 @pytest.fixture(scope="module")
 def nested(nested_hosts: object, request: pytest.FixtureRequest) -> Iterator[LabSession]:  # noqa: F811
     asked = request.config.getoption("--inventory", default=None)
-    named = asked is not None and Path(asked).resolve() == lab.NESTED_INVENTORY.resolve()
+    named = asked is not None and Path(asked).resolve() == lifecycle.NESTED_INVENTORY.resolve()
     if not named and os.environ.get("LABS_NESTED_CHAOS") != "1":
         pytest.skip(
             "kills runs on the nested lab: only with --inventory inventories/nested.yaml (tox -e nested) "
             "or LABS_NESTED_CHAOS=1"
         )
-    with LabSession(open_inventory(lab.NESTED_INVENTORY)) as session:
+    with LabSession(open_inventory(lifecycle.NESTED_INVENTORY)) as session:
         yield session
 
 
@@ -119,7 +119,7 @@ def touched_destination(session: LabSession, run_id: str, seen: list[str]) -> Ca
 
 
 def pytest_args(*selection: str) -> list[str]:
-    return [*selection, "-p", "no:cacheprovider", "-q", "--inventory", str(lab.NESTED_INVENTORY)]
+    return [*selection, "-p", "no:cacheprovider", "-q", "--inventory", str(lifecycle.NESTED_INVENTORY)]
 
 
 def test_killed_migration_runs_leave_nothing_the_janitor_misses(nested: LabSession, tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_killed_migration_runs_leave_nothing_the_janitor_misses(nested: LabSessi
         outcome += f" on {seen}" if seen else ""
         landed = on_hosts(nested, run_id)  # where the kill landed, for the message
         janitor = subprocess.run(
-            [LAB, "janitor", "--inventory", str(lab.NESTED_INVENTORY)],
+            [LAB, "janitor", "--inventory", str(lifecycle.NESTED_INVENTORY)],
             env=chaos_env(None, images),
             capture_output=True,
             text=True,

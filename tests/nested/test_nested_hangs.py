@@ -15,8 +15,8 @@ import pytest
 
 from labs.errors import InfraError
 from labs.hostwatch import infra_error
-from labs.nested import lab
-from labs.runtime import LabSession, open_inventory
+from labs.nested import lifecycle
+from labs.session import LabSession, open_inventory
 from labs.virt.domain import hypervisor
 from tests.nested.test_nested_smoke import _nested_hosts
 
@@ -27,7 +27,7 @@ KEEPALIVE_BUDGET_S = 5 * 3
 @pytest.fixture(scope="module")
 def session() -> Iterator[LabSession]:
     _nested_hosts()  # skips, saying why, unless the lab is up
-    with LabSession(open_inventory(lab.NESTED_INVENTORY)) as s:
+    with LabSession(open_inventory(lifecycle.NESTED_INVENTORY)) as s:
         yield s
 
 

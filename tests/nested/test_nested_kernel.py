@@ -12,11 +12,11 @@ import re
 
 import pytest
 
-from labs.nested import lab
+from labs.nested import lifecycle
 from tests import allure_results
 from tests.nested.test_nested_smoke import nested_hosts  # noqa: F401  (the fixture, used by name)
 
-HOST = lab.HOST_NAMES[0]
+HOST = lifecycle.HOST_NAMES[0]
 
 INNER = """
 import pytest
@@ -42,7 +42,7 @@ def test_a_kernel_warning_fails_the_test_and_a_clean_test_passes(
     pytester.makepyfile(test_inner_kernel=INNER)
     results = pytester.path / "results"
     run = pytester.runpytest_subprocess(
-        f"--inventory={lab.NESTED_INVENTORY}",
+        f"--inventory={lifecycle.NESTED_INVENTORY}",
         f"--lab-host={HOST}",
         "--lab-no-doctor",  # the doctor's probes are not what this shows, and take minutes under TCG
         f"--alluredir={results}",

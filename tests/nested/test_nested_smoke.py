@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 import yaml
 
-from labs.nested import lab
+from labs.nested import lifecycle
 
 
 def _nested_hosts() -> dict[str, Any]:
-    if not lab.NESTED_INVENTORY.is_file():
-        pytest.skip(f"nested lab not up: no {lab.NESTED_INVENTORY} (run `lab nested up`)")
+    if not lifecycle.NESTED_INVENTORY.is_file():
+        pytest.skip(f"nested lab not up: no {lifecycle.NESTED_INVENTORY} (run `lab nested up`)")
     # a host just booted under TCG may take seconds to send its banner: not being up is what skips
-    dead = [st.name for st in lab.status(check=lambda vm: vm.ssh_banner(timeout=30)) if not (st.alive and st.ssh)]
+    dead = [st.name for st in lifecycle.status(check=lambda vm: vm.ssh_banner(timeout=30)) if not (st.alive and st.ssh)]
     if dead:
         pytest.skip(f"nested lab not up: {', '.join(dead)} not running or sshd not answering (`lab nested status`)")
-    hosts: dict[str, Any] = yaml.safe_load(lab.NESTED_INVENTORY.read_text())["hosts"]
+    hosts: dict[str, Any] = yaml.safe_load(lifecycle.NESTED_INVENTORY.read_text())["hosts"]
     return hosts
 
 
@@ -50,7 +50,7 @@ def run(host: dict[str, Any], command: str, timeout: float = 120) -> str:
     return res.stdout
 
 
-HOSTS = list(lab.HOST_NAMES)
+HOSTS = list(lifecycle.HOST_NAMES)
 
 
 @pytest.mark.parametrize("name", HOSTS)
@@ -94,7 +94,7 @@ def test_private_link(nested_hosts: dict[str, Any], name: str, peer: str) -> Non
 def test_inventory_is_valid(nested_hosts: dict[str, Any]) -> None:
     from labs.inventory.loader import load_inventory
 
-    inv = load_inventory(Path(lab.NESTED_INVENTORY))
+    inv = load_inventory(Path(lifecycle.NESTED_INVENTORY))
     assert inv.pairs, "the two mtty devices should pair up by model"
 
 
@@ -121,7 +121,7 @@ def test_live_kernel_patching_keeps_the_host_up(nested_hosts: dict[str, Any]) ->
     try:
         flips = int(run(nested_hosts[name], FLIP_CPUSET, timeout=FLIP_SECONDS + 120).strip())
     except AssertionError as exc:
-        pytest.fail(f"{exc}\n" + "\n".join(lab.post_mortem()))
+        pytest.fail(f"{exc}\n" + "\n".join(lifecycle.post_mortem()))
     assert flips > 10, f"only {flips} cpuset flips in {FLIP_SECONDS}s"
-    (vm,) = [v for v in lab.status() if v.name == name]
-    assert vm.alive and vm.ssh, f"{name} died: " + "\n".join(lab.post_mortem())
+    (vm,) = [v for v in lifecycle.status() if v.name == name]
+    assert vm.alive and vm.ssh, f"{name} died: " + "\n".join(lifecycle.post_mortem())

@@ -11,7 +11,7 @@ import yaml
 
 from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
-from labs.nested import image, lab, recipe, vm
+from labs.nested import image, lifecycle, recipe, vm
 
 
 def test_digest_is_stable_and_short() -> None:
@@ -73,7 +73,7 @@ def fake_image(tmp_path: Path) -> image.BaseImage:
 
 def test_specs_pair_the_link_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
-    a, b = lab.specs()
+    a, b = lifecycle.specs()
     assert (a.ssh_port, b.ssh_port) == (30001, 30002)
     assert a.link_port == b.peer_link_port and b.link_port == a.peer_link_port
     assert (a.link_ip, b.link_ip) == ("192.168.123.1", "192.168.123.2")
@@ -133,9 +133,9 @@ def test_crash_report_starts_at_the_oops(tmp_path: Path) -> None:
 
 
 def test_ssh_argv_is_strict(tmp_path: Path) -> None:
-    keys = lab.Keys(tmp_path)
+    keys = lifecycle.Keys(tmp_path)
     spec = vm.VmSpec("nested-a", 1, ssh_port=30001, link_port=2, peer_link_port=3)
-    argv = lab.ssh_argv(spec, keys, "true")
+    argv = lifecycle.ssh_argv(spec, keys, "true")
     assert "StrictHostKeyChecking=yes" in argv and f"UserKnownHostsFile={keys.known_hosts}" in argv
     assert argv[argv.index("-p") + 1] == "30001" and argv[-1] == "true"
 
@@ -143,12 +143,12 @@ def test_ssh_argv_is_strict(tmp_path: Path) -> None:
 def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
-    all_specs = lab.specs()
-    keys = lab.Keys(tmp_path / "keys")
+    all_specs = lifecycle.specs()
+    keys = lifecycle.Keys(tmp_path / "keys")
     keys.regenerate([s.name for s in all_specs])
     keys.known_hosts.write_text("")  # up pins the keys here; the loader only needs the file
     machine = vm.Vm(all_specs[1], tmp_path / "run")
-    lab.write_seed(machine, all_specs, keys)
+    lifecycle.write_seed(machine, all_specs, keys)
     seed = machine.paths.seed_dir
     assert (seed / "hostname").read_text().strip() == "nested-b"
     assert "LINK_CIDR=192.168.123.2/24" in (seed / "net.env").read_text()
@@ -156,9 +156,9 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert (seed / "ssh_host_ed25519_key").read_text() == keys.host("nested-b").read_text()
     assert len((seed / "known_hosts").read_text().splitlines()) == 2
 
-    doc = lab.inventory_doc(all_specs, keys, {"nested-a": ["stop_copy", "p2p", "pre_copy"]})
+    doc = lifecycle.inventory_doc(all_specs, keys, {"nested-a": ["stop_copy", "p2p", "pre_copy"]})
     path = tmp_path / "nested.yaml"
-    lab.write_inventory(path, doc)
+    lifecycle.write_inventory(path, doc)
     assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
     inv = load_inventory(path)
     assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2"]  # one pair; there-and-back covers b->a
@@ -168,14 +168,14 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert f"UserKnownHostsFile={keys.known_hosts}" in wrapper and "StrictHostKeyChecking=yes" in wrapper
     device = doc["hosts"]["nested-a"]["devices"][0]
     assert device["qemu_properties"] == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
-    assert inv.settings.max_downtime_ms == lab.MAX_DOWNTIME_MS
+    assert inv.settings.max_downtime_ms == lifecycle.MAX_DOWNTIME_MS
 
 
 def test_example_inventory_is_valid() -> None:
     """The committed sample matches the model (its key files exist only on a machine where the lab is up)."""
     example = Path(__file__).resolve().parents[2] / "inventories" / "nested.example.yaml"
     doc = InventoryDoc.model_validate(yaml.safe_load(example.read_text()))
-    assert set(doc.hosts) == set(lab.HOST_NAMES)
+    assert set(doc.hosts) == set(lifecycle.HOST_NAMES)
     for host in doc.hosts.values():
         (device,) = host.devices
         assert device.kind == "mdev" and device.protocol == "v2"
@@ -184,22 +184,22 @@ def test_example_inventory_is_valid() -> None:
 def test_down_removes_only_a_generated_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
     generated = tmp_path / "generated.yaml"
-    lab.write_inventory(generated, {"hosts": {}})
+    lifecycle.write_inventory(generated, {"hosts": {}})
     handwritten = tmp_path / "mine.yaml"
     handwritten.write_text("hosts: {}\n")
-    assert lab.down(generated) == [] and not generated.exists()
-    assert lab.down(handwritten) == [] and handwritten.exists()
+    assert lifecycle.down(generated) == [] and not generated.exists()
+    assert lifecycle.down(handwritten) == [] and handwritten.exists()
 
 
 def test_status_when_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    statuses = lab.status()
-    assert [s.name for s in statuses] == list(lab.HOST_NAMES)
+    statuses = lifecycle.status()
+    assert [s.name for s in statuses] == list(lifecycle.HOST_NAMES)
     assert not any(s.alive or s.ssh for s in statuses)
-    assert not lab.is_up(tmp_path / "nested.yaml")
-    assert lab.status_table(statuses).row_count == 2
-    assert "image not built" in lab.figures_line()
+    assert not lifecycle.is_up(tmp_path / "nested.yaml")
+    assert lifecycle.status_table(statuses).row_count == 2
+    assert "image not built" in lifecycle.figures_line()
 
 
 def test_prune_keeps_the_current_image_and_the_run_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

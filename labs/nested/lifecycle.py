@@ -448,9 +448,7 @@ def _prepare_host(spec: VmSpec, keys: Keys) -> list[str]:
         f"lsmod | grep -q '^mtty ' || modprobe mtty; "
         f"test -e /sys/bus/mdev/devices/{MTTY_UUID} || echo {MTTY_UUID} > {create}",
     )
-    # `-cpu max` under TCG shows SVM, so the host loads kvm_amd and libvirt would offer kvm domains (the
-    # scenarios take the best type offered); KVM on emulated SVM panicked a host mid-suite. Without the
-    # modules libvirt offers only type='qemu' (TCG in TCG). virtqemud re-probes when /dev/kvm changes.
+    # without kvm modules libvirt offers only type='qemu': KVM on TCG's emulated SVM is unstable (docs/incidents.md)
     ssh_ok(spec, keys, "modprobe -r kvm_amd kvm_intel kvm 2>/dev/null; test ! -e /dev/kvm")
     # The first connection makes libvirtd probe QEMU's capabilities: slow under TCG, so pay it here.
     ssh_ok(spec, keys, "virsh -c qemu:///system version", timeout=300)

@@ -5,7 +5,7 @@ save images in the known image dirs, nft tables / iptables comments
 `labs_<date>_<time>_<hex>_...`, host-side records `<run id>.<uuid>` of the mdevs faults
 created (labs.faults.mdevs). The janitor removes all of them except the
 current session's own and those of runs still alive (a live process on this
-controller holds a mark for them, labs.runs, or a live holder on the host keeps
+controller holds a mark for them, labs.liveruns, or a live holder on the host keeps
 a device reservation for them), and returns one line per thing removed. On each
 host it also removes reservation records no live holder backs, kills device
 agents orphaned by a dead SSH session (on a sim host: of its own sim lab), and
@@ -23,16 +23,16 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from labs.agentpool import open_device
 from labs.errors import LabError
 from labs.faults import mdevs
 from labs.faults.network import NFT_PREFIX, rule_tag
-from labs.hostagent import open_device
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice
+from labs.liveruns import live_runs
 from labs.reservations import ReservationBusy, list_reservations, reserve, sweep_stale
-from labs.runs import live_runs
-from labs.runtime import LabSession
-from labs.scenarios.readback import RUNNING_STATES
+from labs.session import LabSession
+from labs.vfio.access import RUNNING_STATES
 from labs.vfio.client import AgentOSError
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM, hypervisor, local_image_dir
 

@@ -23,7 +23,7 @@ from labs.reporting.gates import GateFailure, allure_results, evaluate
 from labs.reporting.metrics import read_run_metrics
 from labs.reporting.plots import append_history, plot_run, plot_trend
 from labs.reporting.render import render
-from labs.runtime import new_run_id, open_inventory
+from labs.session import new_run_id, open_inventory
 
 
 @dataclass(frozen=True)

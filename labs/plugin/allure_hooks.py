@@ -18,10 +18,10 @@ import pytest
 
 import labs
 from labs import retries
+from labs.attachments import ENV_LABEL, attach, register_secret_env
 from labs.hostwatch import infra_exception_names
-from labs.inventory import LabDevice, LabHost, LabPair
-from labs.reporting.evidence import attach, register_secret_env
-from labs.reporting.render import ENV_LABEL
+from labs.plugin import kernels as host_kernels
+from labs.plugin.state import LAB_FIXTURES, STATE, subject_of
 
 
 def categories() -> list[dict[str, Any]]:
@@ -68,19 +68,6 @@ def results_dir(config: pytest.Config) -> Path | None:
     return Path(value) if value else None
 
 
-def subject_of(item: pytest.Item) -> tuple[list[LabHost], LabDevice | None, LabPair | None]:
-    callspec = getattr(item, "callspec", None)
-    params: dict[str, Any] = callspec.params if callspec else {}
-    pair = params.get("pair") if isinstance(params.get("pair"), LabPair) else None
-    device = params.get("device") if isinstance(params.get("device"), LabDevice) else None
-    host = params.get("host") if isinstance(params.get("host"), LabHost) else None
-    if pair is not None:
-        return [pair.source.host, pair.destination.host], pair.source, pair
-    if device is not None:
-        return [device.host], device, None
-    return ([host] if host else []), None, None
-
-
 def _label(item: pytest.Item, label_type: str, *values: str) -> None:
     item.add_marker(pytest.mark.allure_label(*values, label_type=label_type))
 
@@ -90,8 +77,6 @@ def static_labels(item: pytest.Item) -> None:
     parts = Path(str(item.path)).parts
     suite = parts[parts.index("suites") + 1] if "suites" in parts and parts.index("suites") + 1 < len(parts) else ""
     _label(item, "epic", "VFIO device migration")
-    from labs.pytest_plugin import STATE
-
     state = item.config.stash.get(STATE, None)
     if state is not None:
         # the lab's name: a report merging several labs splits by it (Allure environments, labs.reporting.render)
@@ -111,8 +96,6 @@ def static_labels(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    from labs.pytest_plugin import LAB_FIXTURES
-
     for item in items:
         if any(n in getattr(item, "fixturenames", ()) for n in LAB_FIXTURES):
             static_labels(item)
@@ -138,8 +121,6 @@ def label_test(item: pytest.Item, kernels: dict[str, str]) -> None:
 
 @pytest.fixture(autouse=True)
 def _labs_allure(request: pytest.FixtureRequest) -> Iterator[None]:
-    from labs.pytest_plugin import LAB_FIXTURES, STATE
-
     if not any(n in request.fixturenames for n in LAB_FIXTURES):
         yield
         return
@@ -169,10 +150,8 @@ def environment_properties(state: Any) -> dict[str, str]:
         for c in report.checks:
             if c.device is None and c.name in ("kernel", "libvirt", "python"):
                 env[f"{name}.{c.name}"] = c.detail
-    from labs.pytest_plugin import kernel_not_judged
-
     for h in inv.hosts:
-        why = kernel_not_judged(inv, h)
+        why = host_kernels.kernel_not_judged(inv, h)
         env[f"{h.name}.kernel_verdict"] = f"off: {why}" if why else "on"
     for d in inv.devices:
         # Allure 3 splits a key at its first ':' even when escaped: device ids keep their ':' out of keys
@@ -187,8 +166,6 @@ def write_run_files(config: pytest.Config) -> None:
     Each worker leaves its part in the results directory and the controller,
     which finishes last, merges them.
     """
-    from labs.pytest_plugin import STATE
-
     out = results_dir(config)
     if out is None:
         return
@@ -211,8 +188,6 @@ def _escape(value: str) -> str:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    from labs.pytest_plugin import STATE
-
     state = session.config.stash.get(STATE, None)
     if state is not None and state._inventory is not None:
         names = [h.spec.identity_passphrase_env for h in state.inventory.hosts]

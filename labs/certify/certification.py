@@ -26,7 +26,7 @@ from labs.errors import ConfigError
 from labs.inventory import Inventory, LabDevice
 from labs.inventory.models import ResetMethod
 from labs.paths import REPO_ROOT, REPORTS, SUITES
-from labs.runtime import new_run_id, open_inventory
+from labs.session import new_run_id, open_inventory
 
 CERT_SUITES = ("conformance", "save_resume", "migration", "recovery")
 

@@ -16,6 +16,7 @@ from typing import Any
 import allure
 from allure_commons.types import AttachmentType
 
+ENV_LABEL = "lab"  # the label naming a result's lab: its Allure environment in a merged report
 REDACTED = "«redacted»"
 PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?-----END [A-Z0-9 ]*PRIVATE KEY-----", re.S)
 ASSIGNMENT = re.compile(
@@ -59,6 +60,17 @@ def attach(name: str, body: str | bytes | Any, kind: str = "text") -> None:
         body = json.dumps(body, indent=2, default=str, sort_keys=True)
     text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
     allure.attach(redact(text), name=name, attachment_type=KINDS.get(kind, AttachmentType.TEXT))
+
+
+METRICS_ATTACHMENT = "metrics"  # labs.reporting.metrics reads these back after the run
+
+
+def record_metrics(subject: str, scenario: str, **values: float | int | str | None) -> dict[str, Any]:
+    """One scenario run's numbers (downtime_ms, total_ms, ...) as a JSON attachment of the running test."""
+    numbers = {k: v for k, v in values.items() if v is not None}
+    rec: dict[str, Any] = {"subject": subject, "scenario": scenario, **numbers}
+    attach(METRICS_ATTACHMENT, rec, "json")
+    return rec
 
 
 def step(title: str) -> Any:

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
+from labs.attachments import attach
 from labs.doctor import FlagsMismatch
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice
-from labs.reporting.evidence import attach
 from labs.reservations import ReservationBusy, reserve
-from labs.runtime import LabSession
+from labs.session import LabSession
 from labs.vfio import uapi
 from labs.vfio.client import AgentClient, AgentInfraError, AgentOSError
 from labs.vfio.device import DeviceHandle

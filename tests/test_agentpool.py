@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from labs.hostagent import agent_for, agent_pool, migration_probe, open_device
-from labs.runtime import LabSession, open_inventory
+from labs.agentpool import agent_for, agent_pool, migration_probe, open_device
+from labs.session import LabSession, open_inventory
 from tests.conftest import write_sim_inventory
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from labs.inventory import Inventory, load_inventory
-from labs.runs import RunMark
+from labs.liveruns import RunMark
 from labs.simlab import SimLab
 from labs.transport import HostConnection, SSHPool
 
