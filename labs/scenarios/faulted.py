@@ -16,7 +16,7 @@ from typing import Literal
 from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
 from labs.scenarios.context import Scenario
-from labs.scenarios.migration import Leg, migrate_leg
+from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
 from labs.virt.xml import Hostdev, with_hostdevs
@@ -142,6 +142,7 @@ def migrate_under_fault(
         timeout=timeout,
         on_progress=during if trigger != "before" else None,
         hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
+        expect=expectation(fault),
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):
@@ -170,6 +171,12 @@ def migrate_under_fault(
 
 
 RELEASE_WAIT = 5.0
+
+
+def expectation(fault: Fault) -> LegExpectation:
+    """The fault's expected outcome, as the leg under it checks it."""
+    out = fault.outcome
+    return LegExpectation(out.runs_on, out.source_events, out.destination_events)
 
 
 def _destination_not_released(leg: Leg, domain: str) -> bool:
