@@ -19,6 +19,7 @@ from labs.scenarios.context import Scenario
 from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
+from labs.virt.phase import PHASES, Phase
 from labs.virt.xml import Hostdev, with_hostdevs
 
 # An idle diskless VM's migration is one pass over its RAM, nearly all zero pages (a few bytes each on
@@ -27,9 +28,36 @@ from labs.virt.xml import Hostdev, with_hostdevs
 # (pages it never touches cost no host memory on either side) and the 1 MiB/s floor, so its pass lasts seconds.
 IN_FLIGHT_MEMORY_MIB = 1024
 SLOW_MIB_S = 1
-# before: the fault is in place when the job starts; started: at the first sample of an active job (the
-# destination is being prepared); mid-flight: while RAM data moves (some sent, some still to send)
-Trigger = Literal["before", "started", "mid-flight"]
+# before: the fault is in place when the job starts; started: at the first sample of an active job, in
+# whichever phase it is; mid-flight: while RAM data moves (the iterating phase, some sent, some still to
+# send); stop-copy: while the source is paused for the switchover; finish: QEMU is done sending, libvirt
+# finishes the job (labs.virt.phase)
+Trigger = Literal["before", "started", "mid-flight", "stop-copy", "finish"]
+MEANT: dict[str, tuple[Phase, ...]] = {
+    "started": PHASES,
+    "mid-flight": ("iterating",),
+    "stop-copy": ("stop-copy",),
+    "finish": ("finish",),
+}
+
+
+def due(trigger: Trigger, sample: JobSample) -> bool:
+    """Is a fault with this trigger due at this sample? (Never for "before": it is injected before the job.)"""
+    if trigger == "mid-flight":
+        # once nothing is left to send, QEMU may be completing, and a fault then proves nothing (missed)
+        return sample.phase == "iterating" and sample.remaining > 0
+    return trigger != "before" and sample.phase in MEANT[trigger]
+
+
+def phases_seen(samples: list[JobSample]) -> str:
+    """`setup x2, iterating x31`: the phases the job's samples showed, in order."""
+    runs: list[list[object]] = []
+    for s in samples:
+        if runs and runs[-1][0] == s.phase:
+            runs[-1][1] = int(str(runs[-1][1])) + 1
+        else:
+            runs.append([s.phase, 1])
+    return ", ".join(f"{p} x{n}" for p, n in runs) or "none"
 
 
 @dataclass
@@ -60,8 +88,16 @@ class FaultedMigration:
             seen = "no sample saw the job active"
         return (
             f"{self.fault.name} was due {self.trigger}, but the migration ended by itself in {result.duration:.1f}s "
-            f"({seen}; polled every {MigrationOptions.poll:g}s): this VM migrates too quickly for the fault to land"
+            f"({seen}; phases seen: {phases_seen(result.samples)}; polled every {MigrationOptions.poll:g}s): "
+            "this VM migrates too quickly for the fault to land"
         )
+
+    @property
+    def landed(self) -> str:
+        """Where the fault landed, for the report: `before the job`, `in iterating`, `never`."""
+        if self.trigger == "before":
+            return "before the job"
+        return f"in {self.fault.record.phase}" if self.fault.record.phase else "never"
 
     @property
     def known_issues(self) -> list[str]:
@@ -125,10 +161,8 @@ def migrate_under_fault(
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
     def during(sample: JobSample) -> None:
-        # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer;
-        # once nothing is left to send, QEMU may be completing, and a fault then proves nothing (missed)
-        due = sample.processed > 0 and sample.remaining > 0 if trigger == "mid-flight" else sample.active
-        if due and not fault.attempted:
+        if due(trigger, sample) and not fault.attempted:
+            fault.record.phase = sample.phase
             sc.inject(fault)
 
     vm_after, failed = migrate_leg(
