@@ -1,6 +1,7 @@
 """Named fault injectors, each recorded and undone (see base.FaultLedger)."""
 
 from labs.faults.base import Fault, FaultLedger, FaultRecord
+from labs.faults.daemon import KillDaemon, StopDaemon
 from labs.faults.device import (
     CorruptResumeStream,
     CorruptSaveImage,
@@ -8,19 +9,24 @@ from labs.faults.device import (
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
 )
-from labs.faults.job import AbortJob, KillDestinationQemu
+from labs.faults.job import AbortJob, AbortOnDestination, KillDestinationQemu
+from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
 
 __all__ = [
     "AbortJob",
+    "AbortOnDestination",
     "CorruptResumeStream",
     "CorruptSaveImage",
     "CutMigrationLink",
+    "DegradedLink",
     "DestinationLacksDevice",
     "DeviceTransitionFailure",
     "Fault",
     "FaultLedger",
     "FaultRecord",
     "IncompatibleDestinationMdev",
+    "KillDaemon",
     "KillDestinationQemu",
+    "StopDaemon",
 ]

@@ -51,7 +51,8 @@ def error_name(domain: int | None, code: int | None) -> str:
     return f"{dom}/{num}"
 
 
-Side = Literal["source", "destination", "nowhere"]
+# which side keeps the running VM after the job: "either" for a fault the job may survive or fail cleanly
+Side = Literal["source", "destination", "nowhere", "either"]
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,12 @@ class Fault(ABC):
     runs_on: Side = "source"
     source_events: EventPattern = FAILED_SOURCE
     destination_events: EventPattern = FAILED_DESTINATION
+    # the fault's own request must be refused with one of these (abort on the destination); empty: none
+    refusal: tuple[ExpectedError, ...] = ()
 
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())
+        self.refused_with: tuple[int | None, int | None] | None = None  # (domain, code) of the refusal seen
         self._attempted = False
         self._undone = False
 
@@ -127,8 +131,24 @@ class Fault(ABC):
     def outcome(self) -> Outcome:
         return Outcome(self.runs_on, self.expected_errors, self.stalls, self.source_events, self.destination_events)
 
+    @property
+    def refusal_problems(self) -> list[str]:
+        if not self.refusal or not self.attempted:
+            return []
+        want = " or ".join(map(str, self.refusal))
+        if self.refused_with is None:
+            return [f"{self.name} was accepted; it should have been refused ({want})"]
+        domain, code = self.refused_with
+        if not any(e.domain == domain and e.code == code for e in self.refusal):
+            return [f"{self.name} was refused with {error_name(domain, code)}, not {want}"]
+        return []
+
+    def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
+        """The errors expected of a job this fault landed in at `phase` (None: before the job)."""
+        return self.expected_errors
+
     def matches(self, domain: int | None, code: int | None) -> bool:
-        return any(e.domain == domain and e.code == code for e in self.expected_errors)
+        return any(e.domain == domain and e.code == code for e in self.errors_at(self.record.phase))
 
     def note(self, action: str) -> None:
         self.record.actions.append(action)

@@ -9,7 +9,8 @@ import libvirt
 from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault
 from labs.transport import HostConnection
-from labs.virt.domain import VM
+from labs.virt.domain import VM, Hypervisor
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE
 
 QEMU_PID_DIR = "/run/libvirt/qemu"  # libvirtd writes <domain>.pid here for each QEMU it runs
 
@@ -53,6 +54,12 @@ class KillDestinationQemu(Fault):
         ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
     )
 
+    def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
+        # once data moves the incoming QEMU exists and the stream is open: only the job's own failure
+        if phase in ("iterating", "stop-copy", "finish"):
+            return (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
+        return self.expected_errors
+
     def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
         super().__init__(f"{ssh.name}/{domain}")
         self.ssh = ssh
@@ -79,3 +86,38 @@ class KillDestinationQemu(Fault):
     def _undo(self) -> None:
         # a killed QEMU stays dead; libvirt reaps the domain, and the scenario's readback checks it did
         self.note("nothing to restore: libvirt reaps the killed domain")
+
+
+class AbortOnDestination(Fault):
+    """Abort the job on the destination's connection: libvirt refuses to abort an incoming migration
+    (it is aborted from the source, or its domain destroyed), and the migration goes on and completes."""
+
+    name = "abort-on-destination"
+    runs_on = "destination"
+    source_events = MIGRATED_SOURCE
+    destination_events = MIGRATED_DESTINATION
+    # "cannot abort incoming migration; use virDomainDestroy instead" (libvirt's qemuDomainAbortJob)
+    refusal = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),)
+
+    def __init__(self, dst: Hypervisor, domain: str) -> None:
+        super().__init__(f"{dst.name}/{domain}")
+        self.dst = dst
+        self.domain = domain
+
+    def _inject(self) -> None:
+        try:
+            dom = self.dst.conn.lookupByName(self.domain)
+        except libvirt.libvirtError as exc:
+            raise InfraError(
+                f"{self.dst.name}: no incoming {self.domain} to abort: {exc.get_error_message()}"
+            ) from None
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as exc:
+            self.refused_with = (exc.get_error_domain(), exc.get_error_code())
+            self.note(f"virDomainAbortJob({self.domain}) on {self.dst.name} refused: {exc.get_error_message()}")
+            return
+        self.note(f"virDomainAbortJob({self.domain}) on {self.dst.name} accepted")
+
+    def _undo(self) -> None:
+        self.note("nothing to restore: a refused abort changes nothing")

@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labs.errors import LabError
-from labs.faults import mdevs
+from labs.faults import mdevs, netem
+from labs.faults.daemon import SWEEP_DAEMONS
 from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.hostagent import open_device
 from labs.inventory import LabDevice, LabHost
@@ -95,7 +96,9 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
         for name in names:
             if not _keep(name, session, keep_own, live):
                 removed += VM(hv, name).remove()
+    removed += _daemons(session, host)  # first: a stopped daemon answers nothing that follows
     removed += _remote_leftovers(session, host.name, keep_own, live)
+    removed += _netem(session, host.name, keep_own, live)
     removed += _mdevs(session, host.name, keep_own, live)  # after the domains: a dead run's QEMU held them
     removed += _devices(session, [d for d in session.inventory.devices if d.host.name == host.name])
     return removed
@@ -157,6 +160,33 @@ def _mdevs(session: LabSession, host: str, keep_own: bool, live: set[str]) -> li
             removed.append(f"{host}: removed mdev record {mdevs.record_name(run, uuid)}")
     except LabError as exc:
         removed.append(f"{host}: mdevs not checked: {exc}")
+    return removed
+
+
+def _daemons(session: LabSession, host: LabHost) -> list[str]:
+    """A libvirt daemon a killed StopDaemon/KillDaemon left stopped or dead is brought back (real hosts)."""
+    uri = host.spec.libvirt_uri or ""
+    if not uri or uri.startswith("test:"):
+        return []
+    try:
+        lines = session.ssh(host.name).run(SWEEP_DAEMONS, timeout=120, sudo=True).stdout.splitlines()
+    except LabError as exc:
+        return [f"{host.name}: libvirt daemons not checked: {exc}"]
+    return [f"{host.name}: {line}" for line in lines if line.strip()]
+
+
+def _netem(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The netem qdiscs of dead runs' DegradedLink records (labs.faults.netem), then the records."""
+    removed: list[str] = []
+    try:
+        ssh = session.ssh(host)
+        tags = ssh.run(f"ls -1 {netem.RECORD_DIR} 2>/dev/null", timeout=30, sudo=True, idempotent=True).stdout.split()
+        for tag in tags:
+            if tag.startswith(NFT_PREFIX) and not _keep(tag, session, keep_own, live):
+                ssh.run(netem.remove_script(tag), timeout=30, sudo=True, check=True)
+                removed.append(f"{host}: removed netem qdisc of record {tag}")
+    except LabError as exc:
+        removed.append(f"{host}: netem records not checked: {exc}")
     return removed
 
 
