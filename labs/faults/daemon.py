@@ -3,7 +3,7 @@
 Both bring the daemon back on the host itself: a stopped daemon is continued by
 a timer started with the stop (so it comes back even when the run is killed),
 a killed one is started again in the same round trip. `lab janitor` continues a
-daemon left stopped and starts an enabled one left dead (labs.virt.janitor).
+daemon left stopped and starts one left dead (labs.virt.janitor).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ FIND_DAEMON = (
     f'for d in {" ".join(DAEMONS)}; do systemctl is-active --quiet "$d" && '
     'pid=$(systemctl show -p MainPID --value "$d") && [ "$pid" != 0 ] && break; d=; done; [ -n "$d" ] || exit 3'
 )
-# Continue a daemon left stopped (T), start an enabled one left dead; one line per daemon brought back
+# Continue a daemon left stopped (T), start one left dead (failed: a socket-activated daemon that exited
+# idle is inactive, not failed); one line per daemon brought back
 SWEEP_DAEMONS = f"""
 for d in {" ".join(DAEMONS)}; do
   pid=$(systemctl show -p MainPID --value "$d" 2>/dev/null)
   if [ -n "$pid" ] && [ "$pid" != 0 ] && grep -q '^State:[[:space:]]*T' /proc/"$pid"/status 2>/dev/null; then
     kill -CONT "$pid" && echo "continued $d (pid $pid), left stopped"
-  elif systemctl is-enabled --quiet "$d" 2>/dev/null && ! systemctl is-active --quiet "$d"; then
-    systemctl start "$d" && echo "started $d, left dead"
+  elif systemctl is-failed --quiet "$d" 2>/dev/null; then
+    systemctl reset-failed "$d"; systemctl start "$d" && echo "started $d, left dead"
   fi
 done
 true
