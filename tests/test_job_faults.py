@@ -6,7 +6,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from labs.faults import AbortOnDestination, DegradedLink, KillDaemon, KillDestinationQemu, StopDaemon
+from labs.faults import AbortOnDestination, DegradedLink, FullFilesystem, KillDaemon, KillDestinationQemu, StopDaemon
 from labs.faults.base import Fault
 from labs.inventory import LabDevice, LabPair
 from labs.runtime import LabSession
@@ -14,6 +14,7 @@ from labs.scenarios import faulted
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import FaultedMigration, expectation, migrate_under_fault
+from labs.scenarios.full_save import FullSave
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import Readback, SideView
 from labs.virt.domain import VM
@@ -126,3 +127,27 @@ def test_a_survived_fault_is_followed_by_a_migration_back(
     assert [(a, b) for a, b, _ in legs] == [("hostA", "hostB"), ("hostB", "hostA")]
     assert legs[1][2] == "migrate back after abort-on-destination"
     assert run.fault.record.phase == "iterating" and run.landed == "in iterating"
+
+
+def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_running() -> None:
+    fault = FullFilesystem.__new__(FullFilesystem)
+    Fault.__init__(fault, "hostA:/var/tmp/labs-full/x")
+    rb = Readback("d", [SideView("hostA", "running")])
+    following = sr.SaveResumeResult(vm=None, readbacks=[rb])  # type: ignore[arg-type]
+    full = FullSave(
+        fault,
+        "hostA",
+        "operation failed: No space left on device",
+        libvirt.VIR_FROM_QEMU,
+        libvirt.VIR_ERR_OPERATION_FAILED,
+        "running",
+        rb,
+        following,
+    )
+    assert full.problems == []
+    full.error_code = libvirt.VIR_ERR_OPERATION_ABORTED
+    assert "not the fault's" in full.problems[0]
+    full.error = None
+    assert "the save to a full filesystem succeeded" in full.problems
+    full.state_after = "paused"
+    assert "after the failed save the VM is paused, not running" in full.problems

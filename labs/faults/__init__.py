@@ -9,6 +9,7 @@ from labs.faults.device import (
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
 )
+from labs.faults.disk import FullFilesystem
 from labs.faults.job import AbortJob, AbortOnDestination, KillDestinationQemu
 from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
@@ -25,6 +26,7 @@ __all__ = [
     "Fault",
     "FaultLedger",
     "FaultRecord",
+    "FullFilesystem",
     "IncompatibleDestinationMdev",
     "KillDaemon",
     "KillDestinationQemu",

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labs.errors import LabError
-from labs.faults import mdevs, netem
+from labs.faults import disk, mdevs, netem
 from labs.faults.daemon import SWEEP_DAEMONS
 from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.hostagent import open_device
@@ -99,6 +99,7 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
     removed += _daemons(session, host)  # first: a stopped daemon answers nothing that follows
     removed += _remote_leftovers(session, host.name, keep_own, live)
     removed += _netem(session, host.name, keep_own, live)
+    removed += _full_filesystems(session, host.name, keep_own, live)
     removed += _mdevs(session, host.name, keep_own, live)  # after the domains: a dead run's QEMU held them
     removed += _devices(session, [d for d in session.inventory.devices if d.host.name == host.name])
     return removed
@@ -187,6 +188,21 @@ def _netem(session: LabSession, host: str, keep_own: bool, live: set[str]) -> li
                 removed.append(f"{host}: removed netem qdisc of record {tag}")
     except LabError as exc:
         removed.append(f"{host}: netem records not checked: {exc}")
+    return removed
+
+
+def _full_filesystems(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The tmpfs mounts of dead runs' FullFilesystem faults (labs.faults.disk), unmounted and removed."""
+    removed: list[str] = []
+    try:
+        ssh = session.ssh(host)
+        names = ssh.run(f"ls -1 {disk.FULL_DIR} 2>/dev/null", timeout=30, idempotent=True).stdout.split()
+        for name in names:
+            if name.startswith(NFT_PREFIX) and not _keep(name, session, keep_own, live):
+                ssh.run(disk.remove_script(f"{disk.FULL_DIR}/{name}"), timeout=30, sudo=True, check=True)
+                removed.append(f"{host}: unmounted and removed {disk.FULL_DIR}/{name}")
+    except LabError as exc:
+        removed.append(f"{host}: full-filesystem mounts not checked: {exc}")
     return removed
 
 

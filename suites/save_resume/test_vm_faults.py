@@ -22,6 +22,7 @@ from labs.probes import probe_for
 from labs.runtime import LabSession
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
+from labs.scenarios.full_save import save_to_full_filesystem
 from labs.scenarios.known import xfail_known
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
@@ -48,3 +49,17 @@ def test_restore_with_damaged_device_stream(
     problems += out.following.problems(expect_on=device.host.name)
     assert not problems, "; ".join(problems)
     xfail_known(out.after_refusal.known_issues)
+
+
+def test_save_to_a_full_filesystem(lab: LabSession, device: LabDevice, scenario: Scenario) -> None:
+    """The save fails with its error, the VM runs on with its device, the fault is undone, and a save and
+    restore after it succeed."""
+    require(lab, [device.host], VirtCapability.SAVE_RESTORE)
+    vm = sr.start_vm(scenario, device, "full")
+    if vm.hv.files_local:
+        pytest.skip(
+            f"{vm.hv.name}: libvirt writes saves on the controller (test:///, qemu:///): no host filesystem to fill"
+        )
+    out = save_to_full_filesystem(scenario, vm, device)
+    assert not out.problems, "; ".join(out.problems)
+    xfail_known(out.known_issues)
