@@ -74,3 +74,10 @@ def test_a_faults_own_sequence_is_asserted() -> None:
     assert _leg(False, [], started, incompatible).problems == []
     assert _leg(False, [], [], incompatible).problems, "no incoming QEMU passed a load failure"
     assert incompatible.outcome.errors[0].domain == libvirt.VIR_FROM_QEMU
+
+
+def test_a_resume_queued_twice_is_one_resume() -> None:
+    twice = events("B", "started/migrated", "resumed/migrated", "resumed/migrated")
+    assert MIGRATED_DESTINATION.matches(twice)
+    assert FAILED_SOURCE.matches(events("A", "suspended/migrated", "resumed/migrated", "resumed/migrated"))
+    assert not FAILED_SOURCE.matches(events("A", "resumed/migrated", "suspended/migrated")), "left paused passed"

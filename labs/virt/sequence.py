@@ -3,7 +3,7 @@
 A sequence is a pattern over `event/detail` tokens of the run-state events
 (started, suspended, resumed, stopped, crashed), matched whole: `ev` is one
 token (a regular expression over its name, `stopped/(failed|crashed)`), `opt`
-an optional group, `seq` a concatenation. Definition events (defined,
+an optional group, `many` one or more, `seq` a concatenation. Definition events (defined,
 undefined) say nothing about where the VM runs and are left out.
 """
 
@@ -47,13 +47,19 @@ def opt(*parts: EventPattern) -> EventPattern:
     return EventPattern(f"(?:{inner.regex})?", f"[{inner.text}]")
 
 
+def many(*parts: EventPattern) -> EventPattern:
+    """One or more times (libvirt may queue a resume both from QEMU's RESUME event and from its own job)."""
+    inner = seq(*parts)
+    return EventPattern(f"(?:{inner.regex})+", f"({inner.text})+")
+
+
 NOTHING = EventPattern("", "")
 
 # A completed live migration: the source pauses for the switchover and stops as migrated; the destination's
 # incoming QEMU starts (paused) and resumes
 MIGRATED_SOURCE = seq(ev("suspended/migrated"), ev("stopped/migrated"))
-MIGRATED_DESTINATION = seq(ev("started/migrated"), ev("resumed/migrated"))
+MIGRATED_DESTINATION = seq(ev("started/migrated"), many(ev("resumed/migrated")))
 # A failed one that the source survives: paused for the switchover at most, then resumed; the incoming
 # QEMU, if it was started, is stopped again (never resumed)
-FAILED_SOURCE = opt(ev("suspended/migrated"), ev("resumed/migrated"))
+FAILED_SOURCE = opt(ev("suspended/migrated"), many(ev("resumed/(migrated|unpaused)")))
 FAILED_DESTINATION = opt(ev("started/migrated"), ev("stopped/(failed|crashed|destroyed)"))
