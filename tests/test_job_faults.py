@@ -6,7 +6,16 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from labs.faults import AbortOnDestination, DegradedLink, FullFilesystem, KillDaemon, KillDestinationQemu, StopDaemon
+from labs.errors import InfraError
+from labs.faults import (
+    AbortOnDestination,
+    DegradedLink,
+    DestroyDuringFinish,
+    FullFilesystem,
+    KillDaemon,
+    KillDestinationQemu,
+    StopDaemon,
+)
 from labs.faults.base import Fault
 from labs.inventory import LabDevice, LabPair
 from labs.runtime import LabSession
@@ -151,3 +160,34 @@ def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_r
     assert "the save to a full filesystem succeeded" in full.problems
     full.state_after = "paused"
     assert "after the failed save the VM is paused, not running" in full.problems
+
+
+class _Dom:
+    def __init__(self, state: int) -> None:
+        self._state, self.destroyed = state, False
+
+    def state(self) -> tuple[int, int]:
+        return self._state, 0
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class _Hv:
+    name = "hostB"
+
+    def __init__(self, dom: _Dom) -> None:
+        self.conn = self
+        self.dom = dom
+
+    def lookupByName(self, _name: str) -> _Dom:
+        return self.dom
+
+
+def test_destroy_during_finish_lands_only_on_a_destination_not_yet_resumed() -> None:
+    paused, running = _Dom(libvirt.VIR_DOMAIN_PAUSED), _Dom(libvirt.VIR_DOMAIN_RUNNING)
+    DestroyDuringFinish(_Hv(paused), "d").inject()  # type: ignore[arg-type]
+    assert paused.destroyed
+    with pytest.raises(InfraError, match="no longer paused"):
+        DestroyDuringFinish(_Hv(running), "d").inject()  # type: ignore[arg-type]
+    assert not running.destroyed

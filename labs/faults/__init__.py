@@ -10,7 +10,7 @@ from labs.faults.device import (
     IncompatibleDestinationMdev,
 )
 from labs.faults.disk import FullFilesystem
-from labs.faults.job import AbortJob, AbortOnDestination, KillDestinationQemu
+from labs.faults.job import AbortJob, AbortOnDestination, DestroyDuringFinish, KillDestinationQemu
 from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
 
@@ -22,6 +22,7 @@ __all__ = [
     "CutMigrationLink",
     "DegradedLink",
     "DestinationLacksDevice",
+    "DestroyDuringFinish",
     "DeviceTransitionFailure",
     "Fault",
     "FaultLedger",

@@ -10,7 +10,7 @@ from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault
 from labs.transport import HostConnection
 from labs.virt.domain import VM, Hypervisor
-from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, ev, many, seq
 
 QEMU_PID_DIR = "/run/libvirt/qemu"  # libvirtd writes <domain>.pid here for each QEMU it runs
 
@@ -121,3 +121,39 @@ class AbortOnDestination(Fault):
 
     def _undo(self) -> None:
         self.note("nothing to restore: a refused abort changes nothing")
+
+
+class DestroyDuringFinish(Fault):
+    """Destroy the incoming domain on the destination while the job finishes (QEMU done sending, the
+    destination not yet resumed): the job fails and the source, paused for the switchover, resumes (not
+    measured). A destination already running is too late: the fault did not land where it was meant."""
+
+    name = "destroy-during-finish"
+    expected_errors = (
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR),
+    )
+    source_events = seq(ev("suspended/migrated"), many(ev("resumed/(migrated|unpaused)")))
+    destination_events = seq(ev("started/migrated"), ev("stopped/(destroyed|failed)"))
+
+    def __init__(self, dst: Hypervisor, domain: str) -> None:
+        super().__init__(f"{dst.name}/{domain}")
+        self.dst = dst
+        self.domain = domain
+
+    def _inject(self) -> None:
+        try:
+            dom = self.dst.conn.lookupByName(self.domain)
+            state, _reason = dom.state()
+            if state != libvirt.VIR_DOMAIN_PAUSED:
+                raise InfraError(
+                    f"{self.dst.name}: incoming {self.domain} is no longer paused (state {state}): too late"
+                )
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            raise InfraError(f"{self.dst.name}: destroy incoming {self.domain}: {exc.get_error_message()}") from None
+        self.note(f"virDomainDestroy({self.domain}) on {self.dst.name} during finish")
+
+    def _undo(self) -> None:
+        self.note("nothing to restore: the source keeps the VM")

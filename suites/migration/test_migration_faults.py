@@ -12,6 +12,7 @@ from labs.faults import (
     CutMigrationLink,
     DegradedLink,
     DestinationLacksDevice,
+    DestroyDuringFinish,
     IncompatibleDestinationMdev,
     KillDaemon,
     KillDestinationQemu,
@@ -63,6 +64,13 @@ def test_abort_on_destination(migratable: LabPair, scenario: Scenario) -> None:
     dst = scenario.hv(migratable.destination.host)
     vm = sr.start_vm(scenario, migratable.source, "abortdst", IN_FLIGHT_MEMORY_MIB)
     _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: AbortOnDestination(dst, v.name), "mid-flight")
+    _check(run)
+
+
+def test_destroy_during_finish(migratable: LabPair, scenario: Scenario) -> None:
+    dst = scenario.hv(migratable.destination.host)
+    vm = sr.start_vm(scenario, migratable.source, "finish", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: DestroyDuringFinish(dst, v.name), "finish")
     _check(run)
 
 

@@ -48,7 +48,13 @@ ROUNDS = (
     ("test_incompatible_destination_device", "test_destination_lacks_device"),
     ("test_kill_destination_qemu", "test_cut_migration_link", "test_abort_mid_flight", "test_migrate_and_back"),
     # the faults that leave host state of their own: a daemon stopped or killed, a netem qdisc
-    ("test_stop_libvirt_daemon", "test_kill_libvirt_daemon", "test_degraded_link", "test_abort_on_destination"),
+    (
+        "test_stop_libvirt_daemon",
+        "test_kill_libvirt_daemon",
+        "test_degraded_link",
+        "test_abort_on_destination",
+        "test_destroy_during_finish",
+    ),
 )
 MAX_DELAY_S = 6.0  # after the destination is touched: inside the fault or the TCG migration (5-15 s)
 START_WAIT_S = 240.0  # pytest start, doctor, the first VM and its fault on a busy 2-core machine
