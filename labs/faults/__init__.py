@@ -10,7 +10,7 @@ from labs.faults.device import (
     IncompatibleDestinationMdev,
 )
 from labs.faults.disk import FullFilesystem
-from labs.faults.job import AbortJob, AbortOnDestination, DestroyDuringFinish, KillDestinationQemu
+from labs.faults.job import AbortJob, AbortOnDestination, DestroyDuringFinish, KillDestinationQemu, MigrationDeadline
 from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
 
@@ -31,5 +31,6 @@ __all__ = [
     "IncompatibleDestinationMdev",
     "KillDaemon",
     "KillDestinationQemu",
+    "MigrationDeadline",
     "StopDaemon",
 ]

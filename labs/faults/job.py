@@ -10,7 +10,7 @@ from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault
 from labs.transport import HostConnection
 from labs.virt.domain import VM, Hypervisor
-from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, ev, many, seq
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, ev, many, opt, seq
 
 QEMU_PID_DIR = "/run/libvirt/qemu"  # libvirtd writes <domain>.pid here for each QEMU it runs
 
@@ -157,3 +157,35 @@ class DestroyDuringFinish(Fault):
 
     def _undo(self) -> None:
         self.note("nothing to restore: the source keeps the VM")
+
+
+class MigrationDeadline(Fault):
+    """The migration's deadline passed with the timeout action `suspend` (virsh migrate --timeout-suspend):
+    the source is paused and the job converges offline; it completes, the VM on the destination. The
+    `postcopy` action needs a post-copy job, which QEMU refuses for a VM with a VFIO device (the post-copy
+    scenario asserts that refusal). Undo resumes the VM wherever it is paused."""
+
+    name = "migration-deadline:suspend"
+    runs_on = "destination"
+    # paused by us, not by the switchover; the destination may stay paused (the source was) or resume
+    source_events = seq(ev("suspended/paused"), opt(ev("suspended/migrated")), ev("stopped/migrated"))
+    destination_events = seq(ev("started/migrated"), opt(many(ev("resumed/migrated"))))
+
+    def __init__(self, vm: VM, *others: Hypervisor) -> None:
+        super().__init__(str(vm))
+        self.vm = vm
+        self.hvs = (vm.hv, *others)
+
+    def _inject(self) -> None:
+        try:
+            self.vm.dom.suspend()
+        except libvirt.libvirtError as exc:
+            raise InfraError(f"{self.vm}: suspend at the deadline: {exc.get_error_message()}") from None
+        self.note(f"virDomainSuspend({self.vm.name}) on {self.vm.hv.name}: the deadline's action")
+
+    def _undo(self) -> None:
+        for hv in self.hvs:
+            vm = VM(hv, self.vm.name)
+            if vm.state() == "paused":
+                vm.dom.resume()
+                self.note(f"resumed {vm}")

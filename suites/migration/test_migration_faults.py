@@ -16,6 +16,7 @@ from labs.faults import (
     IncompatibleDestinationMdev,
     KillDaemon,
     KillDestinationQemu,
+    MigrationDeadline,
     StopDaemon,
 )
 from labs.faults.base import Fault
@@ -64,6 +65,15 @@ def test_abort_on_destination(migratable: LabPair, scenario: Scenario) -> None:
     dst = scenario.hv(migratable.destination.host)
     vm = sr.start_vm(scenario, migratable.source, "abortdst", IN_FLIGHT_MEMORY_MIB)
     _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: AbortOnDestination(dst, v.name), "mid-flight")
+    _check(run)
+
+
+def test_deadline_suspends_the_source(migratable: LabPair, scenario: Scenario) -> None:
+    """virsh migrate --timeout-suspend: at the deadline (here: while data moves) the source is paused and the
+    job completes offline; then it migrates back (the `postcopy` action: post-copy refused, test_live_migration)."""
+    dst = scenario.hv(migratable.destination.host)
+    vm = sr.start_vm(scenario, migratable.source, "deadline", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: MigrationDeadline(v, dst), "mid-flight")
     _check(run)
 
 
