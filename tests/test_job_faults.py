@@ -14,6 +14,7 @@ from labs.faults import (
     FullFilesystem,
     KillDaemon,
     KillDestinationQemu,
+    MigrationDeadline,
     StopDaemon,
 )
 from labs.faults.base import Fault
@@ -27,6 +28,7 @@ from labs.scenarios.full_save import FullSave
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import Readback, SideView
 from labs.virt.domain import VM
+from labs.virt.events import DomainEvent
 from labs.virt.migrate import JobSample, MigrationResult
 from labs.virt.sequence import MIGRATED_DESTINATION
 from tests.test_scenarios import scenario, sim_device  # noqa: F401  (scenario: the fixture)
@@ -191,3 +193,10 @@ def test_destroy_during_finish_lands_only_on_a_destination_not_yet_resumed() -> 
     with pytest.raises(InfraError, match="no longer paused"):
         DestroyDuringFinish(_Hv(running), "d").inject()  # type: ignore[arg-type]
     assert not running.destroyed
+
+
+def test_the_deadlines_suspend_shows_in_the_sources_events() -> None:
+    fault = bare(MigrationDeadline)
+    paused = [DomainEvent(0.0, "A", "d", "suspended", "paused"), DomainEvent(1.0, "A", "d", "stopped", "migrated")]
+    assert fault.outcome.runs_on == "destination" and fault.source_events.matches(paused)
+    assert not fault.source_events.matches(paused[1:]), "a job the deadline never paused passed"
