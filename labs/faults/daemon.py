@@ -88,8 +88,8 @@ class KillDaemon(Fault):
         self.daemon: str | None = None
 
     def _inject(self) -> None:
-        script = (
-            f'{FIND_DAEMON}; kill -KILL "$pid" || exit 4; '
+        script = (  # HUP and PIPE ignored: the daemon is started again even when our connection dies first
+            f'trap "" HUP PIPE; {FIND_DAEMON}; kill -KILL "$pid" || exit 4; '
             'for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done; '
             'systemctl reset-failed "$d" 2>/dev/null; systemctl start "$d" && echo "$d $pid"'
         )

@@ -85,7 +85,7 @@ def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
 
 def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) -> list[str]:
     """One host: the dead runs' domains, images and firewall rules, then its devices."""
-    removed: list[str] = []
+    removed = _daemons(session, host)  # first: a stopped or dead daemon answers nothing that follows
     if host.spec.libvirt_uri:
         hv = hypervisor(session, host)
         try:
@@ -96,7 +96,6 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
         for name in names:
             if not _keep(name, session, keep_own, live):
                 removed += VM(hv, name).remove()
-    removed += _daemons(session, host)  # first: a stopped daemon answers nothing that follows
     removed += _remote_leftovers(session, host.name, keep_own, live)
     removed += _netem(session, host.name, keep_own, live)
     removed += _full_filesystems(session, host.name, keep_own, live)
