@@ -55,11 +55,12 @@ def test_save_to_a_full_filesystem(lab: LabSession, device: LabDevice, scenario:
     """The save fails with its error, the VM runs on with its device, the fault is undone, and a save and
     restore after it succeed."""
     require(lab, [device.host], VirtCapability.SAVE_RESTORE)
-    vm = sr.start_vm(scenario, device, "full")
-    if vm.hv.files_local:
+    hv = scenario.hv(device.host)
+    if hv.files_local:
         pytest.skip(
-            f"{vm.hv.name}: libvirt writes saves on the controller (test:///, qemu:///): no host filesystem to fill"
+            f"{hv.name}: libvirt writes saves on the controller (test:///, qemu:///): no host filesystem to fill"
         )
+    vm = sr.start_vm(scenario, device, "full")
     out = save_to_full_filesystem(scenario, vm, device)
     assert not out.problems, "; ".join(out.problems)
     xfail_known(out.known_issues)
