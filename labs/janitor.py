@@ -25,7 +25,8 @@ from pathlib import Path
 
 from labs.agentpool import open_device
 from labs.errors import LabError
-from labs.faults import mdevs
+from labs.faults import disk, mdevs, netem
+from labs.faults.daemon import SWEEP_DAEMONS
 from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice
@@ -84,7 +85,7 @@ def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
 
 def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) -> list[str]:
     """One host: the dead runs' domains, images and firewall rules, then its devices."""
-    removed: list[str] = []
+    removed = _daemons(session, host)  # first: a stopped or dead daemon answers nothing that follows
     if host.spec.libvirt_uri:
         hv = hypervisor(session, host)
         try:
@@ -96,6 +97,8 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
             if not _keep(name, session, keep_own, live):
                 removed += VM(hv, name).remove()
     removed += _remote_leftovers(session, host.name, keep_own, live)
+    removed += _netem(session, host.name, keep_own, live)
+    removed += _full_filesystems(session, host.name, keep_own, live)
     removed += _mdevs(session, host.name, keep_own, live)  # after the domains: a dead run's QEMU held them
     removed += _devices(session, [d for d in session.inventory.devices if d.host.name == host.name])
     return removed
@@ -157,6 +160,48 @@ def _mdevs(session: LabSession, host: str, keep_own: bool, live: set[str]) -> li
             removed.append(f"{host}: removed mdev record {mdevs.record_name(run, uuid)}")
     except LabError as exc:
         removed.append(f"{host}: mdevs not checked: {exc}")
+    return removed
+
+
+def _daemons(session: LabSession, host: LabHost) -> list[str]:
+    """A libvirt daemon a killed StopDaemon/KillDaemon left stopped or dead is brought back (real hosts)."""
+    uri = host.spec.libvirt_uri or ""
+    if not uri or uri.startswith("test:"):
+        return []
+    try:
+        lines = session.ssh(host.name).run(SWEEP_DAEMONS, timeout=120, sudo=True).stdout.splitlines()
+    except LabError as exc:
+        return [f"{host.name}: libvirt daemons not checked: {exc}"]
+    return [f"{host.name}: {line}" for line in lines if line.strip()]
+
+
+def _netem(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The netem qdiscs of dead runs' DegradedLink records (labs.faults.netem), then the records."""
+    removed: list[str] = []
+    try:
+        ssh = session.ssh(host)
+        tags = ssh.run(f"ls -1 {netem.RECORD_DIR} 2>/dev/null", timeout=30, sudo=True, idempotent=True).stdout.split()
+        for tag in tags:
+            if tag.startswith(NFT_PREFIX) and not _keep(tag, session, keep_own, live):
+                ssh.run(netem.remove_script(tag), timeout=30, sudo=True, check=True)
+                removed.append(f"{host}: removed netem qdisc of record {tag}")
+    except LabError as exc:
+        removed.append(f"{host}: netem records not checked: {exc}")
+    return removed
+
+
+def _full_filesystems(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The tmpfs mounts of dead runs' FullFilesystem faults (labs.faults.disk), unmounted and removed."""
+    removed: list[str] = []
+    try:
+        ssh = session.ssh(host)
+        names = ssh.run(f"ls -1 {disk.FULL_DIR} 2>/dev/null", timeout=30, idempotent=True).stdout.split()
+        for name in names:
+            if name.startswith(NFT_PREFIX) and not _keep(name, session, keep_own, live):
+                ssh.run(disk.remove_script(f"{disk.FULL_DIR}/{name}"), timeout=30, sudo=True, check=True)
+                removed.append(f"{host}: unmounted and removed {disk.FULL_DIR}/{name}")
+    except LabError as exc:
+        removed.append(f"{host}: full-filesystem mounts not checked: {exc}")
     return removed
 
 

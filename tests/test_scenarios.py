@@ -277,8 +277,8 @@ def test_a_faulted_migration_must_fail_with_its_faults_error() -> None:
     assert _faulted(libvirt.VIR_ERR_OPERATION_ABORTED, libvirt.VIR_FROM_QEMU).problems == []
     problems = _faulted(libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_QEMU).problems
     assert problems == [
-        "migration under fails-to-inject failed with VIR_FROM_QEMU/VIR_ERR_OPERATION_FAILED, not the fault's "
-        "(VIR_FROM_QEMU/VIR_ERR_OPERATION_ABORTED): operation aborted"
+        "migration under fails-to-inject (landed before the job) failed with VIR_FROM_QEMU/VIR_ERR_OPERATION_FAILED, "
+        "not the fault's (VIR_FROM_QEMU/VIR_ERR_OPERATION_ABORTED): operation aborted"
     ]
     assert _faulted(None, None).problems, "an error without a code matched"
 

@@ -1,6 +1,7 @@
 """Named fault injectors, each recorded and undone (see base.FaultLedger)."""
 
 from labs.faults.base import Fault, FaultLedger, FaultRecord
+from labs.faults.daemon import KillDaemon, StopDaemon
 from labs.faults.device import (
     CorruptResumeStream,
     CorruptSaveImage,
@@ -8,19 +9,28 @@ from labs.faults.device import (
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
 )
-from labs.faults.job import AbortJob, KillDestinationQemu
+from labs.faults.disk import FullFilesystem
+from labs.faults.job import AbortJob, AbortOnDestination, DestroyDuringFinish, KillDestinationQemu, MigrationDeadline
+from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
 
 __all__ = [
     "AbortJob",
+    "AbortOnDestination",
     "CorruptResumeStream",
     "CorruptSaveImage",
     "CutMigrationLink",
+    "DegradedLink",
     "DestinationLacksDevice",
+    "DestroyDuringFinish",
     "DeviceTransitionFailure",
     "Fault",
     "FaultLedger",
     "FaultRecord",
+    "FullFilesystem",
     "IncompatibleDestinationMdev",
+    "KillDaemon",
     "KillDestinationQemu",
+    "MigrationDeadline",
+    "StopDaemon",
 ]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import libvirt
 
 from labs.attachments import attach, step
 from labs.errors import InfraError
+from labs.virt.sequence import FAILED_DESTINATION, FAILED_SOURCE, EventPattern
 
 
 class FaultNotInjected(InfraError):
@@ -50,6 +51,30 @@ def error_name(domain: int | None, code: int | None) -> str:
     return f"{dom}/{num}"
 
 
+# which side keeps the running VM after the job: "either" for a fault the job may survive or fail cleanly
+Side = Literal["source", "destination", "nowhere", "either"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a migration job under a fault must end with: the expected outcome as data."""
+
+    runs_on: Side  # which side keeps the one running VM
+    errors: tuple[ExpectedError, ...]  # the libvirt errors the job may fail with (by domain and code)
+    stalls: bool  # the job stalls until our deadline aborts it (no libvirt error of its own)
+    source_events: EventPattern  # the lifecycle events the source's connection delivers for the domain
+    destination_events: EventPattern
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "runs_on": self.runs_on,
+            "errors": [str(e) for e in self.errors],
+            "stalls": self.stalls,
+            "source_events": str(self.source_events),
+            "destination_events": str(self.destination_events),
+        }
+
+
 @dataclass
 class FaultRecord:
     name: str
@@ -58,6 +83,8 @@ class FaultRecord:
     undone_at: float | None = None
     actions: list[str] = field(default_factory=list)  # what was done on the hosts, in order
     error: str | None = None  # the last error of inject or undo
+    phase: str | None = None  # the job phase the fault landed in (labs.virt.phase), for faults due during a job
+    expected: dict[str, Any] = field(default_factory=dict)  # the fault's Outcome
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,9 +98,16 @@ class Fault(ABC):
     expected_errors: tuple[ExpectedError, ...] = ()
     # the expected outcome is a job that stalls until the scenario's deadline aborts it (no libvirt error)
     stalls: bool = False
+    # where the VM runs after the job, and the lifecycle events each side delivers (labs.virt.sequence)
+    runs_on: Side = "source"
+    source_events: EventPattern = FAILED_SOURCE
+    destination_events: EventPattern = FAILED_DESTINATION
+    # the fault's own request must be refused with one of these (abort on the destination); empty: none
+    refusal: tuple[ExpectedError, ...] = ()
 
     def __init__(self, target: str) -> None:
-        self.record = FaultRecord(self.name, target)
+        self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())
+        self.refused_with: tuple[int | None, int | None] | None = None  # (domain, code) of the refusal seen
         self._attempted = False
         self._undone = False
 
@@ -93,8 +127,28 @@ class Fault(ABC):
     def needs_undo(self) -> bool:
         return self._attempted and not self._undone
 
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(self.runs_on, self.expected_errors, self.stalls, self.source_events, self.destination_events)
+
+    @property
+    def refusal_problems(self) -> list[str]:
+        if not self.refusal or not self.attempted:
+            return []
+        want = " or ".join(map(str, self.refusal))
+        if self.refused_with is None:
+            return [f"{self.name} was accepted; it should have been refused ({want})"]
+        domain, code = self.refused_with
+        if not any(e.domain == domain and e.code == code for e in self.refusal):
+            return [f"{self.name} was refused with {error_name(domain, code)}, not {want}"]
+        return []
+
+    def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
+        """The errors expected of a job this fault landed in at `phase` (None: before the job)."""
+        return self.expected_errors
+
     def matches(self, domain: int | None, code: int | None) -> bool:
-        return any(e.domain == domain and e.code == code for e in self.expected_errors)
+        return any(e.domain == domain and e.code == code for e in self.errors_at(self.record.phase))
 
     def note(self, action: str) -> None:
         self.record.actions.append(action)
@@ -103,6 +157,7 @@ class Fault(ABC):
         with step(f"fault {self.name}: inject on {self.record.target}"):
             self._attempted = True
             self._undone = False
+            self.record.expected = self.outcome.as_dict()
             try:
                 self._inject()
             except Exception as exc:

@@ -23,6 +23,7 @@ from labs.inventory.models import MdevDevice, PciDevice
 from labs.transport import HostConnection
 from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
+from labs.virt.sequence import NOTHING, ev, seq
 from labs.virt.xml import Hostdev, hostdev_for
 
 ABSENT_PCI = "0000:fe:1f.7"  # a function no lab host has; the destination XML points there
@@ -40,6 +41,9 @@ class DestinationLacksDevice(Fault):
     # "device not found: mediated device '<uuid>' not found" from the destination's prepare (measured, libvirt
     # 11.3, mdev); an absent PCI function is reported by the same code path family (not measured)
     expected_errors = (ExpectedError(libvirt.VIR_FROM_NONE, libvirt.VIR_ERR_DEVICE_MISSING),)
+    # refused in the destination's prepare, before its QEMU starts and before the source sends anything
+    source_events = NOTHING
+    destination_events = NOTHING
 
     def __init__(self, ssh: HostConnection, device: LabDevice) -> None:
         super().__init__(device.id)
@@ -83,6 +87,8 @@ class IncompatibleDestinationMdev(Fault):
     name = "incompatible-destination-device"
     # "operation failed: job 'migration in' failed: load of migration failed: Bad address" (measured, libvirt 11.3)
     expected_errors = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
+    # the incoming QEMU starts, then fails to load the device's state and is stopped
+    destination_events = seq(ev("started/migrated"), ev("stopped/(failed|crashed|destroyed)"))
 
     def __init__(self, ssh: HostConnection, device: LabDevice, other_type: str, run_id: str | None = None) -> None:
         super().__init__(f"{device.id} as {other_type}")

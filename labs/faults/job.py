@@ -9,7 +9,8 @@ import libvirt
 from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault
 from labs.transport import HostConnection
-from labs.virt.domain import VM
+from labs.virt.domain import VM, Hypervisor
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, ev, many, opt, seq
 
 QEMU_PID_DIR = "/run/libvirt/qemu"  # libvirtd writes <domain>.pid here for each QEMU it runs
 
@@ -50,6 +51,12 @@ class KillDestinationQemu(Fault):
         ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
     )
 
+    def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
+        # once data moves the incoming QEMU exists and the stream is open: only the job's own failure
+        if phase in ("iterating", "stop-copy", "finish"):
+            return (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
+        return self.expected_errors
+
     def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
         super().__init__(f"{ssh.name}/{domain}")
         self.ssh = ssh
@@ -76,3 +83,106 @@ class KillDestinationQemu(Fault):
     def _undo(self) -> None:
         # a killed QEMU stays dead; libvirt reaps the domain, and the scenario's readback checks it did
         self.note("nothing to restore: libvirt reaps the killed domain")
+
+
+class AbortOnDestination(Fault):
+    """Abort the job on the destination's connection: libvirt refuses to abort an incoming migration
+    (it is aborted from the source, or its domain destroyed), and the migration goes on and completes."""
+
+    name = "abort-on-destination"
+    runs_on = "destination"
+    source_events = MIGRATED_SOURCE
+    destination_events = MIGRATED_DESTINATION
+    # "cannot abort incoming migration; use virDomainDestroy instead" (libvirt's qemuDomainAbortJob)
+    refusal = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),)
+
+    def __init__(self, dst: Hypervisor, domain: str) -> None:
+        super().__init__(f"{dst.name}/{domain}")
+        self.dst = dst
+        self.domain = domain
+
+    def _inject(self) -> None:
+        try:
+            dom = self.dst.conn.lookupByName(self.domain)
+        except libvirt.libvirtError as exc:
+            raise InfraError(
+                f"{self.dst.name}: no incoming {self.domain} to abort: {exc.get_error_message()}"
+            ) from None
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as exc:
+            self.refused_with = (exc.get_error_domain(), exc.get_error_code())
+            self.note(f"virDomainAbortJob({self.domain}) on {self.dst.name} refused: {exc.get_error_message()}")
+            return
+        self.note(f"virDomainAbortJob({self.domain}) on {self.dst.name} accepted")
+
+    def _undo(self) -> None:
+        self.note("nothing to restore: a refused abort changes nothing")
+
+
+class DestroyDuringFinish(Fault):
+    """Destroy the incoming domain on the destination while the job finishes (QEMU done sending, the
+    destination not yet resumed): the job fails and the source, paused for the switchover, resumes (not
+    measured). A destination already running is too late: the fault did not land where it was meant."""
+
+    name = "destroy-during-finish"
+    expected_errors = (
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR),
+    )
+    source_events = seq(ev("suspended/migrated"), many(ev("resumed/(migrated|unpaused)")))
+    destination_events = seq(ev("started/migrated"), ev("stopped/(destroyed|failed)"))
+
+    def __init__(self, dst: Hypervisor, domain: str) -> None:
+        super().__init__(f"{dst.name}/{domain}")
+        self.dst = dst
+        self.domain = domain
+
+    def _inject(self) -> None:
+        try:
+            dom = self.dst.conn.lookupByName(self.domain)
+            state, _reason = dom.state()
+            if state != libvirt.VIR_DOMAIN_PAUSED:
+                raise InfraError(
+                    f"{self.dst.name}: incoming {self.domain} is no longer paused (state {state}): too late"
+                )
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            raise InfraError(f"{self.dst.name}: destroy incoming {self.domain}: {exc.get_error_message()}") from None
+        self.note(f"virDomainDestroy({self.domain}) on {self.dst.name} during finish")
+
+    def _undo(self) -> None:
+        self.note("nothing to restore: the source keeps the VM")
+
+
+class MigrationDeadline(Fault):
+    """The migration's deadline passed with the timeout action `suspend` (virsh migrate --timeout-suspend):
+    the source is paused and the job converges offline; it completes, the VM on the destination. The
+    `postcopy` action needs a post-copy job, which QEMU refuses for a VM with a VFIO device (the post-copy
+    scenario asserts that refusal). Undo resumes the VM wherever it is paused."""
+
+    name = "migration-deadline:suspend"
+    runs_on = "destination"
+    # paused by us, not by the switchover; the destination may stay paused (the source was) or resume
+    source_events = seq(ev("suspended/paused"), opt(ev("suspended/migrated")), ev("stopped/migrated"))
+    destination_events = seq(ev("started/migrated"), opt(many(ev("resumed/migrated"))))
+
+    def __init__(self, vm: VM, *others: Hypervisor) -> None:
+        super().__init__(str(vm))
+        self.vm = vm
+        self.hvs = (vm.hv, *others)
+
+    def _inject(self) -> None:
+        try:
+            self.vm.dom.suspend()
+        except libvirt.libvirtError as exc:
+            raise InfraError(f"{self.vm}: suspend at the deadline: {exc.get_error_message()}") from None
+        self.note(f"virDomainSuspend({self.vm.name}) on {self.vm.hv.name}: the deadline's action")
+
+    def _undo(self) -> None:
+        for hv in self.hvs:
+            vm = VM(hv, self.vm.name)
+            if vm.state() == "paused":
+                vm.dom.resume()
+                self.note(f"resumed {vm}")

@@ -16,17 +16,45 @@ from typing import Literal
 from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
 from labs.scenarios.context import Scenario
-from labs.scenarios.migration import Leg, migrate_leg
+from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
+from labs.virt.phase import PHASES, Phase
 from labs.virt.xml import Hostdev, with_hostdevs
 
 # an in-flight fault needs a pass over RAM that lasts seconds: 1 GiB of untouched pages at 1 MiB/s (docs/incidents.md)
 IN_FLIGHT_MEMORY_MIB = 1024
 SLOW_MIB_S = 1
-# before: the fault is in place when the job starts; started: at the first sample of an active job (the
-# destination is being prepared); mid-flight: while RAM data moves (some sent, some still to send)
-Trigger = Literal["before", "started", "mid-flight"]
+# before: the fault is in place when the job starts; started: at the first sample of an active job, in
+# whichever phase it is; mid-flight: while RAM data moves (the iterating phase, some sent, some still to
+# send); stop-copy: while the source is paused for the switchover; finish: QEMU is done sending, libvirt
+# finishes the job (labs.virt.phase)
+Trigger = Literal["before", "started", "mid-flight", "stop-copy", "finish"]
+MEANT: dict[str, tuple[Phase, ...]] = {
+    "started": PHASES,
+    "mid-flight": ("iterating",),
+    "stop-copy": ("stop-copy",),
+    "finish": ("finish",),
+}
+
+
+def due(trigger: Trigger, sample: JobSample) -> bool:
+    """Is a fault with this trigger due at this sample? (Never for "before": it is injected before the job.)"""
+    if trigger == "mid-flight":
+        # once nothing is left to send, QEMU may be completing, and a fault then proves nothing (missed)
+        return sample.phase == "iterating" and sample.remaining > 0
+    return trigger != "before" and sample.phase in MEANT[trigger]
+
+
+def phases_seen(samples: list[JobSample]) -> str:
+    """`setup x2, iterating x31`: the phases the job's samples showed, in order."""
+    runs: list[list[object]] = []
+    for s in samples:
+        if runs and runs[-1][0] == s.phase:
+            runs[-1][1] = int(str(runs[-1][1])) + 1
+        else:
+            runs.append([s.phase, 1])
+    return ", ".join(f"{p} x{n}" for p, n in runs) or "none"
 
 
 @dataclass
@@ -57,8 +85,16 @@ class FaultedMigration:
             seen = "no sample saw the job active"
         return (
             f"{self.fault.name} was due {self.trigger}, but the migration ended by itself in {result.duration:.1f}s "
-            f"({seen}; polled every {MigrationOptions.poll:g}s): this VM migrates too quickly for the fault to land"
+            f"({seen}; phases seen: {phases_seen(result.samples)}; polled every {MigrationOptions.poll:g}s): "
+            "this VM migrates too quickly for the fault to land"
         )
+
+    @property
+    def landed(self) -> str:
+        """Where the fault landed, for the report: `before the job`, `in iterating`, `never`."""
+        if self.trigger == "before":
+            return "before the job"
+        return f"in {self.fault.record.phase}" if self.fault.record.phase else "never"
 
     @property
     def known_issues(self) -> list[str]:
@@ -71,8 +107,14 @@ class FaultedMigration:
         if self.never_injected and not self.failed.result.ok:
             out.append(f"the migration failed before {self.fault.name} was injected: {self.failed.result.error}")
         result = self.failed.result
-        if result.ok:
+        runs_on = self.fault.outcome.runs_on
+        out += self.fault.refusal_problems
+        if runs_on == "destination" and not result.ok:
+            out.append(f"migration under {self.fault.name} failed; it should have completed: {result.error}")
+        elif result.ok and runs_on not in ("destination", "either"):
             out.append(f"migration under {self.fault.name} succeeded; it should have failed")
+        elif result.ok:
+            pass  # a fault the job survives
         elif not result.error:
             out.append(f"migration under {self.fault.name} failed without an error message")
         elif result.timed_out and not self.fault.stalls:
@@ -80,10 +122,10 @@ class FaultedMigration:
         elif result.timed_out:
             pass  # the stall is this fault's outcome: our deadline ended it, libvirt reported nothing of its own
         elif not self.fault.matches(result.error_domain, result.error_code):
-            expected = " or ".join(map(str, self.fault.expected_errors)) or "nothing declared"
+            expected = " or ".join(map(str, self.fault.errors_at(self.fault.record.phase))) or "nothing declared"
             out.append(
-                f"migration under {self.fault.name} failed with {error_name(result.error_domain, result.error_code)}, "
-                f"not the fault's ({expected}): {result.error}"
+                f"migration under {self.fault.name} (landed {self.landed}) failed with "
+                f"{error_name(result.error_domain, result.error_code)}, not the fault's ({expected}): {result.error}"
             )
         out += [f"after {self.fault.name}: {p}" for p in self.failed.problems]
         if not self.undone:
@@ -122,10 +164,8 @@ def migrate_under_fault(
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
     def during(sample: JobSample) -> None:
-        # data moving means the destination QEMU exists and the stream is open: a fault now hits the transfer;
-        # once nothing is left to send, QEMU may be completing, and a fault then proves nothing (missed)
-        due = sample.processed > 0 and sample.remaining > 0 if trigger == "mid-flight" else sample.active
-        if due and not fault.attempted:
+        if due(trigger, sample) and not fault.attempted:
+            fault.record.phase = sample.phase
             sc.inject(fault)
 
     vm_after, failed = migrate_leg(
@@ -139,6 +179,7 @@ def migrate_under_fault(
         timeout=timeout,
         on_progress=during if trigger != "before" else None,
         hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
+        expect=expectation(fault),
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):
@@ -150,21 +191,33 @@ def migrate_under_fault(
         # whatever the migration did next proves nothing about the fault: the test is broken, not judged
         raise FaultNotInjected(f"{fault.name} could not be injected {trigger}: {failed.result.hook_error}")
     following: Leg | None = None
-    if not failed.result.ok:
+    if failed.result.ok and fault.attempted:  # a fault the job survived: the VM runs on the destination
+        vm_after, following = migrate_leg(
+            sc, vm_after, pair.destination, pair.source, scenario=f"migrate back after {fault.name}"
+        )
+    elif not failed.result.ok:
         vm_after, following = migrate_leg(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"
         )
-        if _destination_not_released(following, vm.name):
-            # libvirt reports a failed incoming migration before it releases the hostdevs (docs/incidents.md)
-            with sc.steps.step(f"wait {RELEASE_WAIT:g}s for the destination's libvirt to release the device"):
-                time.sleep(RELEASE_WAIT)
-            vm_after, following = migrate_leg(
-                sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
-            )
+    if following is not None and not failed.result.ok and _destination_not_released(following, vm.name):
+        # libvirt reports a failed incoming migration before it releases the hostdevs (docs/incidents.md)
+        with sc.steps.step(f"wait {RELEASE_WAIT:g}s for the destination's libvirt to release the device"):
+            time.sleep(RELEASE_WAIT)
+        vm_after, following = migrate_leg(
+            sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
+        )
     return vm_after, FaultedMigration(fault, failed, undone, following, trigger)
 
 
 RELEASE_WAIT = 5.0
+
+
+def expectation(fault: Fault) -> LegExpectation | None:
+    """The fault's expected outcome, as the leg under it checks it (None: by the job's result)."""
+    out = fault.outcome
+    if out.runs_on == "either":
+        return None
+    return LegExpectation(out.runs_on, out.source_events, out.destination_events)
 
 
 def _destination_not_released(leg: Leg, domain: str) -> bool:

@@ -8,20 +8,51 @@ keeps running with its device RUNNING and the destination keeps nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import libvirt
 
 from labs.attachments import attach, record_metrics
-from labs.faults.base import ExpectedError, error_name
+from labs.faults.base import ExpectedError, Side, error_name
 from labs.inventory import LabDevice, LabPair
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
 from labs.virt.domain import VM, Hypervisor
+from labs.virt.events import DomainEvent
 from labs.virt.migrate import JobSample, MigrationHung, MigrationOptions, MigrationResult, migrate
+from labs.virt.sequence import (
+    FAILED_DESTINATION,
+    FAILED_SOURCE,
+    MIGRATED_DESTINATION,
+    MIGRATED_SOURCE,
+    EventPattern,
+    tokens,
+)
 from labs.virt.xml import hostdev_for, with_hostdevs
+
+EVENT_SETTLE = 5.0  # seconds for events libvirt queued before the migrate call returned to arrive
+ROLES = ("source", "destination")
+
+
+@dataclass(frozen=True)
+class LegExpectation:
+    """Where the VM must run after the job and the lifecycle events each side must deliver (None: by the
+    job's result, a completed or a failed migration)."""
+
+    runs_on: Side
+    source_events: EventPattern
+    destination_events: EventPattern
+
+    @property
+    def events(self) -> dict[str, EventPattern]:
+        return {"source": self.source_events, "destination": self.destination_events}
+
+
+MIGRATED = LegExpectation("destination", MIGRATED_SOURCE, MIGRATED_DESTINATION)
+FAILED = LegExpectation("source", FAILED_SOURCE, FAILED_DESTINATION)
 
 
 @dataclass
@@ -32,6 +63,12 @@ class Leg:
     destination: str
     result: MigrationResult
     readback: Readback
+    expect: LegExpectation | None = None  # None: MIGRATED or FAILED, by the result
+    events: dict[str, list[DomainEvent]] | None = None  # per role; None: not observed (test:///)
+
+    @property
+    def expectation(self) -> LegExpectation:
+        return self.expect or (MIGRATED if self.result.ok else FAILED)
 
     @property
     def device_bytes(self) -> int | None:
@@ -44,10 +81,23 @@ class Leg:
 
     @property
     def problems(self) -> list[str]:
-        expect = self.destination if self.result.ok else self.source
+        side = self.expectation.runs_on
+        expect = {"source": self.source, "destination": self.destination}.get(side)
         out = self.readback.problems(expect_on=expect)
         if self.result.ok and self.device_bytes == 0:
             out.append("the migration moved no device bytes (QEMU reports 0 for the VFIO device)")
+        return out + self.event_problems
+
+    @property
+    def event_problems(self) -> list[str]:
+        if self.events is None:
+            return []
+        out = []
+        for role, host in zip(ROLES, (self.source, self.destination), strict=True):
+            pattern, seen = self.expectation.events[role], self.events.get(role, [])
+            if not pattern.matches(seen):
+                got = " ".join(tokens(seen)) or "no events"
+                out.append(f"{host} ({role}) delivered lifecycle events {got}, expected {pattern}")
         return out
 
 
@@ -85,12 +135,14 @@ def migrate_leg(
     timeout: float | None = None,
     on_progress: Callable[[JobSample], None] | None = None,
     hang_is_infra: bool = True,
+    expect: LegExpectation | None = None,
 ) -> tuple[VM, Leg]:
     """Migrate `vm` (on src's host) to dst's host, read back both sides; returns where the VM runs now.
 
     A migration that had to be aborted at its deadline raises MigrationHung once both sides are read
     back and the destination's device recovered: a nightly run counts it as the lab's, and goes on.
     Scenarios for which a hang is a possible answer (faults, post-copy) pass hang_is_infra=False.
+    `expect`: where the VM must run and the lifecycle events each side must deliver (default: by the result).
     """
     dst_hv: Hypervisor = sc.hv(dst.host)
     opts = MigrationOptions(
@@ -113,6 +165,7 @@ def migrate_leg(
     ensure_idle(sc.session, dst, sc.steps)  # a device left RESUMING must not meet an incoming QEMU
     if probing.marks(sc, vm):
         probing.mark(sc, vm, src)  # fresh values: only this migration can carry them to dst
+    marks = (vm.hv.events.mark(), dst_hv.events.mark())
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
         result = migrate(vm, dst_hv, opts, on_progress)
         rec.detail = result.summary()
@@ -135,7 +188,8 @@ def migrate_leg(
         recover_devices(sc.session, rb, [dst], steps=sc.steps)  # the failed incoming side
     if result.timed_out and hang_is_infra:
         raise MigrationHung(f"{vm.name} {vm.hv.name} -> {dst_hv.name}: {result.error or 'aborted'}; {result.summary()}")
-    leg = Leg(vm.hv.name, dst_hv.name, result, rb)
+    leg = Leg(vm.hv.name, dst_hv.name, result, rb, expect)
+    leg.events = lifecycle_events(vm.hv, dst_hv, vm.name, marks, leg.expectation)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
     total_ms = result.metric("time_elapsed")
     processed = result.metric("data_processed")
@@ -150,6 +204,22 @@ def migrate_leg(
         throughput_mbps=round(processed / 1e6 / (total_ms / 1000), 3) if processed and total_ms else None,
     )
     return (VM(dst_hv, vm.name) if result.ok else vm), leg
+
+
+def lifecycle_events(
+    src: Hypervisor, dst: Hypervisor, domain: str, marks: tuple[int, int], expect: LegExpectation
+) -> dict[str, list[DomainEvent]] | None:
+    """The domain's lifecycle events on each side since `marks`, once they match `expect` or EVENT_SETTLE
+    has passed (None on test:///, which cannot migrate: its events would prove nothing)."""
+    if src.is_test_driver or dst.is_test_driver:
+        return None
+    deadline = time.monotonic() + EVENT_SETTLE
+    while True:
+        seen = {role: hv.events.since(mark, domain) for role, hv, mark in zip(ROLES, (src, dst), marks, strict=True)}
+        if all(expect.events[r].matches(seen[r]) for r in ROLES) or time.monotonic() > deadline:
+            attach(f"lifecycle events of {domain}", {r: [str(e) for e in seen[r]] for r in ROLES}, "json")
+            return seen
+        time.sleep(0.2)
 
 
 def there_and_back(sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, **kw: object) -> tuple[VM, MigrationRun]:

@@ -20,6 +20,7 @@ import libvirt
 
 from labs.errors import InfraError
 from labs.virt.domain import VM, Hypervisor
+from labs.virt.phase import Phase, phase_of
 
 DEFAULT_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 ABORT_GRACE = 30.0  # after an abort, how long the migrate call may take to return
@@ -44,6 +45,18 @@ class MigrationOptions:
 class JobSample:
     elapsed: float  # seconds since the migrate call
     stats: dict[str, Any]
+    source_paused: bool = False  # the source domain was paused by the migration (read only for a progress hook)
+
+    @property
+    def completing(self) -> bool:
+        """QEMU is done sending; libvirt still finishes the job (the destination loads and resumes)."""
+        return int(self.stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_COMPLETED
+
+    @property
+    def phase(self) -> Phase:
+        if self.completing:
+            return "finish"
+        return phase_of(self.processed, self.remaining, self.source_paused)
 
     @property
     def active(self) -> bool:
@@ -137,9 +150,14 @@ def _params(dst: Hypervisor, opts: MigrationOptions) -> tuple[dict[str, Any], in
     return params, flags
 
 
-def _sample(dom: libvirt.virDomain, start: float) -> JobSample | None:
+def _sample(dom: libvirt.virDomain, start: float, read_state: bool = False) -> JobSample | None:
     try:
-        return JobSample(time.monotonic() - start, dict(dom.jobStats(0)))
+        stats = dict(dom.jobStats(0))
+        paused = False
+        if read_state:
+            state, reason = dom.state()
+            paused = state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION
+        return JobSample(time.monotonic() - start, stats, paused)
     except libvirt.libvirtError:
         return None  # the domain left the source (success) or the driver has no job stats
 
@@ -176,8 +194,8 @@ def migrate(
     worker.start()
     while worker.is_alive():
         worker.join(opts.poll)
-        sample = _sample(dom, start)
-        if sample is not None and sample.active:
+        sample = _sample(dom, start, read_state=on_progress is not None)
+        if sample is not None and (sample.active or (sample.completing and worker.is_alive())):
             result.samples.append(sample)
             if on_progress is not None and result.hook_error is None:
                 try:

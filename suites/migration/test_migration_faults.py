@@ -8,10 +8,16 @@ import pytest
 
 from labs.faults import (
     AbortJob,
+    AbortOnDestination,
     CutMigrationLink,
+    DegradedLink,
     DestinationLacksDevice,
+    DestroyDuringFinish,
     IncompatibleDestinationMdev,
+    KillDaemon,
     KillDestinationQemu,
+    MigrationDeadline,
+    StopDaemon,
 )
 from labs.faults.base import Fault
 from labs.faults.network import rule_tag
@@ -28,6 +34,7 @@ from labs.virt.xml import Hostdev
 
 pytestmark = [pytest.mark.live_migration, pytest.mark.fault]
 STALL_TIMEOUT = 30.0  # a cut link stalls the job; our deadline then aborts it
+DEGRADED_TIMEOUT = 180.0  # a degraded link's job: complete within this, or be aborted cleanly at it
 
 
 def _check(run: FaultedMigration) -> None:
@@ -44,11 +51,69 @@ def test_abort_mid_flight(migratable: LabPair, scenario: Scenario) -> None:
     _check(run)
 
 
-def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario) -> None:
+@pytest.mark.parametrize("trigger", ["mid-flight", "started"])
+def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario, trigger: Trigger) -> None:
+    """mid-flight: the incoming QEMU receives data, the job fails with QEMU's error; started: as soon as the
+    job runs, in whichever preparation step libvirt is (each has its own error, KillDestinationQemu)."""
     ssh = scenario.session.ssh(migratable.destination.host.name)
     vm = sr.start_vm(scenario, migratable.source, "killdst", IN_FLIGHT_MEMORY_MIB)
-    # as soon as the job runs: the kill waits for the incoming QEMU's pid file, then lands in one round trip
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), "started")
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), trigger)
+    _check(run)
+
+
+def test_abort_on_destination(migratable: LabPair, scenario: Scenario) -> None:
+    dst = scenario.hv(migratable.destination.host)
+    vm = sr.start_vm(scenario, migratable.source, "abortdst", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: AbortOnDestination(dst, v.name), "mid-flight")
+    _check(run)
+
+
+def test_deadline_suspends_the_source(migratable: LabPair, scenario: Scenario) -> None:
+    """virsh migrate --timeout-suspend: at the deadline (here: while data moves) the source is paused and the
+    job completes offline; then it migrates back (the `postcopy` action: post-copy refused, test_live_migration)."""
+    dst = scenario.hv(migratable.destination.host)
+    vm = sr.start_vm(scenario, migratable.source, "deadline", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: MigrationDeadline(v, dst), "mid-flight")
+    _check(run)
+
+
+def test_destroy_during_finish(migratable: LabPair, scenario: Scenario) -> None:
+    dst = scenario.hv(migratable.destination.host)
+    vm = sr.start_vm(scenario, migratable.source, "finish", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: DestroyDuringFinish(dst, v.name), "finish")
+    _check(run)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_stop_libvirt_daemon(migratable: LabPair, scenario: Scenario, side: str) -> None:
+    host = migratable.source.host if side == "source" else migratable.destination.host
+    ssh = scenario.session.ssh(host.name)
+    vm = sr.start_vm(scenario, migratable.source, f"stop{side[:3]}", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: StopDaemon(ssh), "mid-flight")
+    _check(run)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_kill_libvirt_daemon(migratable: LabPair, scenario: Scenario, side: str) -> None:
+    host = migratable.source.host if side == "source" else migratable.destination.host
+    ssh = scenario.session.ssh(host.name)
+    vm = sr.start_vm(scenario, migratable.source, f"kill{side[:3]}", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: KillDaemon(ssh), "mid-flight")
+    _check(run)
+
+
+def test_degraded_link(migratable: LabPair, scenario: Scenario) -> None:
+    src, dst = migratable.source.host, migratable.destination.host
+    if not dst.spec.migration_address:
+        pytest.skip(f"{dst.name} has no migration_address: shaping its link would slow the lab's own connections")
+    ssh = scenario.session.ssh(src.name)
+
+    def degrade(_vm: VM) -> Fault:
+        tag = rule_tag(scenario.run_id, f"netem_{_vm.name[-12:]}")
+        return DegradedLink(ssh, str(dst.spec.migration_address), tag)
+
+    vm = sr.start_vm(scenario, migratable.source, "netem")
+    _vm, run = migrate_under_fault(scenario, vm, migratable, degrade, "before", timeout=DEGRADED_TIMEOUT)
     _check(run)
 
 

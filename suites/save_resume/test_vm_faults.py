@@ -21,6 +21,7 @@ from labs.inventory import LabDevice
 from labs.probes import probe_for
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
+from labs.scenarios.full_save import save_to_full_filesystem
 from labs.scenarios.known import xfail_known
 from labs.scenarios.support import require
 from labs.session import LabSession
@@ -48,3 +49,18 @@ def test_restore_with_damaged_device_stream(
     problems += out.following.problems(expect_on=device.host.name)
     assert not problems, "; ".join(problems)
     xfail_known(out.after_refusal.known_issues)
+
+
+def test_save_to_a_full_filesystem(lab: LabSession, device: LabDevice, scenario: Scenario) -> None:
+    """The save fails with its error, the VM runs on with its device, the fault is undone, and a save and
+    restore after it succeed."""
+    require(lab, [device.host], VirtCapability.SAVE_RESTORE)
+    hv = scenario.hv(device.host)
+    if hv.files_local:
+        pytest.skip(
+            f"{hv.name}: libvirt writes saves on the controller (test:///, qemu:///): no host filesystem to fill"
+        )
+    vm = sr.start_vm(scenario, device, "full")
+    out = save_to_full_filesystem(scenario, vm, device)
+    assert not out.problems, "; ".join(out.problems)
+    xfail_known(out.known_issues)

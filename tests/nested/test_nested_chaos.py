@@ -1,13 +1,15 @@
 """Killed migration runs on the nested lab leave nothing that `lab janitor` does not remove.
 
 Each round starts one test of suites/migration (round 1: a fault that removes or creates an
-mdev; round 2: a killed destination QEMU, a cut link, an aborted job or a plain migration)
+mdev; round 2: a killed destination QEMU, a cut link, an aborted job or a plain migration; round 3:
+a libvirt daemon stopped or killed, a degraded link or an abort on the destination)
 against the nested lab, waits until the run reaches the destination host (an incoming domain,
 a fault's mdev record or firewall table, the inventory's mdev removed), then a random few
 seconds so that the kill lands in the fault or the migration, and SIGKILLs the whole process
 group. Then `lab janitor`, and on both hosts nothing of the killed run may be left: domains, QEMUs, save
 images, mdevs other than the inventory's (and the inventory's all present), mdev records, agents,
-firewall rules with its tag, reservation records and held locks; nor its run marks here. A
+firewall rules with its tag, netem qdiscs and records, a libvirt daemon stopped or dead, reservation
+records and held locks; nor its run marks here. A
 normal migration must pass afterwards.
 
 LABS_CHAOS_SEED=<int> replays a sequence (the seed is in every assertion message). The test runs
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from labs.faults import netem
 from labs.faults.mdevs import RECORD_DIR
 from labs.faults.network import rule_tag
 from labs.inventory.models import MdevDevice
@@ -44,6 +47,14 @@ pytestmark = pytest.mark.slow
 ROUNDS = (
     ("test_incompatible_destination_device", "test_destination_lacks_device"),
     ("test_kill_destination_qemu", "test_cut_migration_link", "test_abort_mid_flight", "test_migrate_and_back"),
+    # the faults that leave host state of their own: a daemon stopped or killed, a netem qdisc
+    (
+        "test_stop_libvirt_daemon",
+        "test_kill_libvirt_daemon",
+        "test_degraded_link",
+        "test_abort_on_destination",
+        "test_destroy_during_finish",
+    ),
 )
 MAX_DELAY_S = 6.0  # after the destination is touched: inside the fault or the TCG migration (5-15 s)
 START_WAIT_S = 240.0  # pytest start, doctor, the first VM and its fault on a busy 2-core machine
@@ -59,6 +70,13 @@ ls -1 {records} 2>/dev/null | grep -F -- "$run" | sed 's/^/mdev-record /'
 ls -1 /sys/bus/mdev/devices 2>/dev/null | sed 's/^/mdev /'
 pgrep -af 'labs_agent[.]py' | sed 's/^/agent /'
 nft list tables 2>/dev/null | grep -F -- "$tag" | sed 's/^/nft /'
+ls -1 {netem} 2>/dev/null | grep -F -- "$tag" | sed 's/^/netem-record /'
+tc qdisc show 2>/dev/null | grep -w netem | sed 's/^/netem /'
+for d in virtqemud libvirtd; do
+  pid=$(systemctl show -p MainPID --value "$d" 2>/dev/null)
+  [ -n "$pid" ] && [ "$pid" != 0 ] && grep -q '^State:[[:space:]]*T' /proc/"$pid"/status && echo "daemon $d stopped"
+  systemctl is-failed --quiet "$d" 2>/dev/null && echo "daemon $d dead (failed)"
+done
 command -v iptables >/dev/null && iptables -S INPUT | grep -F -- "$tag" | sed 's/^/iptables /'
 for o in {locks}/*.owner; do [ -e "$o" ] && echo "reservation-record $o $(cat "$o")"; done
 for f in {locks}/*.lock; do [ -e "$f" ] && {{ flock -n "$f" true || echo "held-lock $f"; }}; done
@@ -89,7 +107,12 @@ def nested(nested_hosts: object, request: pytest.FixtureRequest) -> Iterator[Lab
 def on_hosts(session: LabSession, run_id: str) -> list[str]:
     """Everything of `run_id` on the lab's hosts, and any mdev the inventory does not have (or lacks)."""
     script = HOST_SCRIPT.format(
-        run=run_id, tag=rule_tag(run_id, ""), images=REMOTE_IMAGE_DIR, records=RECORD_DIR, locks=LOCK_DIR
+        run=run_id,
+        tag=rule_tag(run_id, ""),
+        images=REMOTE_IMAGE_DIR,
+        records=RECORD_DIR,
+        locks=LOCK_DIR,
+        netem=netem.RECORD_DIR,
     )
     out: list[str] = []
     for host in session.inventory.hosts:

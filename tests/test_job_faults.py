@@ -1,0 +1,202 @@
+"""Faults the job may survive (abort on the destination, a stopped daemon, a degraded link): their outcome data
+and how a faulted migration judges them (test:/// cannot migrate: the job's outcome is given)."""
+
+from __future__ import annotations
+
+import libvirt
+import pytest
+
+from labs.errors import InfraError
+from labs.faults import (
+    AbortOnDestination,
+    DegradedLink,
+    DestroyDuringFinish,
+    FullFilesystem,
+    KillDaemon,
+    KillDestinationQemu,
+    MigrationDeadline,
+    StopDaemon,
+)
+from labs.faults.base import Fault
+from labs.inventory import LabDevice, LabPair
+from labs.scenarios import faulted
+from labs.scenarios import save_resume as sr
+from labs.scenarios.context import Scenario
+from labs.scenarios.faulted import FaultedMigration, expectation, migrate_under_fault
+from labs.scenarios.full_save import FullSave
+from labs.scenarios.migration import Leg
+from labs.scenarios.readback import Readback, SideView
+from labs.session import LabSession
+from labs.virt.domain import VM
+from labs.virt.events import DomainEvent
+from labs.virt.migrate import JobSample, MigrationResult
+from labs.virt.sequence import MIGRATED_DESTINATION
+from tests.test_scenarios import scenario, sim_device  # noqa: F401  (scenario: the fixture)
+
+INVALID = (libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID)
+
+
+def bare(cls: type[Fault]) -> Fault:
+    """A fault of `cls` that was attempted, for judging only (nothing on a host is touched)."""
+    fault = cls.__new__(cls)
+    Fault.__init__(fault, "hostB")
+    fault._attempted = True
+    return fault
+
+
+def test_abort_on_the_destination_must_be_refused_with_its_error() -> None:
+    fault = bare(AbortOnDestination)
+    assert fault.outcome.runs_on == "destination" and fault.outcome.destination_events is MIGRATED_DESTINATION
+    assert fault.refusal_problems == [
+        "abort-on-destination was accepted; it should have been refused (VIR_FROM_QEMU/VIR_ERR_OPERATION_INVALID)"
+    ]
+    fault.refused_with = (libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_NO_DOMAIN)
+    assert "refused with VIR_FROM_QEMU/VIR_ERR_NO_DOMAIN" in fault.refusal_problems[0]
+    fault.refused_with = INVALID
+    assert fault.refusal_problems == []
+
+
+def _run(fault: Fault, ok: bool, following: bool = True) -> FaultedMigration:
+    sides = [SideView("hostA", "absent" if ok else "running"), SideView("hostB", "running" if ok else "absent")]
+    result = MigrationResult(
+        "hostA",
+        "hostB",
+        "d",
+        ok=ok,
+        error=None if ok else "operation failed",
+        error_code=libvirt.VIR_ERR_OPERATION_FAILED,
+        error_domain=libvirt.VIR_FROM_QEMU,
+    )
+    leg = Leg("hostA", "hostB", result, Readback("d", sides), expectation(fault))
+    back = Leg(
+        "hostB",
+        "hostA",
+        MigrationResult("hostB", "hostA", "d", ok=True),
+        Readback("d", [SideView("hostB", "absent"), SideView("hostA", "running")]),
+    )
+    return FaultedMigration(fault, leg, True, back if following else None, "mid-flight")
+
+
+def test_a_fault_the_job_must_survive_fails_the_test_when_the_job_fails() -> None:
+    fault = bare(AbortOnDestination)
+    fault.refused_with = INVALID
+    assert _run(fault, ok=True).problems == []
+    problems = _run(fault, ok=False).problems
+    assert problems[0] == "migration under abort-on-destination failed; it should have completed: operation failed"
+    assert "after abort-on-destination: d should run exactly once, on hostB; runs on ['hostA']" in problems
+    assert "no following migration was run" in _run(fault, ok=True, following=False).problems
+
+
+@pytest.mark.parametrize("cls", [StopDaemon, DegradedLink])
+def test_a_fault_the_job_may_survive_passes_either_way_but_only_with_its_error(cls: type[Fault]) -> None:
+    fault = bare(cls)
+    assert expectation(fault) is None  # the leg is judged by its result: completed or failed
+    assert _run(fault, ok=True).problems == []
+    assert _run(fault, ok=False).problems == []
+    run = _run(fault, ok=False)
+    run.failed.result.error_code = libvirt.VIR_ERR_OPERATION_ABORTED
+    assert run.problems and "not the fault's" in run.problems[0]
+
+
+def test_a_killed_daemon_fails_the_job_and_a_completed_one_is_a_failure() -> None:
+    fault = bare(KillDaemon)
+    assert _run(fault, ok=False).problems == []
+    assert "succeeded; it should have failed" in _run(fault, ok=True).problems[0]
+
+
+def test_a_destination_qemu_killed_while_data_moves_fails_only_with_the_jobs_error() -> None:
+    fault = bare(KillDestinationQemu)
+    cgroup = (libvirt.VIR_FROM_CGROUP, libvirt.VIR_ERR_SYSTEM_ERROR)
+    assert fault.matches(*cgroup)  # landed while libvirt prepared the destination: its step's error
+    fault.record.phase = "iterating"
+    assert not fault.matches(*cgroup)
+    assert fault.matches(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED)
+
+
+def test_a_survived_fault_is_followed_by_a_migration_back(
+    sim_session: LabSession,
+    scenario: Scenario,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    vm = sr.start_vm(scenario, src, "back")
+    fault = bare(AbortOnDestination)
+    fault._attempted = False
+    legs: list[tuple[str, str, str]] = []
+
+    def leg(sc: object, vm: VM, a: LabDevice, b: LabDevice, *, scenario: str, **kw: object) -> tuple[VM, Leg]:
+        legs.append((a.host.name, b.host.name, scenario))
+        hook = kw.get("on_progress")
+        if callable(hook):
+            hook(JobSample(0.2, {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_processed": 1, "data_remaining": 9}))
+        result = MigrationResult(a.host.name, b.host.name, vm.name, ok=True)
+        return VM(vm.hv, vm.name), Leg(a.host.name, b.host.name, result, Readback(vm.name))
+
+    monkeypatch.setattr(AbortOnDestination, "_inject", lambda self: setattr(self, "refused_with", INVALID))
+    monkeypatch.setattr(faulted, "migrate_leg", leg)
+    _vm, run = migrate_under_fault(scenario, vm, LabPair(src, dst), lambda _v: fault, "mid-flight")
+    assert [(a, b) for a, b, _ in legs] == [("hostA", "hostB"), ("hostB", "hostA")]
+    assert legs[1][2] == "migrate back after abort-on-destination"
+    assert run.fault.record.phase == "iterating" and run.landed == "in iterating"
+
+
+def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_running() -> None:
+    fault = FullFilesystem.__new__(FullFilesystem)
+    Fault.__init__(fault, "hostA:/var/tmp/labs-full/x")
+    rb = Readback("d", [SideView("hostA", "running")])
+    following = sr.SaveResumeResult(vm=None, readbacks=[rb])  # type: ignore[arg-type]
+    full = FullSave(
+        fault,
+        "hostA",
+        "operation failed: No space left on device",
+        libvirt.VIR_FROM_QEMU,
+        libvirt.VIR_ERR_OPERATION_FAILED,
+        "running",
+        rb,
+        following,
+    )
+    assert full.problems == []
+    full.error_code = libvirt.VIR_ERR_OPERATION_ABORTED
+    assert "not the fault's" in full.problems[0]
+    full.error = None
+    assert "the save to a full filesystem succeeded" in full.problems
+    full.state_after = "paused"
+    assert "after the failed save the VM is paused, not running" in full.problems
+
+
+class _Dom:
+    def __init__(self, state: int) -> None:
+        self._state, self.destroyed = state, False
+
+    def state(self) -> tuple[int, int]:
+        return self._state, 0
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class _Hv:
+    name = "hostB"
+
+    def __init__(self, dom: _Dom) -> None:
+        self.conn = self
+        self.dom = dom
+
+    def lookupByName(self, _name: str) -> _Dom:
+        return self.dom
+
+
+def test_destroy_during_finish_lands_only_on_a_destination_not_yet_resumed() -> None:
+    paused, running = _Dom(libvirt.VIR_DOMAIN_PAUSED), _Dom(libvirt.VIR_DOMAIN_RUNNING)
+    DestroyDuringFinish(_Hv(paused), "d").inject()  # type: ignore[arg-type]
+    assert paused.destroyed
+    with pytest.raises(InfraError, match="no longer paused"):
+        DestroyDuringFinish(_Hv(running), "d").inject()  # type: ignore[arg-type]
+    assert not running.destroyed
+
+
+def test_the_deadlines_suspend_shows_in_the_sources_events() -> None:
+    fault = bare(MigrationDeadline)
+    paused = [DomainEvent(0.0, "A", "d", "suspended", "paused"), DomainEvent(1.0, "A", "d", "stopped", "migrated")]
+    assert fault.outcome.runs_on == "destination" and fault.source_events.matches(paused)
+    assert not fault.source_events.matches(paused[1:]), "a job the deadline never paused passed"
