@@ -12,7 +12,8 @@ close and reset, so a stale copy on the other host would otherwise pass.
 from __future__ import annotations
 
 from labs.inventory import LabDevice
-from labs.probes import ProbeMark, probe_for
+from labs.models import probe_for
+from labs.probes import ProbeMark
 from labs.scenarios.context import Scenario
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import VM

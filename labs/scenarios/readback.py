@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 from labs.errors import LabError
 from labs.inventory import LabDevice
-from labs.probes import ProbeMark, ProbeReading, probe_named
+from labs.models import probe_named
+from labs.probes import ProbeMark, ProbeReading
 from labs.reporting.evidence import attach, step
 from labs.runtime import LabSession
 from labs.scenarios.known import known_issue
