@@ -211,7 +211,7 @@ def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, ke
         report.add("device", Status.FAIL, f"{path} does not exist", device.id)
         return
     if isinstance(spec, MdevDevice) and driver:
-        # since Linux 5.16 an mdev is bound to its parent's mdev driver (mtty, nvidia, ...), which registers
+        # since Linux 5.16 an mdev is bound to its parent's mdev driver (nvidia, the samples, ...), which registers
         # the VFIO device itself: the IOMMU group is what says VFIO can open it
         if not ssh.run(f"test -e {path}/iommu_group", idempotent=True).ok:
             report.add("device", Status.FAIL, f"bound to {driver}, but has no IOMMU group (no VFIO device)", device.id)

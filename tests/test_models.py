@@ -3,7 +3,9 @@ it produces, the inventory keys, and a model from another package through the en
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -234,8 +236,6 @@ def test_an_installed_package_registers_its_model(tmp_path: Path, monkeypatch: p
 
 
 def _smoke(tmp_path: Path, caps: list[str], *args: str) -> Any:
-    import subprocess
-
     from labs.simlab import generate
     from tests.conftest import free_port
 
@@ -251,9 +251,10 @@ def _smoke(tmp_path: Path, caps: list[str], *args: str) -> Any:
     lab = tmp_path / caps[-1]
     lab.mkdir()
     inventory = generate.write_sim_inventory(lab / "sim.yaml", lab / "sim", free_port(), 1, True, [spec])
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTEST_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = str(acme_site(lab))
-    cmd = [sys.executable, "-m", "pytest", "suites/smoke", "--inventory", str(inventory), "-p", "no:randomly", "-q", *args]
+    cmd = [sys.executable, "-m", "pytest", "suites/smoke", "--inventory", str(inventory), "-p", "no:randomly", "-q"]
+    cmd += args
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -266,3 +267,13 @@ def test_the_smoke_suite_runs_with_a_model_installed_through_the_entry_point(tmp
     bad = _smoke(tmp_path, ["stop_copy", "p2p", "dirty_logging"], "-k", "doctor_green", "--lab-host", "hostA")
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "inventory lists dirty_logging, which acme_vfio_pci does not advertise" in bad.stdout
+
+
+def test_the_sample_mdev_is_named_only_in_its_model_and_the_nested_lab() -> None:
+    allowed = {Path("labs/models/mtty.py")}
+    found = [
+        path.relative_to(REPO_ROOT)
+        for path in (REPO_ROOT / "labs").rglob("*.py")
+        if "mtty" in path.read_text().lower() and "nested" not in path.relative_to(REPO_ROOT).parts
+    ]
+    assert set(found) <= allowed, found

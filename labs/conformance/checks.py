@@ -828,7 +828,7 @@ def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Cal
     yield "a stream missing its last 8 bytes", lambda: _cut(chunks, n - 8)
     yield "a stream with its first byte corrupted", lambda: _flip(chunks, 0)
     if dst.is_sim:
-        # the sim's stream carries a checksum; a real format without one (mtty's) cannot tell a
+        # the sim's stream carries a checksum; a real format without one (the sample mdev's) cannot tell a
         # corrupted body from other content
         yield f"a stream with byte {n // 2 + 3} corrupted", lambda: _flip(chunks, n // 2 + 3)
         size = int(dst.sim("info")["content_size"])
@@ -910,7 +910,7 @@ def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
     """The reset rules use VFIO_DEVICE_RESET: GET_INFO well formed (advertising RESET, on a sim), the ioctl return 0."""
     with ctx.step("VFIO_DEVICE_GET_INFO: RESET advertised, a PCI device's regions, no stray cap_offset"):
         info = dev.info()
-        if dev.is_sim:  # a real driver may answer RESET without advertising it (mtty: flags PCI only)
+        if dev.is_sim:  # a real driver may answer RESET without advertising it (the sample mdev: flags PCI only)
             assert info["flags"] & vfio.VFIO_DEVICE_FLAGS_RESET, f"GET_INFO flags {info['flag_names']} lack RESET"
         if info["flags"] & vfio.VFIO_DEVICE_FLAGS_PCI:
             assert info["num_regions"] >= vfio.VFIO_PCI_NUM_REGIONS, f"a PCI device with {info['num_regions']} regions"
@@ -1007,7 +1007,7 @@ def _v2_bad_target(ctx: CheckContext) -> None:
                 fd = dev.set_state(target)
                 got = dev.state_value()
                 if fd is not None:
-                    dev.reset()  # the session ends before its fd is closed (mtty: nested findings)
+                    dev.reset()  # the session ends before its fd is closed (the sample mdev: nested findings)
                     dev.close_fd(fd)
                 assert got == target, f"GET shows {uapi.v2_state_name(got)} after SET {name}"
             else:
@@ -1051,7 +1051,7 @@ def _v2_paths(ctx: CheckContext) -> None:
             if dev.is_sim:
                 dev.sim("arcs", clear=True)
             fd = dev.set_state(new)
-            # fds are closed after the SET that leaves their session, as QEMU does: mtty's
+            # fds are closed after the SET that leaves their session, as QEMU does: the sample mdev's
             # RESUMING -> STOP reads the resuming file (nested findings)
             for f in (old, fd):
                 if f is not None:
@@ -1408,7 +1408,7 @@ def _v2_data_size(ctx: CheckContext) -> None:
                 assert got == size, f"MIG_DATA_SIZE {got} in {state}, the stream is {size} bytes"
     dev.reset()
     if dev.is_sim:
-        # the sim knows its stream exactly (as mtty does): what is left to the end, whatever was read
+        # the sim knows its stream exactly (as the sample mdev does): what is left to the end, whatever was read
         for state in ("PRE_COPY", "STOP_COPY") if dev.supports("pre_copy") else ("STOP_COPY",):
             with ctx.step(f"MIG_DATA_SIZE in {state} after reading 5000 bytes: the bytes left to the end"):
                 if state == "STOP_COPY":

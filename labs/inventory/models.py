@@ -18,7 +18,7 @@ UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DRIVER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MODEL_REF_RE = re.compile(r"^([A-Za-z0-9][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
-MODEL_REF_HELP = "a registered device model name (mtty, mlx5_vfio_pci, ...) or package.module:ATTRIBUTE"
+MODEL_REF_HELP = "a registered device model name (mlx5_vfio_pci, ...) or package.module:ATTRIBUTE"
 
 
 def _model_ref(v: str | None) -> str | None:

@@ -9,8 +9,8 @@ peer type must refuse its stream, benign kernel log lines and known issues.
 
 A device gets its model from the inventory key `device_model` (on the device,
 or on its host for every device of the model's kind): a registered name or a
-dotted path `package.module:ATTRIBUTE`. Names are registered by the built-in
-table below and by other packages through the entry-point group
+dotted path `package.module:ATTRIBUTE`. Names are registered by this package's
+modules (one per model) and by other packages through the entry-point group
 `labs.device_models`. A device without the key gets the first model whose
 `matches` accepts it, else the generic model of its kind.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -114,21 +115,21 @@ GENERIC_MDEV = DeviceModel(
 )
 GENERIC = {"pci": GENERIC_PCI, "mdev": GENERIC_MDEV}
 
-BUILTIN: dict[str, str] = {
-    "sim": "labs.models.sim:SIM",
-    "mtty": "labs.models.mtty:MTTY",
-    "mlx5_vfio_pci": "labs.models.mlx5:MLX5",
-    "pds_vfio_pci": "labs.models.pds:PDS",
-    "qat_vfio_pci": "labs.models.qat:QAT",
-    "virtio_vfio_pci": "labs.models.virtio:VIRTIO",
-    "hisi_acc_vfio_pci": "labs.models.hisi_acc:HISI_ACC",
-    "xe_vfio_pci": "labs.models.xe:XE",
-}
+@cache
+def builtin() -> dict[str, str]:
+    """The models of this package's modules (one file per model), by name -> dotted path."""
+    out: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, DeviceModel):
+                out[value.name] = f"{module.__name__}:{attr}"
+    return out
 
 
 def registered() -> dict[str, str]:
     """Model name -> dotted path: the built-in ones, then those other packages register (entry points)."""
-    out = dict(BUILTIN)
+    out = dict(builtin())
     for ep in importlib.metadata.entry_points(group=GROUP):
         out.setdefault(ep.name, ep.value)
     return out

@@ -38,7 +38,7 @@ from labs.virt.xml import Hostdev, hostdevs_of
 RUNNING_STATES = ("RUNNING", "001")  # v2 name, v1 device_state bits
 # A real device that no VM holds any more may also be stopped: QEMU leaves it in STOP after a completed
 # save or outgoing migration (save_cleanup: STOP_COPY -> STOP, then close; spec 4.2), and a driver that
-# does not reset on close keeps that (mtty). The next user can go on from there. Not RESUMING, STOP_COPY
+# does not reset on close keeps that. The next user can go on from there. Not RESUMING, STOP_COPY
 # or ERROR: a device left RESUMING hands the next QEMU's SET RESUMING no data fd (nested findings 4).
 IDLE_STATES = (*RUNNING_STATES, "STOP", "000")
 
@@ -299,7 +299,7 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
     What a failed incoming migration or restore leaves: the destination QEMU
     entered RESUMING (load_setup) and died or was stopped by libvirt without a
     reset; a driver that neither resets on close nor advertises
-    VFIO_DEVICE_FLAGS_RESET (mtty) keeps RESUMING, and the next QEMU's SET
+    VFIO_DEVICE_FLAGS_RESET keeps RESUMING, and the next QEMU's SET
     RESUMING is then a no-op without a data fd (nested findings 4). A user
     recovers with VFIO_DEVICE_RESET (spec 3.5: RESUMING is left only by reset),
     and so does this, through the device layer. The view keeps `recovered_from`,
@@ -327,9 +327,9 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
 def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = None) -> str | None:
     """Before a VM takes a real device (start, incoming migration, restore): reset it if it is not idle.
 
-    A device a previous user left RESUMING is worse than unusable on mtty: the
+    A device a previous user left RESUMING is worse than unusable on the sample mdev: the
     next RESUMING -> STOP arc dereferences the resuming file the close already
-    dropped, and the host kernel oopses in mtty_set_state (nested findings).
+    dropped, and the host kernel oopses in its set_state (nested findings).
     Returns the state it was found in when a reset was needed (None: it was
     idle, or a simulated device, or there is no device layer).
     """
