@@ -277,3 +277,16 @@ def test_the_sample_mdev_is_named_only_in_its_model_and_the_nested_lab() -> None
         if "mtty" in path.read_text().lower() and "nested" not in path.relative_to(REPO_ROOT).parts
     ]
     assert set(found) <= allowed, found
+
+
+def test_readme_shows_the_example_model_verbatim_next_to_the_driver_example() -> None:
+    text = (REPO_ROOT / "README.md").read_text()
+    both = text[text.index("### Two plug-in points") : text.index("### Plug your own driver model")]
+    assert "docs/examples/my_driver.py" in both and "docs/examples/my_device_model.py" in both
+    section = text[text.index("### Plug in a device model") : text.index("### Mutation testing")]
+    assert EXAMPLE.read_text() in section
+    assert '[project.entry-points."labs.device_models"]\nacme_vfio_pci = "my_device_model:ACME"' in section
+    for name, (always, optional) in VARIANTS.items():  # the table says what the models carry
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}`"))
+        cells = [{c.strip() for c in cell.split(",") if c.strip()} for cell in row.split("|")[2:4]]
+        assert cells == [{c.value for c in always}, {c.value for c in optional}]
