@@ -290,3 +290,19 @@ def test_readme_shows_the_example_model_verbatim_next_to_the_driver_example() ->
         row = next(line for line in section.splitlines() if line.startswith(f"| `{name}`"))
         cells = [{c.strip() for c in cell.split(",") if c.strip()} for cell in row.split("|")[2:4]]
         assert cells == [{c.value for c in always}, {c.value for c in optional}]
+
+
+def test_a_lab_known_issue_may_name_a_device_model(tmp_path: Path) -> None:
+    from labs.certify.results import TestResult
+    from labs.reporting import known
+    from tests.conftest import write_sim_inventory
+
+    inv = open_inventory(write_sim_inventory(tmp_path, devices=True))
+    issue = known.KnownIssue(id="A-1", title="t", link="https://x/1", models=("sim",), rules=("V2-R16",))
+    other = known.KnownIssue(id="A-2", title="t", link="https://x/2", models=("mlx5_vfio_pci",), rules=("V2-R16",))
+
+    def result(device: str) -> TestResult:
+        return TestResult("t", "t", "failed", "", ("V2-R16",), "c", devices=(device,), test_case_id=device)
+
+    seen = known.classify([other, issue], [result("hostA:simv2"), result("hostA:simv1")], inv)
+    assert [len(s.failed) for s in seen] == [0, 2]
