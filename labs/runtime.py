@@ -38,7 +38,8 @@ def check_models(inventory: Inventory) -> None:
         try:
             models.model_of(device)
         except ConfigError as exc:
-            where = "device_model" if device.spec.device_model else f"hosts.{device.host.name}.device_model"
+            host_key = device.host.spec.device_model and f"hosts.{device.host.name}.device_model"
+            where = "device_model" if device.spec.device_model else host_key or "device model"
             raise ConfigError(f"{inventory.file}: {device.id}: {where}: {exc}") from None
 
 

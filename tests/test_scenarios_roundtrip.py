@@ -52,8 +52,8 @@ class FakeDevice:
     def digest(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
-    def fill(self, seed: int) -> str:
-        self.content = bytes([seed]) * 8
+    def fill(self, seed: int | str) -> str:
+        self.content = hashlib.sha256(str(seed).encode()).digest()[:8]
         return self.digest()
 
     def region_info(self, index: int) -> dict[str, int]:

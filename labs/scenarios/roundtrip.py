@@ -72,18 +72,15 @@ def _seeds() -> tuple[int, int]:
 
 
 def seed(dev: DeviceAccess, device: LabDevice, value: int) -> bool:
-    """Give the device content of its own; False where the model has no way to (then no seeding)."""
-    fill = getattr(dev, "fill", None)
-    if device.spec.kind == "sim" and fill is not None:
-        fill(seed=value)
-        return True
+    """Give the device content of its own through its model's seeder (a sim's fill, a real device's
+    registers); False where the model has none (then no seeding)."""
     seeder = model_of(device).seeder
-    if device.spec.kind != "sim" and seeder is not None and hasattr(dev, "call"):
-        from labs.vfio.device import DeviceHandle
+    if seeder is None or not hasattr(dev, "fill" if device.spec.kind == "sim" else "call"):
+        return False
+    from labs.vfio.device import DeviceHandle
 
-        seeder(cast(DeviceHandle, dev), f"roundtrip-{value}")  # the registers its stream carries
-        return True
-    return False
+    seeder(cast(DeviceHandle, dev), f"roundtrip-{value}")
+    return True
 
 
 def _fingerprint(device: LabDevice, data: bytes) -> str:
