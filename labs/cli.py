@@ -367,7 +367,7 @@ def mutants(
 
 @main.group("nested")
 def nested_group() -> None:
-    """The nested lab: two QEMU hosts running Debian trixie with the real mtty mdev."""
+    """The nested lab: two QEMU hosts running Debian trixie with a real mdev (the kernel's sample UART driver)."""
 
 
 @nested_group.command("up")

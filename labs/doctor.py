@@ -17,6 +17,7 @@ from enum import StrEnum
 from labs.errors import InfraError, LabError
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice, PciDevice, SimDevice
+from labs.models import model_of
 from labs.session import LabSession
 from labs.sim import importcheck
 from labs.transport import HostConnection
@@ -111,22 +112,23 @@ def check_host(
         return report
     _check_python(report, ssh, host)
     kernel = _check_kernel(report, ssh, host)
-    _check_modules(report, ssh, host)
+    mine = [d for d in session.inventory.devices if d.host.name == host.name]
+    _check_modules(report, ssh, mine)
     _check_libvirt(report, host)
     drivers = _check_sim_drivers(ssh, host, session.inventory.settings.timeouts.command)
-    for device in session.inventory.devices:
-        if device.host.name == host.name:
-            _check_device(report, ssh, device, kernel)
-            if device.spec.label in drivers:
-                report.add("driver", *drivers[device.spec.label], device.id)
-            if migration_probe is not None and report.device_problem(device.id) is None:
-                try:
-                    report.add("migration", Status.OK, migration_probe(session, device), device.id)
-                except FlagsMismatch as exc:
-                    rule = "V1-R1" if device.spec.protocol == "v1" else "V2-R1"
-                    report.add("migration", Status.WARN, f"{exc} ({rule} fails on it)", device.id)
-                except LabError as exc:
-                    report.add("migration", Status.FAIL, str(exc), device.id)
+    for device in mine:
+        _check_model(report, device)
+        _check_device(report, ssh, device, kernel)
+        if device.spec.label in drivers:
+            report.add("driver", *drivers[device.spec.label], device.id)
+        if migration_probe is not None and report.device_problem(device.id) is None:
+            try:
+                report.add("migration", Status.OK, migration_probe(session, device), device.id)
+            except FlagsMismatch as exc:
+                rule = "V1-R1" if device.spec.protocol == "v1" else "V2-R1"
+                report.add("migration", Status.WARN, f"{exc} ({rule} fails on it)", device.id)
+            except LabError as exc:
+                report.add("migration", Status.FAIL, str(exc), device.id)
     return report
 
 
@@ -153,16 +155,13 @@ def _check_kernel(report: HostReport, ssh: HostConnection, host: LabHost) -> tup
     return kernel
 
 
-def _check_modules(report: HostReport, ssh: HostConnection, host: LabHost) -> None:
-    kinds = {d.kind for d in host.spec.devices}
-    wanted = ["vfio"]
-    if "pci" in kinds:
-        wanted.append("vfio_pci")
-    if "mdev" in kinds:
-        wanted.append("mdev")
-    if kinds <= {"sim"}:
+def _check_modules(report: HostReport, ssh: HostConnection, devices: list[LabDevice]) -> None:
+    """The kernel modules the device models of the host's real devices need."""
+    real = [d for d in devices if d.spec.kind != "sim"]
+    if not real:
         report.add("modules", Status.NA, "simulated devices only")
         return
+    wanted = list(dict.fromkeys(m for d in real for m in model_of(d).modules))
     # built-in modules also appear under /sys/module
     res = ssh.run(" ; ".join(f"test -d /sys/module/{m} && echo {m}" for m in wanted) + " ; true", idempotent=True)
     present = set(res.stdout.split())
@@ -185,6 +184,16 @@ def _check_libvirt(report: HostReport, host: LabHost) -> None:
     report.add("libvirt", Status.OK, f"{info.driver} {info.hv_version}, libvirt {info.lib_version} ({where})")
 
 
+def _check_model(report: HostReport, device: LabDevice) -> None:
+    """The inventory's capabilities against the flags the device's model advertises."""
+    model = model_of(device)
+    fatal, problem = model.flags_problem(device.capabilities)
+    flags = "|".join(sorted(c.value for c in model.migration_flags))
+    optional = f" (+{'|'.join(sorted(c.value for c in model.optional_flags))})" if model.optional_flags else ""
+    status = Status.FAIL if fatal else Status.WARN if problem else Status.OK
+    report.add("model", status, f"{model.name}: {problem or f'advertises {flags}{optional}'}", device.id)
+
+
 def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, kernel: tuple[int, ...]) -> None:
     spec = device.spec
     if isinstance(spec, SimDevice):
@@ -202,10 +211,14 @@ def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, ke
         report.add("device", Status.FAIL, f"{path} does not exist", device.id)
         return
     if isinstance(spec, MdevDevice) and driver:
-        # since Linux 5.16 an mdev is bound to its parent's mdev driver (mtty, nvidia, ...), which registers
+        # since Linux 5.16 an mdev is bound to its parent's mdev driver (nvidia, the samples, ...), which registers
         # the VFIO device itself: the IOMMU group is what says VFIO can open it
         if not ssh.run(f"test -e {path}/iommu_group", idempotent=True).ok:
             report.add("device", Status.FAIL, f"bound to {driver}, but has no IOMMU group (no VFIO device)", device.id)
+            return
+    elif (want := model_of(device).host_driver) and driver != want:
+        if not (model_of(device).managed and "vfio" not in driver):  # managed: libvirt binds it on start
+            report.add("device", Status.FAIL, f"bound to {driver or 'no driver'}, its model needs {want}", device.id)
             return
     elif "vfio" not in driver:
         report.add("device", Status.FAIL, f"bound to {driver or 'no driver'}, not a vfio driver", device.id)

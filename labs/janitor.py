@@ -105,7 +105,7 @@ def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) ->
 
 
 def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
-    """Reset devices a killed run left outside RUNNING (mtty keeps its state across opens, spec 5.3).
+    """Reset devices a killed run left outside RUNNING (a driver may keep its state across opens, spec 5.3).
     A device some live run holds (reserved) is not touched."""
     out: list[str] = []
     for device in devices:

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from labs import models
+from labs.errors import ConfigError
 from labs.inventory import Inventory, load_inventory
 from labs.liveruns import RunMark
 from labs.simlab import SimLab
@@ -25,7 +27,20 @@ def open_inventory(file: str | Path, *, check_files: bool = True) -> Inventory:
         if inventory.is_sim:
             SimLab(inventory).provision()
 
-    return load_inventory(file, check_files=check_files, provision=provision)
+    inventory = load_inventory(file, check_files=check_files, provision=provision)
+    check_models(inventory)
+    return inventory
+
+
+def check_models(inventory: Inventory) -> None:
+    """Every device's model resolves (bad input is one line: file, key, problem)."""
+    for device in inventory.devices:
+        try:
+            models.model_of(device)
+        except ConfigError as exc:
+            host_key = device.host.spec.device_model and f"hosts.{device.host.name}.device_model"
+            where = "device_model" if device.spec.device_model else host_key or "device model"
+            raise ConfigError(f"{inventory.file}: {device.id}: {where}: {exc}") from None
 
 
 def new_run_id() -> str:

@@ -16,9 +16,10 @@ import pytest
 from labs.faults.device import CorruptSaveImage
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice
+from labs.models import mtty as mtty_probe
+from labs.models import probe_for, probe_named
 from labs.nested import ci
-from labs.probes import ProbeMark, probe_for, probe_named
-from labs.probes import mtty as mtty_probe
+from labs.probes import ProbeMark
 from labs.scenarios.readback import DeviceView, Readback
 from labs.transport.ssh import Result
 from labs.vfio.access import IDLE_STATES
@@ -48,7 +49,9 @@ def test_qemu_properties_become_an_override_on_the_hostdev_alias() -> None:
 
 
 def test_no_override_without_properties_nor_on_test_driver() -> None:
-    plain = domain_xml(spec_for("labs-x-2", [_mtty()], "qemu"))
+    spec = MdevDevice(kind="mdev", parent="other", type="other-1", uuid=UUID, protocol="v2")
+    other = LabDevice(LabHost("nested-a", Host(address="127.0.0.1", devices=(spec,))), 0, spec)
+    plain = domain_xml(spec_for("labs-x-2", [other], "qemu"))
     assert "override" not in plain and "<alias" not in plain
     on_test = domain_xml(spec_for("labs-x-3", [_mtty(PROPS)], "test"))
     assert "override" not in on_test and "<alias" not in on_test
@@ -170,7 +173,7 @@ def test_corrupt_save_image_patches_the_header_and_undo_restores_it(
     image = bytes(rng.randrange(256) for _ in range(4096)) + stream + bytes(1000)
     path = tmp_path / "vm.save"
     path.write_bytes(image)
-    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.STREAM_MAGIC, how, python="python3")  # type: ignore[arg-type]
+    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.MTTY.stream, how, python="python3")  # type: ignore[arg-type]
     fault.inject()
     damaged = path.read_bytes()
     at = 4096 + offset
@@ -184,7 +187,7 @@ def test_corrupt_save_image_patches_the_header_and_undo_restores_it(
 def test_corrupt_save_image_refuses_an_ambiguous_image(tmp_path: Path) -> None:
     path = tmp_path / "vm.save"
     path.write_bytes(mtty_probe.STREAM_MAGIC * 2)
-    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.STREAM_MAGIC, "bad-magic")  # type: ignore[arg-type]
+    fault = CorruptSaveImage(LocalSsh(), str(path), mtty_probe.MTTY.stream, "bad-magic")  # type: ignore[arg-type]
     with pytest.raises(Exception, match="found 2 times"):
         fault.inject()
     assert path.read_bytes() == mtty_probe.STREAM_MAGIC * 2

@@ -319,7 +319,7 @@ def test_the_destination_is_judged_before_the_recovery_reset(sim_session: LabSes
         ),
     )
     issue = known_issue(mtty, "failed-incoming", "RESUMING")
-    assert issue is not None and "nested-findings" in issue.link
+    assert issue is not None and "nested-findings" in issue.issue.link
     assert known_issue(mtty, "failed-incoming", "ERROR") is None
     assert known_issue(sim_device(sim_session, "hostB"), "failed-incoming", "RESUMING") is None
     left.known = issue.describe(mtty.id)

@@ -52,13 +52,17 @@ class FakeDevice:
     def digest(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
-    def fill(self, seed: int) -> str:
-        self.content = bytes([seed]) * 8
+    def fill(self, seed: int | str) -> str:
+        self.content = hashlib.sha256(str(seed).encode()).digest()[:8]
         return self.digest()
 
+    def region_info(self, index: int) -> dict[str, int]:
+        return {"size": 8 if index == 0 else 0}  # one register port, as mtty-1's
+
     def call(self, op: str, **args: Any) -> None:
-        assert op == "region_write" and args["index"] == 0 and args["offset"] == 7
-        self.content = self.content[:7] + base64.b64decode(args["data"])
+        assert op == "region_write" and args["index"] == 0
+        at, data = args["offset"], base64.b64decode(args["data"])
+        self.content = self.content[:at] + data + self.content[at + len(data) :]
 
     def save(self) -> Stream:
         self.st = "STOP"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from labs import models
 from labs.conformance import checks
+from labs.models import DeviceModel
 from labs.sim.defects import CATALOGUE, CORRECT, Defect
 from labs.vfio.client import AgentClient, AgentOSError
 from labs.vfio.device import DeviceHandle
@@ -42,10 +44,10 @@ def agent() -> Iterator[AgentClient]:
 
 
 @pytest.fixture
-def sim_seeder() -> Iterator[None]:
-    checks.SEEDERS[SIM_PCI_ID] = write_regs
-    yield
-    del checks.SEEDERS[SIM_PCI_ID]
+def sim_seeder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model for the sim's PCI id whose seeder writes its registers, as a real model's would."""
+    model = DeviceModel("blank", "pci", pci_ids=(SIM_PCI_ID,), seeder=write_regs)
+    monkeypatch.setattr(models, "available", lambda: [model])
 
 
 def run(agent: AgentClient, tmp_path: Path, defect: Defect) -> None:

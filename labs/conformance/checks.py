@@ -6,7 +6,7 @@ save from, never the device under test itself (on a lab its pair partner or
 another device of its model; in tests/test_defects.py the correct driver, so a
 resume rule judges the resuming side only). A round trip seeds both sides apart
 first and proves the content arrived: by digest on a simulated device, else by
-saving the resumed device again and comparing streams (`COMPARATORS`).
+saving the resumed device again and comparing streams (the model's normaliser, labs.models).
 `ctx.step(title)` records a report step.
 
 Checks use fault knobs and sim readback (`dev.sim`, `dev.fill`, `dev.digest`)
@@ -30,7 +30,9 @@ from typing import Any, Protocol
 
 import pytest
 
+from labs import models
 from labs.conformance import model
+from labs.models import DeviceModel, Seeder
 from labs.vfio import abi as vfio
 from labs.vfio import rules, uapi
 from labs.vfio.abi import VFIO_DEVICE_FEATURE_GET as GET
@@ -45,7 +47,7 @@ HANGS_KERNELS = "STOP_COPY -> PRE_COPY hangs real kernels (spec 3.4)"
 
 
 class CheckContext(Protocol):
-    model: str  # the device model (inventory `model`): picks the stream comparator
+    model: str  # the device's pairing key (inventory `model`)
 
     def open(self) -> DeviceHandle:
         """The device under test: a fresh handle, in RUNNING."""
@@ -147,17 +149,18 @@ def same_bytes(a: bytes, b: bytes) -> str | None:
     return f"the streams differ from byte {at} ({len(a)} vs {len(b)} bytes)"
 
 
-# per device model, for streams with volatile fields (a timestamp, a counter); default: byte for byte
-COMPARATORS: dict[str, StreamComparator] = {}
+def model_of_handle(dev: DeviceHandle) -> DeviceModel | None:
+    """The model of an opened real device, by the vendor:device its config space reports (None: sim, unknown)."""
+    return None if dev.is_sim else models.model_for_pci_id(pci_id(dev))
 
 
-def comparator(ctx: CheckContext) -> StreamComparator:
-    return COMPARATORS.get(ctx.model, same_bytes)
-
-
-# per PCI vendor:device, how to give a real device a distinctive state its stream carries (registers)
-Seeder = Callable[[DeviceHandle, str], None]
-SEEDERS: dict[tuple[int, int], Seeder] = {}
+def comparator(dev: DeviceHandle) -> StreamComparator:
+    """Byte for byte, after the model's normaliser where its stream has volatile fields (a timestamp, a counter)."""
+    model = model_of_handle(dev)
+    normalise = model.normalise if model is not None else None
+    if normalise is None:
+        return same_bytes
+    return lambda a, b: same_bytes(normalise(a), normalise(b))
 
 
 def pci_id(dev: DeviceHandle) -> tuple[int, int]:
@@ -167,7 +170,9 @@ def pci_id(dev: DeviceHandle) -> tuple[int, int]:
 
 
 def seeder_for(dev: DeviceHandle) -> Seeder | None:
-    return SEEDERS.get(pci_id(dev)) if SEEDERS else None
+    """How the model gives the device a distinctive state its stream carries (registers), or None."""
+    model = model_of_handle(dev)
+    return model.seeder if model is not None else None
 
 
 def apart(ctx: CheckContext, src: DeviceHandle, dst: DeviceHandle, src_seed: str, dst_seed: str) -> str | None:
@@ -193,7 +198,7 @@ def differs_before(ctx: CheckContext, dst: DeviceHandle, stream: SavedStream) ->
         return  # `apart` seeded it
     with ctx.step("save the destination before the resume: its state must differ from the stream's"):
         before = dst.save()
-        same = comparator(ctx)(stream.data(), before.data()) is None
+        same = comparator(dst)(stream.data(), before.data()) is None
         dst.reset()
     if same:
         pytest.skip("the destination already holds the source's state: the round trip cannot show the resume")
@@ -220,7 +225,7 @@ def verify_resumed(
     assert stream is not None, "no stream to compare the resumed device with"
     with ctx.step("save the resumed device again and compare its stream with the one it resumed"):
         again = dst.save(live=len(stream.parts) > 1)
-        problem = comparator(ctx)(stream.data(), again.data())
+        problem = comparator(dst)(stream.data(), again.data())
         assert problem is None, f"the resumed device saves another state: {problem}"
 
 
@@ -248,7 +253,7 @@ def content_kept(
         with ctx.step(f"save the device again: the state {after} must be the one saved before"):
             if dev.state() != "RUNNING":
                 dev.set_state("RUNNING")
-            problem = comparator(ctx)(before.data(), dev.save().data())
+            problem = comparator(dev)(before.data(), dev.save().data())
             assert problem is None, f"the device state changed {after}: {problem}"
 
 
@@ -722,7 +727,7 @@ def _saves_past_the_first(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHand
         with ctx.step("save twice in one open: the second stream carries the state of the first"):
             first = dev.save()
             dev.set_state("RUNNING")
-            problem = comparator(ctx)(first.data(), dev.save().data())
+            problem = comparator(dev)(first.data(), dev.save().data())
             dev.set_state("RUNNING")
         assert problem is None, f"a second save in one open carries another state: {problem}"
         return
@@ -765,7 +770,7 @@ def _v1_early_stop(ctx: CheckContext, dev: DeviceHandle, peer: DeviceHandle) -> 
         return
     with ctx.step("the early-stopped stream carries the state of a full save"):
         dev.set_state("RUNNING")
-        problem = comparator(ctx)(dev.save().data(), stopped.data())
+        problem = comparator(dev)(dev.save().data(), stopped.data())
     assert problem is None, f"the early-stopped stream carries another state: {problem}"
 
 
@@ -823,7 +828,7 @@ def _malformed(dst: DeviceHandle, saved: SavedStream) -> Iterator[tuple[str, Cal
     yield "a stream missing its last 8 bytes", lambda: _cut(chunks, n - 8)
     yield "a stream with its first byte corrupted", lambda: _flip(chunks, 0)
     if dst.is_sim:
-        # the sim's stream carries a checksum; a real format without one (mtty's) cannot tell a
+        # the sim's stream carries a checksum; a real format without one (the sample mdev's) cannot tell a
         # corrupted body from other content
         yield f"a stream with byte {n // 2 + 3} corrupted", lambda: _flip(chunks, n // 2 + 3)
         size = int(dst.sim("info")["content_size"])
@@ -905,7 +910,7 @@ def reset_advertised(ctx: CheckContext, dev: DeviceHandle) -> None:
     """The reset rules use VFIO_DEVICE_RESET: GET_INFO well formed (advertising RESET, on a sim), the ioctl return 0."""
     with ctx.step("VFIO_DEVICE_GET_INFO: RESET advertised, a PCI device's regions, no stray cap_offset"):
         info = dev.info()
-        if dev.is_sim:  # a real driver may answer RESET without advertising it (mtty: flags PCI only)
+        if dev.is_sim:  # a real driver may answer RESET without advertising it (the sample mdev: flags PCI only)
             assert info["flags"] & vfio.VFIO_DEVICE_FLAGS_RESET, f"GET_INFO flags {info['flag_names']} lack RESET"
         if info["flags"] & vfio.VFIO_DEVICE_FLAGS_PCI:
             assert info["num_regions"] >= vfio.VFIO_PCI_NUM_REGIONS, f"a PCI device with {info['num_regions']} regions"
@@ -1002,7 +1007,7 @@ def _v2_bad_target(ctx: CheckContext) -> None:
                 fd = dev.set_state(target)
                 got = dev.state_value()
                 if fd is not None:
-                    dev.reset()  # the session ends before its fd is closed (mtty: nested findings)
+                    dev.reset()  # the session ends before its fd is closed (the sample mdev: nested findings)
                     dev.close_fd(fd)
                 assert got == target, f"GET shows {uapi.v2_state_name(got)} after SET {name}"
             else:
@@ -1046,7 +1051,7 @@ def _v2_paths(ctx: CheckContext) -> None:
             if dev.is_sim:
                 dev.sim("arcs", clear=True)
             fd = dev.set_state(new)
-            # fds are closed after the SET that leaves their session, as QEMU does: mtty's
+            # fds are closed after the SET that leaves their session, as QEMU does: the sample mdev's
             # RESUMING -> STOP reads the resuming file (nested findings)
             for f in (old, fd):
                 if f is not None:
@@ -1144,7 +1149,7 @@ def _v2_saving_group_fd(ctx: CheckContext) -> None:
         # `apart` may have given the device a new state since the first save: compare with a full save now
         with ctx.step("the early-stopped stream carries the state of a full save made after it"):
             dev.set_state("RUNNING")
-            problem = comparator(ctx)(dev.save().data(), stopped.data())
+            problem = comparator(dev)(dev.save().data(), stopped.data())
         assert problem is None, f"the early-stopped stream carries another state: {problem}"
     if dev.is_sim:
         dev.set_state("RUNNING")
@@ -1403,7 +1408,7 @@ def _v2_data_size(ctx: CheckContext) -> None:
                 assert got == size, f"MIG_DATA_SIZE {got} in {state}, the stream is {size} bytes"
     dev.reset()
     if dev.is_sim:
-        # the sim knows its stream exactly (as mtty does): what is left to the end, whatever was read
+        # the sim knows its stream exactly (as the sample mdev does): what is left to the end, whatever was read
         for state in ("PRE_COPY", "STOP_COPY") if dev.supports("pre_copy") else ("STOP_COPY",):
             with ctx.step(f"MIG_DATA_SIZE in {state} after reading 5000 bytes: the bytes left to the end"):
                 if state == "STOP_COPY":

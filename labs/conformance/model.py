@@ -144,8 +144,8 @@ class V2Oracle(Oracle):
         self.pending = []
         self.validating = False
         if cur == "ERROR" and target == uapi.V2_STATES["ERROR"]:
-            # V2-R15 says every SET fails in ERROR, but the drivers' loop (`while cur != new`, mtty
-            # and the simulator alike) never consults the core when the target is the current state
+            # V2-R15 says every SET fails in ERROR, but the drivers' loop (`while cur != new`, the
+            # sample mdev and the simulator alike) never consults the core when the target is the current state
             return Expect(None, (cur,))
         if not self.supported(target) or cur == "ERROR":
             return Expect(False, (cur,), errno.EINVAL)  # V2-R4, V2-R15

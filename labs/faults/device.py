@@ -3,8 +3,8 @@
 Host-side faults (mdev removed or created) act over SSH on sysfs. Device-level
 faults act through the device layer (`DeviceAccess`): on simulated drivers a
 fault knob; on real devices the spec's recipes (section 5.4): a truncated
-stream, or a header with a flipped magic. Never the port payload of mtty: a
-corrupted FIFO index there writes past the FIFO in host kernel memory.
+stream, or a header with a flipped magic. Never a payload: a corrupted index
+in it may make the driver write past a buffer in host kernel memory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from labs.faults import mdevs
 from labs.faults.base import ExpectedError, Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
+from labs.models import StreamLayout
 from labs.transport import HostConnection
 from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
@@ -78,7 +79,7 @@ class DestinationLacksDevice(Fault):
 
 
 class IncompatibleDestinationMdev(Fault):
-    """An mdev of another type on the destination (mtty-1 for an mtty-2 stream): resume must refuse it.
+    """An mdev of another type on the destination (the model's `incompatible` type): resume must refuse it.
 
     The mdev is recorded on the host before it is created (labs.faults.mdevs), under `run_id` or else
     the run holding the device's reservation there: `lab janitor` removes it after a killed run.
@@ -239,23 +240,28 @@ ImageDamage = Literal["bad-magic", "bad-version", "bad-ports"]
 class CorruptSaveImage(Fault):
     """Damage the device's stream inside a saved VM image (libvirt save file), so that restore must fail.
 
-    The device stream is found by its signature (`magic`, the bytes the
-    driver's stream begins with: mtty's header magic) and damaged only in its
-    header, by the spec's safe recipes (5.4): the magic flipped, major_ver set
-    to 2, or nr_ports raised by one; never the port payload. QEMU writes the
-    damaged header to the destination's RESUMING data fd, which refuses it,
-    and the restore fails. Undo writes the original bytes back.
+    The device stream is found by its signature (the model's StreamLayout:
+    the bytes its stream begins with) and damaged only in its header, by the
+    spec's safe recipes (5.4): the magic flipped, or a header field the layout
+    names (a version, a count) set to a value no device has; never the payload.
+    QEMU writes the damaged header to the destination's RESUMING data fd,
+    which refuses it, and the restore fails. Undo writes the original bytes back.
     """
 
     name = "corrupt-save-image"
 
-    def __init__(self, ssh: HostConnection, path: str, magic: bytes, how: ImageDamage, python: str = "python3") -> None:
+    def __init__(
+        self, ssh: HostConnection, path: str, layout: StreamLayout, how: ImageDamage, python: str = "python3"
+    ) -> None:
         super().__init__(f"{ssh.name}:{path} ({how})")
         self.name = f"corrupt-save-image:{how}"
         self.record.name = self.name
         self.ssh = ssh
         self.path = path
-        self.magic = magic
+        self.magic = layout.magic
+        if how != "bad-magic" and how not in layout.header_damage:
+            raise InfraError(f"{ssh.name}: the device's stream layout names no field for {how}")
+        self.layout = layout
         self.how = how
         self.python = python
         self.patched: dict[str, object] | None = None
@@ -275,10 +281,9 @@ class CorruptSaveImage(Fault):
     def _inject(self) -> None:
         if self.how == "bad-magic":
             self.patched = self._patch(0, "")
-        elif self.how == "bad-version":
-            self.patched = self._patch(8, (2).to_bytes(4, "little").hex())  # mtty_data.major_ver @8
         else:
-            self.patched = self._patch(16, "ff000000")  # mtty_data.nr_ports @16: no device has 255 ports
+            offset, new = self.layout.header_damage[self.how]
+            self.patched = self._patch(offset, new.hex())
         self.note(f"{self.how}: {self.path} @{self.patched['offset']}: {self.patched['old']} -> {self.patched['new']}")
 
     def _undo(self) -> None:

@@ -17,6 +17,14 @@ BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DRIVER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MODEL_REF_RE = re.compile(r"^([A-Za-z0-9][\w.-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+MODEL_REF_HELP = "a registered device model name (mlx5_vfio_pci, ...) or package.module:ATTRIBUTE"
+
+
+def _model_ref(v: str | None) -> str | None:
+    if v is not None and not MODEL_REF_RE.match(v):
+        raise ValueError(f"'{v}' is not {MODEL_REF_HELP}")
+    return v
 
 
 class Strict(BaseModel):
@@ -46,6 +54,9 @@ class HostKeyPolicy(StrEnum):
 class _DeviceBase(Strict):
     name: str | None = Field(default=None, description="short name; defaults from the address")
     model: str | None = Field(default=None, description="devices of one model on different hosts pair up")
+    device_model: str | None = Field(
+        default=None, description=f"what kind of device this is (labs.models): {MODEL_REF_HELP}"
+    )
     protocol: Literal["v1", "v2"]
     capabilities: tuple[Capability, ...] = (Capability.STOP_COPY,)
     reset: ResetMethod = ResetMethod.IOCTL
@@ -78,6 +89,8 @@ class _DeviceBase(Strict):
         if isinstance(v, dict):
             return {str(k): ("on" if x is True else "off" if x is False else str(x)) for k, x in v.items()}
         return v
+
+    _device_model_ok = field_validator("device_model")(_model_ref)
 
     @field_validator("name")
     @classmethod
@@ -197,7 +210,12 @@ class Host(Strict):
         description="directories on the host the agent adds to sys.path (sim driver modules kept outside labs)",
     )
     sudo: bool = False
+    device_model: str | None = Field(
+        default=None, description=f"the model of this host's devices of its kind that name none: {MODEL_REF_HELP}"
+    )
     devices: tuple[Device, ...] = ()
+
+    _device_model_ok = field_validator("device_model")(_model_ref)
 
     @field_validator("python_path", mode="before")
     @classmethod

@@ -34,7 +34,7 @@ class LabDevice:
 
     @property
     def id(self) -> str:
-        """`hostA:0000:65:00.0`, `hostA:mtty-2`, `hostA:simv2`."""
+        """`hostA:0000:65:00.0`, `hostA:vgpu-1`, `hostA:simv2`."""
         return f"{self.host.name}:{self.name}"
 
     @property
@@ -49,7 +49,7 @@ class LabPair:
 
     @property
     def id(self) -> str:
-        """`hostA->hostB:mtty-2`."""
+        """`hostA->hostB:vgpu-1`."""
         name = self.source.name if self.source.name == self.destination.name else (
             f"{self.source.name}/{self.destination.name}"
         )

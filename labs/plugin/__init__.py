@@ -53,7 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="GLOB",
-        help="only devices whose id matches GLOB, e.g. 'hostA:*' or '*:mtty-2' (repeatable)",
+        help="only devices whose id matches GLOB, e.g. 'hostA:*' or '*:simv2' (repeatable)",
     )
     group.addoption(
         "--lab-subject",

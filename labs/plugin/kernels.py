@@ -13,6 +13,7 @@ from labs.attachments import attach
 from labs.errors import LabError
 from labs.inventory import Inventory, LabHost
 from labs.kernelhealth import HostCheck, HostKernelError, KernelWatch, KmsgSource, compile_allow, reason
+from labs.models import model_of
 from labs.plugin.state import LabState, subject_of
 from labs.session import LabSession
 
@@ -27,10 +28,13 @@ def kernel_not_judged(inventory: Inventory, host: LabHost) -> str | None:
 
 
 def kernel_log_allow(inventory: Inventory, host: LabHost) -> tuple[Any, ...]:
-    """The compiled allowlist on `host`: every pattern given for a model that has a device there."""
+    """The compiled allowlist on `host`: every pattern given for a model that has a device there, and those
+    of the device models (labs.models) of its devices."""
     models = {d.model_key for d in host.spec.devices}
+    mine = [d for d in inventory.devices if d.host.name == host.name]
     patterns = dict.fromkeys(
-        p for d in inventory.devices if d.spec.model_key in models for p in d.spec.kernel_log_allow
+        [p for d in inventory.devices if d.spec.model_key in models for p in d.spec.kernel_log_allow]
+        + [p for d in mine for p in model_of(d).kernel_log_allow]
     )
     return compile_allow(patterns)
 

@@ -6,14 +6,12 @@ them back later, wherever the VM runs then (`read`): after a migration or a
 restore they must be the values last written. The VM needs no guest OS for
 this; the monitor does the I/O.
 
-Probes register themselves by model (`register`); `probe_for(device)` finds
-the one for a device, or None. Importing this package imports the built-in
-probes.
+A device model (labs.models) carries its probe: `labs.models.probe_for(device)`
+finds the one for a device, or None.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,33 +72,3 @@ class DeviceProbe(Protocol):
         """The registers of `mark`, read from the device `hostdev` that the domain holds now."""
         ...
 
-
-_registry: list[tuple[Callable[[LabDevice], bool], DeviceProbe]] = []
-
-
-def register(matches: Callable[[LabDevice], bool], probe: DeviceProbe) -> None:
-    _registry.append((matches, probe))
-
-
-def probe_for(device: LabDevice) -> DeviceProbe | None:
-    load_builtin()
-    for matches, probe in _registry:
-        if matches(device):
-            return probe
-    return None
-
-
-def probe_named(name: str) -> DeviceProbe | None:
-    load_builtin()
-    return next((p for _m, p in _registry if p.name == name), None)
-
-
-_loaded = False
-
-
-def load_builtin() -> None:
-    """Import the built-in probes: each registers its probe and its seeder for device-level round trips."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from labs.probes import mtty  # noqa: F401  (registers itself)

@@ -20,6 +20,7 @@ from labs.certify.results import TestResult
 from labs.errors import ConfigError
 from labs.inventory import Inventory
 from labs.inventory.yamlsource import read_yaml
+from labs.models import model_of
 
 FAILED = ("failed", "broken")
 
@@ -30,7 +31,7 @@ class KnownIssue(BaseModel):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][\w.-]*$")
     title: str = Field(min_length=1)
     link: str = Field(pattern=r"^https?://\S+$")
-    models: tuple[str, ...] = ()  # empty: every device model
+    models: tuple[str, ...] = ()  # inventory `model` keys or device model names; empty: every device
     tests: tuple[str, ...] = ()  # fnmatch patterns on the test name, e.g. "test_rule[V2-R16*"
     rules: tuple[str, ...] = ()  # spec rule ids
 
@@ -88,10 +89,11 @@ class Seen:
 
 
 def classify(issues: list[KnownIssue], results: list[TestResult], inv: Inventory | None) -> list[Seen]:
-    models = {d.id: d.spec.model_key for d in inv.devices} if inv is not None else {}
+    # an issue's `models` name pairing keys (inventory `model`) or device models (labs.models)
+    models = {d.id: {d.spec.model_key, model_of(d).name} for d in inv.devices} if inv is not None else {}
     seen = [Seen(issue) for issue in issues]
     for r in results:
-        result_models = {models[d] for d in r.devices if d in models}
+        result_models = {m for d in r.devices if d in models for m in models[d]}
         for s in seen:
             if s.issue.covers(r, result_models):
                 if r.status in FAILED:

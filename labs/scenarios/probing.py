@@ -5,14 +5,15 @@ passes monitor commands, `mark` writes distinctive values into the device the
 running VM holds and remembers them on the Scenario; every later readback of
 that domain reads them on the side that runs it (readback.read_back(marks=)).
 A fresh mark before each migration means a value can only match on the
-destination if this migration carried it: mtty keeps its UART registers across
+destination if this migration carried it: a device may keep its registers across
 close and reset, so a stale copy on the other host would otherwise pass.
 """
 
 from __future__ import annotations
 
 from labs.inventory import LabDevice
-from labs.probes import ProbeMark, probe_for
+from labs.models import probe_for
+from labs.probes import ProbeMark
 from labs.scenarios.context import Scenario
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import VM

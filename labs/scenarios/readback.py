@@ -22,7 +22,8 @@ from labs.agentpool import open_device
 from labs.attachments import attach, step
 from labs.errors import LabError
 from labs.inventory import LabDevice
-from labs.probes import ProbeMark, ProbeReading, probe_named
+from labs.models import probe_named
+from labs.probes import ProbeMark, ProbeReading
 from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
 from labs.session import LabSession
@@ -207,7 +208,7 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
     What a failed incoming migration or restore leaves: the destination QEMU
     entered RESUMING (load_setup) and died or was stopped by libvirt without a
     reset; a driver that neither resets on close nor advertises
-    VFIO_DEVICE_FLAGS_RESET (mtty) keeps RESUMING, and the next QEMU's SET
+    VFIO_DEVICE_FLAGS_RESET keeps RESUMING, and the next QEMU's SET
     RESUMING is then a no-op without a data fd (nested findings 4). A user
     recovers with VFIO_DEVICE_RESET (spec 3.5: RESUMING is left only by reset),
     and so does this, through the device layer. The view keeps `recovered_from`,
@@ -234,9 +235,9 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
 def ensure_idle(session: LabSession, device: LabDevice, steps: StepLog | None = None) -> str | None:
     """Before a VM takes a real device (start, incoming migration, restore): reset it if it is not idle.
 
-    A device a previous user left RESUMING is worse than unusable on mtty: the
+    A device a previous user left RESUMING is worse than unusable on the sample mdev: the
     next RESUMING -> STOP arc dereferences the resuming file the close already
-    dropped, and the host kernel oopses in mtty_set_state (nested findings).
+    dropped, and the host kernel oopses in its set_state (nested findings).
     Returns the state it was found in when a reset was needed (None: it was
     idle, or a simulated device).
     """

@@ -9,7 +9,7 @@ Two ways in, both through the fault injectors (labs.faults), so teardown undoes 
   conformance suite's to catch); v1 fails 001 -> 010 into 110.
 - a corrupted resume stream (CorruptResumeStream, spec 5.4 recipes, in the saved chunks): works
   on real devices. A driver may answer it with ERROR (then the same checks as above) or stay in
-  RESUMING (mtty, and the sim drivers by default). If it took the data and stays RESUMING,
+  RESUMING (the sample mdev, and the sim drivers by default). If it took the data and stays RESUMING,
   leaving RESUMING must stay refused and never read RUNNING (V2-R14, V1-R17); if it refused the
   data at the write, that is the refusal (V1-R17) and the exit is not tried.
 
@@ -161,7 +161,7 @@ def check_refusals(sc: Scenario, dev: DeviceAccess, device: LabDevice, rec: Reco
     In RESUMING after a bad stream the exit validated it, so leaving stays refused and never reads
     RUNNING (V2-R14, V1-R17). A device that refused the data at the write has already refused
     (V1-R17: a failed write or a failed exit); its exit is not tried: a driver that checks the
-    header at that write only (mtty, spec 5.4) would take the stored bytes."""
+    header at that write only (the sample mdev, spec 5.4) would take the stored bytes."""
     if rec.entered == "ERROR":
         targets = _targets(dev, device)
     elif refused_at_write(rec.entry_error):

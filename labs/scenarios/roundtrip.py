@@ -5,30 +5,27 @@ simulated device; the pair's other device elsewhere) whose content was made to
 differ before the resume, so a resume that writes nothing cannot pass. Content
 is compared by digest where the device has one (sim); elsewhere by re-save
 equivalence: the destination is saved again after the resume and that stream
-must equal the source's, byte for byte after the model's normaliser. A round
+must equal the source's, byte for byte after the model's normaliser (labs.models). A round
 trip that could not decide (content equal before, no way to seed the model)
 says so in `undecided`; it never compares two Nones.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from labs.inventory import LabDevice
 from labs.inventory.models import SimDevice
-from labs.probes.mtty import UART_SCR, is_mtty
+from labs.models import model_of
 from labs.scenarios.steps import StepLog
 from labs.vfio.access import RUNNING_STATES, DeviceAccess
 
 PEER_SUFFIX = "-peer"
-# per model: the stream with its volatile fields blanked (none known: mtty's stream is its registers and FIFOs)
-NORMALISERS: dict[str, Callable[[bytes], bytes]] = {}
 
 
 @dataclass
@@ -71,30 +68,23 @@ class ContentCheck:
 
 def _seeds() -> tuple[int, int]:
     a = random.randrange(1, 128)
-    return a, a | 0x80  # distinct, both non-zero (a fresh mtty register reads 0)
+    return a, a | 0x80  # distinct, both non-zero (a fresh register reads 0)
 
 
 def seed(dev: DeviceAccess, device: LabDevice, value: int) -> bool:
-    """Give the device content of its own; False where the model has no way to (then no seeding)."""
-    fill = getattr(dev, "fill", None)
-    if device.spec.kind == "sim" and fill is not None:
-        fill(seed=value)
-        return True
-    call = getattr(dev, "call", None)
-    if is_mtty(device) and call is not None:
-        # the scratch register of port 0 (BAR0): mtty stores it and carries it in its stream (labs.probes.mtty)
-        call("region_write", index=0, offset=UART_SCR, data=base64.b64encode(bytes([value])).decode())
-        return True
-    return False
+    """Give the device content of its own through its model's seeder (a sim's fill, a real device's
+    registers); False where the model has none (then no seeding)."""
+    seeder = model_of(device).seeder
+    if seeder is None or not hasattr(dev, "fill" if device.spec.kind == "sim" else "call"):
+        return False
+    from labs.vfio.device import DeviceHandle
 
-
-def _model(device: LabDevice) -> str:
-    spec = device.spec
-    return str(getattr(spec, "type", None) or getattr(spec, "driver", None) or spec.kind)
+    seeder(cast(DeviceHandle, dev), f"roundtrip-{value}")
+    return True
 
 
 def _fingerprint(device: LabDevice, data: bytes) -> str:
-    normalise = NORMALISERS.get(_model(device))
+    normalise = model_of(device).normalise
     return hashlib.sha256(normalise(data) if normalise else data).hexdigest()
 
 

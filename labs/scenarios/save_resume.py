@@ -21,7 +21,7 @@ from labs.agentpool import open_device
 from labs.errors import InfraError, LabError
 from labs.faults.device import CorruptSaveImage, ImageDamage
 from labs.inventory import LabDevice
-from labs.probes import probe_for
+from labs.models import model_of
 from labs.scenarios import probing, roundtrip
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
@@ -236,15 +236,15 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
     failed restore left it out of RUNNING), the image is repaired (the fault's
     undo), and a restore from it must bring the VM back with its registers.
     """
-    probe = probe_for(device)
-    if probe is None or probe.stream_magic is None:
-        raise InfraError(f"{device.id}: no probe knows this device's stream signature")
+    layout = model_of(device).stream
+    if layout is None or (how != "bad-magic" and how not in layout.header_damage):
+        raise InfraError(f"{device.id}: its model does not say where {how} damages its stream")
     out = CorruptRestore()
     path = sc.image_path(vm.hv, vm.name)
     with sc.steps.step(f"save {vm} to {path}"):
         vm.save(path)
     ssh = sc.session.ssh(vm.hv.name)
-    fault = sc.inject(CorruptSaveImage(ssh, path, probe.stream_magic, how, python=device.host.spec.python))
+    fault = sc.inject(CorruptSaveImage(ssh, path, layout, how, python=device.host.spec.python))
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the damaged image ({how})"):
         try:
             vm.hv.restore(path, vm.name)

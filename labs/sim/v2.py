@@ -1,7 +1,7 @@
 """A v2 (VFIO_DEVICE_FEATURE FSM) simulated driver.
 
 The multi-step resolution is the kernel's (vfio_mig_get_next_state, from the
-agent's table); a driver implements single arcs in `arc()`, like mtty and mlx5,
+agent's table); a driver implements single arcs in `arc()`, like the sample mdev and mlx5,
 and the state is committed after each arc, so a failure mid-path leaves the last
 good state (spec 3.8). Options:
     pre_copy: bool        advertise PRE_COPY (and the PRE_COPY_P2P state with p2p)
@@ -111,7 +111,7 @@ class V2Driver(DirtyLogging, SimDriver):
         return uapi.mig_next_state(cur, new, self.flags)
 
     def mig_set_state(self, new: int) -> DataFile | None:
-        """The driver loop of mtty/mlx5: one arc at a time, state committed after each."""
+        """The driver loop of the sample mdev and mlx5: one arc at a time, state committed after each."""
         result: DataFile | None = None
         while self.state != new:
             cur = self.state
@@ -199,7 +199,7 @@ class V2Driver(DirtyLogging, SimDriver):
     # -- data ---------------------------------------------------------------------------
     def precopy_exhausted(self) -> bytes:
         if self.precopy_empty == "zero":
-            return b""  # mtty
+            return b""  # the sample mdev
         raise err(errno.ENOMSG, "no pre-copy data right now")
 
     def precopy_counts(self, source: StreamSource) -> tuple[int, int]:

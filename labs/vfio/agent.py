@@ -795,7 +795,7 @@ class Agent(object):
         return {"written": n}
 
     def op_data_read(self, args, emit):
-        """read() until 0 (EOF, or 'nothing now' on mtty in PRE_COPY), ENOMSG or the limit."""
+        """read() until 0 (EOF, or 'nothing now' on the sample mdev in PRE_COPY), ENOMSG or the limit."""
         h = self._get(args, "fd", "data")
         limit = args.get("limit")
         chunk = int(args.get("chunk", DEFAULT_CHUNK))

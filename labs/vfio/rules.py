@@ -38,7 +38,7 @@ V2_RULES: dict[str, str] = {
     "V2-R7": "data_fd is returned iff the last arc opens a session",
     "V2-R8": "the saving fd stays valid across the saving group: one continuous stream",
     "V2-R9": "in STOP_COPY read() reaches 0 and keeps returning 0, never ENOMSG",
-    "V2-R10": "an exhausted PRE_COPY read returns ENOMSG (spec) or 0 (mtty)",
+    "V2-R10": "an exhausted PRE_COPY read returns ENOMSG (spec) or 0 (the sample mdev)",
     "V2-R11": "PRECOPY_INFO only in PRE_COPY states, argsz >= 24; initial_bytes shrinks as data is read",
     "V2-R12": "STOP_COPY -> PRE_COPY(_P2P) fails EINVAL, state unchanged (simulator only: hangs kernels)",
     "V2-R13": "save -> resume round trip with arbitrary write sizes gives an equivalent device",

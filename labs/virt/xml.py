@@ -3,7 +3,8 @@
 The VM needs no disk: SeaBIOS finds nothing to boot and idles, which is all a
 migration of the device needs. Small RAM keeps TCG migrations in the nested lab
 quick. The device is a PCI hostdev or an mdev hostdev (`type='mdev'
-model='vfio-pci'`); a simulated device becomes an mdev hostdev with a UUID
+model='vfio-pci'`); a PCI hostdev names the VFIO variant driver its device
+model binds (`<driver model='mlx5_vfio_pci'/>`); a simulated device becomes an mdev hostdev with a UUID
 derived from host and device name, so the same device always gets the same
 UUID (libvirt's test:/// driver accepts it without a real mdev behind it).
 """
@@ -17,6 +18,7 @@ from typing import Literal
 
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice, SimDevice
+from labs.models import model_of
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # uuid5 namespace for simulated devices: any fixed UUID will do, it only has to never change
@@ -32,6 +34,8 @@ class Hostdev:
     # QEMU properties of the vfio-pci frontend (inventory `qemu_properties`), set with <qemu:override>;
     # not part of the identity: a hostdev read back from a live XML compares equal without them
     properties: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    driver_model: str | None = field(default=None, compare=False)  # PCI: the variant driver libvirt binds
+    managed: bool = field(default=True, compare=False)  # PCI: libvirt binds on start, gives back on stop
 
     def describe(self) -> str:
         return f"{self.kind} hostdev {self.address}"
@@ -55,9 +59,10 @@ def sim_mdev_uuid(host: str, device: str) -> str:
 
 def hostdev_for(device: LabDevice) -> Hostdev:
     spec = device.spec
-    props = tuple(sorted(spec.qemu_properties.items()))
+    model = model_of(device)
+    props = tuple(sorted({**model.qemu_properties, **spec.qemu_properties}.items()))
     if isinstance(spec, PciDevice):
-        return Hostdev("pci", spec.pci, props)
+        return Hostdev("pci", spec.pci, props, model.hostdev_driver, model.managed)
     if isinstance(spec, MdevDevice):
         return Hostdev("mdev", spec.uuid, props)
     assert isinstance(spec, SimDevice)
@@ -85,8 +90,9 @@ def _hostdev(devices: ET.Element, dev: Hostdev, alias: str | None = None) -> Non
         return
     domain, bus, rest = dev.address.split(":")
     slot, function = rest.split(".")
-    # managed: libvirt binds the function to vfio-pci on start and gives it back on stop
-    el = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes")
+    el = _sub(devices, "hostdev", mode="subsystem", type="pci", managed="yes" if dev.managed else "no")
+    if dev.driver_model:
+        _sub(el, "driver", model=dev.driver_model)
     _sub(
         _sub(el, "source"),
         "address",

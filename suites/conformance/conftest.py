@@ -19,13 +19,10 @@ import pytest
 from labs.agentpool import open_device
 from labs.conformance import model
 from labs.inventory import Inventory, LabDevice, LabPair
-from labs.probes import load_builtin
 from labs.reservations import ReservationBusy, reserve
 from labs.scenarios.steps import StepLog
 from labs.session import LabSession
 from labs.vfio.device import DeviceHandle
-
-load_builtin()  # per-model seeders: real devices get distinctive states for round trips
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from labs.faults.base import Fault
 from labs.faults.network import rule_tag
 from labs.inventory import LabPair
 from labs.inventory.models import MdevDevice
+from labs.models import model_of
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import IN_FLIGHT_MEMORY_MIB, FaultedMigration, Trigger, migrate_under_fault
@@ -159,9 +160,10 @@ def test_incompatible_destination_device(
     dst = migratable.destination
     if not isinstance(dst.spec, MdevDevice):
         pytest.skip(f"{dst.id}: an incompatible device is made as an mdev of another type")
-    other = {"mtty-1": "mtty-2", "mtty-2": "mtty-1"}.get(dst.spec.type)
+    model = model_of(dst)
+    other = model.incompatible.get(dst.spec.type)
     if other is None:
-        pytest.skip(f"{dst.id}: no known incompatible type for {dst.spec.type}")
+        pytest.skip(f"{dst.id}: its device model ({model.name}) names no type incompatible with {dst.spec.type}")
     ssh = scenario.session.ssh(dst.host.name)
     vm = sr.start_vm(scenario, migratable.source, "incompat")
 

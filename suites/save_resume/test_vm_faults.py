@@ -8,7 +8,7 @@ a known issue of the model), recovered (VFIO_DEVICE_RESET), the image is
 repaired, and a restore from it brings the VM back with the register values the
 device probe wrote before the save.
 
-Needs a device probe that knows the device's stream signature (mtty) and a
+Needs a device model that knows its stream's layout (labs.models: mtty's) and a
 libvirt that saves real device state (not test:///).
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from labs.faults.device import ImageDamage
 from labs.inventory import LabDevice
-from labs.probes import probe_for
+from labs.models import model_of
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.full_save import save_to_full_filesystem
@@ -34,9 +34,9 @@ pytestmark = [pytest.mark.save_resume, pytest.mark.fault]
 def test_restore_with_damaged_device_stream(
     lab: LabSession, device: LabDevice, scenario: Scenario, how: ImageDamage
 ) -> None:
-    probe = probe_for(device)
-    if probe is None or probe.stream_magic is None:
-        pytest.skip(f"{device.id}: no device probe knows where this device's stream is in a save image")
+    model = model_of(device)
+    if model.stream is None or (how != "bad-magic" and how not in model.stream.header_damage):
+        pytest.skip(f"{device.id}: its model ({model.name}) has no stream layout for {how} in a save image")
     require(lab, [device.host], VirtCapability.SAVE_RESTORE, VirtCapability.QEMU_MONITOR)
     vm = sr.start_vm(scenario, device, f"dmg-{how}")
     out = sr.restore_corrupted(scenario, vm, device, how)

@@ -1,4 +1,4 @@
-"""The mtty probe: UART registers of the kernel's sample mdev, through the QEMU monitor.
+"""mtty, the kernel's sample mdev: its model, and its probe (UART registers, through the QEMU monitor).
 
 mtty (samples/vfio-mdev/mtty.c) emulates a 16550-like UART per port, one
 8-byte I/O BAR each (BAR0, and BAR1 for mtty-2). Its migration stream carries
@@ -11,6 +11,9 @@ host that runs the domain then must read the same values.
 
 LCR bit 7 (DLAB) is never set: it switches offsets 0/1 to the divisor latch.
 The FIFO is never touched (spec 5.4: its indices are not validated on resume).
+Its stream header (mtty_data) is magic @0, major_ver @8, nr_ports @16: the
+damage recipes change those, never the port payload (a corrupted FIFO index
+writes past the FIFO in host kernel memory).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from typing import Any
 
 import libvirt
 
-from labs.conformance.checks import SEEDERS
 from labs.errors import InfraError
 from labs.inventory import LabDevice
-from labs.inventory.models import MdevDevice
-from labs.probes import ProbeMark, register
+from labs.inventory.models import Capability, Device, MdevDevice
+from labs.models import DeviceModel, KnownIssue, StreamLayout
+from labs.probes import ProbeMark
 from labs.vfio.device import DeviceHandle
 from labs.virt.monitor import qmp
 
@@ -41,8 +44,7 @@ STREAM_MAGIC = (0x7E9D09898C3E2C4E).to_bytes(8, "little")  # mtty_data.magic, ho
 _IN_RE = re.compile(r"=\s*(0x[0-9a-fA-F]+)\s*$")
 
 
-def is_mtty(device: LabDevice) -> bool:
-    spec = device.spec
+def is_mtty(spec: Device) -> bool:
     return isinstance(spec, MdevDevice) and (spec.parent == "mtty" or spec.type.startswith("mtty-"))
 
 
@@ -156,8 +158,6 @@ class MttyProbe:
         return {reg: inb(dom, regs[reg]) for reg in mark.values if reg in regs}
 
 
-register(is_mtty, MttyProbe())
-
 
 def seed_registers(dev: DeviceHandle, value: str) -> None:
     """A distinctive state for the device-level round trips: each port's scratch and line-control
@@ -171,4 +171,35 @@ def seed_registers(dev: DeviceHandle, value: str) -> None:
             dev.call("region_write", index=port, offset=reg, data=base64.b64encode(bytes([byte])).decode())
 
 
-SEEDERS[MTTY_PCI_ID] = seed_registers
+MTTY = DeviceModel(
+    name="mtty",
+    kind="mdev",
+    description="the kernel's sample mdev (samples/vfio-mdev/mtty.c): a 16550-like UART per port",
+    modules=("vfio", "mdev", "mtty"),
+    # its DMA-logging REPORT fails without CONFIG_IOMMUFD_DRIVER: QEMU migrates it with that off and migration forced
+    qemu_properties={"enable-migration": "on", "x-device-dirty-page-tracking": "off"},
+    migration_flags=frozenset({Capability.STOP_COPY, Capability.P2P, Capability.PRE_COPY}),
+    optional_flags=frozenset({Capability.DIRTY_LOGGING}),  # its log_ops; REPORT needs CONFIG_IOMMUFD_DRIVER
+    pci_ids=(MTTY_PCI_ID,),
+    matches=is_mtty,
+    probe=MttyProbe(),
+    seeder=seed_registers,
+    stream=StreamLayout(
+        STREAM_MAGIC,
+        {
+            "bad-version": (8, (2).to_bytes(4, "little")),  # mtty_data.major_ver
+            "bad-ports": (16, (0xFF).to_bytes(4, "little")),  # mtty_data.nr_ports: no device has 255 ports
+        },
+    ),
+    incompatible={"mtty-1": "mtty-2", "mtty-2": "mtty-1"},
+    kernel_log_allow=(r"^BAR\d addr 0x[0-9a-f]+$", r"^PCI config write @0x[0-9a-f]+ of \d+ bytes not handled$"),
+    known_issues=(
+        KnownIssue(
+            "failed-incoming",
+            "RESUMING",
+            "a failed incoming migration or restore leaves the destination mdev RESUMING: mtty neither resets on "
+            "close nor advertises VFIO_DEVICE_FLAGS_RESET, so QEMU cannot reset it",
+            "docs/nested-findings.md: Surprises 4; VM-level suites, what the real software did 1",
+        ),
+    ),
+)
