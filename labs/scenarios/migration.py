@@ -123,6 +123,7 @@ def migrate_leg(
             "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
         }
         attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
+    probing.set_downtime(sc, vm, result.metric("downtime") if result.ok else None)
     rb = read_back(
         sc.session,
         [vm.hv, dst_hv],

@@ -1,0 +1,112 @@
+"""Guest workloads: a guest that uses the device while it moves, and what it saw, read through the monitor.
+
+A workload exists per device model, like a probe (labs.probes). It is a kernel
+booted by libvirt direct kernel boot (`<os><kernel>`, no disk) that drives the
+device and publishes its counters in guest memory; `read` takes them from the
+domain's monitor on whichever host runs it. Workloads register by model
+(`register`); `workload_for(device)` finds the one for a device, or None (the
+readback then says the model has none). Importing this package registers the
+built-in ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import libvirt
+
+from labs.inventory import LabDevice
+from labs.workloads.mailbox import Mailbox, judge
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel: Path  # on the controller; the scenario copies it to every host that may run the VM
+    cmdline: str
+
+
+class GuestWorkload(Protocol):
+    name: str
+
+    def boot(self) -> KernelBoot:
+        """The kernel to boot and its command line (built on first use)."""
+        ...
+
+    def read(self, dom: libvirt.virDomain, wait: float = 0.0) -> Mailbox:
+        """The mailbox as the running domain holds it now; with `wait`, first until the guest runs its loop."""
+        ...
+
+
+@dataclass
+class WorkloadMark:
+    """A workload's mailbox read before a move, on the host that ran the VM then (workload None: the model has none)."""
+
+    workload: str | None
+    device: str  # LabDevice.id
+    host: str
+    before: Mailbox | None = None
+    taken_at: float = 0.0  # time.time() of the reading
+    downtime_s: float | None = None  # the move's measured downtime, where libvirt reports one
+
+
+@dataclass
+class WorkloadReading:
+    """The mailbox after a move (twice: the guest must still be running), and the verdict against the mark."""
+
+    workload: str
+    host: str
+    before: Mailbox | None
+    after: Mailbox | None = None
+    later: Mailbox | None = None
+    allowed_stall_s: float | None = None
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def judge(self) -> None:
+        if self.after is not None and self.later is not None:
+            self.problems = judge(self.before, self.after, self.later, self.allowed_stall_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "host": self.host,
+            "allowed_stall_s": self.allowed_stall_s,
+            "problems": self.problems,
+            "error": self.error,
+            "before": self.before.as_dict() if self.before else None,
+            "after": self.after.as_dict() if self.after else None,
+            "later": self.later.as_dict() if self.later else None,
+        }
+
+
+_registry: list[tuple[Callable[[LabDevice], bool], GuestWorkload]] = []
+
+
+def register(matches: Callable[[LabDevice], bool], workload: GuestWorkload) -> None:
+    _registry.append((matches, workload))
+
+
+def workload_for(device: LabDevice) -> GuestWorkload | None:
+    load_builtin()
+    for matches, workload in _registry:
+        if matches(device):
+            return workload
+    return None
+
+
+def workload_named(name: str) -> GuestWorkload | None:
+    load_builtin()
+    return next((w for _m, w in _registry if w.name == name), None)
+
+
+_loaded = False
+
+
+def load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from labs.workloads import mtty  # noqa: F401  (registers itself)
