@@ -150,8 +150,22 @@ def migrate_leg(
         data_total=result.metric("data_total"),
         device_data_bytes=result.device_data_bytes,
         throughput_mbps=round(processed / 1e6 / (total_ms / 1000), 3) if processed and total_ms else None,
+        **guest_stall(rb),
     )
     return (VM(dst_hv, vm.name) if result.ok else vm), leg
+
+
+def guest_stall(rb: Readback) -> dict[str, float | None]:
+    """The guest's longest pause across the leg, where a workload ran: wall (RTC) and the guest's own clock (TSC)."""
+    readings = [g for s in rb.sides for g in s.guest if g.later is not None]
+    if not readings:
+        return {}
+    wall = [g.stall_s for g in readings if g.stall_s is not None]
+    own = [g.stall_guest_ms for g in readings if g.stall_guest_ms is not None]
+    return {
+        "guest_stall_ms": max(wall) * 1000 if wall else None,
+        "guest_clock_stall_ms": max(own) if own else None,
+    }
 
 
 def there_and_back(sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, **kw: object) -> tuple[VM, MigrationRun]:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import libvirt
 
 from labs.inventory import LabDevice
-from labs.workloads.mailbox import Mailbox, judge
+from labs.workloads.mailbox import Gap, Mailbox, judge
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,22 @@ class WorkloadReading:
     problems: list[str] = field(default_factory=list)
     error: str | None = None
 
+    def _gaps(self) -> list[Gap]:
+        since = self.before.heartbeat if self.before is not None else 0
+        return [g for g in self.later.gaps if g.heartbeat > since] if self.later is not None else []
+
+    @property
+    def stall_s(self) -> int | None:
+        """The longest pause across the move by the guest's RTC (host wall time, whole seconds)."""
+        return max((g.rtc_s for g in self._gaps()), default=0) if self.later is not None else None
+
+    @property
+    def stall_guest_ms(self) -> float | None:
+        """The longest pause across the move by the guest's TSC (its own clock: stops with the VM under TCG)."""
+        if self.later is None or not self.later.tsc_khz:
+            return None
+        return round(max((g.tsc for g in self._gaps()), default=0) / self.later.tsc_khz, 3)
+
     def judge(self) -> None:
         if self.after is not None and self.later is not None:
             self.problems = judge(self.before, self.after, self.later, self.allowed_stall_s)
@@ -74,6 +90,8 @@ class WorkloadReading:
             "workload": self.workload,
             "host": self.host,
             "allowed_stall_s": self.allowed_stall_s,
+            "stall_s": self.stall_s,
+            "stall_guest_ms": self.stall_guest_ms,
             "problems": self.problems,
             "error": self.error,
             "before": self.before.as_dict() if self.before else None,
