@@ -352,6 +352,8 @@ void bb_main(u32 magic, const u32 *info)
 		if (rtc != ~0u) {
 			if (last_rtc != ~0u)
 				rtc_gap = (rtc + 86400 - last_rtc) % 86400;
+			if (rtc_gap > 43200)
+				rtc_gap = 0; /* the clock went back (a destination host whose clock is behind) */
 			last_rtc = rtc;
 			mb.rtc_now = rtc;
 		}
