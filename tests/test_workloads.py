@@ -168,3 +168,21 @@ def test_a_guest_that_started_over_is_caught(guest: Hmp) -> None:
         time.sleep(0.1)
     after, later = _settle(guest)
     assert any("restarted" in p for p in judge(before, after, later, 60.0))
+
+
+def test_the_readback_fails_on_what_the_guest_saw() -> None:
+    from labs.scenarios.readback import Readback, SideView
+    from labs.workloads import WorkloadReading
+
+    bad = _box(1600, ports=[PortStats(0xC000, 0x100, 300, 290, 0, 1, 0, 8)])
+    reading = WorkloadReading("bootblock", "hostB", _box(1000), _box(1500), bad, allowed_stall_s=1.0)
+    reading.judge()
+    rb = Readback("d", sides=[SideView("hostB", "running", guest=[reading])])
+    problems = rb.problems(expect_on="hostB", expect_device_running=False)
+    assert any("guest bootblock on hostB: port 0" in p for p in problems), problems
+    reading.later, reading.error = None, "InfraError: no monitor"
+    reading.judge()
+    assert rb.problems(expect_on="hostB", expect_device_running=False) == [
+        "guest bootblock on hostB: mailbox not read: InfraError: no monitor"
+    ]
+    assert rb.as_dict()["sides"][0]["guest"][0]["before"]["heartbeat"] == 1000

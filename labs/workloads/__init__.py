@@ -82,8 +82,10 @@ class WorkloadReading:
         return round(max((g.tsc for g in self._gaps()), default=0) / self.later.tsc_khz, 3)
 
     def judge(self) -> None:
-        if self.after is not None and self.later is not None:
-            self.problems = judge(self.before, self.after, self.later, self.allowed_stall_s)
+        if self.after is None or self.later is None:
+            self.problems = []  # not read: `error` says why
+            return
+        self.problems = judge(self.before, self.after, self.later, self.allowed_stall_s)
 
     def as_dict(self) -> dict[str, Any]:
         return {
