@@ -36,6 +36,7 @@ from labs.inventory.models import Capability, Device
 if TYPE_CHECKING:
     from labs.probes import DeviceProbe
     from labs.vfio.device import DeviceHandle
+    from labs.workloads import GuestWorkload
 
 GROUP = "labs.device_models"
 Kind = Literal["pci", "mdev", "sim"]
@@ -83,7 +84,7 @@ class DeviceModel:
     incompatible: Mapping[str, str] = field(default_factory=dict)  # mdev type -> a type that must refuse it
     kernel_log_allow: tuple[str, ...] = ()  # regular expressions of benign kernel log lines of the driver
     known_issues: tuple[KnownIssue, ...] = ()
-    workload: object | None = None  # the guest workload, where the model has one
+    workload: GuestWorkload | None = None  # the guest workload, where the model has one
 
     @property
     def flags(self) -> frozenset[Capability]:
@@ -190,6 +191,14 @@ def probe_for(device: LabDevice) -> DeviceProbe | None:
 
 def probe_named(name: str) -> DeviceProbe | None:
     return next((m.probe for m in available() if m.probe is not None and m.probe.name == name), None)
+
+
+def workload_for(device: LabDevice) -> GuestWorkload | None:
+    return model_of(device).workload
+
+
+def workload_named(name: str) -> GuestWorkload | None:
+    return next((m.workload for m in available() if m.workload is not None and m.workload.name == name), None)
 
 
 def known_issue(device: LabDevice, after: str, state: str | None) -> KnownIssue | None:

@@ -35,6 +35,7 @@ from labs.models import DeviceModel, KnownIssue, StreamLayout
 from labs.probes import ProbeMark
 from labs.vfio.device import DeviceHandle
 from labs.virt.monitor import qmp
+from labs.workloads.bootblock import Bootblock
 
 UART_LCR = 3
 BAR_WAIT = 120.0  # seconds for the firmware to assign the BARs after start
@@ -183,6 +184,7 @@ MTTY = DeviceModel(
     pci_ids=(MTTY_PCI_ID,),
     matches=is_mtty,
     probe=MttyProbe(),
+    workload=Bootblock(),
     seeder=seed_registers,
     stream=StreamLayout(
         STREAM_MAGIC,

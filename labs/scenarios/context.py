@@ -13,16 +13,19 @@ import shlex
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from labs.errors import LabError
 from labs.faults.base import Fault, FaultLedger
 from labs.inventory import LabDevice, LabHost
+from labs.models import workload_for
 from labs.probes import ProbeMark
 from labs.scenarios.evidence import attach_domains
 from labs.scenarios.steps import StepLog
 from labs.session import LabSession
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM, Hypervisor, hypervisor, local_image_dir
 from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
+from labs.workloads import WorkloadMark
 
 _counter = itertools.count(1)
 
@@ -41,7 +44,8 @@ class Scenario:
         self._images: list[tuple[str | None, str]] = []  # (host or None for the controller, path)
         self.cleanup_log: list[str] = []
         self.started = time.time()
-        self.marks: dict[str, list[ProbeMark]] = {}  # per domain: device-probe values to read back (labs.probes)
+        # per domain: device-probe values and guest-workload mailboxes to read back (labs.probes, labs.workloads)
+        self.marks: dict[str, list[ProbeMark | WorkloadMark]] = {}
 
     @property
     def run_id(self) -> str:
@@ -67,8 +71,34 @@ class Scenario:
         memory = f", {memory_mib} MiB" if memory_mib else ""
         with self.steps.step(f"define {name} on {hv.name} with {device.id}{memory}"):
             trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
-            sized = {"memory_mib": memory_mib} if memory_mib else {}
-            return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **sized))
+            extra: dict[str, object] = {"memory_mib": memory_mib} if memory_mib else {}
+            workload = None if hv.is_test_driver else workload_for(device)
+            if workload is not None:
+                boot = workload.boot()
+                extra |= {"kernel": self.place_kernel(hv, boot.kernel), "cmdline": boot.cmdline}
+            return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **extra))
+
+    def place_kernel(self, hv: Hypervisor, kernel: Path) -> str:
+        """The workload kernel where `hv`'s libvirt reads it, on every lab host at the same path.
+
+        Every host: an incoming migration or a restore elsewhere starts a QEMU that loads it too.
+        Content-addressed, so concurrent runs share it.
+        """
+        if hv.files_local:
+            return str(kernel)
+        path = f"{REMOTE_IMAGE_DIR}/{kernel.name}"
+        for host in self.session.inventory.hosts:
+            if not host.spec.libvirt_uri or urlparse(host.spec.libvirt_uri).hostname is None:
+                continue
+            ssh = self.session.ssh(host.name)
+            if ssh.run(f"test -s {path}", timeout=30).ok:
+                continue
+            prep = f"mkdir -p {REMOTE_IMAGE_DIR} && chmod 1777 {REMOTE_IMAGE_DIR}"
+            ssh.run(prep, timeout=30, sudo=True, idempotent=True, check=True)
+            scratch = f"{path}.{uuid.uuid4().hex[:6]}"
+            ssh.put(kernel, scratch, mode=0o644)
+            ssh.run(f"mv -f {scratch} {path}", timeout=30, check=True)  # atomic for a concurrent reader
+        return path
 
     def track_domain(self, name: str) -> None:
         self._domains.add(name)

@@ -175,6 +175,7 @@ def migrate_leg(
             "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
         }
         attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
+    probing.set_downtime(sc, vm, result.metric("downtime") if result.ok else None)
     rb = read_back(
         sc.session,
         [vm.hv, dst_hv],
@@ -202,6 +203,7 @@ def migrate_leg(
         data_total=result.metric("data_total"),
         device_data_bytes=result.device_data_bytes,
         throughput_mbps=round(processed / 1e6 / (total_ms / 1000), 3) if processed and total_ms else None,
+        **guest_stall(rb),
     )
     return (VM(dst_hv, vm.name) if result.ok else vm), leg
 
@@ -220,6 +222,19 @@ def lifecycle_events(
             attach(f"lifecycle events of {domain}", {r: [str(e) for e in seen[r]] for r in ROLES}, "json")
             return seen
         time.sleep(0.2)
+
+
+def guest_stall(rb: Readback) -> dict[str, float | None]:
+    """The guest's longest pause across the leg, where a workload ran: wall (RTC) and the guest's own clock (TSC)."""
+    readings = [g for s in rb.sides for g in s.guest if g.later is not None]
+    if not readings:
+        return {}
+    wall = [g.stall_s for g in readings if g.stall_s is not None]
+    own = [g.stall_guest_ms for g in readings if g.stall_guest_ms is not None]
+    return {
+        "guest_stall_ms": max(wall) * 1000 if wall else None,
+        "guest_clock_stall_ms": max(own) if own else None,
+    }
 
 
 def there_and_back(sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, **kw: object) -> tuple[VM, MigrationRun]:

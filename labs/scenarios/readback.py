@@ -13,6 +13,7 @@ The device is reached through `DeviceAccess` (labs/vfio/access.py), opened by
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from labs.agentpool import open_device
 from labs.attachments import attach, step
 from labs.errors import LabError
 from labs.inventory import LabDevice
-from labs.models import probe_named
+from labs.models import probe_named, workload_named
 from labs.probes import ProbeMark, ProbeReading
 from labs.scenarios.known import known_issue
 from labs.scenarios.steps import StepLog
@@ -33,6 +34,7 @@ from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import Hypervisor
 from labs.virt.monitor import query_migrate, vfio_view
 from labs.virt.xml import Hostdev, hostdevs_of
+from labs.workloads import WorkloadMark, WorkloadReading
 
 
 @dataclass
@@ -44,6 +46,7 @@ class SideView:
     trace: list[str] = field(default_factory=list)  # vfio trace lines of the domain's QEMU log (where enabled)
     notes: list[str] = field(default_factory=list)
     registers: list[ProbeReading] = field(default_factory=list)  # device probes read through the monitor
+    guest: list[WorkloadReading] = field(default_factory=list)  # guest workloads' mailboxes read through the monitor
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Readback:
                     out.append(f"{r.probe} on {s.host}: registers not read: {r.error}")
                 elif r.mismatches:
                     out.append(f"{r.probe} on {s.host}: device state lost: {'; '.join(r.mismatches)}")
+            for g in s.guest:
+                if g.error is not None:
+                    out.append(f"guest {g.workload} on {s.host}: mailbox not read: {g.error}")
+                out += [f"guest {g.workload} on {s.host}: {p}" for p in g.problems]
         return out
 
     def device_problems(self) -> list[str]:
@@ -126,6 +133,7 @@ class Readback:
                     "trace": s.trace,
                     "notes": s.notes,
                     "registers": [r.as_dict() for r in s.registers],
+                    "guest": [g.as_dict() for g in s.guest],
                 }
                 for s in self.sides
             ],
@@ -133,7 +141,7 @@ class Readback:
         }
 
 
-def domain_side(hv: Hypervisor, name: str, run_id: str, marks: Sequence[ProbeMark] = ()) -> SideView:
+def domain_side(hv: Hypervisor, name: str, run_id: str, marks: Sequence[ProbeMark | WorkloadMark] = ()) -> SideView:
     from labs.virt.domain import VM
 
     vm = VM(hv, name)
@@ -150,7 +158,10 @@ def domain_side(hv: Hypervisor, name: str, run_id: str, marks: Sequence[ProbeMar
                 view.qemu = vfio_view(query_migrate(vm.dom))
             except LabError as exc:
                 view.notes.append(f"query-migrate: {exc}")
-            view.registers = [read_probe(vm.dom, hv.name, view.hostdevs, m) for m in marks]
+            view.registers = [read_probe(vm.dom, hv.name, view.hostdevs, m) for m in marks if isinstance(m, ProbeMark)]
+            guests = [m for m in marks if isinstance(m, WorkloadMark)]
+            view.notes += [f"no guest workload for {m.device}: its model has none" for m in guests if not m.workload]
+            view.guest = [read_workload(vm.dom, hv.name, m) for m in guests if m.workload is not None]
         else:
             view.notes.append(hv.capabilities(run_id).missing_reason(VirtCapability.QEMU_MONITOR))
     return view
@@ -166,6 +177,30 @@ def read_probe(dom: Any, host: str, hostdevs: list[Hostdev], mark: ProbeMark) ->
         reading.found = probe.read(dom, target, mark)
     except Exception as exc:  # a monitor error is a finding of the readback, not a crash of it
         reading.error = f"{type(exc).__name__}: {exc}"
+    return reading
+
+
+GUEST_RUN_WAIT = 30.0  # seconds for the heartbeat to move after a resume (nested TCG under load)
+
+
+def read_workload(dom: Any, host: str, mark: WorkloadMark) -> WorkloadReading:
+    """The workload's mailbox twice on this side (the guest must run on), judged against the mark."""
+    reading = WorkloadReading(str(mark.workload), host, mark.before)
+    # no downtime from libvirt (a save, a failed move): the guest cannot have stood longer than since the mark
+    reading.allowed_stall_s = mark.downtime_s if mark.downtime_s is not None else time.time() - mark.taken_at
+    workload = workload_named(str(mark.workload))
+    try:
+        assert workload is not None, f"no workload named {mark.workload}"
+        reading.after = workload.read(dom)
+        deadline = time.monotonic() + GUEST_RUN_WAIT
+        while True:
+            time.sleep(0.5)
+            reading.later = workload.read(dom)
+            if reading.later.heartbeat != reading.after.heartbeat or time.monotonic() > deadline:
+                break
+    except Exception as exc:  # a monitor error is a finding of the readback, not a crash of it
+        reading.error = f"{type(exc).__name__}: {exc}"
+    reading.judge()
     return reading
 
 
@@ -267,12 +302,13 @@ def read_back(
     *,
     title: str = "readback",
     steps: StepLog | None = None,
-    marks: Sequence[ProbeMark] = (),
+    marks: Sequence[ProbeMark | WorkloadMark] = (),
 ) -> Readback:
     """Record every side's view of domain `name` and its devices (never raises for what it finds).
 
-    `marks`: values a device probe wrote (labs.probes); every side running the
-    domain reads them back through the monitor, and they must match.
+    `marks`: values a device probe wrote (labs.probes) and a guest workload's
+    mailbox (labs.workloads); every side running the domain reads them back
+    through the monitor, and they must match (the guest's counters go on).
     """
     rb = Readback(name)
     heading = f"{title}: {name} on {', '.join(hv.name for hv in hvs)}"
@@ -282,6 +318,8 @@ def read_back(
             if not hv.files_local:
                 side.trace = qemu_trace(session, hv.name, name)
             rb.sides.append(side)
+            for g in side.guest:
+                attach(f"{title}: guest {g.workload} mailbox on {side.host} (before/after)", g.as_dict(), "json")
         for device in devices:
             held = any(s.host == device.host.name and s.domain_state in ("running", "paused") for s in rb.sides)
             rb.devices.append(device_view(session, device, held))

@@ -1,8 +1,8 @@
 """Domain XML from one template: a minimal VM that owns the device under test.
 
-The VM needs no disk: SeaBIOS finds nothing to boot and idles, which is all a
-migration of the device needs. Small RAM keeps TCG migrations in the nested lab
-quick. The device is a PCI hostdev or an mdev hostdev (`type='mdev'
+The VM needs no disk: SeaBIOS finds nothing to boot and idles, or, with a
+guest workload (labs.workloads), boots its kernel directly (`<os><kernel>`).
+Small RAM keeps TCG migrations in the nested lab quick. The device is a PCI hostdev or an mdev hostdev (`type='mdev'
 model='vfio-pci'`); a PCI hostdev names the VFIO variant driver its device
 model binds (`<driver model='mlx5_vfio_pci'/>`); a simulated device becomes an mdev hostdev with a UUID
 derived from host and device name, so the same device always gets the same
@@ -51,6 +51,8 @@ class DomainSpec:
     memory_mib: int = 128
     vcpus: int = 1
     trace_events: tuple[str, ...] = field(default=())
+    kernel: str | None = None  # direct kernel boot (a guest workload, labs.workloads): its path on the host
+    cmdline: str = ""
 
 
 def sim_mdev_uuid(host: str, device: str) -> str:
@@ -125,6 +127,9 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(root, "vcpu", str(spec.vcpus))
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
+    if spec.kernel:
+        _sub(os_el, "kernel", spec.kernel)
+        _sub(os_el, "cmdline", spec.cmdline)
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_crash", "destroy")
     devices = _sub(root, "devices")
