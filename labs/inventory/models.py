@@ -55,6 +55,11 @@ class _DeviceBase(Strict):
         "(e.g. enable-migration: 'on' where device dirty tracking is unavailable)",
     )
 
+    vm: str | None = Field(
+        default=None,
+        description="devices of one host with the same `vm` name go into one VM together (a multi-device VM)",
+    )
+
     kernel_log_allow: tuple[str, ...] = Field(
         default=(),
         description="regular expressions (searched in a kernel log line's text) of known benign lines this "
@@ -79,7 +84,7 @@ class _DeviceBase(Strict):
             return {str(k): ("on" if x is True else "off" if x is False else str(x)) for k, x in v.items()}
         return v
 
-    @field_validator("name")
+    @field_validator("name", "vm")
     @classmethod
     def _name_ok(cls, v: str | None) -> str | None:
         if v is not None and not NAME_RE.match(v):

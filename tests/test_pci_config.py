@@ -1,0 +1,121 @@
+"""PCI configuration matrix, unit level: VM groups, several hostdevs, managed mode, vIOMMU, QEMU's trace."""
+
+from __future__ import annotations
+
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from labs.inventory import InventoryError, load_inventory
+from labs.scenarios import viommu
+from labs.scenarios.multidevice import wanted_p2p_states
+from labs.virt.trace import missing_p2p, set_states, states_by_device
+from labs.virt.xml import Hostdev, domain_xml, hostdevs_of, managed_of, spec_for, with_hostdevs
+
+GROUPED = """
+hosts:
+  a:
+    address: 10.0.0.1
+    devices:
+      - {kind: mdev, name: m1, model: mt, parent: mtty, type: mtty-2, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01,
+         protocol: v2, capabilities: [stop_copy, p2p, pre_copy], vm: multi}
+      - {kind: mdev, name: m2, model: mt1, parent: mtty, type: mtty-1, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a02,
+         protocol: v2, capabilities: [stop_copy, p2p], vm: multi}
+      - {kind: pci, pci: "0000:65:00.0", model: nic, protocol: v2}
+  b:
+    address: 10.0.0.2
+    devices:
+      - {kind: mdev, name: m1, model: mt, parent: mtty, type: mtty-2, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01,
+         protocol: v2, capabilities: [stop_copy, p2p, pre_copy], vm: multi}
+      - {kind: mdev, name: m2, model: mt1, parent: mtty, type: mtty-1, uuid: 7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a02,
+         protocol: v2, capabilities: [stop_copy, p2p], vm: multi}
+      - {kind: pci, pci: "0000:66:00.0", model: nic, protocol: v2}
+pairs:
+  - {source: "a:m1", destination: "b:m1"}
+  - {source: "a:0000:65:00.0", destination: "b:0000:66:00.0"}
+"""
+
+
+def _inventory(tmp_path: Path, text: str = GROUPED):  # type: ignore[no-untyped-def]
+    path = tmp_path / "inv.yaml"
+    path.write_text(textwrap.dedent(text))
+    return load_inventory(path)
+
+
+def test_vm_group_pairs_member_by_member(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path)
+    grouped, single = inv.pairs
+    group = inv.group_pairs(grouped)
+    assert [(p.source.id, p.destination.id) for p in group] == [("a:m1", "b:m1"), ("a:m2", "b:m2")]
+    assert inv.group_pairs(single) == (single,)
+    assert [d.id for d in inv.vm_group(inv.device("a:m2"))] == ["a:m1", "a:m2"]
+    assert wanted_p2p_states(group) == ("RUNNING_P2P",)  # m2 does no pre-copy
+    assert wanted_p2p_states(group[:1]) == ("RUNNING_P2P", "PRE_COPY_P2P")
+
+
+def test_vm_group_name_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match=r"vm.*not a valid name"):
+        _inventory(tmp_path, GROUPED.replace("vm: multi}", "vm: 'a b'}", 1))
+
+
+def test_several_hostdevs_in_one_domain_and_swapped_together(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path)
+    group = inv.group_pairs(inv.pairs[0])
+    xml = domain_xml(spec_for("labs-g", [p.source for p in group], "qemu"))
+    assert [h.address for h in hostdevs_of(xml)] == [p.source.spec.uuid for p in group]  # type: ignore[union-attr]
+    moved = with_hostdevs(xml, (Hostdev("mdev", "11111111-2222-3333-4444-555555555555"), hostdevs_of(xml)[1]))
+    assert hostdevs_of(moved)[0].address == "11111111-2222-3333-4444-555555555555"
+
+
+def test_managed_mode_is_a_parameter_and_survives_the_destination_swap(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path)
+    pci = inv.device("a:0000:65:00.0")
+    assert managed_of(domain_xml(spec_for("labs-m", [pci], "kvm"))) == [True]
+    xml = domain_xml(spec_for("labs-m", [pci], "kvm", managed=False))
+    assert managed_of(xml) == [False]
+    assert managed_of(with_hostdevs(xml, (Hostdev("pci", "0000:66:00.0"),))) == [False]
+    mdev = domain_xml(spec_for("labs-m", [inv.device("a:m1")], "kvm", managed=False))
+    assert ET.fromstring(mdev).find("devices/hostdev").get("managed") is None  # type: ignore[union-attr]
+
+
+def test_viommu_in_the_domain(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path)
+    root = ET.fromstring(domain_xml(spec_for("labs-i", [inv.device("a:m1")], "qemu", iommu="intel")))
+    assert [el.get("model") for el in root.iter("iommu")] == ["intel"]
+    assert not list(ET.fromstring(domain_xml(spec_for("labs-i", [inv.device("a:m1")], "qemu"))).iter("iommu"))
+
+
+def test_viommu_refusal_judged_by_error_domain_and_code() -> None:
+    qemu_internal = (libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR)
+    assert viommu.refusal_problems(viommu.Refusal("start", *qemu_internal, "anything")) == []
+    assert viommu.refusal_problems(viommu.Refusal("")) != []  # migrated: the blocker did not apply
+    wrong = viommu.refusal_problems(viommu.Refusal("start", libvirt.VIR_FROM_RPC, libvirt.VIR_ERR_SYSTEM_ERROR, "x"))
+    assert wrong and "VIR_FROM_RPC" in wrong[0]
+
+
+# What QEMU 10's log backend writes (pid@time prefix), and QEMU 8's numbered form
+TRACE = """\
+2210@1733150000.100000:vfio_migration_set_state  (0000:65:00.1) new state PRE_COPY, recover state ERROR
+2210@1733150000.200000:vfio_migration_set_state  (0000:65:00.2) new state PRE_COPY, recover state ERROR
+2210@1733150001.100000:vfio_migration_set_state  (0000:65:00.1) new state PRE_COPY_P2P, recover state ERROR
+2210@1733150001.200000:vfio_migration_set_state  (0000:65:00.2) new state PRE_COPY_P2P, recover state ERROR
+2210@1733150001.300000:vfio_save_block (83b8f4f2) data_size 12
+2299@1733150009.100000:vfio_migration_set_state  (0000:65:00.1) state 5
+"""
+
+
+def test_trace_states_per_device() -> None:
+    changes = set_states(TRACE.splitlines())
+    seen = states_by_device(changes)
+    assert seen["0000:65:00.1"] == ["PRE_COPY", "PRE_COPY_P2P", "RUNNING_P2P"]
+    assert seen["0000:65:00.2"] == ["PRE_COPY", "PRE_COPY_P2P"]
+    assert missing_p2p(changes, 2, ("PRE_COPY_P2P",)) == []
+    # a QEMU that stops the devices without P2P is caught, per device and state
+    assert missing_p2p(changes, 2) == [
+        "device 0000:65:00.2 never entered RUNNING_P2P (states set: PRE_COPY PRE_COPY_P2P)"
+    ]
+    assert "names 1 VFIO device" in missing_p2p(changes[:1], 2)[0]
+    assert missing_p2p([], 2)[0].startswith("the trace names 0 VFIO device(s) (none)")
