@@ -9,9 +9,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from labs.inventory import InventoryError, load_inventory
+from labs.errors import InfraError
+from labs.inventory import Inventory, InventoryError, load_inventory
 from labs.scenarios import viommu
 from labs.scenarios.multidevice import wanted_p2p_states
+from labs.virt import nodedev
 from labs.virt.trace import missing_p2p, set_states, states_by_device
 from labs.virt.xml import Hostdev, domain_xml, hostdevs_of, managed_of, spec_for, with_hostdevs
 
@@ -39,7 +41,7 @@ pairs:
 """
 
 
-def _inventory(tmp_path: Path, text: str = GROUPED):  # type: ignore[no-untyped-def]
+def _inventory(tmp_path: Path, text: str = GROUPED) -> Inventory:
     path = tmp_path / "inv.yaml"
     path.write_text(textwrap.dedent(text))
     return load_inventory(path)
@@ -65,7 +67,7 @@ def test_several_hostdevs_in_one_domain_and_swapped_together(tmp_path: Path) -> 
     inv = _inventory(tmp_path)
     group = inv.group_pairs(inv.pairs[0])
     xml = domain_xml(spec_for("labs-g", [p.source for p in group], "qemu"))
-    assert [h.address for h in hostdevs_of(xml)] == [p.source.spec.uuid for p in group]  # type: ignore[union-attr]
+    assert [h.address for h in hostdevs_of(xml)] == [getattr(p.source.spec, "uuid", None) for p in group]
     moved = with_hostdevs(xml, (Hostdev("mdev", "11111111-2222-3333-4444-555555555555"), hostdevs_of(xml)[1]))
     assert hostdevs_of(moved)[0].address == "11111111-2222-3333-4444-555555555555"
 
@@ -119,3 +121,62 @@ def test_trace_states_per_device() -> None:
     ]
     assert "names 1 VFIO device" in missing_p2p(changes[:1], 2)[0]
     assert missing_p2p([], 2)[0].startswith("the trace names 0 VFIO device(s) (none)")
+
+
+class FakeNodeDev:
+    """A node device as libvirt's API shows it: its XML names the bound driver; detach binds vfio-pci."""
+
+    def __init__(self, driver: str | None, supported: bool = True, reattach_to: str | None = None) -> None:
+        self.driver, self.supported, self.reattach_to = driver, supported, reattach_to
+        self.calls: list[str] = []
+
+    def XMLDesc(self, _flags: int) -> str:
+        inner = f"<driver><name>{self.driver}</name></driver>" if self.driver else ""
+        return f"<device><name>pci_0000_65_00_1</name>{inner}</device>"
+
+    def detachFlags(self, driver: str | None, _flags: int) -> None:
+        self.calls.append("detach")
+        if not self.supported:
+            raise libvirt.libvirtError("this function is not supported by the connection driver")
+        self.driver = "vfio-pci"
+
+    def reAttach(self) -> None:
+        self.calls.append("reattach")
+        self.driver = self.reattach_to
+
+
+class FakeConn:
+    def __init__(self, dev: FakeNodeDev) -> None:
+        self.dev = dev
+        self.names: list[str] = []
+
+    def nodeDeviceLookupByName(self, name: str) -> FakeNodeDev:
+        self.names.append(name)
+        return self.dev
+
+
+def test_detach_then_reattach_returns_the_function_to_its_driver() -> None:
+    dev = FakeNodeDev("mlx5_core", reattach_to="mlx5_core")
+    conn = FakeConn(dev)
+    done = nodedev.detach(conn, "0000:65:00.1")
+    assert (done.host_driver, done.vfio_driver, conn.names[0]) == ("mlx5_core", "vfio-pci", "pci_0000_65_00_1")
+    done.reattach()
+    assert dev.calls == ["detach", "reattach"] and dev.driver == "mlx5_core"
+
+
+def test_reattach_that_leaves_the_function_elsewhere_is_an_error() -> None:
+    done = nodedev.detach(FakeConn(FakeNodeDev("mlx5_core", reattach_to=None)), "0000:65:00.1")
+    with pytest.raises(InfraError, match="bound to no driver after reattach, not mlx5_core"):
+        done.reattach()
+
+
+def test_a_function_found_on_vfio_is_left_there() -> None:
+    dev = FakeNodeDev("vfio-pci", reattach_to="mlx5_core")
+    nodedev.detach(FakeConn(dev), "0000:65:00.1").reattach()
+    assert dev.calls == ["detach"] and dev.driver == "vfio-pci"
+
+
+def test_no_nodedev_support_is_its_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(libvirt.libvirtError, "get_error_code", lambda _self: libvirt.VIR_ERR_NO_SUPPORT)
+    with pytest.raises(nodedev.NodeDevUnsupported, match="virNodeDeviceDetachFlags"):
+        nodedev.detach(FakeConn(FakeNodeDev("mlx5_core", supported=False)), "0000:65:00.1")

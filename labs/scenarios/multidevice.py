@@ -22,14 +22,17 @@ from labs.virt.trace import P2P_STATES, SET_STATE_EVENT, StateChange, set_states
 from labs.virt.xml import VFIO_TRACE_EVENTS, spec_for
 
 
-def start_vm(sc: Scenario, devices: Sequence[LabDevice], label: str) -> VM:
-    """Define and start one VM holding all `devices` (one host), traced for VFIO state changes, probes marked."""
+def start_vm(sc: Scenario, devices: Sequence[LabDevice], label: str, managed: bool | None = None) -> VM:
+    """Define and start one VM holding all `devices` (one host), traced for VFIO state changes, probes marked.
+
+    `managed`: the PCI hostdevs' managed mode (None: libvirt's managed='yes'; False needs labs.scenarios.managed).
+    """
     hv = sc.hv(devices[0].host)
     name = sc.vm_name(label)
     sc.track_domain(name)
     trace = () if hv.is_test_driver else (VFIO_TRACE_EVENTS if sc.trace_vfio else (SET_STATE_EVENT,))
     with sc.steps.step(f"define {name} on {hv.name} with {', '.join(d.id for d in devices)}"):
-        vm = hv.define(spec_for(name, list(devices), hv.virt_type, trace_events=trace))
+        vm = hv.define(spec_for(name, list(devices), hv.virt_type, trace_events=trace, managed=managed))
     for device in devices:
         ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):

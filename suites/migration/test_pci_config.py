@@ -2,7 +2,7 @@
 
 Skipped where libvirt cannot migrate (the sim lab's test:///). In the nested
 lab, `LABS_NESTED_MDEVS=2` gives each host a second mtty mdev in the first
-one's VM (`vm: multi`).
+one's VM (`vm: multi`). The managed modes need PCI functions (a real lab).
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ import pytest
 
 from labs.inventory import LabPair
 from labs.probes import probe_for
+from labs.scenarios import managed as mgd
 from labs.scenarios import migration as mig
 from labs.scenarios import multidevice as md
 from labs.scenarios import viommu
 from labs.scenarios.context import Scenario
 from labs.scenarios.support import skip_where_no_device
+from labs.virt.nodedev import NodeDevUnsupported
 from labs.virt.trace import missing_p2p, states_by_device
+from labs.virt.xml import managed_of
 
 pytestmark = [pytest.mark.live_migration, pytest.mark.requires("stop_copy")]
 
@@ -54,3 +57,23 @@ def test_viommu_domain_refused(migratable: LabPair, scenario: Scenario) -> None:
     skip_where_no_device(*scenario.hypervisors)
     problems = viommu.refusal_problems(refusal)
     assert not problems, "; ".join(problems)
+
+
+@pytest.mark.parametrize("managed", [True, False], ids=["managed", "unmanaged"])
+def test_pci_hostdev_managed_modes(migratable: LabPair, scenario: Scenario, managed: bool) -> None:
+    """managed='yes': libvirt detaches and gives back the functions; managed='no': the framework does
+    (node-device detach before, reattach at cleanup, checked). The VM migrates A -> B -> A either way."""
+    reason = mgd.not_pci([migratable.source, migratable.destination])
+    if reason:
+        pytest.skip(reason)
+    if not managed:
+        try:
+            mgd.detach_all(scenario, [migratable.source, migratable.destination])
+        except NodeDevUnsupported as exc:
+            pytest.skip(str(exc))
+    vm = md.start_vm(scenario, [migratable.source], "managed" if managed else "unmanaged", managed=managed)
+    vm, run = mig.there_and_back(scenario, vm, migratable)
+    assert [leg.result.ok for leg in run.legs] == [True, True], [leg.result.error for leg in run.legs]
+    assert not run.problems, "; ".join(run.problems)
+    assert managed_of(vm.xml()) == [managed], "the managed mode changed on the way"
+    skip_where_no_device(*scenario.hypervisors)
