@@ -10,9 +10,13 @@ import libvirt
 import pytest
 
 from labs.errors import InfraError
-from labs.inventory import Inventory, InventoryError, load_inventory
+from labs.inventory import Inventory, InventoryError, LabDevice, load_inventory
+from labs.inventory.models import Capability, SimDevice
+from labs.runtime import LabSession
+from labs.scenarios import migration as mig
+from labs.scenarios import multidevice as md
 from labs.scenarios import viommu
-from labs.scenarios.multidevice import wanted_p2p_states
+from labs.scenarios.context import Scenario
 from labs.virt import nodedev
 from labs.virt.trace import missing_p2p, set_states, states_by_device
 from labs.virt.xml import Hostdev, domain_xml, hostdevs_of, managed_of, spec_for, with_hostdevs
@@ -54,8 +58,8 @@ def test_vm_group_pairs_member_by_member(tmp_path: Path) -> None:
     assert [(p.source.id, p.destination.id) for p in group] == [("a:m1", "b:m1"), ("a:m2", "b:m2")]
     assert inv.group_pairs(single) == (single,)
     assert [d.id for d in inv.vm_group(inv.device("a:m2"))] == ["a:m1", "a:m2"]
-    assert wanted_p2p_states(group) == ("RUNNING_P2P",)  # m2 does no pre-copy
-    assert wanted_p2p_states(group[:1]) == ("RUNNING_P2P", "PRE_COPY_P2P")
+    assert md.wanted_p2p_states(group) == ("RUNNING_P2P",)  # m2 does no pre-copy
+    assert md.wanted_p2p_states(group[:1]) == ("RUNNING_P2P", "PRE_COPY_P2P")
 
 
 def test_vm_group_name_is_checked(tmp_path: Path) -> None:
@@ -180,3 +184,25 @@ def test_no_nodedev_support_is_its_own_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(libvirt.libvirtError, "get_error_code", lambda _self: libvirt.VIR_ERR_NO_SUPPORT)
     with pytest.raises(nodedev.NodeDevUnsupported, match="virNodeDeviceDetachFlags"):
         nodedev.detach(FakeConn(FakeNodeDev("mlx5_core", supported=False)), "0000:65:00.1")
+
+
+def _sim(session: LabSession, host: str, name: str) -> LabDevice:
+    spec = SimDevice(kind="sim", name=name, protocol="v2", driver="labs.sim.v2:V2Driver", vm="g",
+                     capabilities=(Capability.STOP_COPY, Capability.P2P), options={"content_size": 4096})  # fmt: skip
+    return LabDevice(session.inventory.host(host), 0, spec)
+
+
+def test_multi_device_vm_on_test_driver_and_cleanup_order(sim_session: LabSession) -> None:
+    """Two devices in one domain; a failed migration reads back all four ends; a host change registered
+    with on_cleanup is undone after the domain is gone."""
+    sc = Scenario(sim_session, "g")
+    a1, a2, b1, b2 = (_sim(sim_session, h, n) for h in ("hostA", "hostB") for n in ("g1", "g2"))
+    vm = md.start_vm(sc, [a1, a2], "multi")
+    assert len(hostdevs_of(vm.xml())) == 2
+    seen: list[bool] = []
+    sc.on_cleanup("undo", lambda: seen.append(vm.hv.exists(vm.name)))
+    _vm, leg = mig.migrate_leg(sc, vm, a1, b1, scenario="multi", companions=[(a2, b2)], hang_is_infra=False)
+    assert not leg.result.ok  # test:/// cannot migrate
+    assert [d.device for d in leg.readback.devices] == [a1.id, b1.id, a2.id, b2.id]
+    assert sc.cleanup() == [] and sc.leftovers() == []
+    assert seen == [False], "the undo ran while the domain still existed"
