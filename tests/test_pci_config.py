@@ -206,3 +206,35 @@ def test_multi_device_vm_on_test_driver_and_cleanup_order(sim_session: LabSessio
     assert [d.device for d in leg.readback.devices] == [a1.id, b1.id, a2.id, b2.id]
     assert sc.cleanup() == [] and sc.leftovers() == []
     assert seen == [False], "the undo ran while the domain still existed"
+
+
+@pytest.mark.parametrize("mdevs", ["1", "2"])
+def test_nested_inventory_groups_a_second_mdev(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mdevs: str) -> None:
+    from labs.nested import lab
+
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
+    monkeypatch.setenv("LABS_NESTED_MDEVS", mdevs)
+    keys = lab.Keys(tmp_path / "keys")
+    keys.regenerate(list(lab.HOST_NAMES))
+    keys.known_hosts.write_text("")
+    path = tmp_path / "nested.yaml"
+    lab.write_inventory(path, lab.inventory_doc(lab.specs(), keys, {}))
+    inv = load_inventory(path)
+    (pair,) = inv.pairs
+    group = inv.group_pairs(pair)
+    if mdevs == "1":
+        assert group == (pair,) and pair.source.spec.vm is None
+    else:
+        assert [(p.source.id, p.destination.id) for p in group] == [
+            ("nested-a:mtty-2", "nested-b:mtty-2"),
+            ("nested-a:mtty-1", "nested-b:mtty-1"),
+        ]
+
+
+def test_nested_mdev_count_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from labs.nested import lab
+
+    monkeypatch.setenv("LABS_NESTED_MDEVS", "3")
+    with pytest.raises(InfraError, match="LABS_NESTED_MDEVS='3'"):
+        lab.mdev_count()
