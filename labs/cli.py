@@ -128,13 +128,17 @@ def test(tox_args: tuple[str, ...]) -> None:
 def doctor(inventory: Path | None, hosts: tuple[str, ...]) -> None:
     """Preflight every host of an inventory; exit 1 when something fails."""
     from labs.agentpool import migration_probe
-    from labs.doctor import Status, check_lab
+    from labs.compat import INCOMPATIBLE
+    from labs.doctor import Status, check_lab, check_pairs
     from labs.session import LabSession, open_inventory
 
     inv = open_inventory(inventory or default_inventory())
     chosen = [h for h in inv.hosts if not hosts or h.name in hosts]
+    names = {h.name for h in chosen}
     with LabSession(inv) as session:
         reports = check_lab(session, chosen, migration_probe)
+        pairs = [p for p in inv.pairs if {p.source.host.name, p.destination.host.name} <= names]
+        compat = check_pairs(session, pairs)
     failed = False
     for report in reports.values():
         table = Table(title=f"{report.host}", title_justify="left", show_lines=False)
@@ -147,6 +151,15 @@ def doctor(inventory: Path | None, hosts: tuple[str, ...]) -> None:
             table.add_row(c.name, c.device or "", f"[{style}]{c.status.value}[/]", c.detail)
             failed |= c.status == Status.FAIL
         console.print(table)
+    for pc in compat:
+        table = Table(title=f"{pc.pair}: {pc.verdict}", title_justify="left", show_lines=False)
+        for column in ("field", "source", "destination", "status", "note"):
+            table.add_column(column, overflow="fold")
+        for f in pc.fields:
+            style = STATUS_STYLE.get(f.status, "")
+            table.add_row(f.name, f.source or "?", f.destination or "?", f"[{style}]{f.status}[/]", f.note)
+        console.print(table)
+        failed |= pc.verdict == INCOMPATIBLE
     console.print("[bold red]doctor: some checks failed[/]" if failed else "[green]doctor: all hosts healthy[/]")
     sys.exit(1 if failed else 0)
 

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from labs.compat import PairCompat, compare, gather
 from labs.errors import InfraError, LabError
-from labs.inventory import LabDevice, LabHost
+from labs.inventory import LabDevice, LabHost, LabPair
 from labs.inventory.models import MdevDevice, PciDevice, SimDevice
 from labs.models import model_of
 from labs.session import LabSession
@@ -267,3 +268,12 @@ def check_lab(
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(chosen)))) as pool:
         reports = pool.map(lambda h: check_host(session, h, migration_probe), chosen)
         return {r.host: r for r in reports}
+
+
+def check_pairs(session: LabSession, pairs: Iterable[LabPair]) -> list[PairCompat]:
+    """Each pair's source/destination compatibility (kernel, driver, firmware, QEMU, libvirt), with a verdict."""
+    chosen = list(pairs)
+    devices = {d.id: d for p in chosen for d in (p.source, p.destination)}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(devices)))) as pool:
+        facts = dict(zip(devices, pool.map(lambda d: gather(session, d), devices.values()), strict=True))
+    return [compare(p.id, facts[p.source.id], facts[p.destination.id]) for p in chosen]

@@ -13,17 +13,20 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 import labs
+from labs.certify.matrix import markdown_lines as matrix_markdown
+from labs.certify.matrix import matrix
 from labs.certify.policy import policy_for, scenarios_for
 from labs.certify.results import TestResult, read_results
 from labs.certify.verdicts import FAILED, judge, judge_scenarios
 from labs.errors import ConfigError
-from labs.inventory import Inventory, LabDevice
+from labs.inventory import Inventory, LabDevice, LabPair
 from labs.inventory.models import ResetMethod
 from labs.paths import REPO_ROOT, REPORTS, SUITES
 from labs.session import new_run_id, open_inventory
@@ -69,7 +72,13 @@ def _environment(results_dir: Path) -> dict[str, str]:
     return env
 
 
-def build_document(device: LabDevice, results: list[TestResult], env: dict[str, str], run_id: str) -> dict[str, Any]:
+def build_document(
+    device: LabDevice,
+    results: list[TestResult],
+    env: dict[str, str],
+    run_id: str,
+    pairs: Sequence[LabPair] = (),
+) -> dict[str, Any]:
     mine = [r for r in results if _about_device(r, device)]
     caps = {c.value for c in device.capabilities}
     spec = device.spec
@@ -123,6 +132,7 @@ def build_document(device: LabDevice, results: list[TestResult], env: dict[str, 
         "required_scenarios": [v.__dict__ | {"tests": list(v.tests)} for v in scenario_verdicts],
         "scenarios": scenarios,
         "metrics": {"tests": len(mine), "duration_s": round(sum(r.duration_ms for r in mine) / 1000, 3)},
+        "matrix": matrix(device, pairs, results, env),
     }
     doc["digest"] = digest(doc)
     return doc
@@ -154,6 +164,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---|",
         *[f"| {k} | {', '.join(f'{n} {s}' for s, n in v.items())} |" for k, v in doc["scenarios"].items()],
     ]
+    lines += ["", "## Source x destination", "", *matrix_markdown(doc.get("matrix", []))]
     lines += ["", *_verdict_lines(doc)]
     return "\n".join(lines) + "\n"
 
@@ -180,6 +191,11 @@ def html_page(doc: dict[str, Any]) -> str:
     )
     why = "".join(f"<li>{html.escape(line)}</li>" for line in _verdict_lines(doc))
     ident = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in doc["identity"].items())
+    matrix_rows = "".join(
+        f"<tr class='{c['verdict']}'><td>{html.escape(c['source'])}</td><td>{html.escape(c['destination'])}</td>"
+        f"<td>{html.escape(c['model'])}</td><td>{c['verdict']}</td><td>{html.escape(c['reason'])}</td></tr>"
+        for c in doc.get("matrix", [])
+    )
     return (
         "<!doctype html><meta charset=utf-8><title>certification</title><style>"
         "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}"
@@ -190,6 +206,8 @@ def html_page(doc: dict[str, Any]) -> str:
         f"<ul>{why}</ul>"
         f"<table>{ident}</table><h2>Rules</h2><table><tr><th>rule<th>level<th>verdict<th>reason</tr>{rows}</table>"
         f"<h2>Required scenarios</h2><table><tr><th>scenario<th>verdict<th>reason</tr>{scenario_rows}</table>"
+        "<h2>Source x destination</h2><table><tr><th>source<th>destination<th>model<th>verdict<th>reason</tr>"
+        f"{matrix_rows}</table>"
     )
 
 
@@ -209,7 +227,7 @@ def certify(inventory: Path, device_id: str, pytest_args: list[str], console: Co
     ]  # fmt: skip
     console.print(f"[bold]certifying {device.id}[/] (run {run_id}, partners: {', '.join(partners) or 'none'})")
     subprocess.call(cmd, cwd=REPO_ROOT, env={**os.environ, "LABS_RUN_ID": run_id})
-    doc = build_document(device, read_results(results_dir), _environment(results_dir), run_id)
+    doc = build_document(device, read_results(results_dir), _environment(results_dir), run_id, inv.pairs)
     (run_dir / "certification.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
     (run_dir / "certification.md").write_text(markdown(doc))
     (run_dir / "certification.html").write_text(html_page(doc))
@@ -234,6 +252,11 @@ def _print_summary(console: Console, doc: dict[str, Any], run_dir: Path) -> None
     )
     for line in _verdict_lines(doc):
         console.print(f"  [{'red' if line.startswith('failed') else 'yellow'}]{line}[/]", highlight=False)
+    for c in doc["matrix"]:
+        colour = {"pass": "green", "fail": "red"}.get(c["verdict"], "yellow")
+        why = f": {c['reason']}" if c["reason"] else ""
+        where = f"{c['source']} -> {c['destination']} ({c['model']})"
+        console.print(f"  {where}: [{colour}]{c['verdict']}[/]{why}", highlight=False)
     console.print(f"certification: {_shown(run_dir / 'certification.json')}", highlight=False)
     console.print(f"summary:       {_shown(run_dir / 'certification.md')}", highlight=False)
 

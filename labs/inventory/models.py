@@ -66,6 +66,11 @@ class _DeviceBase(Strict):
         "(e.g. enable-migration: 'on' where device dirty tracking is unavailable)",
     )
 
+    vm: str | None = Field(
+        default=None,
+        description="devices of one host with the same `vm` name go into one VM together (a multi-device VM)",
+    )
+
     kernel_log_allow: tuple[str, ...] = Field(
         default=(),
         description="regular expressions (searched in a kernel log line's text) of known benign lines this "
@@ -92,7 +97,7 @@ class _DeviceBase(Strict):
 
     _device_model_ok = field_validator("device_model")(_model_ref)
 
-    @field_validator("name")
+    @field_validator("name", "vm")
     @classmethod
     def _name_ok(cls, v: str | None) -> str | None:
         if v is not None and not NAME_RE.match(v):

@@ -88,3 +88,21 @@ class Inventory:
             if d.id == device_id:
                 return d
         raise KeyError(device_id)
+
+    def vm_group(self, device: LabDevice) -> tuple[LabDevice, ...]:
+        """The devices that share `device`'s VM (same host, same `vm`), in inventory order; alone without a `vm`."""
+        if device.spec.vm is None:
+            return (device,)
+        return tuple(d for d in self.devices if d.host == device.host and d.spec.vm == device.spec.vm)
+
+    def group_pairs(self, pair: LabPair) -> tuple[LabPair, ...]:
+        """The pair's VM groups matched member by member (inventory order): what one multi-device VM carries.
+
+        Just the pair itself when either end has no group, the groups differ in size, or the pair's
+        devices sit at different places in their groups.
+        """
+        src, dst = self.vm_group(pair.source), self.vm_group(pair.destination)
+        if len(src) != len(dst) or len(src) < 2 or src.index(pair.source) != dst.index(pair.destination):
+            return (pair,)
+        rest = [LabPair(a, b) for a, b in zip(src, dst, strict=True) if a != pair.source]
+        return (pair, *rest)

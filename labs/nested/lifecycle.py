@@ -42,6 +42,12 @@ MTTY_TYPE = "mtty-2"
 # One UUID on both hosts: libvirt names an mdev hostdev by UUID and expects the
 # destination to hold the same one (spec 4.3), so migration needs no XML rewrite.
 MTTY_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+# LABS_NESTED_MDEVS=2 adds a second mdev sharing the first one's VM (`vm:`): the multi-device
+# scenarios (two VFIO devices drive QEMU's P2P states); off by default, since every device-level
+# test would run on it too
+COMPANION_TYPE = "mtty-1"
+COMPANION_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
+MULTI_VM = "multi"
 DEFAULT_BASE_PORT = 22300
 # mtty's DMA-logging REPORT fails on Debian's kernel (no CONFIG_IOMMUFD_DRIVER, findings 1-3): QEMU
 # migrates it only with device dirty tracking off and migration forced on.
@@ -94,6 +100,18 @@ def base_port() -> int:
 def accel() -> str:
     """TCG unless asked: a stock kernel hangs early under this machine's KVM (docs/nested-findings.md)."""
     return os.environ.get("LABS_NESTED_ACCEL", "tcg")
+
+
+def mdev_count() -> int:
+    raw = os.environ.get("LABS_NESTED_MDEVS", "1").strip()
+    if raw not in ("1", "2"):
+        raise InfraError(f"LABS_NESTED_MDEVS={raw!r}: 1 or 2 mtty mdevs per nested host")
+    return int(raw)
+
+
+def _mdevs() -> list[tuple[str, str]]:
+    """(mdev type, UUID) of each mtty mdev a nested host gets."""
+    return [(MTTY_TYPE, MTTY_UUID), (COMPANION_TYPE, COMPANION_UUID)][: mdev_count()]
 
 
 def specs(port: int | None = None, memory_mb: int = 3072, cpus: int = 2) -> list[VmSpec]:
@@ -232,6 +250,7 @@ def libvirt_uri(spec: VmSpec, keys: Keys) -> str:
 
 def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]]) -> dict[str, Any]:
     hosts: dict[str, Any] = {}
+    mdevs = _mdevs()
     for s in all_specs:
         hosts[s.name] = {
             "address": "127.0.0.1",
@@ -246,17 +265,19 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             "devices": [
                 {
                     "kind": "mdev",
-                    "name": MTTY_TYPE,
-                    "model": MTTY_TYPE,
+                    "name": mdev_type,
+                    "model": mdev_type,
                     "parent": MTTY_PARENT,
-                    "type": MTTY_TYPE,
-                    "uuid": MTTY_UUID,
+                    "type": mdev_type,
+                    "uuid": mdev_uuid,
                     "protocol": "v2",
                     "capabilities": caps.get(s.name, ["stop_copy", "p2p", "pre_copy"]),
                     "reset": "ioctl",
                     "qemu_properties": dict(MTTY_QEMU_PROPERTIES),
                     "kernel_log_allow": list(MTTY_KERNEL_LOG_ALLOW),
                 }
+                | ({"vm": MULTI_VM} if len(mdevs) > 1 else {})
+                for mdev_type, mdev_uuid in mdevs
             ],
         }
     return {
@@ -441,13 +462,12 @@ def _wait_for_ssh(vms: list[Vm], keys: Keys, rep: RichReporter, timeout: float) 
 
 def _prepare_host(spec: VmSpec, keys: Keys) -> list[str]:
     """Create the mtty mdev, check libvirtd answers, and read the device's migration flags."""
-    create = f"/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types/{MTTY_TYPE}/create"
-    ssh_ok(
-        spec,
-        keys,
-        f"lsmod | grep -q '^mtty ' || modprobe mtty; "
-        f"test -e /sys/bus/mdev/devices/{MTTY_UUID} || echo {MTTY_UUID} > {create}",
+    types = f"/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types"
+    create = " && ".join(
+        f"(test -e /sys/bus/mdev/devices/{uuid} || echo {uuid} > {types}/{mdev_type}/create)"
+        for mdev_type, uuid in _mdevs()
     )
+    ssh_ok(spec, keys, f"lsmod | grep -q '^mtty ' || modprobe mtty; {create}")
     # without kvm modules libvirt offers only type='qemu': KVM on TCG's emulated SVM is unstable (docs/incidents.md)
     ssh_ok(spec, keys, "modprobe -r kvm_amd kvm_intel kvm 2>/dev/null; test ! -e /dev/kvm")
     # The first connection makes libvirtd probe QEMU's capabilities: slow under TCG, so pay it here.

@@ -12,6 +12,7 @@ import itertools
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -46,6 +47,7 @@ class Scenario:
         self.started = time.time()
         # per domain: device-probe values and guest-workload mailboxes to read back (labs.probes, labs.workloads)
         self.marks: dict[str, list[ProbeMark | WorkloadMark]] = {}
+        self._undo: list[tuple[str, Callable[[], None]]] = []  # host changes undone once the domains are gone
 
     @property
     def run_id(self) -> str:
@@ -103,6 +105,10 @@ class Scenario:
     def track_domain(self, name: str) -> None:
         self._domains.add(name)
 
+    def on_cleanup(self, what: str, undo: Callable[[], None]) -> None:
+        """Undo a host change (e.g. a detached PCI function) at cleanup, after the domains that used it are gone."""
+        self._undo.append((what, undo))
+
     def inject(self, fault: Fault) -> Fault:
         return self.faults.inject(fault)
 
@@ -150,6 +156,13 @@ class Scenario:
                     self.cleanup_log += VM(hv, name).remove()
                 except LabError as exc:
                     errors.append(f"{hv.name}/{name}: {exc}")
+        for what, undo in reversed(self._undo):
+            try:
+                undo()
+                self.cleanup_log.append(what)
+            except LabError as exc:
+                errors.append(f"{what}: {exc}")
+        self._undo.clear()
         for host, path in self._images:
             try:
                 if host is None:

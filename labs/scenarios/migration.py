@@ -9,7 +9,7 @@ keeps running with its device RUNNING and the destination keeps nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import libvirt
@@ -112,13 +112,12 @@ class MigrationRun:
         ]
 
 
-def _dest_xml(vm: VM, src: LabDevice, dst: LabDevice, override: str | None = None) -> str | None:
-    """The domain XML with the destination's device, when it differs from the source's."""
-    target = hostdev_for(dst) if override is None else None
-    if override is None and target == hostdev_for(src):
+def _dest_xml(vm: VM, moves: Sequence[tuple[LabDevice, LabDevice]]) -> str | None:
+    """The domain XML with the destination's devices, when they differ from the source's."""
+    targets = tuple(hostdev_for(dst) for _src, dst in moves)
+    if targets == tuple(hostdev_for(src) for src, _dst in moves):
         return None
-    xml = str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
-    return override if override is not None else with_hostdevs(xml, (target,))  # type: ignore[arg-type]
+    return with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), targets)
 
 
 def migrate_leg(
@@ -136,6 +135,7 @@ def migrate_leg(
     on_progress: Callable[[JobSample], None] | None = None,
     hang_is_infra: bool = True,
     expect: LegExpectation | None = None,
+    companions: Sequence[tuple[LabDevice, LabDevice]] = (),
 ) -> tuple[VM, Leg]:
     """Migrate `vm` (on src's host) to dst's host, read back both sides; returns where the VM runs now.
 
@@ -143,14 +143,16 @@ def migrate_leg(
     back and the destination's device recovered: a nightly run counts it as the lab's, and goes on.
     Scenarios for which a hang is a possible answer (faults, post-copy) pass hang_is_infra=False.
     `expect`: where the VM must run and the lifecycle events each side must deliver (default: by the result).
+    `companions`: the VM's other devices (source, destination), for a multi-device VM.
     """
+    moves = [(src, dst), *companions]
     dst_hv: Hypervisor = sc.hv(dst.host)
     opts = MigrationOptions(
         timeout=timeout or sc.timeouts.migration,
         parallel=parallel,
         postcopy=postcopy,
         bandwidth_mib=bandwidth_mib,
-        dest_xml=dest_xml if dest_xml is not None else _dest_xml(vm, src, dst),
+        dest_xml=dest_xml if dest_xml is not None else _dest_xml(vm, moves),
         max_downtime_ms=sc.session.inventory.settings.max_downtime_ms,
     )
     how = ", ".join(
@@ -162,9 +164,10 @@ def migrate_leg(
         )
         if x
     )
-    ensure_idle(sc.session, dst, sc.steps)  # a device left RESUMING must not meet an incoming QEMU
+    for _src, incoming in moves:
+        ensure_idle(sc.session, incoming, sc.steps)  # a device left RESUMING must not meet an incoming QEMU
     if probing.marks(sc, vm):
-        probing.mark(sc, vm, src)  # fresh values: only this migration can carry them to dst
+        probing.mark(sc, vm, *(a for a, _b in moves))  # fresh values: only this migration can carry them to dst
     marks = (vm.hv.events.mark(), dst_hv.events.mark())
     with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
         result = migrate(vm, dst_hv, opts, on_progress)
@@ -180,13 +183,13 @@ def migrate_leg(
         sc.session,
         [vm.hv, dst_hv],
         vm.name,
-        [src, dst],
+        [device for move in moves for device in move],
         title=f"readback after {scenario}",
         steps=sc.steps,
         marks=probing.marks(sc, vm),
     )
     if not result.ok:
-        recover_devices(sc.session, rb, [dst], steps=sc.steps)  # the failed incoming side
+        recover_devices(sc.session, rb, [b for _a, b in moves], steps=sc.steps)  # the failed incoming side
     if result.timed_out and hang_is_infra:
         raise MigrationHung(f"{vm.name} {vm.hv.name} -> {dst_hv.name}: {result.error or 'aborted'}; {result.summary()}")
     leg = Leg(vm.hv.name, dst_hv.name, result, rb, expect)
@@ -237,12 +240,20 @@ def guest_stall(rb: Readback) -> dict[str, float | None]:
     }
 
 
-def there_and_back(sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, **kw: object) -> tuple[VM, MigrationRun]:
-    """A -> B, B -> A, `rounds` times (ping-pong); stops at the first failed leg."""
+def there_and_back(
+    sc: Scenario, vm: VM, pair: LabPair, rounds: int = 1, group: Sequence[LabPair] = (), **kw: object
+) -> tuple[VM, MigrationRun]:
+    """A -> B, B -> A, `rounds` times (ping-pong); stops at the first failed leg.
+
+    `group`: the VM's other device pairs (a multi-device VM), moving with `pair`.
+    """
     run = MigrationRun()
     for i in range(rounds):
-        for src, dst in ((pair.source, pair.destination), (pair.destination, pair.source)):
-            vm, leg = migrate_leg(sc, vm, src, dst, scenario=f"ping-pong {i + 1}" if rounds > 1 else "migrate", **kw)  # type: ignore[arg-type]
+        for forward in (True, False):
+            src, dst = (pair.source, pair.destination) if forward else (pair.destination, pair.source)
+            others = [(p.source, p.destination) if forward else (p.destination, p.source) for p in group]
+            label = f"ping-pong {i + 1}" if rounds > 1 else "migrate"
+            vm, leg = migrate_leg(sc, vm, src, dst, scenario=label, companions=others, **kw)  # type: ignore[arg-type]
             run.legs.append(leg)
             if not leg.result.ok:
                 return vm, run

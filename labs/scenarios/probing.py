@@ -28,22 +28,25 @@ from labs.workloads import WorkloadMark
 from labs.workloads.bootblock import BOOT_WAIT
 
 
-def mark(sc: Scenario, vm: VM, device: LabDevice) -> ProbeMark | None:
-    """Write fresh values through `vm`'s monitor into the device it holds; None where no probe applies."""
+def mark(sc: Scenario, vm: VM, *devices: LabDevice) -> list[ProbeMark]:
+    """Write fresh values through `vm`'s monitor into each device it holds that has a probe, and read the
+    guest workload's mailbox; they replace the VM's earlier marks."""
     if vm.hv.is_test_driver or not vm.hv.can(sc.run_id, VirtCapability.QEMU_MONITOR):
-        return None
-    guest = mark_workload(sc, vm, device)
-    probe = probe_for(device)
-    if probe is None:
-        sc.marks[vm.name] = [guest]
-        return None
-    with sc.steps.step(f"probe {probe.name}: write registers of {device.id} through the monitor of {vm}") as rec:
-        held = hostdevs_of(vm.xml())
-        hostdev = held[0].address if len(held) == 1 else hostdev_for(device).address
-        written = probe.mark(vm.dom, device, hostdev)
-        written.written_on = vm.hv.name
-        rec.detail = {k: f"{v:#04x}" for k, v in written.values.items()}
-    sc.marks[vm.name] = [written, guest]
+        return []
+    guest = mark_workload(sc, vm, devices[0])  # one guest per VM: it drives every device it finds
+    written: list[ProbeMark] = []
+    for device in devices:
+        probe = probe_for(device)
+        if probe is None:
+            continue
+        with sc.steps.step(f"probe {probe.name}: write registers of {device.id} through the monitor of {vm}") as rec:
+            held = hostdevs_of(vm.xml())
+            hostdev = held[0].address if len(held) == 1 else hostdev_for(device).address
+            one = probe.mark(vm.dom, device, hostdev)
+            one.written_on = vm.hv.name
+            rec.detail = {k: f"{v:#04x}" for k, v in one.values.items()}
+        written.append(one)
+    sc.marks[vm.name] = [*written, guest]
     return written
 
 

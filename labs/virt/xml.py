@@ -53,6 +53,8 @@ class DomainSpec:
     trace_events: tuple[str, ...] = field(default=())
     kernel: str | None = None  # direct kernel boot (a guest workload, labs.workloads): its path on the host
     cmdline: str = ""
+    iommu: str | None = None  # a vIOMMU model (<iommu model='intel'/>): QEMU must refuse to migrate VFIO devices
+    managed: bool | None = None  # PCI hostdevs' managed mode; None keeps the default (managed='yes')
 
 
 def sim_mdev_uuid(host: str, device: str) -> str:
@@ -143,6 +145,10 @@ def domain_xml(spec: DomainSpec) -> str:
         _sub(_sub(devices, "serial", type="pty"), "target", port="0")
     if spec.virt_type != "test":
         _overrides(root, spec.hostdevs)
+    if spec.managed is not None:
+        set_managed(devices, spec.managed)
+    if spec.iommu is not None:
+        add_iommu(devices, spec.iommu)
     if spec.trace_events:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
         for event in spec.trace_events:
@@ -150,6 +156,23 @@ def domain_xml(spec: DomainSpec) -> str:
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=event)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode")
+
+
+def set_managed(devices: ET.Element, managed: bool) -> None:
+    """managed='no': the framework detaches the functions from their host drivers itself (labs.virt.nodedev)."""
+    for el in devices.iter("hostdev"):
+        if el.get("type") == "pci":
+            el.set("managed", "yes" if managed else "no")
+
+
+def add_iommu(devices: ET.Element, model: str) -> None:
+    """A guest vIOMMU in front of the hostdevs (libvirt puts it on q35's root complex)."""
+    _sub(devices, "iommu", model=model)
+
+
+def managed_of(xml: str) -> list[bool]:
+    """The managed mode of each PCI hostdev a domain XML names (an absent attribute is libvirt's 'no')."""
+    return [el.get("managed", "no") == "yes" for el in ET.fromstring(xml).iter("hostdev") if el.get("type") == "pci"]
 
 
 def hostdevs_of(xml: str) -> list[Hostdev]:
@@ -182,6 +205,8 @@ def with_hostdevs(xml: str, hostdevs: tuple[Hostdev, ...]) -> str:
         scratch = ET.Element("devices")
         _hostdev(scratch, dev)
         fresh = scratch[0]
+        if el.get("managed") and fresh.get("type") == "pci":
+            fresh.set("managed", str(el.get("managed")))  # the detach/reattach duty stays who it was
         for key in list(el.attrib):
             del el.attrib[key]
         el.attrib.update(fresh.attrib)
