@@ -184,3 +184,11 @@ def test_snapshots_off_always_boots(
     monkeypatch.setenv("LABS_NESTED_SNAPSHOT", "0")
     res = lab.up(recipe=lab.Recipe(), inventory=tmp_path / "nested.yaml")
     assert (res.how, fake_up["boot"], fake_up["save"]) == ("booted", ["boot"], [])
+
+
+def test_a_slow_login_while_booting_is_not_up_yet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def slow(*_a: Any, **_k: Any) -> None:
+        raise InfraError("nested-a: ssh command timed out after 30s: true")
+
+    monkeypatch.setattr(lab, "ssh", slow)
+    assert lab._ssh_answers(lab.specs()[0], lab.Keys(tmp_path)) is False
