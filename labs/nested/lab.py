@@ -406,9 +406,11 @@ def up(
                 _doctor(inventory)
                 how = "restored"
                 seconds["restore"] = round(time.monotonic() - t_restore, 1)
-            except InfraError as exc:
+            except BaseException as exc:
                 for vm in vms:
                     vm.stop()
+                if not isinstance(exc, (InfraError, OSError)):
+                    raise
                 # a snapshot that failed once would fail every `up` after a long wait: the boot saves a new one
                 snapshot.discard(saved)
                 note = f"restore from snapshot {key} failed, booting: {exc}"
