@@ -471,6 +471,8 @@ def _restore(
     for vm in vms:
         name = vm.spec.name
         vm.start(image, Restore(saved.state(name), saved.disk(name), saved.seed(name)))
+    for vm in vms:
+        snapshot.resume(vm)
     _wait_for_ssh(vms, keys, rep, RESTORE_TIMEOUT)
     return _prepare_hosts(vms, keys, after_restore)
 

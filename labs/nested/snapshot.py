@@ -180,6 +180,22 @@ def _save_vm(vm: Vm, out: Saved, timeout: float) -> tuple[str, int]:
     return name, out.state(name).stat().st_size
 
 
+def resume(vm: Vm, timeout: float = 60.0) -> None:
+    """Run a host QEMU started with -incoming once its state is in: it was saved paused, so it arrives paused."""
+    deadline = time.monotonic() + timeout
+    with Qmp(vm.paths.qmp) as q:
+        while True:
+            status = q.command("query-status")["status"]
+            if status == "running":
+                return
+            if status in ("paused", "postmigrate", "prelaunch"):
+                q.command("cont")
+                return
+            if status != "inmigrate" or time.monotonic() > deadline:
+                raise InfraError(f"{vm.spec.name}: QEMU is {status} after the restore (see {vm.paths.qemu_log})")
+            time.sleep(0.1)
+
+
 def discard(saved: Saved) -> None:
     """Unpublish a snapshot (renamed away first, so no `find` sees it half deleted)."""
     gone = saved.dir.with_name(f".{saved.dir.name}.discarded-{os.getpid()}")

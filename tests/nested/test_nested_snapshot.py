@@ -192,3 +192,42 @@ def test_a_slow_login_while_booting_is_not_up_yet(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(lab, "ssh", slow)
     assert lab._ssh_answers(lab.specs()[0], lab.Keys(tmp_path)) is False
+
+
+@pytest.mark.parametrize(
+    ("statuses", "sent"),
+    [
+        (["inmigrate", "paused"], ["cont"]),  # saved paused, so it arrives paused: a restore must run it
+        (["running"], []),
+        (["inmigrate", "shutdown"], None),
+    ],
+)
+def test_resume_runs_a_host_that_arrives_paused(
+    statuses: list[str], sent: list[str] | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    commands: list[str] = []
+
+    class FakeQmp:
+        def __init__(self, _path: Path) -> None:
+            pass
+
+        def __enter__(self) -> FakeQmp:
+            return self
+
+        def __exit__(self, *_a: object) -> None:
+            pass
+
+        def command(self, name: str) -> dict[str, str]:
+            if name == "query-status":
+                return {"status": statuses.pop(0)}
+            commands.append(name)
+            return {}
+
+    monkeypatch.setattr(snapshot, "Qmp", FakeQmp)
+    machine = lab.Vm(lab.specs()[0], tmp_path)
+    if sent is None:
+        with pytest.raises(InfraError, match="QEMU is shutdown after the restore"):
+            snapshot.resume(machine)
+    else:
+        snapshot.resume(machine)
+        assert commands == sent
