@@ -400,10 +400,12 @@ def up(
         if saved is not None:
             t_restore = time.monotonic()
             try:
-                caps = _restore(vms, saved, image, keys, rep)
+                caps = _restore(vms, saved, image, keys, rep, seconds)
                 write_inventory(inventory, inventory_doc(all_specs, keys, caps))
                 rep.stage("doctor", total=None)
+                t_doctor = time.monotonic()
                 _doctor(inventory)
+                seconds["doctor"] = round(time.monotonic() - t_doctor, 1)
                 how = "restored"
                 seconds["restore"] = round(time.monotonic() - t_restore, 1)
             except BaseException as exc:
@@ -462,7 +464,7 @@ def _boot(
 
 
 def _restore(
-    vms: list[Vm], saved: snapshot.Saved, image: BaseImage, keys: Keys, rep: RichReporter
+    vms: list[Vm], saved: snapshot.Saved, image: BaseImage, keys: Keys, rep: RichReporter, seconds: dict[str, float]
 ) -> dict[str, list[str]]:
     """Resume both hosts from `saved` with the keys they were saved with; fix the clock; the setup again."""
     keys.adopt(saved.keys)
@@ -471,10 +473,15 @@ def _restore(
     for vm in vms:
         name = vm.spec.name
         vm.start(image, Restore(saved.state(name), saved.disk(name), saved.seed(name)))
+    t = time.monotonic()
     for vm in vms:
         snapshot.resume(vm)
+    seconds["state_in"] = round(time.monotonic() - t, 1)
     _wait_for_ssh(vms, keys, rep, RESTORE_TIMEOUT)
-    return _prepare_hosts(vms, keys, after_restore)
+    seconds["restore_to_ssh"] = round(time.monotonic() - t, 1)
+    caps = _prepare_hosts(vms, keys, after_restore)
+    seconds["host_setup"] = round(time.monotonic() - t - seconds["restore_to_ssh"], 1)
+    return caps
 
 
 def after_restore() -> str:
