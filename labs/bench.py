@@ -89,13 +89,15 @@ def bench_scaling(tmp: Path, suites: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_agent(ops: int = 200) -> dict[str, Any]:
-    """Agent round trips on one channel vs a fresh `ssh exec` per operation."""
+def bench_agent(tmp: Path, ops: int = 200) -> dict[str, Any]:
+    """Agent round trips on one channel vs a fresh `ssh exec` per operation, on a private sim lab."""
     from labs.agentpool import agent_for
     from labs.session import LabSession
     from labs.vfio.client import AgentClient
 
-    inv = open_inventory(SIM_INVENTORY)
+    work = tmp / "agent"
+    work.mkdir()
+    inv = open_inventory(write_sim_inventory(work / "sim.yaml", work / "sim", _free_port(), 1, devices=True))
     with LabSession(inv) as session:
         ssh = session.ssh(inv.hosts[0].name)
         exec_times = _times(lambda: ssh.run("true"), ops // 4)
@@ -103,8 +105,12 @@ def bench_agent(ops: int = 200) -> dict[str, Any]:
         with agent_for(session, inv.hosts[0].name) as agent:
             result["agent_op_ms"] = _summary(_times(agent.ping, ops))
             result["agent_stream_mbps"] = round(agent.frames("blob", length=256 << 20).drain().mbps, 1)
+            ticks = _cpu_ticks()
             result["device_save_1gib"] = _device_save(agent, ssh.name)
-        result["raw_ssh_copy_mbps"] = _raw_copy_mbps(ssh, 1 << 30)
+            # the raw copy right after the save, so both meet the same machine load
+            result["raw_ssh_copy_mbps"] = _raw_copy_mbps(ssh, 1 << 30)
+            result["stream_machine_busy"] = machine_busy(ticks)
+        result["stream_ratio"] = round(result["raw_ssh_copy_mbps"] / result["device_save_1gib"]["mbps"], 2)
         start = time.perf_counter()
         with agent_for(session, inv.hosts[0].name):
             pass
@@ -231,6 +237,13 @@ def _summary(ms: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ms), 2), "p95": round(ms[int(len(ms) * 0.95) - 1], 2), "n": len(ms)}
 
 
+def bench_up() -> dict[str, Any]:
+    """`lab nested up` restored from its snapshot and booted, each followed by `down` (the lab must be down)."""
+    from labs.nested.bench import bench_up as run
+
+    return run()
+
+
 def bench_nested() -> dict[str, Any]:
     """Build/up times, one live migration's libvirt figures, the framework's overhead (needs `lab nested up`)."""
     from labs.nested.bench import bench_nested as run
@@ -248,9 +261,17 @@ def bench_mutants() -> dict[str, Any]:
     return {"run": {k: summary[k] for k in keys}}
 
 
-# nested: minutes, and needs `lab nested up`; mutants: 10-20 minutes. Only when named with --only.
-OPT_IN = ("nested", "mutants")
-STEPS = ("suite", "scaling", "agent", "memory", "nested", "mutants")
+# up: a few minutes of nested lab ups (the lab down); nested: minutes, and needs `lab nested up`;
+# mutants: 10-20 minutes. Only when named with --only.
+OPT_IN = ("up", "nested", "mutants")
+STEPS = ("suite", "scaling", "agent", "memory", "up", "nested", "mutants")
+# The figures before issue 17's work (README, 2026-11-25/26 and the last CI run), shown beside the new ones.
+BASELINES: dict[str, str] = {
+    "warm_up": "73-90 s (booted)",
+    "cold_up": "191 s (build 109 s + boot 67 s + setup 16 s)",
+    "stream": "2.1x (118 vs 251 MB/s)",
+    "ci": "1425 s (lint 39, tests 223, defects 150, nested 1012)",
+}
 
 
 def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]:
@@ -261,8 +282,9 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
             "suite": bench_suite,
             "scaling": lambda: bench_scaling(tmp, [str(SUITES / s) for s in ("conformance",) if (SUITES / s).is_dir()]
                                              or [str(SUITES / "smoke")]),
-            "agent": bench_agent,
+            "agent": lambda: bench_agent(tmp),
             "memory": lambda: bench_memory(tmp),
+            "up": bench_up,
             "nested": bench_nested,
             "mutants": bench_mutants,
         }  # fmt: skip
@@ -313,9 +335,21 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
             ("agent op p50 / p95 vs one ssh exec per op", f"{a['p50']} / {a['p95']} ms vs {e['p50']} / {e['p95']} ms")
         )
         d = agent["device_save_1gib"]
+        ratio = agent.get("stream_ratio") or round(agent["raw_ssh_copy_mbps"] / d["mbps"], 2)
         rows.append(
-            ("1 GiB device save through the agent vs raw SSH copy", f"{d['mbps']} vs {agent['raw_ssh_copy_mbps']} MB/s")
+            (
+                "1 GiB device save through the agent vs raw SSH copy",
+                f"{ratio}x ({d['mbps']} vs {agent['raw_ssh_copy_mbps']} MB/s); before {BASELINES['stream']}",
+            )
         )
+    ups: dict[str, Any] = (results.get("up") or {}).get("runs") or {}
+    for name, label, base in (("warm", "restored", "warm_up"), ("boot", "booted, no snapshot", "warm_up")):
+        u = ups.get(name)
+        if u:
+            rows.append((f"nested lab `up`, {label}", f"{u['wall_s']} s ({u['how']}); before {BASELINES[base]}"))
+    first = ups.get("first")
+    if first and first.get("how") == "booted":
+        rows.append(("nested lab `up` booted and saved (first after a build)", f"{first['wall_s']} s"))
     mut = (results.get("mutants") or {}).get("run")
     if mut:
         rows.append(

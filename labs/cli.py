@@ -287,8 +287,8 @@ def janitor(inventory: Path | None, everything: bool) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["suite", "scaling", "agent", "memory", "nested", "mutants"]),
-    help="these only (nested and mutants run only when named: nested needs `lab nested up`)",
+    type=click.Choice(["suite", "scaling", "agent", "memory", "up", "nested", "mutants"]),
+    help="these only (up, nested and mutants run only when named: up needs the nested lab down, nested needs it up)",
 )
 @one_line_errors
 def bench(only: tuple[str, ...]) -> None:

@@ -18,3 +18,19 @@ def test_headline_rows_from_each_step() -> None:
     assert rows["conformance over 1 sim pair(s), 1 worker(s)"] == "30 s (1.0x one pair)"
     assert rows["controller RSS over 1000 tests"] == "80.0 MB at test 100, 81.5 MB at test 1000, +0.4 MB"
     assert headline({"date": "x"}) == []
+
+
+def test_headline_shows_new_figures_beside_their_baselines() -> None:
+    results = {
+        "agent": {"agent_op_ms": {"p50": 0.3, "p95": 0.4}, "ssh_exec_per_op_ms": {"p50": 100, "p95": 130},
+                  "device_save_1gib": {"mbps": 100.0}, "raw_ssh_copy_mbps": 110.0, "stream_ratio": 1.1},
+        "up": {"runs": {"first": {"wall_s": 120.0, "how": "booted"}, "warm": {"wall_s": 9.5, "how": "restored"},
+                        "boot": {"wall_s": 95.0, "how": "booted"}}},
+    }  # fmt: skip
+    rows = dict(headline(results))
+    assert rows["1 GiB device save through the agent vs raw SSH copy"] == (
+        "1.1x (100.0 vs 110.0 MB/s); before 2.1x (118 vs 251 MB/s)"
+    )
+    assert rows["nested lab `up`, restored"] == "9.5 s (restored); before 73-90 s (booted)"
+    assert rows["nested lab `up`, booted, no snapshot"].startswith("95.0 s (booted)")
+    assert rows["nested lab `up` booted and saved (first after a build)"] == "120.0 s"

@@ -143,7 +143,8 @@ def main(argv: list[str]) -> int:
             t = time.monotonic()
             started = True
             up = lifecycle.up()
-            print(f"nested: up in {time.monotonic() - t:.0f}s {up.seconds}", flush=True)
+            note = f"; {up.note}" if up.note else ""
+            print(f"nested: up in {time.monotonic() - t:.0f}s, {up.how} {up.seconds}{note}", flush=True)
         args = [
             *suites(),
             f"--inventory={lifecycle.NESTED_INVENTORY}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -54,6 +55,15 @@ class VmSpec:
     @property
     def link_mac(self) -> str:
         return f"52:54:00:7b:00:{self.index:02x}"
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A saved host to resume: its RAM and device state, the disk it had then, its seed disk."""
+
+    state: Path
+    disk: Path
+    seed: Path
 
 
 @dataclass(frozen=True)
@@ -135,9 +145,9 @@ def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths, qemu: str = "qemu-
     ]  # fmt: skip
 
 
-def make_overlay(image: BaseImage, overlay: Path) -> None:
+def make_overlay(backing: Path, overlay: Path) -> None:
     overlay.unlink(missing_ok=True)
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(overlay)])
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(overlay)])
 
 
 def make_seed(seed_dir: Path, seed: Path) -> None:
@@ -173,7 +183,8 @@ class Vm:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self, image: BaseImage) -> int:
+    def start(self, image: BaseImage, restore: Restore | None = None) -> int:
+        """Boot from the image, or with `restore` resume a saved host (its disk under a fresh overlay)."""
         if self.pid() is not None:
             raise InfraError(f"{self.spec.name} is already running (pid {self.pid()}); run `lab nested down` first")
         if not port_free(self.spec.ssh_port):
@@ -184,9 +195,16 @@ class Vm:
         p.dir.mkdir(parents=True, exist_ok=True)
         for stale in (p.pidfile, p.qmp, p.console, p.started):
             stale.unlink(missing_ok=True)
-        make_overlay(image, p.overlay)
-        make_seed(p.seed_dir, p.seed)
+        if restore is None:
+            make_overlay(image.disk, p.overlay)
+            make_seed(p.seed_dir, p.seed)
+        else:
+            make_overlay(restore.disk, p.overlay)
+            # the guest read its seed at boot; the disk only has to be there, as it was when saved
+            shutil.copyfile(restore.seed, p.seed)
         argv = qemu_argv(self.spec, image, p)
+        if restore is not None:
+            argv += ["-incoming", f"exec:cat {shlex.quote(str(restore.state))}"]
         with p.qemu_log.open("w") as log:
             log.write(" ".join(argv) + "\n")
             log.flush()

@@ -443,7 +443,8 @@ class AgentClient:
     def _readexact(self, n: int, timeout: float | None) -> bytes:
         while len(self._buf) < n:
             self._fill(timeout)
-        out = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:
+            out = bytes(view[:n])  # one copy: a bytearray slice, then bytes(), would be two
         del self._buf[:n]
         return out
 
