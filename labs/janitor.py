@@ -20,6 +20,7 @@ framework's tests) the shared connections are searched too.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -175,34 +176,45 @@ def _daemons(session: LabSession, host: LabHost) -> list[str]:
     return [f"{host.name}: {line}" for line in lines if line.strip()]
 
 
-def _netem(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
-    """The netem qdiscs of dead runs' DegradedLink records (labs.faults.netem), then the records."""
+def _dead_records(
+    session: LabSession,
+    host: str,
+    keep_own: bool,
+    live: set[str],
+    where: str,
+    remove: Callable[[str], str],
+    what: str,
+) -> list[str]:
+    """The run-tagged entries of `where` whose runs are dead, each undone by the script `remove(name)`."""
     removed: list[str] = []
     try:
         ssh = session.ssh(host)
-        tags = ssh.run(f"ls -1 {netem.RECORD_DIR} 2>/dev/null", timeout=30, sudo=True, idempotent=True).stdout.split()
-        for tag in tags:
-            if tag.startswith(NFT_PREFIX) and not _keep(tag, session, keep_own, live):
-                ssh.run(netem.remove_script(tag), timeout=30, sudo=True, check=True)
-                removed.append(f"{host}: removed netem qdisc of record {tag}")
+        names = ssh.run(f"ls -1 {where} 2>/dev/null", timeout=30, sudo=True, idempotent=True).stdout.split()
+        for name in names:
+            if name.startswith(NFT_PREFIX) and not _keep(name, session, keep_own, live):
+                ssh.run(remove(name), timeout=30, sudo=True, check=True)
+                removed.append(f"{host}: removed {what} {where}/{name}")
     except LabError as exc:
-        removed.append(f"{host}: netem records not checked: {exc}")
+        removed.append(f"{host}: {what} records not checked: {exc}")
     return removed
+
+
+def _netem(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
+    """The netem qdiscs of dead runs' DegradedLink records (labs.faults.netem), then the records."""
+    return _dead_records(session, host, keep_own, live, netem.RECORD_DIR, netem.remove_script, "netem qdisc of")
 
 
 def _full_filesystems(session: LabSession, host: str, keep_own: bool, live: set[str]) -> list[str]:
     """The tmpfs mounts of dead runs' FullFilesystem faults (labs.faults.disk), unmounted and removed."""
-    removed: list[str] = []
-    try:
-        ssh = session.ssh(host)
-        names = ssh.run(f"ls -1 {disk.FULL_DIR} 2>/dev/null", timeout=30, idempotent=True).stdout.split()
-        for name in names:
-            if name.startswith(NFT_PREFIX) and not _keep(name, session, keep_own, live):
-                ssh.run(disk.remove_script(f"{disk.FULL_DIR}/{name}"), timeout=30, sudo=True, check=True)
-                removed.append(f"{host}: unmounted and removed {disk.FULL_DIR}/{name}")
-    except LabError as exc:
-        removed.append(f"{host}: full-filesystem mounts not checked: {exc}")
-    return removed
+    return _dead_records(
+        session,
+        host,
+        keep_own,
+        live,
+        disk.FULL_DIR,
+        lambda name: disk.remove_script(f"{disk.FULL_DIR}/{name}"),
+        "full-filesystem mount",
+    )
 
 
 def _host_processes(session: LabSession, host: str, live: set[str]) -> list[str]:
