@@ -46,6 +46,9 @@ class AgentPool:
         with self._lock:
             idle = self._idle.setdefault(host, [])
             client = idle.pop() if idle else None
+        if client is not None and client.dead is None and client.duplex.hung_up():
+            client.kill()  # its SSH connection ended while it idled: a borrower would write into nothing
+            client = None
         if client is None or client.dead:
             client = self._start(host)
         try:

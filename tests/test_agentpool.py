@@ -37,6 +37,17 @@ def test_a_dead_agent_is_not_lent_again(lab: LabSession) -> None:
         fresh.ping()
 
 
+def test_an_idle_agent_whose_connection_ended_is_not_lent(lab: LabSession) -> None:
+    pool = agent_pool(lab)
+    pool.drop("hostA")
+    with agent_for(lab, "hostA") as idle:
+        idle.ping()
+    lab.ssh("hostA").close()  # what a test or a recheck that reconnects does under the pooled agent
+    with agent_for(lab, "hostA") as fresh:
+        assert fresh is not idle
+        fresh.ping()
+
+
 def test_open_device_reads_the_state_and_closes(lab: LabSession) -> None:
     device = next(d for d in lab.inventory.devices if d.spec.protocol == "v2")
     with open_device(lab, device) as dev:

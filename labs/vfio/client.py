@@ -133,6 +133,10 @@ class Duplex(ABC):
     def stderr_tail(self) -> str:
         return ""
 
+    def hung_up(self) -> bool:
+        """The link is gone (closed under us, e.g. its SSH connection ended): nothing written can arrive."""
+        return False
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -222,6 +226,10 @@ class ChannelDuplex(Duplex):
             self.chan.sendall(data)
         except OSError as exc:
             raise EOFError(f"channel closed: {exc}") from exc
+
+    def hung_up(self) -> bool:
+        transport = self.chan.get_transport()
+        return self.chan.closed or transport is None or not transport.is_active()
 
     def read(self, n: int, timeout: float | None) -> bytes:
         self.chan.settimeout(timeout)
