@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import libvirt
+
 from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
 from labs.scenarios.context import Scenario
@@ -159,14 +161,14 @@ def migrate_under_fault(
             raise FaultNotInjected(f"{fault.name} could not be injected: {type(exc).__name__}: {exc}") from exc
         hostdev = dest_hostdev(fault) if dest_hostdev else None
         if hostdev is not None:
-            import libvirt
-
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
     def during(sample: JobSample) -> None:
         if due(trigger, sample) and not fault.attempted:
             fault.record.phase = sample.phase
             sc.inject(fault)
+            if fault.runs_on != "source":
+                _lift_cap(sc, vm)
 
     vm_after, failed = migrate_leg(
         sc,
@@ -210,6 +212,17 @@ def migrate_under_fault(
 
 
 RELEASE_WAIT = 5.0
+UNCAPPED_MIB_S = 8192
+
+
+def _lift_cap(sc: Scenario, vm: VM) -> None:
+    """The cap only kept the job in flight until the fault landed; a job that may now complete must be able
+    to converge (the guest workload dirties RAM faster than SLOW_MIB_S)."""
+    with sc.steps.step(f"lift the bandwidth cap to {UNCAPPED_MIB_S} MiB/s: the job may complete") as rec:
+        try:
+            vm.dom.migrateSetMaxSpeed(UNCAPPED_MIB_S, 0)
+        except libvirt.libvirtError as exc:  # a daemon the fault stopped or killed: the job's fate is the fault's
+            rec.detail = {"not lifted": exc.get_error_message()}
 
 
 def expectation(fault: Fault) -> LegExpectation | None:
