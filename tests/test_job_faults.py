@@ -48,11 +48,14 @@ def test_abort_on_the_destination_must_be_refused_with_its_error() -> None:
     fault = bare(AbortOnDestination)
     assert fault.outcome.runs_on == "destination" and fault.outcome.destination_events is MIGRATED_DESTINATION
     assert fault.refusal_problems == [
-        "abort-on-destination was accepted; it should have been refused (VIR_FROM_QEMU/VIR_ERR_OPERATION_INVALID)"
+        "abort-on-destination was accepted; it should have been refused "
+        "(VIR_FROM_QEMU/VIR_ERR_OPERATION_INVALID or VIR_FROM_NONE/VIR_ERR_OPERATION_TIMEOUT)"
     ]
     fault.refused_with = (libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_NO_DOMAIN)
     assert "refused with VIR_FROM_QEMU/VIR_ERR_NO_DOMAIN" in fault.refusal_problems[0]
     fault.refused_with = INVALID
+    assert fault.refusal_problems == []
+    fault.refused_with = (libvirt.VIR_FROM_NONE, libvirt.VIR_ERR_OPERATION_TIMEOUT)  # the incoming job's lock
     assert fault.refusal_problems == []
 
 
