@@ -176,7 +176,8 @@ def migrate_under_fault(
         pair.source,
         pair.destination,
         scenario=f"migrate under {fault.name}",
-        bandwidth_mib=SLOW_MIB_S if trigger != "before" else None,
+        # the cap keeps RAM moving until an early fault lands; a stop-copy or finish fault needs the job to converge
+        bandwidth_mib=SLOW_MIB_S if trigger in ("started", "mid-flight") else None,
         dest_xml=dest_xml,
         timeout=timeout,
         on_progress=during if trigger != "before" else None,
