@@ -157,7 +157,15 @@ class DestroyDuringFinish(Fault):
         self.note(f"virDomainDestroy({self.domain}) on {self.dst.name} during finish")
 
     def _undo(self) -> None:
-        self.note("nothing to restore: the source keeps the VM")
+        # the finish phase had already defined the domain on the destination: destroying it left it defined
+        try:
+            dom = self.dst.conn.lookupByName(self.domain)
+        except libvirt.libvirtError:
+            self.note("nothing to restore: the source keeps the VM")
+            return
+        if not dom.isActive():
+            dom.undefine()
+            self.note(f"undefined {self.domain} on {self.dst.name}: the destroyed incoming domain stayed defined")
 
 
 class MigrationDeadline(Fault):
@@ -168,8 +176,9 @@ class MigrationDeadline(Fault):
 
     name = "migration-deadline:suspend"
     runs_on = "destination"
-    # paused by us, not by the switchover; the destination may stay paused (the source was) or resume
-    source_events = seq(ev("suspended/paused"), opt(ev("suspended/migrated")), ev("stopped/migrated"))
+    # paused by us during the job: libvirt 11.3 reports it as suspended/migrated (measured), older ones as
+    # suspended/paused; the pause itself is checked at injection. The destination may stay paused or resume
+    source_events = seq(ev("suspended/(paused|migrated)"), opt(ev("suspended/migrated")), ev("stopped/migrated"))
     destination_events = seq(ev("started/migrated"), opt(many(ev("resumed/migrated"))))
 
     def __init__(self, vm: VM, *others: Hypervisor) -> None:
@@ -180,8 +189,11 @@ class MigrationDeadline(Fault):
     def _inject(self) -> None:
         try:
             self.vm.dom.suspend()
+            state, reason = self.vm.dom.state()
         except libvirt.libvirtError as exc:
             raise InfraError(f"{self.vm}: suspend at the deadline: {exc.get_error_message()}") from None
+        if state != libvirt.VIR_DOMAIN_PAUSED:
+            raise InfraError(f"{self.vm}: suspended at the deadline but in state {state} (reason {reason}), not paused")
         self.note(f"virDomainSuspend({self.vm.name}) on {self.vm.hv.name}: the deadline's action")
 
     def _undo(self) -> None:
