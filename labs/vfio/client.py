@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from labs.errors import InfraError
 from labs.vfio import agent as _agent
-from labs.vfio.bundle import bundle_source
+from labs.vfio.bundle import SHIPPED, bundle_source, module_path
 
 if TYPE_CHECKING:
     import paramiko
@@ -56,9 +56,20 @@ sys.exit(_g['main']())
 """
 
 
+_bundle_lock = threading.Lock()
+_bundled: dict[tuple[int, ...], bytes] = {}
+
+
 def agent_source() -> bytes:
-    """What a host runs: the agent with the modules it imports (labs/vfio/bundle.py)."""
-    return bundle_source()
+    """What a host runs: the agent with the modules it imports (labs/vfio/bundle.py), built once per version
+    of its files. Under the lock: CPython 3.11.7's ast.parse is not thread-safe (the janitor opens hosts in threads)."""
+    key = tuple(module_path(name).stat().st_mtime_ns for name in SHIPPED)
+    with _bundle_lock:
+        source = _bundled.get(key)
+        if source is None:
+            _bundled.clear()
+            source = _bundled[key] = bundle_source()
+    return source
 
 
 def bootstrap_payload() -> bytes:
