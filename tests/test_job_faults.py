@@ -206,3 +206,16 @@ def test_the_deadlines_suspend_shows_in_the_sources_events() -> None:
     # libvirt 11.3 names a pause during the outgoing job suspended/migrated (measured on the nested lab)
     as_migrated = [DomainEvent(0.0, "A", "d", "suspended", "migrated"), paused[1]]
     assert fault.source_events.matches(as_migrated)
+
+
+def test_destroy_during_finish_may_leave_only_a_shut_off_definition_on_the_destination() -> None:
+    fault = bare(DestroyDuringFinish)
+    fault.leaves_defined_on = "hostB"
+    run = _run(fault, ok=False)
+    run.failed.readback.sides[1] = SideView("hostB", "shutoff")
+    assert not [p for p in run.problems if "leftover" in p]
+    run.failed.readback.sides[1] = SideView("hostB", "paused")  # still a live copy: a real leftover
+    assert [p for p in run.problems if "leftover" in p]
+    fault.leaves_defined_on = None
+    run.failed.readback.sides[1] = SideView("hostB", "shutoff")
+    assert [p for p in run.problems if "leftover" in p]

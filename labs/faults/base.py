@@ -100,6 +100,8 @@ class Fault(ABC):
     stalls: bool = False
     # where the VM runs after the job, and the lifecycle events each side delivers (labs.virt.sequence)
     runs_on: Side = "source"
+    # the host where the job's outcome leaves the domain defined and shut off (measured), else None
+    leaves_defined_on: str | None = None
     source_events: EventPattern = FAILED_SOURCE
     destination_events: EventPattern = FAILED_DESTINATION
     # the fault's own request must be refused with one of these (abort on the destination); empty: none

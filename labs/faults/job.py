@@ -144,6 +144,8 @@ class DestroyDuringFinish(Fault):
         super().__init__(f"{dst.name}/{domain}")
         self.dst = dst
         self.domain = domain
+        # measured on libvirt 11.3: the finish phase had defined the domain, the destroy leaves it shut off there
+        self.leaves_defined_on = dst.name
 
     def _inject(self) -> None:
         try:

@@ -129,7 +129,12 @@ class FaultedMigration:
                 f"migration under {self.fault.name} (landed {self.landed}) failed with "
                 f"{error_name(result.error_domain, result.error_code)}, not the fault's ({expected}): {result.error}"
             )
-        out += [f"after {self.fault.name}: {p}" for p in self.failed.problems]
+        kept = self.fault.leaves_defined_on  # a shut-off definition the fault's outcome leaves; its undo removes it
+        out += [
+            f"after {self.fault.name}: {p}"
+            for p in self.failed.problems
+            if not (kept and p.startswith(f"{kept} keeps a leftover ") and p.endswith("(shutoff)"))
+        ]
         if not self.undone:
             out.append(f"{self.fault.name} was not undone: {self.fault.record.error}")
         if self.following is None:
