@@ -217,5 +217,6 @@ def test_destroy_during_finish_may_leave_only_a_shut_off_definition_on_the_desti
     run.failed.readback.sides[1] = SideView("hostB", "paused")  # still a live copy: a real leftover
     assert [p for p in run.problems if "leftover" in p]
     fault.leaves_defined_on = None
+    run = _run(fault, ok=False)
     run.failed.readback.sides[1] = SideView("hostB", "shutoff")
     assert [p for p in run.problems if "leftover" in p]

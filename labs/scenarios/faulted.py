@@ -129,12 +129,7 @@ class FaultedMigration:
                 f"migration under {self.fault.name} (landed {self.landed}) failed with "
                 f"{error_name(result.error_domain, result.error_code)}, not the fault's ({expected}): {result.error}"
             )
-        kept = self.fault.leaves_defined_on  # a shut-off definition the fault's outcome leaves; its undo removes it
-        out += [
-            f"after {self.fault.name}: {p}"
-            for p in self.failed.problems
-            if not (kept and p.startswith(f"{kept} keeps a leftover ") and p.endswith("(shutoff)"))
-        ]
+        out += [f"after {self.fault.name}: {p}" for p in self.failed.problems]
         if not self.undone:
             out.append(f"{self.fault.name} was not undone: {self.fault.record.error}")
         if self.following is None:
@@ -236,7 +231,7 @@ def expectation(fault: Fault) -> LegExpectation | None:
     out = fault.outcome
     if out.runs_on == "either":
         return None
-    return LegExpectation(out.runs_on, out.source_events, out.destination_events)
+    return LegExpectation(out.runs_on, out.source_events, out.destination_events, fault.leaves_defined_on)
 
 
 def _destination_not_released(leg: Leg, domain: str) -> bool:

@@ -45,6 +45,7 @@ class LegExpectation:
     runs_on: Side
     source_events: EventPattern
     destination_events: EventPattern
+    defined_on: str | None = None  # the host left with a shut-off definition by the expected outcome
 
     @property
     def events(self) -> dict[str, EventPattern]:
@@ -83,7 +84,7 @@ class Leg:
     def problems(self) -> list[str]:
         side = self.expectation.runs_on
         expect = {"source": self.source, "destination": self.destination}.get(side)
-        out = self.readback.problems(expect_on=expect)
+        out = self.readback.problems(expect_on=expect, defined_on=self.expectation.defined_on)
         if self.result.ok and self.device_bytes == 0:
             out.append("the migration moved no device bytes (QEMU reports 0 for the VFIO device)")
         return out + self.event_problems

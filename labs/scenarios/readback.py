@@ -77,8 +77,11 @@ class Readback:
                 return s.domain_state
         raise KeyError(host)
 
-    def problems(self, expect_on: str | None, expect_device_running: bool = True) -> list[str]:
-        """What is wrong, given where the one running copy should be (None: nowhere)."""
+    def problems(
+        self, expect_on: str | None, expect_device_running: bool = True, defined_on: str | None = None
+    ) -> list[str]:
+        """What is wrong, given where the one running copy should be (None: nowhere) and the host where a
+        shut-off definition is the expected outcome (`defined_on`)."""
         out: list[str] = []
         running = self.running_on
         if expect_on is None and running:
@@ -86,7 +89,8 @@ class Readback:
         if expect_on is not None and running != [expect_on]:
             out.append(f"{self.domain} should run exactly once, on {expect_on}; runs on {running or 'no host'}")
         for s in self.sides:
-            if s.host != expect_on and s.domain_state != "absent":
+            expected_definition = (s.host, s.domain_state) == (defined_on, "shutoff")
+            if s.host != expect_on and s.domain_state != "absent" and not expected_definition:
                 out.append(f"{s.host} keeps a leftover {self.domain} ({s.domain_state})")
         if expect_device_running:
             out += self.device_problems()
