@@ -9,7 +9,7 @@ from labs.faults.base import Fault
 from labs.scenarios.faulted import expectation
 from labs.scenarios.migration import FAILED, MIGRATED, Leg
 from labs.scenarios.readback import Readback, SideView
-from labs.virt.events import DomainEvent
+from labs.virt.events import DETAILS, DomainEvent
 from labs.virt.migrate import MigrationResult
 from labs.virt.sequence import FAILED_DESTINATION, FAILED_SOURCE, MIGRATED_DESTINATION, MIGRATED_SOURCE
 
@@ -81,3 +81,11 @@ def test_a_resume_queued_twice_is_one_resume() -> None:
     assert MIGRATED_DESTINATION.matches(twice)
     assert FAILED_SOURCE.matches(events("A", "suspended/migrated", "resumed/migrated", "resumed/migrated"))
     assert not FAILED_SOURCE.matches(events("A", "resumed/migrated", "suspended/migrated")), "left paused passed"
+
+
+def test_every_detail_libvirt_delivers_has_its_name() -> None:
+    # a source resuming after a failed finish delivers resumed/0: it must read resumed/unpaused
+    assert DETAILS[("resumed", 0)] == "unpaused" and DETAILS[("suspended", 0)] == "paused"
+    assert DETAILS[("stopped", 5)] == "failed" and DETAILS[("suspended", 7)] == "postcopy"  # the hand-written table had 6
+    assert DETAILS[("started", 3)] == "from_snapshot" and DETAILS[("started", 1)] == "migrated"
+    assert FAILED_SOURCE.matches(events("A", "suspended/migrated", f"resumed/{DETAILS[('resumed', 0)]}"))

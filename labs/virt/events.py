@@ -28,22 +28,12 @@ EVENT_NAMES = (
     "pmsuspended",
     "crashed",
 )
-# The detail names that matter for migration and save (virDomainEvent*DetailType)
+# Every detail name libvirt-python knows (virDomainEvent*DetailType), e.g. ("resumed", 0): "unpaused"
 DETAILS = {
-    ("started", 1): "migrated",
-    ("started", 2): "restored",
-    ("started", 3): "from_snapshot",
-    ("suspended", 1): "migrated",
-    ("suspended", 6): "postcopy",
-    ("suspended", 7): "postcopy_failed",
-    ("resumed", 1): "migrated",
-    ("resumed", 3): "postcopy",
-    ("stopped", 0): "shutdown",
-    ("stopped", 1): "destroyed",
-    ("stopped", 2): "crashed",
-    ("stopped", 3): "migrated",
-    ("stopped", 4): "saved",
-    ("stopped", 5): "failed",
+    (event, value): const[len(f"VIR_DOMAIN_EVENT_{event.upper()}_") :].lower()
+    for event in EVENT_NAMES
+    for const, value in vars(libvirt).items()
+    if const.startswith(f"VIR_DOMAIN_EVENT_{event.upper()}_") and not const.endswith("_LAST")
 }
 
 
