@@ -86,6 +86,6 @@ def test_a_resume_queued_twice_is_one_resume() -> None:
 def test_every_detail_libvirt_delivers_has_its_name() -> None:
     # a source resuming after a failed finish delivers resumed/0: it must read resumed/unpaused
     assert DETAILS[("resumed", 0)] == "unpaused" and DETAILS[("suspended", 0)] == "paused"
-    assert DETAILS[("stopped", 5)] == "failed" and DETAILS[("suspended", 7)] == "postcopy"  # the hand-written table had 6
+    assert DETAILS[("stopped", 5)] == "failed" and DETAILS[("suspended", 7)] == "postcopy"
     assert DETAILS[("started", 3)] == "from_snapshot" and DETAILS[("started", 1)] == "migrated"
     assert FAILED_SOURCE.matches(events("A", "suspended/migrated", f"resumed/{DETAILS[('resumed', 0)]}"))

@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
             "-p",
             "no:cacheprovider",
             "-rs",
-            "--durations=15",
+            "--durations=40",
             f"--junitxml={reports / 'junit.xml'}",
             *argv,
         ]
