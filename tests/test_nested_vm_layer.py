@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from labs.faults.device import CorruptSaveImage
+from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice
 from labs.models import mtty as mtty_probe
@@ -191,6 +191,50 @@ def test_corrupt_save_image_refuses_an_ambiguous_image(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="found 2 times"):
         fault.inject()
     assert path.read_bytes() == mtty_probe.STREAM_MAGIC * 2
+
+
+def _mtty_stream(counts: tuple[int, ...]) -> bytes:
+    """mtty_data with len(counts) ports (spec 5.2): each FIFO holds 0x10.. bytes, rxtx.count as given."""
+    header = mtty_probe.STREAM_MAGIC + (1).to_bytes(4, "little") + bytes(4) + len(counts).to_bytes(4, "little")
+    ports = b"".join(bytes(8) + bytes(range(0x10, 0x20)) + bytes([c, 0, c]) + bytes(9) for c in counts)
+    return header + bytes(4) + ports
+
+
+def test_mtty_names_only_the_fifos_with_bytes_in_flight() -> None:
+    assert mtty_probe.fifo_in_flight(_mtty_stream((3, 0))) == [(32, 16)]
+    assert mtty_probe.fifo_in_flight(_mtty_stream((0, 5))) == [(68, 16)]
+    assert mtty_probe.fifo_in_flight(_mtty_stream((0,))) == []
+    wide = bytearray(_mtty_stream((1, 1)))
+    wide[16:20] = (255).to_bytes(4, "little")  # a damaged nr_ports must not reach past mtty's two ports
+    assert mtty_probe.fifo_in_flight(bytes(wide)) == [(32, 16), (68, 16)]
+
+
+def test_altered_payload_inverts_the_fifo_in_flight_and_undo_restores_it(tmp_path: Path) -> None:
+    stream = _mtty_stream((4, 0))
+    image = bytes(random.Random(7).randrange(256) for _ in range(4096)) + stream + bytes(1000)
+    path = tmp_path / "vm.save"
+    path.write_bytes(image)
+    layout = mtty_probe.MTTY.stream
+    assert layout is not None
+    fault = AlterSaveImagePayload(LocalSsh(), str(path), layout, "fifo-content")  # type: ignore[arg-type]
+    fault.inject()
+    altered = path.read_bytes()
+    fifo = 4096 + 32
+    assert altered[fifo : fifo + 16] == bytes(b ^ 0xFF for b in range(0x10, 0x20))
+    assert altered[:fifo] == image[:fifo] and altered[fifo + 16 :] == image[fifo + 16 :]  # indices, port 1 intact
+    fault.undo()
+    assert path.read_bytes() == image
+
+
+def test_altered_payload_with_nothing_in_flight_alters_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "vm.save"
+    path.write_bytes(bytes(100) + _mtty_stream((0, 0)))
+    layout = mtty_probe.MTTY.stream
+    assert layout is not None
+    fault = AlterSaveImagePayload(LocalSsh(), str(path), layout, "fifo-content")  # type: ignore[arg-type]
+    fault.inject()
+    assert fault.nothing and "no fifo-content" in fault.nothing
+    assert path.read_bytes() == bytes(100) + _mtty_stream((0, 0))
 
 
 def test_ci_skips_with_the_reason_when_qemu_is_missing(

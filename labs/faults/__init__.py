@@ -3,6 +3,7 @@
 from labs.faults.base import Fault, FaultLedger, FaultRecord
 from labs.faults.daemon import KillDaemon, StopDaemon
 from labs.faults.device import (
+    AlterSaveImagePayload,
     CorruptResumeStream,
     CorruptSaveImage,
     DestinationLacksDevice,
@@ -17,6 +18,7 @@ from labs.faults.network import CutMigrationLink
 __all__ = [
     "AbortJob",
     "AbortOnDestination",
+    "AlterSaveImagePayload",
     "CorruptResumeStream",
     "CorruptSaveImage",
     "CutMigrationLink",

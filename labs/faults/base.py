@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import libvirt
 
@@ -186,13 +186,16 @@ class Fault(ABC):
     def _undo(self) -> None: ...
 
 
+F = TypeVar("F", bound=Fault)
+
+
 class FaultLedger:
     """Every fault of one test, undone in reverse order at teardown."""
 
     def __init__(self) -> None:
         self.faults: list[Fault] = []
 
-    def inject(self, fault: Fault) -> Fault:
+    def inject(self, fault: F) -> F:
         self.faults.append(fault)  # before inject: a half-injected fault is undone too
         fault.inject()
         return fault

@@ -3,12 +3,14 @@
 Host-side faults (mdev removed or created) act over SSH on sysfs. Device-level
 faults act through the device layer (`DeviceAccess`): on simulated drivers a
 fault knob; on real devices the spec's recipes (section 5.4): a truncated
-stream, or a header with a flipped magic. Never a payload: a corrupted index
-in it may make the driver write past a buffer in host kernel memory.
+stream, or a header with a flipped magic. A payload only where the model names
+content spans the driver accepts (never an index: a corrupted one may make the
+driver write past a buffer in host kernel memory).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import uuid
 from typing import Literal
@@ -267,8 +269,6 @@ class CorruptSaveImage(Fault):
         self.patched: dict[str, object] | None = None
 
     def _patch(self, delta: int, new: str) -> dict[str, object]:
-        import json
-
         cmd = " ".join(
             shlex.quote(x) for x in (self.python, "-c", _PATCH_FILE, self.path, self.magic.hex(), str(delta), new)
         )
@@ -290,10 +290,85 @@ class CorruptSaveImage(Fault):
         if self.patched is None:
             return
         offset, old = int(str(self.patched["offset"])), str(self.patched["old"])
-        script = (
-            "import sys\nwith open(sys.argv[1], 'r+b') as f:\n"
-            "    f.seek(int(sys.argv[2])); f.write(bytes.fromhex(sys.argv[3]))\n"
-        )
-        cmd = " ".join(shlex.quote(x) for x in (self.python, "-c", script, self.path, str(offset), old))
-        self.ssh.run(cmd, timeout=60, sudo=True, check=True)
+        write_spans(self.ssh, self.python, self.path, [(offset, old)])
         self.note(f"restored {len(old) // 2} bytes @{offset} of {self.path}")
+
+
+# Runs on the host (stdlib only): the file's bytes from `needle` (found once) on, as hex.
+_READ_STREAM = r"""
+import sys, json
+path, needle, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+with open(path, "rb") as f:
+    data = f.read()
+at = data.find(needle)
+if at < 0 or data.find(needle, at + 1) >= 0:
+    print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
+    sys.exit(3)
+print(json.dumps({"at": at, "head": data[at:at + size].hex()}))
+"""
+# Runs on the host: write [offset, hex] spans, print what was there.
+_WRITE_SPANS = r"""
+import sys, json
+old = []
+with open(sys.argv[1], "r+b") as f:
+    for offset, new in json.loads(sys.argv[2]):
+        f.seek(offset); was = f.read(len(new) // 2)
+        f.seek(offset); f.write(bytes.fromhex(new))
+        old.append([offset, was.hex()])
+print(json.dumps(old))
+"""
+
+
+def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Write each (file offset, hex bytes) into `path` on the host; returns what each span held."""
+    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _WRITE_SPANS, path, json.dumps(spans)))
+    res = ssh.run(cmd, timeout=60, sudo=True, check=True)
+    return [(int(o), str(h)) for o, h in json.loads(res.stdout.strip().splitlines()[-1])]
+
+
+class AlterSaveImagePayload(Fault):
+    """Invert payload content of the device's stream inside a saved VM image, where the model names content
+    the driver does not validate (mtty: the bytes in flight in its FIFOs). The restore must succeed and the
+    registers read back intact: only a guest that reads the content back can tell. Undo writes the bytes back.
+
+    Nothing to alter (the model's spans are empty: no byte in flight at the save) is `nothing`, not a fault.
+    """
+
+    name = "alter-save-image-payload"
+    HEAD = 4096  # bytes of the stream read to find the spans
+
+    def __init__(self, ssh: HostConnection, path: str, layout: StreamLayout, how: str, python: str = "python3") -> None:
+        super().__init__(f"{ssh.name}:{path} ({how})")
+        if how not in layout.payload_damage:
+            raise InfraError(f"{ssh.name}: the device's stream layout names no payload for {how}")
+        self.name = f"alter-save-image-payload:{how}"
+        self.record.name = self.name
+        self.ssh, self.path, self.layout, self.how, self.python = ssh, path, layout, how, python
+        self.old: list[tuple[int, str]] = []
+        self.nothing: str | None = None  # why nothing was altered
+
+    def _inject(self) -> None:
+        cmd = " ".join(
+            shlex.quote(x)
+            for x in (self.python, "-c", _READ_STREAM, self.path, self.layout.magic.hex(), str(self.HEAD))
+        )
+        res = self.ssh.run(cmd, timeout=60, sudo=True)
+        out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
+        if not res.ok or "error" in out:
+            raise InfraError(f"{self.ssh.name}: reading {self.path}: {out.get('error') or res.stderr.strip()}")
+        at, head = int(out["at"]), bytes.fromhex(out["head"])
+        spans = self.layout.payload_damage[self.how](head)
+        if not spans:
+            self.nothing = f"the stream at @{at} of {self.path} holds no {self.how} to alter"
+            self.note(self.nothing)
+            return
+        new = [(at + off, bytes(b ^ 0xFF for b in head[off : off + size]).hex()) for off, size in spans]
+        self.old = write_spans(self.ssh, self.python, self.path, new)
+        self.note(
+            f"{self.how}: inverted {', '.join(f'{size} bytes @{at + off}' for off, size in spans)} of {self.path}"
+        )
+
+    def _undo(self) -> None:
+        if self.old:
+            write_spans(self.ssh, self.python, self.path, self.old)
+            self.note(f"wrote back {len(self.old)} spans of {self.path}")

@@ -42,6 +42,8 @@ GROUP = "labs.device_models"
 Kind = Literal["pci", "mdev", "sim"]
 # how to give a real device a distinctive state its stream carries (registers), from a seed string
 Seeder = Callable[["DeviceHandle", str], None]
+# a stream's first bytes -> the spans (offset, length) of payload to invert
+PayloadSpans = Callable[[bytes], list[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class StreamLayout:
     magic: bytes  # what the stream begins with
     # damage name -> (offset from the magic, bytes written there); the resume must refuse each
     header_damage: Mapping[str, tuple[int, bytes]] = field(default_factory=dict)
+    # damage name -> the spans (offset from the magic, length) to invert, from the stream's first bytes; the
+    # resume accepts them (content the driver does not validate) and only the guest can notice ([]: nothing there)
+    payload_damage: Mapping[str, PayloadSpans] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ GENERIC_MDEV = DeviceModel(
     "mdev", "mdev", "a mediated device no model names", ("vfio", "mdev"), optional_flags=frozenset(Capability)
 )
 GENERIC = {"pci": GENERIC_PCI, "mdev": GENERIC_MDEV}
+
 
 @cache
 def builtin() -> dict[str, str]:

@@ -10,10 +10,13 @@ a fresh value to each, and after a migration or restore HMP `i /b` on the
 host that runs the domain then must read the same values.
 
 LCR bit 7 (DLAB) is never set: it switches offsets 0/1 to the divisor latch.
-The FIFO is never touched (spec 5.4: its indices are not validated on resume).
+The probe never touches the FIFO (spec 5.4: its indices are not validated on resume).
 Its stream header (mtty_data) is magic @0, major_ver @8, nr_ports @16: the
-damage recipes change those, never the port payload (a corrupted FIFO index
-writes past the FIFO in host kernel memory).
+header damage recipes change those. The one payload recipe inverts the content
+of each port's FIFO that holds bytes in flight (fifo[16] @8 of each 36-byte port
+from @24, count @26), never its indices (a corrupted index writes past the FIFO
+in host kernel memory): the resume accepts it, the registers stay intact, and
+only the guest reading its bytes back can notice.
 """
 
 from __future__ import annotations
@@ -159,6 +162,19 @@ class MttyProbe:
         return {reg: inb(dom, regs[reg]) for reg in mark.values if reg in regs}
 
 
+PORTS_AT, PORT_SIZE, FIFO_AT, FIFO_SIZE, COUNT_AT = 24, 36, 8, 16, 26  # mtty_data.ports[], serial_port, rxtx
+
+
+def fifo_in_flight(stream: bytes) -> list[tuple[int, int]]:
+    """The FIFO of each port with bytes in flight (rxtx.count > 0), as (offset, length) from the magic."""
+    ports = int.from_bytes(stream[16:20], "little") if len(stream) >= 20 else 0
+    spans = []
+    for i in range(min(ports, 2)):  # mtty has at most 2 ports; a damaged nr_ports must not widen the spans
+        port = PORTS_AT + i * PORT_SIZE
+        if len(stream) > port + COUNT_AT and stream[port + COUNT_AT]:
+            spans.append((port + FIFO_AT, FIFO_SIZE))
+    return spans
+
 
 def seed_registers(dev: DeviceHandle, value: str) -> None:
     """A distinctive state for the device-level round trips: each port's scratch and line-control
@@ -192,6 +208,7 @@ MTTY = DeviceModel(
             "bad-version": (8, (2).to_bytes(4, "little")),  # mtty_data.major_ver
             "bad-ports": (16, (0xFF).to_bytes(4, "little")),  # mtty_data.nr_ports: no device has 255 ports
         },
+        payload_damage={"fifo-content": fifo_in_flight},
     ),
     incompatible={"mtty-1": "mtty-2", "mtty-2": "mtty-1"},
     kernel_log_allow=(r"^BAR\d addr 0x[0-9a-f]+$", r"^PCI config write @0x[0-9a-f]+ of \d+ bytes not handled$"),

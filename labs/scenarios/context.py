@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from labs.errors import LabError
-from labs.faults.base import Fault, FaultLedger
+from labs.faults.base import F, FaultLedger
 from labs.inventory import LabDevice, LabHost
 from labs.models import workload_for
 from labs.probes import ProbeMark
@@ -109,7 +109,7 @@ class Scenario:
         """Undo a host change (e.g. a detached PCI function) at cleanup, after the domains that used it are gone."""
         self._undo.append((what, undo))
 
-    def inject(self, fault: Fault) -> Fault:
+    def inject(self, fault: F) -> F:
         return self.faults.inject(fault)
 
     # -- save images --------------------------------------------------------

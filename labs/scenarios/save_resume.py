@@ -19,7 +19,7 @@ from typing import Any
 
 from labs.agentpool import open_device
 from labs.errors import InfraError, LabError
-from labs.faults.device import CorruptSaveImage, ImageDamage
+from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage, ImageDamage
 from labs.inventory import LabDevice
 from labs.models import model_of
 from labs.scenarios import probing, roundtrip
@@ -268,6 +268,43 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
         vm.name,
         [device],
         title="readback after the following restore",
+        steps=sc.steps,
+        marks=probing.marks(sc, vm),
+    )
+    return out
+
+
+@dataclass
+class AlteredRestore:
+    nothing: str | None = None  # why nothing was altered (no payload there at the save): no verdict
+    refused: str | None = None  # the restore's error (None: accepted, as it must be)
+    readback: Readback | None = None  # after the restore: the probe's registers and the guest's mailbox
+
+
+def restore_altered(sc: Scenario, vm: VM, device: LabDevice, how: str) -> AlteredRestore:
+    """Save, invert payload content the driver does not validate (the model's payload spans), restore, read
+    back: the restore is accepted and the registers are intact, so only the guest can tell."""
+    layout = model_of(device).stream
+    if layout is None or how not in layout.payload_damage:
+        raise InfraError(f"{device.id}: its model does not say where {how} lies in its stream")
+    out = AlteredRestore()
+    path = sc.image_path(vm.hv, vm.name)
+    with sc.steps.step(f"save {vm} to {path}"):
+        vm.save(path)
+    ssh = sc.session.ssh(vm.hv.name)
+    fault = sc.inject(AlterSaveImagePayload(ssh, path, layout, how, python=device.host.spec.python))
+    out.nothing = fault.nothing
+    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the altered image ({how})"):
+        try:
+            vm.hv.restore(path, vm.name)
+        except LabError as exc:
+            out.refused = str(exc)
+    out.readback = read_back(
+        sc.session,
+        [vm.hv],
+        vm.name,
+        [device],
+        title=f"readback after the {how} restore",
         steps=sc.steps,
         marks=probing.marks(sc, vm),
     )

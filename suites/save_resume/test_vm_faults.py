@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from labs.attachments import attach
 from labs.faults.device import ImageDamage
 from labs.inventory import LabDevice
 from labs.models import model_of
@@ -49,6 +50,30 @@ def test_restore_with_damaged_device_stream(
     problems += out.following.problems(expect_on=device.host.name)
     assert not problems, "; ".join(problems)
     xfail_known(out.after_refusal.known_issues)
+
+
+@pytest.mark.parametrize("how", ["fifo-content"])
+def test_guest_notices_altered_device_content(lab: LabSession, device: LabDevice, scenario: Scenario, how: str) -> None:
+    """Content the driver accepts unchecked (mtty: the bytes in flight in its FIFOs, inverted in the save image)
+    passes the register probe and must fail the guest's check: the guest readback catches what the probe cannot."""
+    model = model_of(device)
+    if model.stream is None or how not in model.stream.payload_damage:
+        pytest.skip(f"{device.id}: its model ({model.name}) names no {how} payload in its stream")
+    if model.workload is None:
+        pytest.skip(f"{device.id}: its model ({model.name}) has no guest workload to read the content back")
+    require(lab, [device.host], VirtCapability.SAVE_RESTORE, VirtCapability.QEMU_MONITOR)
+    vm = sr.start_vm(scenario, device, f"alt-{how}")
+    out = sr.restore_altered(scenario, vm, device, how)
+    if out.nothing:
+        pytest.skip(f"no verdict possible: {out.nothing}")
+    assert out.refused is None, f"the restore refused content its driver does not validate: {out.refused}"
+    assert out.readback is not None
+    problems = out.readback.problems(expect_on=device.host.name)
+    guest = [p for p in problems if p.startswith("guest ")]
+    probe = [p for p in problems if p not in guest]
+    attach("verdicts: register probe and guest", {"probe": probe, "guest": guest}, "json")
+    assert not probe, f"the register probe saw more than the altered content: {'; '.join(probe)}"
+    assert any("came back wrong" in p for p in guest), f"the guest did not notice the altered {how}: {guest}"
 
 
 def test_save_to_a_full_filesystem(lab: LabSession, device: LabDevice, scenario: Scenario) -> None:
