@@ -209,6 +209,14 @@ def _mutations(base: dict) -> st.SearchStrategy:
 BASE = yaml.safe_load(GOOD)
 
 
+def test_a_key_with_a_line_break_is_named_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump({"lab": {"\n": None}, "hosts": {}}))
+    with pytest.raises(ConfigError) as exc:
+        load_inventory(path, environ={})
+    assert "\n" not in str(exc.value) and "lab.'\\n'" in str(exc.value)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=st.one_of(trees, _mutations(BASE)))
 def test_fuzzed_documents_never_traceback(tmp_path: Path, doc: object) -> None:

@@ -25,7 +25,10 @@ def format_path(path: KeyPath) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            # a key with a line break or other control character is shown escaped: the error stays one line
+            text = repr(text) if not text.isprintable() else text
+            out += ("." if out else "") + text
     return out or "(top level)"
 
 
@@ -34,6 +37,7 @@ class InventoryError(ConfigError):
 
     def __init__(self, file: Path | str, path: KeyPath | str, problem: str, line: int | None = None) -> None:
         where = path if isinstance(path, str) else format_path(path)
+        where = where if where.isprintable() else repr(where)
         problem = " ".join(problem.split())  # parser messages span lines; ours is always one
         loc = f"{file}:{line}" if line else str(file)
         super().__init__(f"{loc}: {where}: {problem}")
