@@ -14,6 +14,7 @@ from labs.faults import (
     FullFilesystem,
     KillDaemon,
     KillDestinationQemu,
+    KillSourceQemu,
     MigrationDeadline,
     StopDaemon,
 )
@@ -143,6 +144,35 @@ def test_a_survived_fault_is_followed_by_a_migration_back(
     assert [(a, b) for a, b, _ in legs] == [("hostA", "hostB"), ("hostB", "hostA")]
     assert legs[1][2] == "migrate back after abort-on-destination"
     assert run.fault.record.phase == "iterating" and run.landed == "in iterating"
+
+
+def test_a_killed_source_qemu_loses_the_vm_and_the_one_started_again_migrates(
+    sim_session: LabSession,
+    scenario: Scenario,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    vm = sr.start_vm(scenario, src, "killsrc")
+    fault = bare(KillSourceQemu)
+    fault.leaves_defined_on = "hostA"
+    assert fault.outcome.runs_on == "nowhere"
+    assert fault.outcome.source_events.matches(
+        [DomainEvent(0.0, "hostA", "d", "suspended", "migrated"), DomainEvent(1.0, "hostA", "d", "stopped", "failed")]
+    )
+    calls: list[str] = []
+
+    def leg(sc: object, vm: VM, a: LabDevice, b: LabDevice, *, scenario: str, **kw: object) -> tuple[VM, Leg]:
+        calls.append(f"{scenario} ({vm.state()})")
+        if not calls[1:]:
+            vm.dom.destroy()  # the kill: the source's copy is gone, its definition stays
+        ok = len(calls) > 1
+        result = MigrationResult(a.host.name, b.host.name, vm.name, ok=ok, error=None if ok else "killed")
+        return VM(vm.hv, vm.name), Leg(a.host.name, b.host.name, result, Readback(vm.name))
+
+    monkeypatch.setattr(faulted, "migrate_leg", leg)
+    monkeypatch.setattr(KillSourceQemu, "_inject", lambda self: None)
+    migrate_under_fault(scenario, vm, LabPair(src, dst), lambda _v: fault, "before")
+    assert calls == ["migrate under kill-source-qemu (running)", "migrate after kill-source-qemu (running)"]
 
 
 def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_running() -> None:

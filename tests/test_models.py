@@ -167,7 +167,7 @@ def test_other_devices_get_the_generic_or_sim_model() -> None:
     model = models.model_of(_device(sim))
     assert model.name == "sim" and model.probe is None and model.seeder is not None
     assert models.probe_for(_device(other)) is None
-    assert models.known_issue(_device(sim), "failed-incoming", "RESUMING") is None
+    assert models.known_issue(_device(sim), "failed-operation", "RESUMING") is None
 
 
 def test_a_host_key_names_the_model_of_its_devices_of_that_kind() -> None:

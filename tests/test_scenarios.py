@@ -318,10 +318,10 @@ def test_the_destination_is_judged_before_the_recovery_reset(sim_session: LabSes
             capabilities=(Capability.STOP_COPY,),
         ),
     )
-    issue = known_issue(mtty, "failed-incoming", "RESUMING")
+    issue = known_issue(mtty, "failed-operation", "RESUMING")
     assert issue is not None and "nested-findings" in issue.issue.link
-    assert known_issue(mtty, "failed-incoming", "ERROR") is None
-    assert known_issue(sim_device(sim_session, "hostB"), "failed-incoming", "RESUMING") is None
+    assert known_issue(mtty, "failed-operation", "ERROR") is None
+    assert known_issue(sim_device(sim_session, "hostB"), "failed-operation", "RESUMING") is None
     left.known = issue.describe(mtty.id)
     assert rb.problems(expect_on="hostA") == [] and rb.known_issues == [left.known]
     with pytest.raises(pytest.xfail.Exception, match="known issue of mtty"):

@@ -11,7 +11,14 @@ from labs.faults.device import (
     IncompatibleDestinationMdev,
 )
 from labs.faults.disk import FullFilesystem
-from labs.faults.job import AbortJob, AbortOnDestination, DestroyDuringFinish, KillDestinationQemu, MigrationDeadline
+from labs.faults.job import (
+    AbortJob,
+    AbortOnDestination,
+    DestroyDuringFinish,
+    KillDestinationQemu,
+    KillSourceQemu,
+    MigrationDeadline,
+)
 from labs.faults.netem import DegradedLink
 from labs.faults.network import CutMigrationLink
 
@@ -33,6 +40,7 @@ __all__ = [
     "IncompatibleDestinationMdev",
     "KillDaemon",
     "KillDestinationQemu",
+    "KillSourceQemu",
     "MigrationDeadline",
     "StopDaemon",
 ]

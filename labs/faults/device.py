@@ -328,7 +328,7 @@ def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[i
 
 class AlterSaveImagePayload(Fault):
     """Invert payload content of the device's stream inside a saved VM image, where the model names content
-    the driver does not validate (mtty: the bytes in flight in its FIFOs). The restore must succeed and the
+    the driver does not validate (e.g. bytes in flight in a FIFO). The restore must succeed and the
     registers read back intact: only a guest that reads the content back can tell. Undo writes the bytes back.
 
     Nothing to alter (the model's spans are empty: no byte in flight at the save) is `nothing`, not a fault.

@@ -42,7 +42,7 @@ class KillDestinationQemu(Fault):
 
     name = "kill-destination-qemu"
     # whichever step of libvirt's incoming setup the kill lands in fails; never a device error (docs/incidents.md)
-    expected_errors = (
+    expected_errors: tuple[ExpectedError, ...] = (
         ExpectedError(libvirt.VIR_FROM_CGROUP, libvirt.VIR_ERR_SYSTEM_ERROR),
         ExpectedError(libvirt.VIR_FROM_NONE, libvirt.VIR_ERR_SYSTEM_ERROR),
         ExpectedError(libvirt.VIR_FROM_DBUS, libvirt.VIR_ERR_DBUS_SERVICE),
@@ -87,6 +87,31 @@ class KillDestinationQemu(Fault):
     def _undo(self) -> None:
         # a killed QEMU stays dead; libvirt reaps the domain, and the scenario's readback checks it did
         self.note("nothing to restore: libvirt reaps the killed domain")
+
+
+class KillSourceQemu(KillDestinationQemu):
+    """SIGKILL the source's QEMU while the job runs: the VM is lost on both sides (the incoming domain is torn
+    down), the source keeps its persistent definition, shut off; a VM started again from it must migrate."""
+
+    name = "kill-source-qemu"
+    runs_on = "nowhere"
+    expected_errors = (
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR),
+        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
+    )
+    source_events = seq(opt(ev("suspended/migrated")), ev("stopped/(failed|crashed)"))
+    destination_events = opt(ev("started/migrated"), ev("stopped/(failed|destroyed)"))
+
+    def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
+        super().__init__(ssh, domain, pid_dir, wait)
+        self.leaves_defined_on = ssh.name
+
+    def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
+        return self.expected_errors
+
+    def _undo(self) -> None:
+        self.note("nothing to restore here: the scenario starts the VM again from its definition")
 
 
 class AbortOnDestination(Fault):

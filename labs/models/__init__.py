@@ -62,7 +62,7 @@ class StreamLayout:
 class KnownIssue:
     """One documented wrong outcome of a model, shown as known (xfail), never as a pass."""
 
-    after: str  # the situation: "failed-incoming" (a failed incoming migration or restore)
+    after: str  # the situation: "failed-operation" (a failed incoming migration or restore, a QEMU killed holding it)
     state: str  # the state the device is found in
     reason: str
     link: str

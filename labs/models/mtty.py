@@ -214,11 +214,21 @@ MTTY = DeviceModel(
     kernel_log_allow=(r"^BAR\d addr 0x[0-9a-f]+$", r"^PCI config write @0x[0-9a-f]+ of \d+ bytes not handled$"),
     known_issues=(
         KnownIssue(
-            "failed-incoming",
+            "failed-operation",
             "RESUMING",
             "a failed incoming migration or restore leaves the destination mdev RESUMING: mtty neither resets on "
             "close nor advertises VFIO_DEVICE_FLAGS_RESET, so QEMU cannot reset it",
             "docs/nested-findings.md: Surprises 4; VM-level suites, what the real software did 1",
+        ),
+        *(
+            KnownIssue(
+                "failed-operation",
+                state,
+                f"a source QEMU killed while it migrated leaves the source mdev {state}: mtty does not reset its "
+                "migration state when its user closes the device",
+                "docs/nested-findings.md: a killed source QEMU",
+            )
+            for state in ("PRE_COPY", "STOP_COPY")
         ),
     ),
 )

@@ -17,6 +17,7 @@ import libvirt
 
 from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
+from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
@@ -199,6 +200,10 @@ def migrate_under_fault(
             sc, vm_after, pair.destination, pair.source, scenario=f"migrate back after {fault.name}"
         )
     elif not failed.result.ok:
+        if fault.runs_on == "nowhere":  # the fault took the VM down: a user starts it again from its definition
+            with sc.steps.step(f"start {vm_after.name} again on {vm_after.hv.name}: {fault.name} took it down"):
+                vm_after.start()
+            probing.mark(sc, vm_after, pair.source)
         vm_after, following = migrate_leg(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"
         )

@@ -190,7 +190,9 @@ def migrate_leg(
         marks=probing.marks(sc, vm),
     )
     if not result.ok:
-        recover_devices(sc.session, rb, [b for _a, b in moves], steps=sc.steps)  # the failed incoming side
+        # the failed incoming side; and the source's too where the VM is lost (no QEMU holds its device any more)
+        lost = expect is not None and expect.runs_on == "nowhere"
+        recover_devices(sc.session, rb, [d for a, b in moves for d in ((a, b) if lost else (b,))], steps=sc.steps)
     if result.timed_out and hang_is_infra:
         raise MigrationHung(f"{vm.name} {vm.hv.name} -> {dst_hv.name}: {result.error or 'aborted'}; {result.summary()}")
     leg = Leg(vm.hv.name, dst_hv.name, result, rb, expect)

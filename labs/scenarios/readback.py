@@ -259,7 +259,7 @@ def recover_devices(session: LabSession, rb: Readback, devices: list[LabDevice],
         device = by_id.get(view.device)
         if device is None or view.skipped or view.error or view.state in view.accepted:
             continue
-        issue = known_issue(device, "failed-incoming", view.state)
+        issue = known_issue(device, "failed-operation", view.state)
         view.known = issue.describe(device.id) if issue else None
         title = f"reset {device.id} through the agent: a failed operation left it {view.state}"
         with steps.step(title) if steps is not None else step(title):

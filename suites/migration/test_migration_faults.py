@@ -16,6 +16,7 @@ from labs.faults import (
     IncompatibleDestinationMdev,
     KillDaemon,
     KillDestinationQemu,
+    KillSourceQemu,
     MigrationDeadline,
     StopDaemon,
 )
@@ -59,6 +60,15 @@ def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario, trigger:
     ssh = scenario.session.ssh(migratable.destination.host.name)
     vm = sr.start_vm(scenario, migratable.source, "killdst", IN_FLIGHT_MEMORY_MIB)
     _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), trigger)
+    _check(run)
+
+
+def test_kill_source_qemu(migratable: LabPair, scenario: Scenario) -> None:
+    """The source's QEMU killed while data moves: the VM is lost, nothing runs on either side, the source keeps
+    its definition shut off, the devices are judged, and the VM started again migrates."""
+    ssh = scenario.session.ssh(migratable.source.host.name)
+    vm = sr.start_vm(scenario, migratable.source, "killsrc", IN_FLIGHT_MEMORY_MIB)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillSourceQemu(ssh, v.name), "mid-flight")
     _check(run)
 
 
