@@ -95,13 +95,15 @@ class KillSourceQemu(KillDestinationQemu):
 
     name = "kill-source-qemu"
     runs_on = "nowhere"
+    # measured on libvirt 11.3: "job 'migration in' failed: load of migration failed: Input/output error";
+    # QEMU's closed monitor may be reported first, as for the destination's QEMU
     expected_errors = (
         ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),
         ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_INTERNAL_ERROR),
-        ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID),
     )
+    # measured: stopped/failed on the source; started/migrated stopped/failed on the destination
     source_events = seq(opt(ev("suspended/migrated")), ev("stopped/(failed|crashed)"))
-    destination_events = opt(ev("started/migrated"), ev("stopped/(failed|destroyed)"))
+    destination_events = seq(ev("started/migrated"), ev("stopped/(failed|destroyed)"))
 
     def __init__(self, ssh: HostConnection, domain: str, pid_dir: str = QEMU_PID_DIR, wait: float = 10.0) -> None:
         super().__init__(ssh, domain, pid_dir, wait)

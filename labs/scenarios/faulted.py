@@ -168,7 +168,7 @@ def migrate_under_fault(
         if due(trigger, sample) and not fault.attempted:
             fault.record.phase = sample.phase
             sc.inject(fault)
-            if fault.runs_on != "source":
+            if fault.runs_on in ("destination", "either"):
                 _lift_cap(sc, vm)
 
     vm_after, failed = migrate_leg(

@@ -1,7 +1,7 @@
 """Killed migration runs on the nested lab leave nothing that `lab janitor` does not remove.
 
 Each round starts one test of suites/migration (round 1: a fault that removes or creates an
-mdev; round 2, one of: a killed destination QEMU, a cut link, an aborted job, a plain migration, a
+mdev; round 2, one of: a killed destination or source QEMU, a cut link, an aborted job, a plain migration, a
 libvirt daemon stopped or killed, a degraded link, an abort on the destination, a destroy during finish)
 against the nested lab, waits until the run reaches the destination host (an incoming domain,
 a fault's mdev record or firewall table, the inventory's mdev removed), then a random few
@@ -49,6 +49,7 @@ ROUNDS = (
     # one round for the rest (each round costs a pytest start with its doctor): over nightly runs, each is drawn
     (
         "test_kill_destination_qemu",
+        "test_kill_source_qemu",
         "test_cut_migration_link",
         "test_abort_mid_flight",
         "test_migrate_and_back",
