@@ -216,25 +216,48 @@ class CorruptResumeStream(Fault):
         self.note(f"VFIO_DEVICE_RESET; state {self.dev.state()}")
 
 
-# Runs on the host (stdlib only): find `needle` once in the file and overwrite bytes at offset+delta.
-_PATCH_FILE = r"""
+# Runs on the host (stdlib only): the file's bytes from `needle` (found once) on, as hex.
+_READ_STREAM = r"""
 import sys, json
-path, needle, delta, new = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-with open(path, "r+b") as f:
+path, needle, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+with open(path, "rb") as f:
     data = f.read()
-    at = data.find(needle)
-    if at < 0 or data.find(needle, at + 1) >= 0:
-        print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
-        sys.exit(3)
-    where = at + delta
-    old = data[where:where + len(bytes.fromhex(new))] if new else b""
-    patch = bytes.fromhex(new) if new else bytes(b ^ 0xFF for b in needle)
-    if not new:
-        where, old = at, needle
-    f.seek(where)
-    f.write(patch)
-print(json.dumps({"offset": where, "old": old.hex(), "new": patch.hex()}))
+at = data.find(needle)
+if at < 0 or data.find(needle, at + 1) >= 0:
+    print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
+    sys.exit(3)
+print(json.dumps({"at": at, "head": data[at:at + size].hex()}))
 """
+# Runs on the host: write [offset, hex] spans, print what was there.
+_WRITE_SPANS = r"""
+import sys, json
+old = []
+with open(sys.argv[1], "r+b") as f:
+    for offset, new in json.loads(sys.argv[2]):
+        f.seek(offset); was = f.read(len(new) // 2)
+        f.seek(offset); f.write(bytes.fromhex(new))
+        old.append([offset, was.hex()])
+print(json.dumps(old))
+"""
+
+
+def find_stream(ssh: HostConnection, python: str, path: str, magic: bytes, size: int) -> tuple[int, bytes]:
+    """Where the device stream that begins with `magic` is in `path` on the host (it must be there once), and
+    its first `size` bytes."""
+    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _READ_STREAM, path, magic.hex(), str(size)))
+    res = ssh.run(cmd, timeout=60, sudo=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
+    if not res.ok or "error" in out:
+        raise InfraError(f"{ssh.name}: reading {path}: {out.get('error') or res.stderr.strip()}")
+    return int(out["at"]), bytes.fromhex(out["head"])
+
+
+def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Write each (file offset, hex bytes) into `path` on the host; returns what each span held."""
+    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _WRITE_SPANS, path, json.dumps(spans)))
+    res = ssh.run(cmd, timeout=60, sudo=True, check=True)
+    return [(int(o), str(h)) for o, h in json.loads(res.stdout.strip().splitlines()[-1])]
+
 
 ImageDamage = Literal["bad-magic", "bad-version", "bad-ports"]
 
@@ -268,22 +291,18 @@ class CorruptSaveImage(Fault):
         self.python = python
         self.patched: dict[str, object] | None = None
 
-    def _patch(self, delta: int, new: str) -> dict[str, object]:
-        cmd = " ".join(
-            shlex.quote(x) for x in (self.python, "-c", _PATCH_FILE, self.path, self.magic.hex(), str(delta), new)
-        )
-        res = self.ssh.run(cmd, timeout=60, sudo=True)
-        out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
-        if not res.ok or "error" in out:
-            raise InfraError(f"{self.ssh.name}: patching {self.path}: {out.get('error') or res.stderr.strip()}")
-        return dict(out)
+    def _patch(self, delta: int, new: bytes | None) -> dict[str, object]:
+        at, _head = find_stream(self.ssh, self.python, self.path, self.magic, len(self.magic))
+        where, patch = (at, bytes(b ^ 0xFF for b in self.magic)) if new is None else (at + delta, new)
+        [(_offset, old)] = write_spans(self.ssh, self.python, self.path, [(where, patch.hex())])
+        return {"offset": where, "old": old, "new": patch.hex()}
 
     def _inject(self) -> None:
         if self.how == "bad-magic":
-            self.patched = self._patch(0, "")
+            self.patched = self._patch(0, None)
         else:
             offset, new = self.layout.header_damage[self.how]
-            self.patched = self._patch(offset, new.hex())
+            self.patched = self._patch(offset, new)
         self.note(f"{self.how}: {self.path} @{self.patched['offset']}: {self.patched['old']} -> {self.patched['new']}")
 
     def _undo(self) -> None:
@@ -292,38 +311,6 @@ class CorruptSaveImage(Fault):
         offset, old = int(str(self.patched["offset"])), str(self.patched["old"])
         write_spans(self.ssh, self.python, self.path, [(offset, old)])
         self.note(f"restored {len(old) // 2} bytes @{offset} of {self.path}")
-
-
-# Runs on the host (stdlib only): the file's bytes from `needle` (found once) on, as hex.
-_READ_STREAM = r"""
-import sys, json
-path, needle, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
-with open(path, "rb") as f:
-    data = f.read()
-at = data.find(needle)
-if at < 0 or data.find(needle, at + 1) >= 0:
-    print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
-    sys.exit(3)
-print(json.dumps({"at": at, "head": data[at:at + size].hex()}))
-"""
-# Runs on the host: write [offset, hex] spans, print what was there.
-_WRITE_SPANS = r"""
-import sys, json
-old = []
-with open(sys.argv[1], "r+b") as f:
-    for offset, new in json.loads(sys.argv[2]):
-        f.seek(offset); was = f.read(len(new) // 2)
-        f.seek(offset); f.write(bytes.fromhex(new))
-        old.append([offset, was.hex()])
-print(json.dumps(old))
-"""
-
-
-def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """Write each (file offset, hex bytes) into `path` on the host; returns what each span held."""
-    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _WRITE_SPANS, path, json.dumps(spans)))
-    res = ssh.run(cmd, timeout=60, sudo=True, check=True)
-    return [(int(o), str(h)) for o, h in json.loads(res.stdout.strip().splitlines()[-1])]
 
 
 class AlterSaveImagePayload(Fault):
@@ -348,15 +335,7 @@ class AlterSaveImagePayload(Fault):
         self.nothing: str | None = None  # why nothing was altered
 
     def _inject(self) -> None:
-        cmd = " ".join(
-            shlex.quote(x)
-            for x in (self.python, "-c", _READ_STREAM, self.path, self.layout.magic.hex(), str(self.HEAD))
-        )
-        res = self.ssh.run(cmd, timeout=60, sudo=True)
-        out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
-        if not res.ok or "error" in out:
-            raise InfraError(f"{self.ssh.name}: reading {self.path}: {out.get('error') or res.stderr.strip()}")
-        at, head = int(out["at"]), bytes.fromhex(out["head"])
+        at, head = find_stream(self.ssh, self.python, self.path, self.layout.magic, self.HEAD)
         spans = self.layout.payload_damage[self.how](head)
         if not spans:
             self.nothing = f"the stream at @{at} of {self.path} holds no {self.how} to alter"
