@@ -229,6 +229,23 @@ class CorruptRestore:
     following: Readback | None = None
 
 
+def _save(sc: Scenario, vm: VM) -> str:
+    path = sc.image_path(vm.hv, vm.name)
+    with sc.steps.step(f"save {vm} to {path}"):
+        vm.save(path)
+    return path
+
+
+def _restore_or_refusal(sc: Scenario, vm: VM, path: str, what: str) -> str | None:
+    """Restore `vm` from `path`: None when accepted, else libvirt's refusal."""
+    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from {what}"):
+        try:
+            vm.hv.restore(path, vm.name)
+        except LabError as exc:
+            return str(exc)
+    return None
+
+
 def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage) -> CorruptRestore:
     """Save, damage the device stream in the image (spec 5.4 header recipes), restore: it must fail cleanly.
 
@@ -240,16 +257,9 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
     if layout is None or (how != "bad-magic" and how not in layout.header_damage):
         raise InfraError(f"{device.id}: its model does not say where {how} damages its stream")
     out = CorruptRestore()
-    path = sc.image_path(vm.hv, vm.name)
-    with sc.steps.step(f"save {vm} to {path}"):
-        vm.save(path)
-    ssh = sc.session.ssh(vm.hv.name)
-    fault = sc.inject(CorruptSaveImage(ssh, path, layout, how, python=device.host.spec.python))
-    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the damaged image ({how})"):
-        try:
-            vm.hv.restore(path, vm.name)
-        except LabError as exc:
-            out.refused = str(exc)
+    path = _save(sc, vm)
+    fault = sc.inject(CorruptSaveImage(sc.session.ssh(vm.hv.name), path, layout, how, device.host.spec.python))
+    out.refused = _restore_or_refusal(sc, vm, path, f"the damaged image ({how})")
     out.after_refusal = read_back(
         sc.session, [vm.hv], vm.name, [device], title=f"readback after the {how} restore", steps=sc.steps
     )
@@ -288,17 +298,10 @@ def restore_altered(sc: Scenario, vm: VM, device: LabDevice, how: str) -> Altere
     if layout is None or how not in layout.payload_damage:
         raise InfraError(f"{device.id}: its model does not say where {how} lies in its stream")
     out = AlteredRestore()
-    path = sc.image_path(vm.hv, vm.name)
-    with sc.steps.step(f"save {vm} to {path}"):
-        vm.save(path)
-    ssh = sc.session.ssh(vm.hv.name)
-    fault = sc.inject(AlterSaveImagePayload(ssh, path, layout, how, python=device.host.spec.python))
+    path = _save(sc, vm)
+    fault = sc.inject(AlterSaveImagePayload(sc.session.ssh(vm.hv.name), path, layout, how, device.host.spec.python))
     out.nothing = fault.nothing
-    with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the altered image ({how})"):
-        try:
-            vm.hv.restore(path, vm.name)
-        except LabError as exc:
-            out.refused = str(exc)
+    out.refused = _restore_or_refusal(sc, vm, path, f"the altered image ({how})")
     out.readback = read_back(
         sc.session,
         [vm.hv],
