@@ -156,6 +156,8 @@ def test_a_killed_source_qemu_loses_the_vm_and_the_one_started_again_migrates(
     fault = bare(KillSourceQemu)
     fault.leaves_defined_on = "hostA"
     assert fault.outcome.runs_on == "nowhere"
+    assert fault.matches(libvirt.VIR_FROM_DOMAIN, libvirt.VIR_ERR_OPERATION_FAILED)  # the source: not running
+    assert not fault.matches(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_ABORTED)
     assert fault.outcome.source_events.matches(
         [DomainEvent(0.0, "hostA", "d", "suspended", "migrated"), DomainEvent(1.0, "hostA", "d", "stopped", "failed")]
     )
