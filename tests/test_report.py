@@ -92,14 +92,7 @@ def test_rendered_report_shows_the_run_in_chromium(pytester: pytest.Pytester, tm
     run_dir = tmp_path / "run"
     pytester.runpytest_subprocess(f"--alluredir={run_dir / 'allure-results'}")
     rendered = render(run_dir, "labs report test", history=tmp_path / "history.jsonl")
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000", "--window-size=1400,1000",
-    ]  # fmt: skip
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", rendered.single.as_uri()], capture_output=True, text=True, timeout=120
-    ).stdout
+    dom = _chromium_dom(chromium, rendered.single.as_uri(), tmp_path / "chromium", until=("Passed",))
     assert "labs report test" in dom
     for word in ("Passed", "Failed", "Skipped"):
         assert word in dom, f"{word} not shown in the rendered report"
@@ -107,8 +100,8 @@ def test_rendered_report_shows_the_run_in_chromium(pytester: pytest.Pytester, tm
 
     shot = REPORTS / "report-screenshot.png"
     shot.parent.mkdir(exist_ok=True)
-    subprocess.run([chromium, *flags, f"--screenshot={shot.resolve()}", rendered.single.as_uri()],
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run([chromium, *_chromium_flags(tmp_path / "chromium"), f"--screenshot={shot.resolve()}",
+                    rendered.single.as_uri()], capture_output=True, timeout=120)  # fmt: skip
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
@@ -125,13 +118,22 @@ def test_migration_fails():
 """
 
 
-def _chromium_dom(chromium: str, url: str, profile: Path) -> str:
-    flags = [
+def _chromium_flags(profile: Path) -> list[str]:
+    return [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--window-size=1400,1000",
     ]  # fmt: skip
-    return subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+
+
+def _chromium_dom(chromium: str, url: str, profile: Path, until: tuple[str, ...] = ()) -> str:
+    """The page's DOM once it shows every text in `until`, or the third dump's."""
+    for _ in range(3):  # a loaded machine can dump the page before the report's data has rendered: look again
+        flags = _chromium_flags(profile)
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        if all(text in dom for text in until):
+            break
+    return dom
 
 
 def test_report_open_serves_real_content_in_chromium(pytester: pytest.Pytester, tmp_path: Path) -> None:
@@ -163,9 +165,9 @@ def test_report_open_serves_real_content_in_chromium(pytester: pytest.Pytester, 
         line = proc.stdout.readline()
         assert line.startswith("serving http://127.0.0.1:"), line
         url = line.split()[1]
-        overview = _chromium_dom(chromium, url, tmp_path / "chromium")
+        overview = _chromium_dom(chromium, url, tmp_path / "chromium", until=("test_migration_fails",))
         assert "test_reads_back_the_registers" in overview and "test_migration_fails" in overview
-        served = _chromium_dom(chromium, url + page, tmp_path / "chromium")
+        served = _chromium_dom(chromium, url + page, tmp_path / "chromium", until=("domain xml of the guest",))
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -173,7 +175,9 @@ def test_report_open_serves_real_content_in_chromium(pytester: pytest.Pytester, 
         except subprocess.TimeoutExpired:
             proc.kill()  # nothing left behind; the test still fails
             raise
-    single = _chromium_dom(chromium, rendered.single.as_uri() + page, tmp_path / "chromium")
+    single = _chromium_dom(
+        chromium, rendered.single.as_uri() + page, tmp_path / "chromium", until=("domain xml of the guest",)
+    )
     for dom, how in ((served, "served"), (single, "single file")):
         for text in ("test_reads_back_the_registers", "read back the UART scratch register", "domain xml of the guest"):
             assert text in dom, f"{text!r} not on the {how} page"
