@@ -177,7 +177,7 @@ def test_non_idempotent_call_is_not_retried(tmp_path: Path) -> None:
         # the command kills its own sshd session mid-call: the connection drops with the call in flight
         kill_session = (
             "p=$$; while p=$(ps -o ppid= -p $p | tr -d ' '); [ \"$p\" -gt 1 ]; do "
-            "[ \"$(ps -o comm= -p $p)\" = sshd ] && { kill -9 $p; break; }; done"
+            '[ "$(ps -o comm= -p $p)" = sshd ] && { kill -9 $p; break; }; done'
         )
         cmd = f"echo x >> {counter}; {kill_session}; sleep 5"
         with pytest.raises((ConnectionLost, SSHError)):
@@ -185,3 +185,24 @@ def test_non_idempotent_call_is_not_retried(tmp_path: Path) -> None:
         assert counter.read_text() == "x\n", "a non-idempotent command ran more than once"
         assert sshd.pid() is not None
 
+
+def test_provisioning_again_never_rewrites_what_sshd_reads(tmp_path: Path) -> None:
+    """Every run and xdist worker provisions the sim lab while others authenticate: an unchanged
+    authorized_keys or known_hosts stays the same file, and a changed one is replaced whole."""
+    from labs.simlab.lifecycle import SimLab
+    from tests.conftest import write_sim_inventory
+
+    inventory = open_inventory(write_sim_inventory(tmp_path))  # provisions it
+    lab = SimLab(inventory)
+    files = [
+        lab.dir / "authorized_keys",
+        *{h.spec.known_hosts.expanduser() for h in inventory.hosts if h.spec.known_hosts},
+    ]
+    before = {f: (f.stat().st_ino, f.stat().st_mtime_ns, f.read_text()) for f in files}
+    assert all(text for *_stat, text in before.values())
+    lab.provision()
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns, f.read_text()) for f in files} == before
+    files[0].write_text("stale\n")
+    lab.provision()
+    assert files[0].read_text() == before[files[0]][2]
+    assert not list(lab.dir.glob(".*.tmp"))

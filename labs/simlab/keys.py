@@ -6,6 +6,7 @@ a lab engineer's tools expect.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,17 @@ def write_known_hosts(path: Path, entries: list[tuple[str, int, Path]]) -> None:
     for address, port, host_key in entries:
         kind, b64 = public_key(host_key).split()[:2]
         lines.append(f"{host_key_name(address, port)} {kind} {b64}\n")
+    replace_text(path, "".join(lines))
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole, and only when it changes: sshd and other runs read these files without our lock."""
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)

@@ -90,7 +90,7 @@ class SimLab:
                     client_key = host.spec.identity_file.expanduser()
                     keys.keygen(client_key, f"labs-sim-client@{self.inventory.name}")
                     authorized.append(keys.public_key(client_key))
-            (self.dir / "authorized_keys").write_text("".join(f"{k}\n" for k in dict.fromkeys(authorized)))
+            keys.replace_text(self.dir / "authorized_keys", "".join(f"{k}\n" for k in dict.fromkeys(authorized)))
             known: dict[Path, list[tuple[str, int, Path]]] = {}
             for sshd in self.sshds():
                 sshd.home.mkdir(parents=True, exist_ok=True)
