@@ -128,8 +128,8 @@ def _chromium_flags(profile: Path) -> list[str]:
 
 def _chromium_dom(chromium: str, url: str, profile: Path, until: tuple[str, ...] = ()) -> str:
     """The page's DOM once it shows every text in `until`, or the third dump's."""
+    flags = _chromium_flags(profile)
     for _ in range(3):  # a loaded machine can dump the page before the report's data has rendered: look again
-        flags = _chromium_flags(profile)
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
         if all(text in dom for text in until):
             break

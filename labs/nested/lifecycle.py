@@ -34,7 +34,7 @@ from labs.nested.image import BaseImage, ensure_image, find_image, prune_images
 from labs.nested.recipe import Recipe, cache_root
 from labs.nested.vm import LINK_PREFIX, Restore, Vm, VmSpec
 from labs.paths import INVENTORIES
-from labs.simlab.keys import keygen, public_key, write_known_hosts
+from labs.simlab.keys import keygen, public_key, replace_text, write_known_hosts
 
 NESTED_INVENTORY = INVENTORIES / "nested.yaml"
 HOST_NAMES = ("nested-a", "nested-b")
@@ -309,10 +309,7 @@ def write_inventory(path: Path, doc: dict[str, Any]) -> None:
         f"{GENERATED_MARK}; rewritten at every up. Keys and known_hosts live in the run dir\n"
         f"# ({run_dir()}) and are regenerated with the VMs.\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
+    replace_text(path, header + yaml.safe_dump(doc, sort_keys=False))
 
 
 # -- progress -------------------------------------------------------------------
