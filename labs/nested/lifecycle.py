@@ -569,6 +569,13 @@ SETUP_COMMANDS: tuple[tuple[str, float], ...] = (
         "lsmod | grep -q '^mtty ' || modprobe mtty; {create}",  # {create}: the host's mdevs (setup_commands)
         120.0,
     ),
+    # cpuset stays on at the root, so starting and stopping domains never live-patches the kernel's
+    # cpusets_enabled static key: under TCG a vCPU can run the patch's stale int3 (docs/incidents.md)
+    (
+        "systemctl set-property --runtime system.slice AllowedCPUs=0-$(($(nproc) - 1))"
+        " && grep -qw cpuset /sys/fs/cgroup/cgroup.subtree_control",
+        60.0,
+    ),
     # without kvm modules libvirt offers only type='qemu': KVM on TCG's emulated SVM is unstable (docs/incidents.md)
     ("modprobe -r kvm_amd kvm_intel kvm 2>/dev/null; test ! -e /dev/kvm", 120.0),
     # The first connection makes libvirtd probe QEMU's capabilities: slow under TCG, so pay it here.
@@ -662,10 +669,14 @@ def status(check: Callable[[Vm], bool] | None = None) -> list[VmStatus]:
 
 
 def post_mortem() -> list[str]:
-    """Each host whose QEMU has gone, with its console from the guest's oops or panic on."""
+    """Each host whose QEMU has gone, with its console from the guest's oops or panic on and, last, its summary."""
     vms = [Vm(s, run_dir()) for s in specs()]
     dead = [vm for vm in vms if vm.pid() is None]
-    return [f"{vm.spec.name} is dead (console {vm.paths.console}):\n{vm.crash_report()}" for vm in dead]
+    return [
+        f"{vm.spec.name} is dead (console {vm.paths.console}):\n{vm.crash_report()}\n"
+        f"{vm.spec.name} died: {vm.crash_headline() or 'no oops or panic on its console'}"
+        for vm in dead
+    ]
 
 
 def status_table(statuses: list[VmStatus] | None = None) -> Table:

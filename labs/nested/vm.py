@@ -29,6 +29,13 @@ LINK_PREFIX = 24
 MGMT_ADDRESS = "10.0.2.15"
 # where a guest kernel says it is going down (an oops precedes the panic that ends QEMU)
 CRASH_MARKER = re.compile(r"\] (Oops:|BUG:|Kernel panic|general protection fault)")
+# what a crash report's one-line summary keeps, each from its first line on or after the marker
+CRASH_FACTS = (
+    re.compile(r"\] ((?:Oops:|BUG:|general protection fault).*)"),
+    re.compile(r"\] (RIP: 0010:\S+)"),
+    re.compile(r"\] CPU: \d+ .*?(PID: \d+ Comm: \S+)"),
+    re.compile(r"\] (Kernel panic - not syncing: .*)"),
+)
 
 
 @dataclass(frozen=True)
@@ -278,11 +285,29 @@ class Vm:
     def crash_report(self, lines: int = 40) -> str:
         """The console from the guest kernel's first oops or panic on (its last lines if it has none)."""
         text = self._console_lines()
-        first = next((i for i, line in enumerate(text) if CRASH_MARKER.search(line)), None)
+        first = _crash_start(text)
         return "\n".join(text[first : first + lines] if first is not None else text[-lines:])
+
+    def crash_headline(self) -> str:
+        """What ended the guest kernel in one line: the oops, where (RIP), in which task, the panic ("" if none).
+
+        It stays whole where a long report is cut, e.g. in the middle of a CI log."""
+        text = self._console_lines()
+        first = _crash_start(text)
+        if first is None:
+            return ""
+        facts = []
+        for fact in CRASH_FACTS:
+            found = next((m.group(1).strip() for line in text[first:] if (m := fact.search(line))), None)
+            facts += [found] if found else []
+        return " | ".join(facts)
 
     def _console_lines(self) -> list[str]:
         try:
             return self.paths.console.read_text(errors="replace").splitlines()
         except OSError:
             return []
+
+
+def _crash_start(console: list[str]) -> int | None:
+    return next((i for i, line in enumerate(console) if CRASH_MARKER.search(line)), None)

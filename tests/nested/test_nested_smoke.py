@@ -98,30 +98,28 @@ def test_inventory_is_valid(nested_hosts: dict[str, Any]) -> None:
     assert inv.pairs, "the two mtty devices should pair up by model"
 
 
-FLIP_SECONDS = 20
-# Each flip of the cpuset controller patches live kernel code (the cpusets_enabled static key),
-# as libvirt does when a domain starts or stops, while two shells allocate pages on the other vCPU.
-FLIP_CPUSET = f"""
-ctl=/sys/fs/cgroup/cgroup.subtree_control; before=$(cat $ctl)
-allocate() {{ while [ $(date +%s) -lt $end ]; do cat /proc/[0-9]*/cmdline >/dev/null 2>&1; done; }}
-end=$(( $(date +%s) + {FLIP_SECONDS} )); allocate & allocate &
-n=0
-while [ $(date +%s) -lt $end ]; do
-  echo +cpuset >$ctl 2>/dev/null && echo -cpuset >$ctl 2>/dev/null && n=$((n+1))
-done
-wait
-case " $before " in *" cpuset "*) echo +cpuset >$ctl;; esac
-echo $n
+# A domain started and destroyed the way every scenario does, then an attempt to switch the cpuset
+# controller off at the root: each switch would patch live kernel code (the cpusets_enabled static key).
+CPUSET_AROUND_A_DOMAIN = """
+ctl=/sys/fs/cgroup/cgroup.subtree_control
+xml=$(mktemp); trap 'virsh -q -c qemu:///system destroy labs-cpuset-check >/dev/null 2>&1; rm -f $xml' EXIT
+echo '<domain type="qemu"><name>labs-cpuset-check</name><memory unit="MiB">32</memory><vcpu>1</vcpu>
+<os><type arch="x86_64">hvm</type></os></domain>' >$xml
+echo "before: $(cat $ctl)"
+virsh -q -c qemu:///system create $xml >/dev/null && echo "running: $(cat $ctl)"
+virsh -q -c qemu:///system destroy labs-cpuset-check >/dev/null
+echo "after: $(cat $ctl)"
+if echo -cpuset >$ctl 2>/dev/null; then echo "switched off: $(cat $ctl)"; echo +cpuset >$ctl; fi
 """
 
 
-def test_live_kernel_patching_keeps_the_host_up(nested_hosts: dict[str, Any]) -> None:
-    """Multi-threaded TCG let a vCPU run a live patch's stale int3 ("Oops: int3", host gone) within 20 s of this."""
-    name = HOSTS[0]
+@pytest.mark.parametrize("name", HOSTS)
+def test_domains_never_switch_the_cpuset_controller(nested_hosts: dict[str, Any], name: str) -> None:
+    """A live patch's stale int3 under TCG killed nested hosts (docs/incidents.md): the cpuset controller stays on."""
     try:
-        flips = int(run(nested_hosts[name], FLIP_CPUSET, timeout=FLIP_SECONDS + 120).strip())
+        out = run(nested_hosts[name], CPUSET_AROUND_A_DOMAIN)
     except AssertionError as exc:
         pytest.fail(f"{exc}\n" + "\n".join(lifecycle.post_mortem()))
-    assert flips > 10, f"only {flips} cpuset flips in {FLIP_SECONDS}s"
-    (vm,) = [v for v in lifecycle.status() if v.name == name]
-    assert vm.alive and vm.ssh, f"{name} died: " + "\n".join(lifecycle.post_mortem())
+    seen = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert set(seen) == {"before", "running", "after"}, f"{name}: {out}"
+    assert all("cpuset" in controllers.split() for controllers in seen.values()), f"{name}: {out}"

@@ -132,6 +132,27 @@ def test_crash_report_starts_at_the_oops(tmp_path: Path) -> None:
     assert machine.crash_report().splitlines() == crash
 
 
+def test_crash_headline_keeps_what_a_cut_log_would_lose(tmp_path: Path) -> None:
+    machine = vm.Vm(vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3), tmp_path)
+    machine.paths.dir.mkdir(parents=True)
+    machine.paths.console.write_text("[    1.000000] RIP: 0010:boot_noise+0x1/0x2\n[    2.000000] booted\n")
+    assert machine.crash_headline() == ""
+    crash = [
+        "[ 1608.388001] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+        "[ 1608.388100] CPU: 1 UID: 0 PID: 4242 Comm: python3 Not tainted 6.12.117+deb13-amd64 #1  Debian",
+        "[ 1608.388200] RIP: 0010:get_page_from_freelist+0xd8/0x15f0",
+        *[f"[ 1608.39{i:04d}] trace line {i}" for i in range(60)],
+        "[ 1608.400000] RIP: 0033:0x7f5761f643a7",
+        "[ 1608.410000] Kernel panic - not syncing: Fatal exception",
+    ]
+    with machine.paths.console.open("a") as f:
+        f.write("\n".join(crash) + "\n")
+    assert machine.crash_headline() == (
+        "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI | RIP: 0010:get_page_from_freelist+0xd8/0x15f0"
+        " | PID: 4242 Comm: python3 | Kernel panic - not syncing: Fatal exception"
+    )
+
+
 def test_ssh_argv_is_strict(tmp_path: Path) -> None:
     keys = lifecycle.Keys(tmp_path)
     spec = vm.VmSpec("nested-a", 1, ssh_port=30001, link_port=2, peer_link_port=3)
