@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -304,6 +305,16 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
     }
 
 
+def inventory_owner(path: Path) -> Path | None:
+    """The run dir of the lab whose `up` wrote `path` (None: no inventory, or not one `up` wrote)."""
+    try:
+        head = path.read_text().split("\n", 2)
+    except OSError:
+        return None
+    found = re.fullmatch(r"# \((.+)\) and are regenerated with the VMs\.", head[1]) if len(head) > 1 else None
+    return Path(found.group(1)) if head[0].startswith(GENERATED_MARK) and found else None
+
+
 def write_inventory(path: Path, doc: dict[str, Any]) -> None:
     header = (
         f"{GENERATED_MARK}; rewritten at every up. Keys and known_hosts live in the run dir\n"
@@ -405,6 +416,12 @@ def up(
         vms = [Vm(s, rd) for s in all_specs]
         if any(vm.pid() for vm in vms):
             raise InfraError("the nested lab is already up; run `lab nested down` first")
+        other = inventory_owner(inventory)
+        if other not in (None, rd) and any(Vm(s, other).pid() for s in all_specs):
+            raise InfraError(
+                f"{inventory}: belongs to the nested lab running from {other}; "
+                "take it down first (`lab nested down` with its LABS_NESTED_RUN_DIR)"
+            )
         recipe = recipe or Recipe()
         image = ensure_image(recipe, rep)
         prune_images(recipe)  # no VM runs now, so no overlay still leans on an old base
@@ -636,7 +653,7 @@ def down(inventory: Path = NESTED_INVENTORY) -> list[str]:
             if vm.stop():
                 stopped.append(s.name)
         shutil.rmtree(run_dir() / "keys", ignore_errors=True)
-        if inventory.is_file() and inventory.read_text().startswith(GENERATED_MARK):
+        if inventory_owner(inventory) == run_dir():  # another lab's inventory is not this lab's to remove
             inventory.unlink()
     return stopped
 

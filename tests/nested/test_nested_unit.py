@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from labs.errors import InfraError
 from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
 from labs.nested import image, lifecycle, recipe, vm
@@ -210,6 +212,29 @@ def test_down_removes_only_a_generated_inventory(monkeypatch: pytest.MonkeyPatch
     handwritten.write_text("hosts: {}\n")
     assert lifecycle.down(generated) == [] and not generated.exists()
     assert lifecycle.down(handwritten) == [] and handwritten.exists()
+
+
+def test_two_labs_in_one_checkout_never_take_each_others_inventory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A second lab's `up` overwrote the running lab's inventory and the first lab's `down` deleted it."""
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "other"))
+    inventory = tmp_path / "nested.yaml"
+    lifecycle.write_inventory(inventory, {"hosts": {}})
+    assert lifecycle.inventory_owner(inventory) == tmp_path / "other"
+    # the other lab's nested-a QEMU: a process naming its directory, as vm.Vm.pid() checks
+    other = vm.Vm(lifecycle.specs()[0], tmp_path / "other")
+    other.paths.dir.mkdir(parents=True)
+    qemu = subprocess.Popen(["sh", "-c", "sleep 60", str(other.paths.dir)])
+    try:
+        other.paths.pidfile.write_text(f"{qemu.pid}\n")
+        monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "mine"))
+        with pytest.raises(InfraError, match=f"{inventory}: belongs to the nested lab running from {tmp_path}/other"):
+            lifecycle.up(inventory=inventory)
+        assert lifecycle.down(inventory) == [] and lifecycle.inventory_owner(inventory) == tmp_path / "other"
+    finally:
+        qemu.kill()
+        qemu.wait()
 
 
 def test_status_when_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
