@@ -229,6 +229,8 @@ def test_two_labs_in_one_checkout_never_take_each_others_inventory(
     try:
         other.paths.pidfile.write_text(f"{qemu.pid}\n")
         monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "mine"))
+        # past the check, up would build and boot a real lab
+        monkeypatch.setattr(lifecycle, "ensure_image", lambda *_a, **_k: pytest.fail("up went past the check"))
         with pytest.raises(InfraError, match=f"{inventory}: belongs to the nested lab running from {tmp_path}/other"):
             lifecycle.up(inventory=inventory)
         assert lifecycle.down(inventory) == [] and lifecycle.inventory_owner(inventory) == tmp_path / "other"
