@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from labs.errors import InfraError
 from labs.nested.recipe import Recipe, image_dir
@@ -173,16 +173,34 @@ def ensure_image(recipe: Recipe, reporter: Reporter | None = None) -> BaseImage:
 
 
 def prune_images(keep: Recipe) -> list[Path]:
-    """Delete cached images of other recipes (about 1 GB each); call only while no VM uses them."""
+    """Delete cached images of other recipes (about 1 GB each), except one being built or open in any process
+    (another lab's QEMU holds its base image open)."""
     current = image_dir(keep)
     removed = []
     for d in sorted(current.parent.iterdir()):
         # image dirs are named by a recipe digest; "run" and other files stay
-        if d.is_dir() and d != current and re.fullmatch(r"[0-9a-f]{16}", d.name):
+        if d.is_dir() and d != current and re.fullmatch(r"[0-9a-f]{16}", d.name) and not _in_use(d):
             shutil.rmtree(d, ignore_errors=True)
             Path(str(d) + ".lock").unlink(missing_ok=True)
             removed.append(d)
     return removed
+
+
+def _in_use(d: Path) -> bool:
+    lock = FileLock(str(d) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True  # a build holds it
+    lock.release()
+    inside = f"{d}/"
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd).startswith(inside):
+                return True
+        except OSError:
+            continue  # gone, or not ours to read
+    return False
 
 
 class Builder:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 from labs.errors import InfraError
 from labs.inventory.loader import load_inventory
@@ -259,3 +260,17 @@ def test_prune_keeps_the_current_image_and_the_run_dir(monkeypatch: pytest.Monke
     (root / "0123456789abcdef.lock").write_text("")
     assert image.prune_images(r) == [root / "0123456789abcdef"]
     assert sorted(p.name for p in root.iterdir()) == sorted([r.digest(), "run"])
+
+
+def test_prune_spares_an_image_another_lab_uses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Another lab's QEMU holds its (older) base image open; another up may be building one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = recipe.Recipe()
+    root = recipe.cache_root()
+    booted, building = root / "0123456789abcdef", root / "fedcba9876543210"
+    for d in (booted, building):
+        d.mkdir(parents=True)
+    (booted / "base.qcow2").write_text("")
+    with (booted / "base.qcow2").open(), FileLock(str(building) + ".lock"):  # open here as in a QEMU
+        assert image.prune_images(r) == []
+    assert image.prune_images(r) == [booted, building]
