@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import libvirt
 import pytest
 
+from labs.errors import InfraError
 from labs.janitor import janitor
 from labs.reservations import list_reservations
 from labs.session import LabSession, open_inventory
-from labs.virt.domain import local_image_dir
+from labs.virt.domain import hypervisor, local_image_dir
 from tests.conftest import write_sim_inventory
 
 RUN_ID = "labs-20260101-000000-c1ea11"
@@ -87,3 +89,33 @@ def test_failed_and_timed_out_tests_leave_nothing(
         assert janitor(session, keep_own=False) == []
         for host in ("hostA", "hostB"):
             assert list_reservations(session.ssh(host)) == []
+
+
+class _LookupFails(libvirt.libvirtError):
+    """A lookup that failed, with the code and message libvirt would give."""
+
+    def __init__(self, code: int, message: str) -> None:
+        Exception.__init__(self, message)
+        self.err = (code, libvirt.VIR_FROM_RPC, message, 2, message, None, None, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("code", "absent"), [(libvirt.VIR_ERR_NO_DOMAIN, True), (libvirt.VIR_ERR_SYSTEM_ERROR, False)]
+)
+def test_a_domain_is_absent_only_when_libvirt_says_so(
+    sim_session: LabSession, monkeypatch: pytest.MonkeyPatch, code: int, absent: bool
+) -> None:
+    """Cleanup and the post-migration checks took any failed lookup (a broken connection) for "gone"."""
+    hv = hypervisor(sim_session, "hostA")
+
+    def lookup(name: str) -> None:
+        raise _LookupFails(code, f"lookup of {name} failed")
+
+    monkeypatch.setattr(hv.conn, "lookupByName", lookup)
+    vm = hv.vm("labs-anything")
+    if absent:
+        assert not hv.exists(vm.name) and vm.state() == "absent" and vm.remove() == []
+        return
+    for ask in (lambda: hv.exists(vm.name), vm.state, vm.remove):
+        with pytest.raises(InfraError, match="hostA: look up labs-anything: lookup of labs-anything failed"):
+            ask()

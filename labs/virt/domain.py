@@ -143,11 +143,16 @@ class Hypervisor:
         return VM(self, name)
 
     def exists(self, name: str) -> bool:
+        """Is `name` defined or running here? A lookup failing for another reason than "no such domain" raises."""
+        return self.lookup(name) is not None
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
         try:
-            self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            return False
-        return True
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise libvirt_error(f"{self.name}: look up {name}", exc) from None
 
     def domains(self, prefix: str = "") -> list[libvirt.virDomain]:
         return [d for d in self.conn.listAllDomains(0) if d.name().startswith(prefix)]
@@ -194,10 +199,15 @@ class VM:
 
     def state(self) -> str:
         """running, paused, shutoff, ... or `absent`."""
-        try:
-            st, _reason = self.hv.conn.lookupByName(self.name).state()
-        except libvirt.libvirtError:
+        dom = self.hv.lookup(self.name)
+        if dom is None:
             return "absent"
+        try:
+            st, _reason = dom.state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "absent"  # gone since the lookup
+            raise libvirt_error(f"{self.hv.name}: state of {self.name}", exc) from None
         return STATE_NAMES.get(st, str(st))
 
     def _do(self, what: str, call: object) -> None:
@@ -227,9 +237,8 @@ class VM:
     def remove(self) -> list[str]:
         """Destroy and undefine, whatever state it is in; what was done, for the cleanup log."""
         done: list[str] = []
-        try:
-            dom = self.hv.conn.lookupByName(self.name)
-        except libvirt.libvirtError:
+        dom = self.hv.lookup(self.name)
+        if dom is None:
             return done
         try:
             if dom.isActive():
