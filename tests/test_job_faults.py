@@ -19,6 +19,7 @@ from labs.faults import (
     StopDaemon,
 )
 from labs.faults.base import Fault
+from labs.faults.job import DESTROY_ATTEMPTS
 from labs.inventory import LabDevice, LabPair
 from labs.scenarios import faulted
 from labs.scenarios import save_resume as sr
@@ -201,14 +202,23 @@ def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_r
     assert "after the failed save the VM is paused, not running" in full.problems
 
 
+class _NoDomain(libvirt.libvirtError):
+    def __init__(self) -> None:
+        Exception.__init__(self, "no domain with matching uuid")
+        self.err = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "no domain with matching uuid")
+
+
 class _Dom:
-    def __init__(self, state: int) -> None:
-        self._state, self.destroyed = state, False
+    def __init__(self, state: int, misses: int = 0) -> None:
+        self._state, self.destroyed, self.misses = state, False, misses
 
     def state(self) -> tuple[int, int]:
         return self._state, 0
 
     def destroy(self) -> None:
+        if self.misses:
+            self.misses -= 1
+            raise _NoDomain()
         self.destroyed = True
 
 
@@ -230,6 +240,18 @@ def test_destroy_during_finish_lands_only_on_a_destination_not_yet_resumed() -> 
     with pytest.raises(InfraError, match="no longer paused"):
         DestroyDuringFinish(_Hv(running), "d").inject()  # type: ignore[arg-type]
     assert not running.destroyed
+
+
+def test_destroy_during_finish_tries_again_when_the_finish_holds_the_domain() -> None:
+    """Found by name, then "no domain with matching uuid" for the destroy (libvirt 11.3, once in CI)."""
+    raced = _Dom(libvirt.VIR_DOMAIN_PAUSED, misses=DESTROY_ATTEMPTS - 1)
+    fault = DestroyDuringFinish(_Hv(raced), "d")  # type: ignore[arg-type]
+    fault.inject()
+    assert raced.destroyed and "trying again" in " ".join(fault.record.actions)
+    never = _Dom(libvirt.VIR_DOMAIN_PAUSED, misses=DESTROY_ATTEMPTS)
+    with pytest.raises(InfraError, match="destroy incoming d: no domain with matching uuid"):
+        DestroyDuringFinish(_Hv(never), "d").inject()  # type: ignore[arg-type]
+    assert not never.destroyed
 
 
 def test_the_deadlines_suspend_shows_in_the_sources_events() -> None:
