@@ -196,8 +196,8 @@ class DestroyDuringFinish(Fault):
                 dom.destroy()
                 break
             except libvirt.libvirtError as exc:
-                # found by name, then "no domain with matching uuid" for the destroy (libvirt 11.3, once in CI):
-                # the finish step held the domain object; look it up again while it is still paused
+                # found by name and paused, then "no domain with matching uuid" for the destroy (libvirt 11.3, once
+                # in CI): look it up again; a destination running by then is too late
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN and attempt < DESTROY_ATTEMPTS:
                     self.note(f"attempt {attempt}: {exc.get_error_message()}; trying again")
                     continue

@@ -150,9 +150,16 @@ class Hypervisor:
         try:
             return self.conn.lookupByName(name)
         except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise libvirt_error(f"{self.name}: look up {name}", exc) from None
+            error = exc
+        if error.get_error_domain() == libvirt.VIR_FROM_RPC:
+            self.close()  # a restarted daemon left this connection dead before keepalive noticed: a new one
+            try:
+                return self.conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                error = exc
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise libvirt_error(f"{self.name}: look up {name}", error) from None
 
     def domains(self, prefix: str = "") -> list[libvirt.virDomain]:
         return [d for d in self.conn.listAllDomains(0) if d.name().startswith(prefix)]
