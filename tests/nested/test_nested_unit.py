@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_two_labs_in_one_checkout_never_take_each_others_inventory(
     # the other lab's nested-a QEMU: a process naming its directory, as vm.Vm.pid() checks
     other = vm.Vm(lifecycle.specs()[0], tmp_path / "other")
     other.paths.dir.mkdir(parents=True)
-    qemu = subprocess.Popen(["sh", "-c", "sleep 60", str(other.paths.dir)])
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(other.paths.dir)])
     try:
         other.paths.pidfile.write_text(f"{qemu.pid}\n")
         monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "mine"))
