@@ -8,6 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -181,3 +184,26 @@ def test_report_open_serves_real_content_in_chromium(pytester: pytest.Pytester, 
     for dom, how in ((served, "served"), (single, "single file")):
         for text in ("test_reads_back_the_registers", "read back the UART scratch register", "domain xml of the guest"):
             assert text in dom, f"{text!r} not on the {how} page"
+
+
+def test_two_renders_at_once_install_the_report_tool_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two xdist workers ran `npm ci` together; the second failed with ENOTEMPTY while the first filled node_modules."""
+    from labs.reporting import render as rendering
+
+    tools, calls = tmp_path / "report", []
+    tools.mkdir()
+    monkeypatch.setattr(rendering, "TOOLS", tools)
+    monkeypatch.setattr(rendering, "ALLURE_BIN", tools / "node_modules" / ".bin" / "allure")
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+    def npm_ci(*_a: object, **_k: object) -> subprocess.CompletedProcess[str]:
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # the window a second install fell into
+        rendering.ALLURE_BIN.parent.mkdir(parents=True)
+        rendering.ALLURE_BIN.write_text("")
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(rendering.subprocess, "run", npm_ci)
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(lambda _: rendering.ensure_allure(), range(2)))
+    assert found == [rendering.ALLURE_BIN] * 2 and len(calls) == 1

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from labs.attachments import ENV_LABEL
 from labs.errors import InfraError
 from labs.paths import REPO_ROOT
@@ -32,18 +34,21 @@ class Rendered:
 
 
 def ensure_allure() -> Path:
-    if ALLURE_BIN.exists():
+    # one install at a time (xdist workers, concurrent runs): `npm ci` empties node_modules first, and a second
+    # one failed with ENOTEMPTY while the first filled it
+    with FileLock(str(TOOLS / ".npm-ci.lock")):
+        if ALLURE_BIN.exists():
+            return ALLURE_BIN
+        npm = shutil.which("npm")
+        if npm is None or shutil.which("node") is None:
+            raise InfraError("rendering needs Node.js 20+ and npm (./lab installs them when run as root)")
+        proc = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=TOOLS, capture_output=True, text=True
+        )
+        if proc.returncode != 0 or not ALLURE_BIN.exists():
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            raise InfraError(f"npm ci in {TOOLS} failed: {tail}")
         return ALLURE_BIN
-    npm = shutil.which("npm")
-    if npm is None or shutil.which("node") is None:
-        raise InfraError("rendering needs Node.js 20+ and npm (./lab installs them when run as root)")
-    proc = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=TOOLS, capture_output=True, text=True
-    )
-    if proc.returncode != 0 or not ALLURE_BIN.exists():
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        raise InfraError(f"npm ci in {TOOLS} failed: {tail}")
-    return ALLURE_BIN
 
 
 def allurerc(config: dict[str, Any], environments: list[str]) -> str:
