@@ -29,7 +29,7 @@ from labs.scenarios.full_save import FullSave
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import Readback, SideView
 from labs.session import LabSession
-from labs.virt.domain import VM
+from labs.virt.domain import VM, hypervisor
 from labs.virt.events import DomainEvent
 from labs.virt.migrate import JobSample, MigrationResult
 from labs.virt.sequence import MIGRATED_DESTINATION
@@ -252,6 +252,29 @@ def test_destroy_during_finish_tries_again_when_the_finish_holds_the_domain() ->
     with pytest.raises(InfraError, match="destroy incoming d: no domain with matching uuid"):
         DestroyDuringFinish(_Hv(never), "d").inject()  # type: ignore[arg-type]
     assert not never.destroyed
+
+
+def test_destroy_during_finish_undo_asks_libvirt_not_assumes(
+    sim_session: LabSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Undo took any failed lookup for "the destination has nothing": a broken connection now fails it."""
+    hv = hypervisor(sim_session, "hostA")
+    fault = DestroyDuringFinish(hv, "labs-gone-domain")
+    fault._undo()
+    assert fault.record.actions == ["nothing to restore: the source keeps the VM"]
+
+    def broken(_conn: libvirt.virConnect, _name: str) -> None:
+        raise _Broken()
+
+    monkeypatch.setattr(libvirt.virConnect, "lookupByName", broken)
+    with pytest.raises(InfraError, match="hostA: look up labs-gone-domain"):
+        fault._undo()
+
+
+class _Broken(libvirt.libvirtError):
+    def __init__(self) -> None:
+        Exception.__init__(self, "Cannot write data: Broken pipe")
+        self.err = (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, "Cannot write data: Broken pipe")
 
 
 def test_the_deadlines_suspend_shows_in_the_sources_events() -> None:

@@ -213,9 +213,8 @@ class DestroyDuringFinish(Fault):
 
     def _undo(self) -> None:
         # the finish phase had already defined the domain on the destination: destroying it left it defined
-        try:
-            dom = self.dst.conn.lookupByName(self.domain)
-        except libvirt.libvirtError:
+        dom = self.dst.lookup(self.domain)  # a failed lookup is not "gone": it raises
+        if dom is None:
             self.note("nothing to restore: the source keeps the VM")
             return
         if not dom.isActive():
