@@ -234,12 +234,37 @@ class _Hv:
 
 
 def test_destroy_during_finish_lands_only_on_a_destination_not_yet_resumed() -> None:
-    paused, running = _Dom(libvirt.VIR_DOMAIN_PAUSED), _Dom(libvirt.VIR_DOMAIN_RUNNING)
-    DestroyDuringFinish(_Hv(paused), "d").inject()  # type: ignore[arg-type]
-    assert paused.destroyed
-    with pytest.raises(InfraError, match="no longer paused"):
-        DestroyDuringFinish(_Hv(running), "d").inject()  # type: ignore[arg-type]
+    paused, running, gone = (
+        _Dom(s) for s in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF)
+    )
+    landed = DestroyDuringFinish(_Hv(paused), "d")  # type: ignore[arg-type]
+    landed.inject()
+    assert paused.destroyed and landed.too_late(False, []) is None
+    late = DestroyDuringFinish(_Hv(running), "d")  # type: ignore[arg-type]
+    late.inject()  # a running destination: the job completed first, nothing to destroy, no verdict
     assert not running.destroyed
+    assert "already ran when the destroy was due" in str(late.too_late(True, ["started/migrated", "resumed/migrated"]))
+    assert late.too_late(False, []) is None  # a job that failed anyway is judged
+    with pytest.raises(InfraError, match="in state 5, not paused"):
+        DestroyDuringFinish(_Hv(gone), "d").inject()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("events", "late"),
+    [
+        # paused when looked at, resumed by the finish before the destroy: the job had completed
+        (["started/migrated", "resumed/migrated", "stopped/destroyed"], True),
+        # destroyed before it ever ran, yet the job reported success: the VM is lost, a verdict (it fails)
+        (["started/migrated", "stopped/destroyed"], False),
+    ],
+)
+def test_a_destroy_that_reached_a_resumed_destination_came_too_late(events: list[str], late: bool) -> None:
+    fault = DestroyDuringFinish(_Hv(_Dom(libvirt.VIR_DOMAIN_PAUSED)), "d")  # type: ignore[arg-type]
+    fault.inject()
+    reason = fault.too_late(True, events)
+    assert (reason is not None) is late
+    if late:
+        assert "resumed d before the destroy reached it" in str(reason)
 
 
 def test_destroy_during_finish_tries_again_when_the_finish_holds_the_domain() -> None:

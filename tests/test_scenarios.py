@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import libvirt
 import pytest
@@ -182,6 +182,34 @@ def test_a_mid_flight_fault_lands_while_data_moves_and_a_missed_window_is_no_ver
         assert "the first sample with data sent, at 0.4s, had 0 bytes left" in run.missed
         assert len(calls) == 1  # a migration that succeeded needs no following one
     assert calls[0].bandwidth_mib == 1
+
+
+class TooLate(NoteOnly):
+    name = "too-late"
+
+    def too_late(self, job_ok: bool, destination_events: Sequence[str]) -> str | None:
+        return "too-late came after the job completed" if job_ok else None
+
+
+def test_a_fault_that_came_too_late_is_no_verdict_and_nothing_follows(
+    sim_session: LabSession, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destroy reached a destination the job had already resumed: the VM may be gone, so no migration
+    follows, and the run is no verdict (it was a crash in the following leg, CI 2026-12-03)."""
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    vm = sr.start_vm(scenario, src, "late")
+    calls: list[MigrationOptions] = []
+
+    def job(vm: object, dst_hv: object, opts: MigrationOptions, on_progress: object) -> MigrationResult:
+        calls.append(opts)
+        on_progress(_job(0.2, 300_000, 900_000_000))  # type: ignore[operator]
+        return MigrationResult("hostA", "hostB", "late", ok=True, duration=0.5)
+
+    monkeypatch.setattr(mig, "migrate", job)
+    fault = TooLate("hostB")
+    _vm, run = migrate_under_fault(scenario, vm, LabPair(src, dst), lambda _v: fault, "mid-flight")
+    assert fault.attempted and run.following is None and len(calls) == 1
+    assert run.missed == "too-late came after the job completed"
 
 
 def test_readback_problems() -> None:

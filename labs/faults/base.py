@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -144,6 +145,11 @@ class Fault(ABC):
         if not any(e.domain == domain and e.code == code for e in self.refusal):
             return [f"{self.name} was refused with {error_name(domain, code)}, not {want}"]
         return []
+
+    def too_late(self, job_ok: bool, destination_events: Sequence[str]) -> str | None:
+        """Why the fault reached the job only after the window it was due in, so the job's outcome says nothing
+        about it (no verdict); `destination_events`: the destination's lifecycle tokens, `resumed/migrated`."""
+        return None
 
     def errors_at(self, phase: str | None) -> tuple[ExpectedError, ...]:
         """The errors expected of a job this fault landed in at `phase` (None: before the job)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
 import libvirt
 
@@ -168,7 +169,8 @@ DESTROY_ATTEMPTS = 3
 class DestroyDuringFinish(Fault):
     """Destroy the incoming domain on the destination while the job finishes (QEMU done sending, the
     destination not yet resumed): the job fails and the source, paused for the switchover, resumes (not
-    measured). A destination already running is too late: the fault did not land where it was meant."""
+    measured). A destroy that reaches a destination already resumed came too late: the job completed, and
+    proves nothing about the fault (no verdict)."""
 
     name = "destroy-during-finish"
     expected_errors = (
@@ -188,16 +190,19 @@ class DestroyDuringFinish(Fault):
         self.domain = domain
         # measured on libvirt 11.3: the finish phase had defined the domain, the destroy leaves it shut off there
         self.leaves_defined_on = dst.name
+        self.late: str | None = None  # why the destroy was not sent: the destination already ran
 
     def _inject(self) -> None:
         for attempt in range(1, DESTROY_ATTEMPTS + 1):
             try:
                 dom = self.dst.conn.lookupByName(self.domain)
                 state, _reason = dom.state()
+                if state == libvirt.VIR_DOMAIN_RUNNING:
+                    self.late = f"{self.dst.name}: incoming {self.domain} already ran when the destroy was due"
+                    self.note(f"not destroyed: {self.late}")
+                    return
                 if state != libvirt.VIR_DOMAIN_PAUSED:
-                    raise InfraError(
-                        f"{self.dst.name}: incoming {self.domain} is no longer paused (state {state}): too late"
-                    )
+                    raise InfraError(f"{self.dst.name}: incoming {self.domain} is in state {state}, not paused")
                 dom.destroy()
                 break
             except libvirt.libvirtError as exc:
@@ -210,6 +215,21 @@ class DestroyDuringFinish(Fault):
                     f"{self.dst.name}: destroy incoming {self.domain}: {exc.get_error_message()}"
                 ) from None
         self.note(f"virDomainDestroy({self.domain}) on {self.dst.name} during finish")
+
+    def too_late(self, job_ok: bool, destination_events: Sequence[str]) -> str | None:
+        if not job_ok:
+            return None
+        if self.late:
+            return f"{self.name} came too late: {self.late}; the job completed"
+        # paused when looked at, resumed by the finish before the destroy reached it: the job had completed
+        resumed = next((i for i, t in enumerate(destination_events) if t.startswith("resumed/")), None)
+        stopped = next((i for i, t in enumerate(destination_events) if t.startswith("stopped/")), None)
+        if resumed is not None and (stopped is None or resumed < stopped):
+            return (
+                f"{self.name} came too late: the destination resumed {self.domain} before the destroy reached it "
+                f"(events {', '.join(destination_events)}); the job completed"
+            )
+        return None
 
     def _undo(self) -> None:
         # the finish phase had already defined the domain on the destination: destroying it left it defined

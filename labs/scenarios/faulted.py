@@ -23,6 +23,7 @@ from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
 from labs.virt.phase import PHASES, Phase
+from labs.virt.sequence import tokens
 from labs.virt.xml import Hostdev, with_hostdevs
 
 # an in-flight fault needs a pass over RAM that lasts seconds: 1 GiB of untouched pages at 1 MiB/s (docs/incidents.md)
@@ -67,6 +68,7 @@ class FaultedMigration:
     undone: bool
     following: Leg | None
     trigger: Trigger = "before"
+    late: str | None = None  # the fault reached the job after its window (Fault.too_late)
 
     @property
     def never_injected(self) -> bool:
@@ -75,7 +77,10 @@ class FaultedMigration:
 
     @property
     def missed(self) -> str | None:
-        """Why the fault never met the job it was due in, when the job ended by itself first: no verdict."""
+        """Why the fault never met the job it was due in (the job ended by itself first, or the fault came too
+        late): no verdict."""
+        if self.late:
+            return self.late
         result = self.failed.result
         if not (self.never_injected and result.ok):
             return None
@@ -194,6 +199,9 @@ def migrate_under_fault(
     if failed.result.hook_error:
         # whatever the migration did next proves nothing about the fault: the test is broken, not judged
         raise FaultNotInjected(f"{fault.name} could not be injected {trigger}: {failed.result.hook_error}")
+    late = fault.too_late(failed.result.ok, tokens((failed.events or {}).get("destination", [])))
+    if late:  # the VM may be gone (destroyed after the job completed): nothing follows, no verdict
+        return vm_after, FaultedMigration(fault, failed, undone, None, trigger, late)
     following: Leg | None = None
     if failed.result.ok and fault.attempted:  # a fault the job survived: the VM runs on the destination
         vm_after, following = migrate_leg(
