@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from labs.nested.phases import phase_rows, time_by_phase
 from labs.paths import REPO_ROOT, REPORTS, SIM_INVENTORY, SUITES
 from labs.session import open_inventory
 from labs.simlab.generate import write_sim_inventory
@@ -251,6 +252,14 @@ def bench_nested() -> dict[str, Any]:
     return run()
 
 
+def bench_phases(results: Path | None = None) -> dict[str, Any]:
+    """Where the last nested run's time went, by phase and by test file (its Allure results)."""
+    results = results or NESTED_ALLURE
+    if not any(results.glob("*-result.json")):
+        return {"skipped": f"no Allure results under {results} (tox -e nested writes them)"}
+    return time_by_phase(results)
+
+
 def bench_mutants() -> dict[str, Any]:
     """`lab mutants` in full: the checks' mutation score and its run time (reports/mutants.md lists survivors)."""
     from labs.mutation.runner import run_mutants
@@ -264,7 +273,8 @@ def bench_mutants() -> dict[str, Any]:
 # up: a few minutes of nested lab ups (the lab down); nested: minutes, and needs `lab nested up`;
 # mutants: 10-20 minutes. Only when named with --only.
 OPT_IN = ("up", "nested", "mutants")
-STEPS = ("suite", "scaling", "agent", "memory", "up", "nested", "mutants")
+STEPS = ("suite", "scaling", "agent", "memory", "phases", "up", "nested", "mutants")
+NESTED_ALLURE = REPORTS / "nested" / "allure"
 # The figures before issue 17's work (README, 2026-11-25/26 and the last CI run), shown beside the new ones.
 BASELINES: dict[str, str] = {
     "warm_up": "73-90 s (booted)",
@@ -284,6 +294,7 @@ def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]
                                              or [str(SUITES / "smoke")]),
             "agent": lambda: bench_agent(tmp),
             "memory": lambda: bench_memory(tmp),
+            "phases": bench_phases,
             "up": bench_up,
             "nested": bench_nested,
             "mutants": bench_mutants,
@@ -350,6 +361,11 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
     first = ups.get("first")
     if first and first.get("how") == "booted":
         rows.append(("nested lab `up` booted and saved (first after a build)", f"{first['wall_s']} s"))
+    phases = results.get("phases") or {}
+    if phases.get("skipped"):
+        rows.append(("time by phase of the last nested run", phases["skipped"]))
+    elif phases:
+        rows += phase_rows(phases)
     mut = (results.get("mutants") or {}).get("run")
     if mut:
         rows.append(

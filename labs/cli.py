@@ -287,12 +287,13 @@ def janitor(inventory: Path | None, everything: bool) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["suite", "scaling", "agent", "memory", "up", "nested", "mutants"]),
+    type=click.Choice(["suite", "scaling", "agent", "memory", "phases", "up", "nested", "mutants"]),
     help="these only (up, nested and mutants run only when named: up needs the nested lab down, nested needs it up)",
 )
 @one_line_errors
 def bench(only: tuple[str, ...]) -> None:
-    """Print the sim lab's figures (suite wall time, xdist scaling, agent latency, memory) to reports/bench.json."""
+    """Print the sim lab's figures (suite wall time, xdist scaling, agent latency, memory) and where the last
+    nested run's time went (phases), to reports/bench.json."""
     from labs.bench import run_bench
 
     run_bench(console, list(only) or None)

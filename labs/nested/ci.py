@@ -6,7 +6,7 @@
    and exits 0: a skip with its reason, never tests reported as passed.
 2. `up` (build or reuse the image, boot, mdevs, inventory).
 3. pytest: tests/nested, then the VM-level and device-level suites against
-   inventories/nested.yaml (one JUnit file under reports/nested/).
+   inventories/nested.yaml (one JUnit file and the Allure results under reports/nested/).
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 
@@ -153,6 +153,9 @@ def main(argv: list[str]) -> int:
             "-rs",
             "--durations=40",
             f"--junitxml={reports / 'junit.xml'}",
+            # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
+            f"--alluredir={reports / 'allure'}",
+            "--clean-alluredir",
             *argv,
         ]
         rc = _pytest(args, deadline)
