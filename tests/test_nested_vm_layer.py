@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage
+from labs.errors import InfraError
+from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage, count_streams
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice
 from labs.models import mtty as mtty_probe
@@ -21,6 +22,7 @@ from labs.models import probe_for, probe_named
 from labs.nested import ci
 from labs.probes import ProbeMark
 from labs.scenarios.readback import DeviceView, Readback
+from labs.scenarios.save_resume import SaveResumeResult
 from labs.transport.ssh import Result
 from labs.vfio.access import IDLE_STATES
 from labs.virt.xml import QEMU_NS, domain_xml, hostdev_for, hostdevs_of, spec_for, with_hostdevs
@@ -191,6 +193,24 @@ def test_corrupt_save_image_refuses_an_ambiguous_image(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="found 2 times"):
         fault.inject()
     assert path.read_bytes() == mtty_probe.STREAM_MAGIC * 2
+
+
+def test_a_save_image_without_the_device_stream_fails_the_save(tmp_path: Path) -> None:
+    """libvirt 11.3 reports no device bytes for a save, so `moved no device bytes` could not fail on the real
+    stack: the image is looked at instead, and a save whose image holds no stream of the device is a problem."""
+    path = tmp_path / "vm.save"
+    path.write_bytes(bytes(4096) + mtty_probe.STREAM_MAGIC + bytes(100))
+    assert count_streams(LocalSsh(), "python3", str(path), mtty_probe.STREAM_MAGIC) == 1  # type: ignore[arg-type]
+    path.write_bytes(bytes(4096))
+    assert count_streams(LocalSsh(), "python3", str(path), mtty_probe.STREAM_MAGIC) == 0  # type: ignore[arg-type]
+    with pytest.raises(InfraError, match=r"reading .*missing\.save"):
+        count_streams(LocalSsh(), "python3", str(tmp_path / "missing.save"), mtty_probe.STREAM_MAGIC)  # type: ignore[arg-type]
+    saved = SaveResumeResult(vm=None, device="nested-a:mtty-2", device_streams=0)  # type: ignore[arg-type]
+    assert saved.save_problems == [
+        "the save image holds no device stream of nested-a:mtty-2 (its model's signature is not in it)"
+    ]
+    assert SaveResumeResult(vm=None, device_streams=1).save_problems == []  # type: ignore[arg-type]
+    assert SaveResumeResult(vm=None).save_problems == []  # type: ignore[arg-type]  # not looked for: test:///
 
 
 def _mtty_stream(counts: tuple[int, ...]) -> bytes:

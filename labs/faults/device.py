@@ -228,6 +228,12 @@ if at < 0 or data.find(needle, at + 1) >= 0:
     sys.exit(3)
 print(json.dumps({"at": at, "head": data[at:at + size].hex()}))
 """
+# Runs on the host: how many times the signature is in the file.
+_COUNT_STREAM = r"""
+import sys
+with open(sys.argv[1], "rb") as f:
+    print(f.read().count(bytes.fromhex(sys.argv[2])))
+"""
 # Runs on the host: write [offset, hex] spans, print what was there.
 _WRITE_SPANS = r"""
 import sys, json
@@ -250,6 +256,16 @@ def find_stream(ssh: HostConnection, python: str, path: str, magic: bytes, size:
     if not res.ok or "error" in out:
         raise InfraError(f"{ssh.name}: reading {path}: {out.get('error') or res.stderr.strip()}")
     return int(out["at"]), bytes.fromhex(out["head"])
+
+
+def count_streams(ssh: HostConnection, python: str, path: str, magic: bytes) -> int:
+    """How many device streams that begin with `magic` the file `path` on the host holds."""
+    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _COUNT_STREAM, path, magic.hex()))
+    res = ssh.run(cmd, timeout=120, sudo=True)
+    found = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    if not res.ok or not found.isdigit():
+        raise InfraError(f"{ssh.name}: reading {path}: {res.stderr.strip() or 'no count printed'}")
+    return int(found)
 
 
 def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from labs.agentpool import open_device
 from labs.errors import InfraError, LabError
-from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage, ImageDamage
+from labs.faults.device import AlterSaveImagePayload, CorruptSaveImage, ImageDamage, count_streams
 from labs.inventory import LabDevice
 from labs.models import model_of
 from labs.scenarios import probing, roundtrip
@@ -41,6 +41,9 @@ class SaveResumeResult:
     readbacks: list[Readback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     save_stats: dict[str, Any] = field(default_factory=dict)  # libvirt's completed-job statistics of the save
+    # the device's stream signature found in the image (None: not looked for: no stream layout, or test:///)
+    device_streams: int | None = None
+    device: str = ""
 
     @property
     def device_bytes(self) -> int | None:
@@ -49,7 +52,11 @@ class SaveResumeResult:
 
     @property
     def save_problems(self) -> list[str]:
-        return ["the save moved no device bytes (QEMU reports 0 for the VFIO device)"] if self.device_bytes == 0 else []
+        out = ["the save moved no device bytes (QEMU reports 0 for the VFIO device)"] if self.device_bytes == 0 else []
+        if self.device_streams == 0:
+            # libvirt 11.3 reports no device bytes for a save: the image itself is the evidence
+            out.append(f"the save image holds no device stream of {self.device} (its model's signature is not in it)")
+        return out
 
     @property
     def final(self) -> Readback:
@@ -78,6 +85,14 @@ def _image_size(sc: Scenario, vm: VM, path: str) -> int | None:
     return int(res.stdout) if res.ok and res.stdout.strip().isdigit() else None
 
 
+def _count_device_streams(sc: Scenario, vm: VM, device: LabDevice, path: str, result: SaveResumeResult) -> None:
+    layout = model_of(device).stream
+    result.device = device.id
+    if layout is None or vm.hv.is_test_driver:
+        return  # no signature to look for; test:/// images carry no device state
+    result.device_streams = count_streams(sc.session.ssh(vm.hv.name), device.host.spec.python, path, layout.magic)
+
+
 def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
     """Save the running VM to a file, check it is gone, restore it, read back."""
     result = SaveResumeResult(vm)
@@ -87,7 +102,8 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
         result.save_stats = completed_stats(vm.hv, name=vm.name)
-        rec.detail = result.save_stats
+        _count_device_streams(sc, vm, device, path, result)
+        rec.detail = {**result.save_stats, "device_streams_in_image": result.device_streams}
     result.readbacks.append(
         read_back(sc.session, [vm.hv], vm.name, [device], title="readback after save", steps=sc.steps)
     )
@@ -149,6 +165,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
         vm.save(path)
         result.image_bytes = _image_size(sc, vm, path)
         result.save_stats = completed_stats(vm.hv, name=vm.name)
+        _count_device_streams(sc, vm, src, path, result)
     with sc.steps.step(f"carry the image {vm.hv.name} -> {dst_hv.name}"):
         moved = sc.transfer_image(vm.hv, path, dst_hv)
         result.image = moved
