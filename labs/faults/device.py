@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 import libvirt
 
@@ -216,23 +216,14 @@ class CorruptResumeStream(Fault):
         self.note(f"VFIO_DEVICE_RESET; state {self.dev.state()}")
 
 
-# Runs on the host (stdlib only): the file's bytes from `needle` (found once) on, as hex.
+# Runs on the host (stdlib only): how often `needle` is in the file, and its bytes from the first one on.
 _READ_STREAM = r"""
 import sys, json
 path, needle, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
 with open(path, "rb") as f:
     data = f.read()
 at = data.find(needle)
-if at < 0 or data.find(needle, at + 1) >= 0:
-    print(json.dumps({"error": "device stream signature found %d times" % data.count(needle)}))
-    sys.exit(3)
-print(json.dumps({"at": at, "head": data[at:at + size].hex()}))
-"""
-# Runs on the host: how many times the signature is in the file.
-_COUNT_STREAM = r"""
-import sys
-with open(sys.argv[1], "rb") as f:
-    print(f.read().count(bytes.fromhex(sys.argv[2])))
+print(json.dumps({"count": data.count(needle), "at": at, "head": data[at:at + size].hex() if at >= 0 else ""}))
 """
 # Runs on the host: write [offset, hex] spans, print what was there.
 _WRITE_SPANS = r"""
@@ -247,25 +238,30 @@ print(json.dumps(old))
 """
 
 
+def _scan_stream(ssh: HostConnection, python: str, path: str, magic: bytes, size: int) -> dict[str, Any]:
+    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _READ_STREAM, path, magic.hex(), str(size)))
+    res = ssh.run(cmd, timeout=60, sudo=True)
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1]) if res.ok and res.stdout.strip() else None
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise InfraError(f"{ssh.name}: reading {path}: {res.stderr.strip() or 'nothing printed'}")
+    return out
+
+
 def find_stream(ssh: HostConnection, python: str, path: str, magic: bytes, size: int) -> tuple[int, bytes]:
     """Where the device stream that begins with `magic` is in `path` on the host (it must be there once), and
     its first `size` bytes."""
-    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _READ_STREAM, path, magic.hex(), str(size)))
-    res = ssh.run(cmd, timeout=60, sudo=True)
-    out = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else {}
-    if not res.ok or "error" in out:
-        raise InfraError(f"{ssh.name}: reading {path}: {out.get('error') or res.stderr.strip()}")
+    out = _scan_stream(ssh, python, path, magic, size)
+    if out["count"] != 1:
+        raise InfraError(f"{ssh.name}: reading {path}: device stream signature found {out['count']} times")
     return int(out["at"]), bytes.fromhex(out["head"])
 
 
 def count_streams(ssh: HostConnection, python: str, path: str, magic: bytes) -> int:
     """How many device streams that begin with `magic` the file `path` on the host holds."""
-    cmd = " ".join(shlex.quote(x) for x in (python, "-c", _COUNT_STREAM, path, magic.hex()))
-    res = ssh.run(cmd, timeout=120, sudo=True)
-    found = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    if not res.ok or not found.isdigit():
-        raise InfraError(f"{ssh.name}: reading {path}: {res.stderr.strip() or 'no count printed'}")
-    return int(found)
+    return int(_scan_stream(ssh, python, path, magic, 0)["count"])
 
 
 def write_spans(ssh: HostConnection, python: str, path: str, spans: list[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -71,10 +71,10 @@ def time_by_phase(results: Path) -> dict[str, Any]:
         by_file[str(result.get("fullName", "?")).split("#")[0]] += seconds
         in_steps = 0.0
         for step in result.get("steps") or []:
-            phase = phase_of(str(step.get("name", "")))
-            phases[phase] += _seconds(step)
+            phase, step_s = phase_of(str(step.get("name", ""))), _seconds(step)
+            phases[phase] += step_s
             counts[phase] += 1
-            in_steps += _seconds(step)
+            in_steps += step_s
         phases[OUTSIDE_STEPS] += max(0.0, seconds - in_steps)
     fixtures = {"setup": 0.0, "teardown": 0.0}
     for path in sorted(results.glob("*-container.json")):
