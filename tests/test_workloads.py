@@ -72,6 +72,14 @@ def test_what_the_guest_saw_go_wrong_is_a_finding(after: Mailbox, later: Mailbox
     assert any(finding in p for p in problems), problems
 
 
+def test_a_pause_pushed_out_of_the_ring_is_still_seen() -> None:
+    """More than MAX_GAPS short gaps after a long one: the all-time longest gap grew across the move."""
+    later = _box(1600, gaps=[Gap(1500 + i, 0, 0) for i in range(8)], max_gap_rtc=30)
+    problems = judge(_box(1000, max_gap_rtc=2), _box(1500), later, 2.0)
+    assert any("stood still 30 s" in p for p in problems), problems
+    assert judge(_box(1000, max_gap_rtc=30), _box(1500), later, 2.0) == []  # that gap came before the mark
+
+
 def test_a_pause_before_the_mark_is_not_this_moves() -> None:
     assert judge(_box(1000), _box(1500), _box(1600, gaps=[Gap(900, 0, 30)]), 0.2) == []
 
@@ -137,6 +145,26 @@ def guest(kernel: Path, tmp_path: Path) -> Iterator[Hmp]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_bootblock_waits_for_its_tick(kernel: Path, tmp_path: Path) -> None:
+    """Between passes the guest halts until the timer's next tick, so a running VM leaves its host's CPU to
+    the migration; it says on its serial port which way it runs."""
+    if QEMU is None:
+        pytest.skip("no qemu-system-x86_64 on the controller")
+    serial = tmp_path / "serial.txt"
+    cmd = [QEMU, "-accel", "tcg", "-M", "q35", "-m", "64", "-display", "none", "-monitor", "none"]
+    cmd += ["-kernel", str(kernel), "-append", "dirty_mib=8", "-serial", f"file:{serial}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(w in (serial.read_text() if serial.exists() else "") for w in ("per tick", "busy loop")):
+            assert time.monotonic() < deadline, "the bootblock said nothing on its serial port in 60 s"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "a pass per tick" in serial.read_text(), serial.read_text()
 
 
 def _settle(hmp: Hmp) -> tuple[Mailbox, Mailbox]:

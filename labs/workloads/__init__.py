@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import libvirt
 
-from labs.workloads.mailbox import Gap, Mailbox, judge
+from labs.workloads.mailbox import Gap, Mailbox, judge, stall_since
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class WorkloadReading:
     @property
     def stall_s(self) -> int | None:
         """The longest pause across the move by the guest's RTC (host wall time, whole seconds)."""
-        return max((g.rtc_s for g in self._gaps()), default=0) if self.later is not None else None
+        return stall_since(self.before, self.later) if self.later is not None else None
 
     @property
     def stall_guest_ms(self) -> float | None:

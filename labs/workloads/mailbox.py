@@ -155,9 +155,21 @@ def judge(
     if error:
         out.append(f"guest error: {error}")
     if allowed_stall_s is not None:
-        since = before.heartbeat if before is not None else 0
-        seen = [g.rtc_s for g in later.gaps if g.heartbeat > since]
+        stall = stall_since(before, later)
         limit = math.ceil(allowed_stall_s) + RTC_SLACK_S
-        if seen and max(seen) > limit:
-            out.append(f"the guest stood still {max(seen)} s, longer than the move's downtime ({allowed_stall_s:.3f}s)")
+        if stall > limit:
+            out.append(f"the guest stood still {stall} s, longer than the move's downtime ({allowed_stall_s:.3f}s)")
     return out
+
+
+def stall_since(before: Mailbox | None, later: Mailbox) -> int:
+    """The longest pause by the guest's RTC since `before` was read (whole seconds).
+
+    From the gap ring, and from the all-time longest gap when it grew since `before`: then that gap came
+    after it, even where more than MAX_GAPS later gaps pushed it out of the ring.
+    """
+    since = before.heartbeat if before is not None else 0
+    seen = [g.rtc_s for g in later.gaps if g.heartbeat > since]
+    if before is not None and later.max_gap_rtc > before.max_gap_rtc:
+        seen.append(later.max_gap_rtc)
+    return max(seen, default=0)
