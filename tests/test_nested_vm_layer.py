@@ -321,3 +321,14 @@ def test_recover_devices_resets_and_records(monkeypatch: pytest.MonkeyPatch) -> 
     readback.recover_devices(None, rb, [device])  # type: ignore[arg-type]
     assert dev.resets == 1 and rb.devices[0].recovered_from == "RESUMING" and rb.devices[0].state == "RUNNING"
     assert rb.problems(expect_on=None) == []
+
+
+def test_a_managed_save_is_searched_where_the_system_daemon_keeps_it() -> None:
+    """The same image check for managed save: libvirt's system daemon keeps the image under its save directory."""
+    from types import SimpleNamespace
+
+    from labs.virt.domain import VM
+
+    system = SimpleNamespace(uri="qemu+ssh://root@127.0.0.1:22301/system?keyfile=/k")
+    assert VM(system, "d1").managed_save_path() == "/var/lib/libvirt/qemu/save/d1.save"  # type: ignore[arg-type]
+    assert VM(SimpleNamespace(uri="qemu:///session"), "d1").managed_save_path() is None  # type: ignore[arg-type]

@@ -126,11 +126,18 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
 def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
     """Managed save (libvirt keeps the image), then start: the start resumes from the image."""
     result = SaveResumeResult(vm)
-    with sc.steps.step(f"managed save {vm}{_note(vm)}"):
+    with sc.steps.step(f"managed save {vm}{_note(vm)}") as rec:
         vm.managed_save()
         result.save_stats = completed_stats(vm.hv, name=vm.name)
         if not vm.has_managed_save():
             raise InfraError(f"{vm}: no managed save image after managed save")
+        path = vm.managed_save_path()
+        if path is not None:
+            _count_device_streams(sc, vm, device, path, result)
+        elif not vm.hv.is_test_driver:
+            unknown = f"{vm.hv.uri} keeps it where only the system daemon's directory is known"
+            result.notes.append(f"the managed save image was not searched for the device's stream: {unknown}")
+        rec.detail = {**result.save_stats, "image": path, "device_streams_in_image": result.device_streams}
     result.readbacks.append(
         read_back(sc.session, [vm.hv], vm.name, [device], title="readback after managed save", steps=sc.steps)
     )

@@ -29,6 +29,7 @@ from labs.virt.xml import DomainSpec, domain_xml
 # Where save images go. On a remote host libvirtd (root) writes them, and the
 # SSH user must be able to fetch and remove them: a sticky world-writable dir.
 REMOTE_IMAGE_DIR = "/var/tmp/labs-images"
+MANAGED_SAVE_DIR = "/var/lib/libvirt/qemu/save"  # the system daemon's (virQEMUDriverConfig saveDir)
 
 
 def local_image_dir() -> Path:
@@ -237,6 +238,10 @@ class VM:
 
     def has_managed_save(self) -> bool:
         return bool(self.dom.hasManagedSaveImage(0))
+
+    def managed_save_path(self) -> str | None:
+        """Where libvirt keeps this domain's managed save image: known for the system daemon (None: another)."""
+        return f"{MANAGED_SAVE_DIR}/{self.name}.save" if urlparse(self.hv.uri).path == "/system" else None
 
     def xml(self) -> str:
         return str(self.dom.XMLDesc(0))
