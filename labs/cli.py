@@ -118,7 +118,33 @@ def test(tox_args: tuple[str, ...]) -> None:
     args = list(tox_args) or ["-e", "lint,tests,defects,nested"]
     tox = Path(sys.executable).with_name("tox")
     os.chdir(REPO_ROOT)
-    sys.exit(subprocess.call([str(tox), *args]))
+    early = None if tox_args else _build_nested_image_early()
+    rc = subprocess.call([str(tox), *args])
+    if early is not None:
+        # the nested stage waited for it (the image's lock); only a run that never got there is still building
+        early.wait()
+    sys.exit(rc)
+
+
+EARLY_IMAGE_LOG = REPO_ROOT / "reports" / "nested" / "image-build.log"
+EARLY_IMAGE_BUILD = "from labs.nested.image import main; raise SystemExit(main())"
+
+
+def _build_nested_image_early() -> subprocess.Popen[bytes] | None:
+    """Build the nested lab's image while lint, tests and defects run (a cold build is minutes of downloads
+    and unpacking, not only CPU); the nested stage then finds it built, or waits on its lock. Only where that
+    stage will build one: the machine can run the lab and no image of this recipe is cached.
+    LABS_NESTED_EARLY_IMAGE=0 leaves the build to the nested stage."""
+    from labs.nested.ci import cannot_run
+    from labs.nested.image import find_image
+    from labs.nested.recipe import Recipe
+
+    if os.environ.get("LABS_NESTED_EARLY_IMAGE") == "0" or cannot_run() or find_image(Recipe()) is not None:
+        return None
+    EARLY_IMAGE_LOG.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"lab: building the nested lab's image beside the other environments (log: {EARLY_IMAGE_LOG})")
+    with EARLY_IMAGE_LOG.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-c", EARLY_IMAGE_BUILD], stdout=log, stderr=subprocess.STDOUT)
 
 
 @main.command()

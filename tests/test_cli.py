@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from labs.cli import main
@@ -71,3 +72,34 @@ def test_janitor_after_a_clean_lab(sim_inventory_file: Path) -> None:
     result = lab("janitor", "--inventory", str(sim_inventory_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "janitor: nothing left over" in result.stdout
+
+
+def test_lab_test_builds_the_nested_image_beside_the_other_environments(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only where the nested stage would build one: the machine can run the lab and no image is cached."""
+    import labs.cli as cli
+    import labs.nested.ci as nested_ci
+    import labs.nested.image as nested_image
+
+    started: list[list[str]] = []
+
+    class Started:
+        def __init__(self, argv: list[str], **_kw: object) -> None:
+            started.append(argv)
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Started)
+    monkeypatch.setattr(cli, "EARLY_IMAGE_LOG", tmp_path / "image-build.log")
+    monkeypatch.setattr(nested_ci, "cannot_run", lambda: None)
+    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: None)
+    assert isinstance(cli._build_nested_image_early(), Started)
+    assert started == [[sys.executable, "-c", cli.EARLY_IMAGE_BUILD]]
+    monkeypatch.setenv("LABS_NESTED_EARLY_IMAGE", "0")
+    assert cli._build_nested_image_early() is None
+    monkeypatch.delenv("LABS_NESTED_EARLY_IMAGE")
+    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: object())  # cached: nothing to build
+    assert cli._build_nested_image_early() is None
+    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: None)
+    monkeypatch.setattr(nested_ci, "cannot_run", lambda: "no qemu")  # the nested stage skips: so does this
+    assert cli._build_nested_image_early() is None
+    assert len(started) == 1
