@@ -16,6 +16,7 @@ from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, SimDevice
 from labs.models import workload_for
 from labs.virt.xml import DomainSpec, domain_xml
+from labs.workloads import WorkloadReading
 from labs.workloads.build import build
 from labs.workloads.mailbox import MAGIC, MAILBOX_ADDR, SIZE, STATUS_RUNNING, Gap, Mailbox, PortStats, judge, parse_xp
 
@@ -78,6 +79,9 @@ def test_a_pause_pushed_out_of_the_ring_is_still_seen() -> None:
     problems = judge(_box(1000, max_gap_rtc=2), _box(1500), later, 2.0)
     assert any("stood still 30 s" in p for p in problems), problems
     assert judge(_box(1000, max_gap_rtc=30), _box(1500), later, 2.0) == []  # that gap came before the mark
+    # the guest's own clock too: the figure beside libvirt's downtime
+    reading = WorkloadReading("bootblock", "hostB", _box(1000), _box(1500), replace(later, max_gap_tsc=3_000_000))
+    assert reading.stall_s == 30 and reading.stall_guest_ms == 3000.0  # _box's TSC runs at 1000 kHz
 
 
 def test_a_pause_before_the_mark_is_not_this_moves() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import libvirt
 
-from labs.workloads.mailbox import Gap, Mailbox, judge, stall_since
+from labs.workloads.mailbox import Mailbox, judge, stall_since
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,6 @@ class WorkloadReading:
     problems: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def _gaps(self) -> list[Gap]:
-        since = self.before.heartbeat if self.before is not None else 0
-        return [g for g in self.later.gaps if g.heartbeat > since] if self.later is not None else []
-
     @property
     def stall_s(self) -> int | None:
         """The longest pause across the move by the guest's RTC (host wall time, whole seconds)."""
@@ -76,7 +72,7 @@ class WorkloadReading:
         """The longest pause across the move by the guest's TSC (its own clock: stops with the VM under TCG)."""
         if self.later is None or not self.later.tsc_khz:
             return None
-        return round(max((g.tsc for g in self._gaps()), default=0) / self.later.tsc_khz, 3)
+        return round(stall_since(self.before, self.later, "tsc") / self.later.tsc_khz, 3)
 
     def judge(self) -> None:
         if self.after is None or self.later is None:

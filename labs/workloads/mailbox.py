@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 MAILBOX_ADDR = 0x101000
 MAGIC = 0x4B42424C  # "LBBK"
@@ -162,14 +162,15 @@ def judge(
     return out
 
 
-def stall_since(before: Mailbox | None, later: Mailbox) -> int:
-    """The longest pause by the guest's RTC since `before` was read (whole seconds).
+def stall_since(before: Mailbox | None, later: Mailbox, clock: Literal["rtc", "tsc"] = "rtc") -> int:
+    """The longest pause since `before` was read: by the RTC (whole seconds) or the guest's TSC (ticks).
 
     From the gap ring, and from the all-time longest gap when it grew since `before`: then that gap came
     after it, even where more than MAX_GAPS later gaps pushed it out of the ring.
     """
     since = before.heartbeat if before is not None else 0
-    seen = [g.rtc_s for g in later.gaps if g.heartbeat > since]
-    if before is not None and later.max_gap_rtc > before.max_gap_rtc:
-        seen.append(later.max_gap_rtc)
+    seen = [g.rtc_s if clock == "rtc" else g.tsc for g in later.gaps if g.heartbeat > since]
+    longest = "max_gap_rtc" if clock == "rtc" else "max_gap_tsc"
+    if before is not None and getattr(later, longest) > getattr(before, longest):
+        seen.append(getattr(later, longest))
     return max(seen, default=0)
