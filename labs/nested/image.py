@@ -1,4 +1,4 @@
-"""Build the nested lab's base image: Debian trixie + kernel 6.12 + mtty.ko (+ labs_warn.ko) + libvirtd.
+"""Build the nested lab's base image: Debian trixie + kernel 6.12 + mtty.ko (+ mtty_faults.ko, labs_warn.ko) + libvirtd.
 
 The build runs in stages inside one cache directory (see recipe.image_dir):
 debootstrap, packages (apt in a chroot), mtty (kbuild against the image's own
@@ -378,13 +378,16 @@ class Builder:
             ]
         )
         (src / "labs_warn.c").write_text(self.recipe.warn_module_source)
-        (src / "Makefile").write_text("obj-m := mtty.o labs_warn.o\n")
+        shutil.copy(src / "mtty.c", src / "mtty_faults.c")
+        (src / "mtty_faults.patch").write_text(self.recipe.mtty_faults_patch)
+        (src / "Makefile").write_text("obj-m := mtty.o labs_warn.o mtty_faults.o\n")
         self.reporter.update(note="kbuild")
         with self.mounted():
+            self.chroot("patch", "-p1", "-d", "/usr/src/mtty", "-i", "/usr/src/mtty/mtty_faults.patch")
             self.chroot("make", "-C", f"/lib/modules/{kver}/build", "M=/usr/src/mtty", "modules")
             dest = self.root / f"lib/modules/{kver}/updates"
             dest.mkdir(parents=True, exist_ok=True)
-            for module in ("mtty.ko", "labs_warn.ko"):
+            for module in ("mtty.ko", "labs_warn.ko", "mtty_faults.ko"):
                 shutil.copy(src / module, dest / module)
             self.chroot("depmod", "-a", kver)
         # The 150 MB source tarball has served its purpose; the extracted mtty.c stays as a record.

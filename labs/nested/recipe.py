@@ -75,8 +75,11 @@ MODULE_DESCRIPTION("labs: a kernel WARNING on demand, for tests of the host kern
 MODULE_LICENSE("GPL");
 """
 
+# mtty with fault knobs, a patch kept in the repo (labs/nested/mtty_faults.patch)
+MTTY_FAULTS_PATCH = (Path(__file__).parent / "mtty_faults.patch").read_text()
+
 # Modules loaded at boot, in dependency order (modprobe resolves the rest).
-BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty")
+BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty", "mtty_faults")
 
 
 def default_mirror() -> str:
@@ -109,6 +112,7 @@ class Recipe:
     initrd_modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
     mtty_source: str = "samples/vfio-mdev/mtty.c"
     warn_module_source: str = LABS_WARN_C
+    mtty_faults_patch: str = MTTY_FAULTS_PATCH
     image_size_gb: int = 6
     sshd_config: tuple[str, ...] = (
         "PermitRootLogin prohibit-password",
