@@ -58,5 +58,6 @@ class DeviceAccess(Protocol):
         ...
 
     def faults(self, **knobs: Any) -> dict[str, Any]:
-        """A simulated driver's fault knobs (transitions=[{from, to, errno, error}], clear=True, ...)."""
+        """The driver's fault knobs (transitions=[{from, to, errno, error}], clear=True, ...): a simulated
+        driver's, or those of a real driver patched with them (the nested lab builds one)."""
         ...

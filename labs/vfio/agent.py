@@ -53,6 +53,7 @@ from labs.vfio.hostsys import (
     dma_logging_report,
     dma_logging_start,
     dma_logging_stop,
+    driver_faults,
     find_migration_region,
     mig_data_size,
     mig_flags,
@@ -64,6 +65,7 @@ from labs.vfio.hostsys import (
     read_exact_at,
     region_info,
     sim_backend,
+    sysfs_device_path,
     v1_reg_read,
     v1_reg_write,
     write_all_at,
@@ -557,6 +559,7 @@ class Agent(object):
             if not address:
                 raise ProtocolError("open %s needs an address or uuid" % kind)
             dfd, extra, info = open_host_device(sysl, kind, address, args.get("path", "auto"), args.get("noiommu"))
+            info["sysfs"] = sysfs_device_path(kind, address)
         h = self._new_handle("device", sysl, dfd)
         h.extra_fds = extra
         info.update(handle=h.id, backend=sysl.name, fd=dfd)
@@ -615,6 +618,18 @@ class Agent(object):
         if h is None:
             raise oserror(errno.EBADF, "no handle %r" % args.get("fd"))
         return {"fd": h.fd, "kind": h.kind, "cloexec": h.sys.cloexec(h.fd)}
+
+    def op_driver_faults(self, args):
+        """A real driver's labs fault knobs (module parameters): the sim drivers' `faults` spec. The device
+        by an open handle, or by kind and address while another user (QEMU) holds it."""
+        if "dev" in args:
+            h = self._get(args)
+            if not h.info.get("sysfs"):
+                raise oserror(errno.EOPNOTSUPP, "driver_faults: handle %d is not a real device" % h.id)
+            sysfs = h.info["sysfs"]
+        else:
+            sysfs = sysfs_device_path(args["kind"], args["address"])
+        return driver_faults(sysfs, args.get("spec") or {})
 
     def op_sim_control(self, args):
         h = self._get(args)

@@ -328,4 +328,8 @@ class DeviceHandle:
         return str(self.sim("fill", seed=seed)["digest"])
 
     def faults(self, **knobs: Any) -> dict[str, Any]:
-        return dict(self.sim("faults", **knobs))
+        """The driver's fault knobs: a simulated driver's, or a real driver's module parameters
+        (a patch adds them, labs/nested; the agent refuses a driver without them with EOPNOTSUPP)."""
+        if self.is_sim:
+            return dict(self.sim("faults", **knobs))
+        return dict(self.call("driver_faults", spec=knobs))

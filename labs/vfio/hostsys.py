@@ -34,6 +34,7 @@ from labs.vfio.abi import (
     ST_PRECOPY_INFO,
     ST_REGION_INFO,
     ST_SPARSE_AREA,
+    V2_STATES,
     VFIO_API_VERSION,
     VFIO_CHECK_EXTENSION,
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
@@ -148,6 +149,84 @@ def sysfs_device_path(kind, address):
     if kind == "mdev":
         return "/sys/bus/mdev/devices/%s" % address
     raise oserror(errno.EINVAL, "unknown device kind %r" % kind)
+
+
+# A real driver's labs fault knobs: module parameters a patch adds (the nested lab builds one, labs/nested)
+KNOBS = ("fail_from", "fail_to", "fail_errno", "fail_error", "fail_times", "stall_ms", "stream_cut", "stream_flip")
+KNOB_ANY_SOURCE = -2  # fail_from that matches an arc from any state
+KNOBS_OFF = {  # the module's defaults: disarmed
+    "fail_from": "-1",
+    "fail_to": "-1",
+    "fail_errno": "5",
+    "fail_error": "N",
+    "fail_times": "1",
+    "stall_ms": "0",
+    "stream_cut": "0",
+    "stream_flip": "-1",
+}
+
+
+def knob_dir(sysfs_dev):
+    """The parameters directory of the module whose driver is bound to the device, if it has the knobs."""
+    module = os.path.realpath(os.path.join(sysfs_dev, "driver", "module"))
+    params = os.path.join(module, "parameters")
+    if not os.path.exists(os.path.join(params, "fail_from")):
+        raise oserror(errno.EOPNOTSUPP, "%s: its driver (module %s) has no labs fault knobs"
+                      % (sysfs_dev, os.path.basename(module)))
+    return params
+
+
+def _errno_value(code):
+    if code is None:
+        return 0
+    if isinstance(code, str):
+        if not hasattr(errno, code):
+            raise oserror(errno.EINVAL, "unknown errno name %r" % code)
+        return getattr(errno, code)
+    return int(code)
+
+
+def driver_faults(sysfs_dev, spec):
+    """Arm, clear and read a real driver's knobs with the sim drivers' spec: transitions=[{from, to,
+    errno, error, times, stall_ms}] (one arc at a time; from '*': any source), stream_cut,
+    stream_flip, clear. Returns the knobs, with `fired` as it was before a clear."""
+    params = knob_dir(sysfs_dev)
+
+    def put(name, value):
+        with open(os.path.join(params, name), "w") as f:
+            f.write(str(value))
+
+    def get(name):
+        with open(os.path.join(params, name)) as f:
+            return f.read().strip()
+
+    fired = int(get("fired"))
+    if spec.get("clear"):
+        for name in KNOBS:
+            put(name, KNOBS_OFF[name])
+        put("fired", 0)
+    transitions = spec.get("transitions") or []
+    if len(transitions) > 1:
+        raise oserror(errno.EINVAL, "a real driver's knobs arm one arc at a time, not %d" % len(transitions))
+    for t in transitions:
+        src, dst = str(t["from"]).upper(), str(t["to"]).upper()
+        for name in (src, dst):
+            if name != "*" and name not in V2_STATES:
+                raise oserror(errno.EINVAL, "unknown state %r in the arc %s -> %s" % (name, src, dst))
+        times = t.get("times")
+        put("fail_from", -1)  # disarmed while the rest is written
+        put("fail_errno", _errno_value(t.get("errno", "EIO")))
+        put("fail_error", "Y" if t.get("error") else "N")
+        put("fail_times", -1 if times is None else int(times))
+        put("stall_ms", int(t.get("stall_ms") or 0))
+        put("fail_to", V2_STATES[dst])
+        put("fail_from", KNOB_ANY_SOURCE if src == "*" else V2_STATES[src])
+    for name in ("stream_cut", "stream_flip"):
+        if name in spec:
+            put(name, int(spec[name]))
+    out = dict((name, get(name)) for name in KNOBS)
+    out["fired"] = fired
+    return out
 
 
 def open_group_path(sysl, sysfs_dev, name, noiommu=None):
