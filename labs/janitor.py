@@ -32,10 +32,13 @@ from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice
 from labs.liveruns import live_runs
+from labs.models import has_fault_knobs
 from labs.reservations import ReservationBusy, list_reservations, reserve, sweep_stale
 from labs.session import LabSession
 from labs.vfio.access import RUNNING_STATES
 from labs.vfio.client import AgentOSError
+from labs.vfio.device import DeviceHandle
+from labs.vfio.hostsys import KNOBS_OFF
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM, hypervisor, local_image_dir
 
 RUN_PREFIX = "labs-"
@@ -121,6 +124,8 @@ def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
         try:
             out += _restore_mdev(session, device)
             with open_device(session, device) as dev:
+                if device.spec.kind != "sim" and has_fault_knobs(device):
+                    out += _disarm(device, dev)
                 state = dev.state()
                 if state not in RUNNING_STATES:
                     dev.reset()
@@ -130,6 +135,17 @@ def _devices(session: LabSession, devices: list[LabDevice]) -> list[str]:
         finally:
             held.release()
     return out
+
+
+def _disarm(device: LabDevice, dev: DeviceHandle) -> list[str]:
+    """A killed run's DriverArcFailure leaves the real driver's knobs armed (they are its module's: every
+    device of the driver on the host shares them)."""
+    armed = {k: v for k, v in dev.faults().items() if k in KNOBS_OFF and str(v) != KNOBS_OFF[k]}
+    if not armed:
+        return []
+    dev.faults(clear=True)
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted(armed.items()))
+    return [f"{device.id}: disarmed its driver's fault knobs ({knobs})"]
 
 
 def _restore_mdev(session: LabSession, device: LabDevice) -> list[str]:

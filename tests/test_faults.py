@@ -327,8 +327,8 @@ def test_device_transition_failure_disarms_and_resets() -> None:
     assert fake.knobs == {} and fake.st == "RUNNING" and fake.resets == 1
 
 
-def test_transition_knob_only_on_simulated_devices() -> None:
-    with pytest.raises(InfraError, match="only on simulated drivers"):
+def test_transition_knob_only_where_the_driver_has_knobs() -> None:
+    with pytest.raises(InfraError, match="its driver has no transition fault knob"):
         DeviceTransitionFailure(FakeDevice(), _mdev(), "STOP->STOP_COPY")  # type: ignore[arg-type]
 
 

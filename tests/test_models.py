@@ -270,7 +270,7 @@ def test_the_smoke_suite_runs_with_a_model_installed_through_the_entry_point(tmp
 
 
 def test_the_sample_mdev_is_named_only_in_its_model_and_the_nested_lab() -> None:
-    allowed = {Path("labs/models/mtty.py")}
+    allowed = {Path("labs/models/mtty.py"), Path("labs/models/mtty_faults.py")}
     found = [
         path.relative_to(REPO_ROOT)
         for path in (REPO_ROOT / "labs").rglob("*.py")

@@ -11,6 +11,7 @@ from labs.faults.device import (
     IncompatibleDestinationMdev,
 )
 from labs.faults.disk import FullFilesystem
+from labs.faults.driver import DriverArcFailure
 from labs.faults.job import (
     AbortJob,
     AbortOnDestination,
@@ -33,6 +34,7 @@ __all__ = [
     "DestinationLacksDevice",
     "DestroyDuringFinish",
     "DeviceTransitionFailure",
+    "DriverArcFailure",
     "Fault",
     "FaultLedger",
     "FaultRecord",

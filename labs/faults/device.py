@@ -22,7 +22,7 @@ from labs.faults import mdevs
 from labs.faults.base import ExpectedError, Fault
 from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
-from labs.models import StreamLayout
+from labs.models import StreamLayout, has_fault_knobs
 from labs.transport import HostConnection
 from labs.vfio.access import RUNNING_STATES, DeviceAccess
 from labs.vfio.client import AgentOSError
@@ -123,7 +123,9 @@ class IncompatibleDestinationMdev(Fault):
 
 
 class DeviceTransitionFailure(Fault):
-    """A simulated driver fails one transition (fault knob through the device layer); undo disarms it.
+    """The driver fails one transition (fault knob through the device layer); undo disarms it.
+
+    A simulated driver, or a real one patched with the knobs (the nested lab builds one).
 
     `arc` is "SRC->DST" in state names; `to_error` makes the failure land in
     ERROR instead of leaving the device where it was.
@@ -135,10 +137,10 @@ class DeviceTransitionFailure(Fault):
         self, dev: DeviceAccess, device: LabDevice, arc: str, errno: str = "EIO", to_error: bool = False
     ) -> None:
         super().__init__(f"{device.id} {arc} -> {errno}{' (ERROR)' if to_error else ''}")
-        if device.spec.kind != "sim":
+        if not has_fault_knobs(device):
             raise InfraError(
-                f"{device.id}: a transition fault knob exists only on simulated drivers; "
-                "on real devices use CorruptResumeStream (spec 5.4)"
+                f"{device.id}: its driver has no transition fault knob (simulated drivers have one, and real "
+                "drivers whose model declares them); on other real devices use CorruptResumeStream (spec 5.4)"
             )
         src, dst = (part.strip().upper() for part in arc.split("->"))
         self.dev = dev

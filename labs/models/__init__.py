@@ -90,6 +90,7 @@ class DeviceModel:
     kernel_log_allow: tuple[str, ...] = ()  # regular expressions of benign kernel log lines of the driver
     known_issues: tuple[KnownIssue, ...] = ()
     workload: GuestWorkload | None = None  # the guest workload, where the model has one
+    fault_knobs: bool = False  # its driver takes the labs fault knobs (DeviceAccess.faults) as a real device
 
     @property
     def flags(self) -> frozenset[Capability]:
@@ -184,6 +185,11 @@ def model_of(device: LabDevice) -> DeviceModel:
         if model.matches is not None and model.matches(spec):
             return model
     return load("sim") if spec.kind == "sim" else GENERIC[spec.kind]
+
+
+def has_fault_knobs(device: LabDevice) -> bool:
+    """Can the device's driver be told to fail an arc: a simulated driver, or a real one whose model says so."""
+    return device.spec.kind == "sim" or model_of(device).fault_knobs
 
 
 def model_for_pci_id(pci_id: tuple[int, int]) -> DeviceModel | None:

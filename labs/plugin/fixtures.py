@@ -12,6 +12,7 @@ from labs.attachments import attach
 from labs.errors import LabError
 from labs.inventory import LabDevice, LabHost, LabPair
 from labs.inventory.models import Capability
+from labs.models import has_fault_knobs
 from labs.plugin.kernels import judge_kernels, watch_kernels
 from labs.plugin.state import LAB_FIXTURES, LabState, state_of
 from labs.reservations import ReservationBusy, reserve
@@ -57,6 +58,8 @@ def _skip_device(request: pytest.FixtureRequest, state: LabState, device: LabDev
     missing = [c.value for c in wanted if c not in device.capabilities]
     if missing:
         pytest.skip(f"{device.id} lacks capability {', '.join(missing)}")
+    if request.node.get_closest_marker("fault_knobs") and not has_fault_knobs(device):
+        pytest.skip(f"{device.id}: its driver has no fault knobs (a sim driver, or a model that has them)")
     sim_only = request.node.get_closest_marker("sim_only")
     if sim_only and device.spec.kind != "sim":
         reason = sim_only.args[0] if sim_only.args else "simulated devices only"

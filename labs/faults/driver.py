@@ -1,0 +1,78 @@
+"""The device's own driver fails an arc while QEMU drives it: a real driver's fault knobs (the nested
+lab builds one from a patch in labs/nested), armed through the host's agent by the device's
+sysfs path, since QEMU holds the device. Undo disarms them; `lab janitor` disarms those a killed run
+left armed (labs.janitor). The knobs are the driver module's: one armed arc per host at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from labs.errors import InfraError
+from labs.faults.base import ExpectedError, Fault, Side
+from labs.inventory import LabDevice
+from labs.inventory.models import MdevDevice, PciDevice
+from labs.models import has_fault_knobs
+from labs.vfio.client import AgentClient
+from labs.virt.sequence import EventPattern
+
+
+def knob_target(device: LabDevice) -> tuple[str, str]:
+    """The agent's way to the device's driver without opening it: kind and address."""
+    spec = device.spec
+    if isinstance(spec, MdevDevice):
+        return "mdev", spec.uuid
+    if isinstance(spec, PciDevice):
+        return "pci", spec.pci
+    raise InfraError(f"{device.id}: a {spec.kind} device's knobs are the sim driver's (DeviceAccess.faults)")
+
+
+class DriverArcFailure(Fault):
+    """One arc of the device's migration FSM fails in its driver with `errno`, staying put or entering
+    ERROR (`to_error`), the next time QEMU takes it. The outcome (which side runs, the libvirt errors,
+    each side's lifecycle events) is the caller's data: it depends on where in the job the arc falls."""
+
+    name = "driver-arc-failure"
+
+    def __init__(
+        self,
+        agent: Callable[[], AbstractContextManager[AgentClient]],
+        device: LabDevice,
+        arc: str,
+        *,
+        runs_on: Side,
+        errors: tuple[ExpectedError, ...],
+        source_events: EventPattern | None = None,
+        destination_events: EventPattern | None = None,
+        errno: str = "EIO",
+        to_error: bool = True,
+    ) -> None:
+        if device.spec.kind == "sim" or not has_fault_knobs(device):
+            raise InfraError(f"{device.id}: no real driver with fault knobs (a model that declares them)")
+        src, dst = (part.strip().upper() for part in arc.split("->"))
+        self.runs_on = runs_on
+        self.expected_errors = errors
+        if source_events is not None:
+            self.source_events = source_events
+        if destination_events is not None:
+            self.destination_events = destination_events
+        super().__init__(f"{device.id} {src}->{dst} -> {errno}{' (ERROR)' if to_error else ''}")
+        self.agent = agent  # the host's agent, borrowed for each call only (labs.agentpool.agent_for)
+        self.device = device
+        self.knob = {"from": src, "to": dst, "errno": errno, "error": to_error, "times": 1}
+        self.fired: int | None = None  # how often the arc failed, read when disarmed
+
+    def _call(self, spec: dict[str, Any]) -> dict[str, Any]:
+        kind, address = knob_target(self.device)
+        with self.agent() as client:
+            return dict(client.call("driver_faults", spec=spec, kind=kind, address=address))
+
+    def _inject(self) -> None:
+        self._call({"clear": True, "transitions": [self.knob]})
+        self.note(f"armed {self.knob} in {self.device.id}'s driver on {self.device.host.name}")
+
+    def _undo(self) -> None:
+        self.fired = int(self._call({"clear": True})["fired"])
+        self.note(f"disarmed the driver's knobs (the arc failed {self.fired} times)")
