@@ -6,7 +6,8 @@
    and exits 0: a skip with its reason, never tests reported as passed.
 2. `up` (build or reuse the image, boot, mdevs, inventory).
 3. pytest: tests/nested, then the VM-level and device-level suites against
-   inventories/nested.yaml (one JUnit file and the Allure results under reports/nested/).
+   inventories/nested.yaml on plain mtty; then the recovery suite on mtty_faults, the real
+   driver with fault knobs (JUnit files and the Allure results under reports/nested/).
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 
@@ -38,6 +39,13 @@ DEFAULT_SUITES = (
     "suites/conformance",
     "suites/recovery",
 )
+# Plain mtty runs every suite; mtty_faults (the same driver with fault knobs) only those that need a
+# driver failing on command: every other suite would run twice over on it.
+PLAIN_DEVICES = "*:mtty-*"
+KNOB_DEVICES = "*:mtty_faults-*"
+KNOB_SUITES = ("suites/recovery",)
+# the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
+KNOB_DESELECT = "not test_refused_stream_then_reset"
 MIN_DISK_GB = 8.0  # image 1.1 GB + build tree ~3 GB + overlays; generous
 MIN_BUDGET_S = 1800.0  # a cold build (~120-230 s), boot (~90 s) and the suites (~20 min) with room
 DEFAULT_BUDGET_S = 4800.0
@@ -82,6 +90,14 @@ def suites() -> list[str]:
     raw = os.environ.get("LABS_NESTED_SUITES", "").split()
     chosen = raw or [s for s in DEFAULT_SUITES if (REPO_ROOT / s).exists()]
     return chosen
+
+
+def runs() -> list[tuple[str, list[str], str]]:
+    """(device glob, pytest paths and options, JUnit file name) of each pytest run: plain mtty, then mtty_faults."""
+    chosen = suites()
+    knobs = [s for s in chosen if any(s.rstrip("/") == k or s.startswith(f"{k}/") for k in KNOB_SUITES)]
+    second = [(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
+    return [(PLAIN_DEVICES, chosen, "junit.xml"), *second]
 
 
 class _Terminated(Exception):
@@ -145,20 +161,25 @@ def main(argv: list[str]) -> int:
             up = lifecycle.up()
             note = f"; {up.note}" if up.note else ""
             print(f"nested: up in {time.monotonic() - t:.0f}s, {up.how} {up.seconds}{note}", flush=True)
-        args = [
-            *suites(),
-            f"--inventory={lifecycle.NESTED_INVENTORY}",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            "--durations=40",
-            f"--junitxml={reports / 'junit.xml'}",
-            # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
-            f"--alluredir={reports / 'allure'}",
-            "--clean-alluredir",
-            *argv,
-        ]
-        rc = _pytest(args, deadline)
+        rc = 0
+        for i, (devices, paths, junit) in enumerate(runs()):
+            args = [
+                *paths,
+                f"--inventory={lifecycle.NESTED_INVENTORY}",
+                f"--lab-device={devices}",
+                "-p",
+                "no:cacheprovider",
+                "-rs",
+                "--durations=40",
+                f"--junitxml={reports / junit}",
+                # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
+                f"--alluredir={reports / 'allure'}",
+                *(["--clean-alluredir"] if i == 0 else []),
+                *argv,
+            ]
+            print(f"nested: pytest on {devices}: {' '.join(paths)}", flush=True)
+            got = _pytest(args, deadline)
+            rc = rc or got
         for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:

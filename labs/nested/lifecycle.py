@@ -50,6 +50,11 @@ MTTY_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 COMPANION_TYPE = "mtty-1"
 COMPANION_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
 MULTI_VM = "multi"
+# mtty with fault knobs (labs/nested/mtty_faults.patch), its own parent: the real driver that fails on
+# command. Its own pair; the nested CI stage runs only the recovery suites on it (labs.nested.ci)
+FAULTS_PARENT = "mtty_faults"
+FAULTS_TYPE = "mtty_faults-2"
+FAULTS_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa2001"
 DEFAULT_BASE_PORT = 22300
 # mtty's DMA-logging REPORT fails on Debian's kernel (no CONFIG_IOMMUFD_DRIVER, findings 1-3): QEMU
 # migrates it only with device dirty tracking off and migration forced on.
@@ -113,9 +118,10 @@ def mdev_count() -> int:
     return int(raw)
 
 
-def _mdevs() -> list[tuple[str, str]]:
-    """(mdev type, UUID) of each mtty mdev a nested host gets."""
-    return [(MTTY_TYPE, MTTY_UUID), (COMPANION_TYPE, COMPANION_UUID)][: mdev_count()]
+def _mdevs() -> list[tuple[str, str, str]]:
+    """(parent, mdev type, UUID) of each mdev a nested host gets: mtty's, then mtty_faults' one."""
+    plain = [(MTTY_PARENT, MTTY_TYPE, MTTY_UUID), (MTTY_PARENT, COMPANION_TYPE, COMPANION_UUID)][: mdev_count()]
+    return [*plain, (FAULTS_PARENT, FAULTS_TYPE, FAULTS_UUID)]
 
 
 def specs(port: int | None = None, memory_mb: int = 3072, cpus: int = 2) -> list[VmSpec]:
@@ -262,6 +268,7 @@ def libvirt_uri(spec: VmSpec, keys: Keys) -> str:
 def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]]) -> dict[str, Any]:
     hosts: dict[str, Any] = {}
     mdevs = _mdevs()
+    multi = mdev_count() > 1
     for s in all_specs:
         hosts[s.name] = {
             "address": "127.0.0.1",
@@ -278,7 +285,7 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
                     "kind": "mdev",
                     "name": mdev_type,
                     "model": mdev_type,
-                    "parent": MTTY_PARENT,
+                    "parent": parent,
                     "type": mdev_type,
                     "uuid": mdev_uuid,
                     "protocol": "v2",
@@ -287,8 +294,8 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
                     "qemu_properties": dict(MTTY_QEMU_PROPERTIES),
                     "kernel_log_allow": list(MTTY_KERNEL_LOG_ALLOW),
                 }
-                | ({"vm": MULTI_VM} if len(mdevs) > 1 else {})
-                for mdev_type, mdev_uuid in mdevs
+                | ({"vm": MULTI_VM} if multi and parent == MTTY_PARENT else {})
+                for parent, mdev_type, mdev_uuid in mdevs
             ],
         }
     return {
@@ -302,7 +309,10 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
         "hosts": hosts,
         # one pair: the suites' there-and-back scenarios cover B -> A too; the reverse pair would run
         # every migration test twice over (about 20 min more under TCG)
-        "pairs": [{"source": f"{all_specs[0].name}:{MTTY_TYPE}", "destination": f"{all_specs[1].name}:{MTTY_TYPE}"}],
+        "pairs": [
+            {"source": f"{all_specs[0].name}:{name}", "destination": f"{all_specs[1].name}:{name}"}
+            for name in (MTTY_TYPE, FAULTS_TYPE)
+        ],
     }
 
 
@@ -585,7 +595,7 @@ def _wait_for_ssh(vms: list[Vm], keys: Keys, rep: RichReporter, timeout: float) 
 # Each host's setup after boot, in order (idempotent: a restored host runs it again as its check).
 SETUP_COMMANDS: tuple[tuple[str, float], ...] = (
     (
-        "lsmod | grep -q '^mtty ' || modprobe mtty; {create}",  # {create}: the host's mdevs (setup_commands)
+        "modprobe mtty && modprobe mtty_faults && {create}",  # {create}: the host's mdevs (setup_commands)
         120.0,
     ),
     # cpuset stays on at the root, so starting and stopping domains never live-patches the kernel's
@@ -605,10 +615,10 @@ SETUP_COMMANDS: tuple[tuple[str, float], ...] = (
 
 def setup_commands() -> tuple[tuple[str, float], ...]:
     """SETUP_COMMANDS with the mdevs this lab's hosts get (LABS_NESTED_MDEVS)."""
-    types = f"/sys/class/mdev_bus/{MTTY_PARENT}/mdev_supported_types"
     create = " && ".join(
-        f"(test -e /sys/bus/mdev/devices/{uuid} || echo {uuid} > {types}/{mdev_type}/create)"
-        for mdev_type, uuid in _mdevs()
+        f"(test -e /sys/bus/mdev/devices/{uuid} || "
+        f"echo {uuid} > /sys/class/mdev_bus/{parent}/mdev_supported_types/{mdev_type}/create)"
+        for parent, mdev_type, uuid in _mdevs()
     )
     return tuple((command.replace("{create}", create), t) for command, t in SETUP_COMMANDS)
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from filelock import FileLock
 
+from labs import models
 from labs.errors import InfraError
 from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
@@ -186,7 +187,13 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     lifecycle.write_inventory(path, doc)
     assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
     inv = load_inventory(path)
-    assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2"]  # one pair; there-and-back covers b->a
+    # one pair per driver; there-and-back covers b->a. The knob driver is its own model (labs.models)
+    assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2", "nested-a->nested-b:mtty_faults-2"]
+    assert [models.model_of(d).name for d in inv.devices if d.host.name == "nested-a"] == ["mtty", "mtty_faults"]
+    assert [models.has_fault_knobs(d) for d in inv.devices if d.host.name == "nested-a"] == [False, True]
+    create = lifecycle.setup_commands()[0][0]
+    assert "modprobe mtty_faults" in create
+    assert f"{lifecycle.FAULTS_UUID} > /sys/class/mdev_bus/mtty_faults/mdev_supported_types/mtty_faults-2" in create
     uri = doc["hosts"]["nested-a"]["libvirt_uri"]
     assert uri.startswith("qemu+ssh://root@127.0.0.1:30001/system?") and f"command={keys.ssh_command}" in uri
     wrapper = keys.ssh_command.read_text()
@@ -202,8 +209,9 @@ def test_example_inventory_is_valid() -> None:
     doc = InventoryDoc.model_validate(yaml.safe_load(example.read_text()))
     assert set(doc.hosts) == set(lifecycle.HOST_NAMES)
     for host in doc.hosts.values():
-        (device,) = host.devices
-        assert device.kind == "mdev" and device.protocol == "v2"
+        plain, faults = host.devices
+        assert plain.kind == faults.kind == "mdev" and plain.protocol == faults.protocol == "v2"
+        assert (plain.parent, faults.parent) == (lifecycle.MTTY_PARENT, lifecycle.FAULTS_PARENT)
 
 
 def test_down_removes_only_a_generated_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
