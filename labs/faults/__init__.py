@@ -11,7 +11,7 @@ from labs.faults.device import (
     IncompatibleDestinationMdev,
 )
 from labs.faults.disk import FullFilesystem
-from labs.faults.driver import DriverArcFailure
+from labs.faults.driver import DriverArcFailure, DriverStreamCut
 from labs.faults.job import (
     AbortJob,
     AbortOnDestination,
@@ -35,6 +35,7 @@ __all__ = [
     "DestroyDuringFinish",
     "DeviceTransitionFailure",
     "DriverArcFailure",
+    "DriverStreamCut",
     "Fault",
     "FaultLedger",
     "FaultRecord",

@@ -29,10 +29,56 @@ def knob_target(device: LabDevice) -> tuple[str, str]:
     raise InfraError(f"{device.id}: a {spec.kind} device's knobs are the sim driver's (DeviceAccess.faults)")
 
 
-class DriverArcFailure(Fault):
+class DriverKnobs(Fault):
+    """Arm a real driver's knobs (`spec`, the agent's driver_faults), the next job or save meets them; undo
+    reads what fired and disarms. The outcome (which side runs, the libvirt errors, each side's lifecycle
+    events) is the caller's data: it depends on where in the job the driver misbehaves."""
+
+    def __init__(
+        self,
+        agent: Callable[[], AbstractContextManager[AgentClient]],
+        device: LabDevice,
+        what: str,
+        spec: dict[str, Any],
+        *,
+        runs_on: Side,
+        errors: tuple[ExpectedError, ...],
+        source_events: EventPattern | None = None,
+        destination_events: EventPattern | None = None,
+    ) -> None:
+        if device.spec.kind == "sim" or not has_fault_knobs(device):
+            raise InfraError(f"{device.id}: no real driver with fault knobs (a model that declares them)")
+        self.runs_on = runs_on
+        self.expected_errors = errors
+        if source_events is not None:
+            self.source_events = source_events
+        if destination_events is not None:
+            self.destination_events = destination_events
+        super().__init__(f"{device.id} {what}")
+        self.agent = agent  # the host's agent, borrowed for each call only (labs.agentpool.agent_for)
+        self.device = device
+        self.spec = spec
+        self.fired: int | None = None  # how often an armed arc failed, read at undo
+        self.left: dict[str, Any] = {}  # the knobs as undo found them (a one-shot knob that fired is back off)
+
+    def _call(self, spec: dict[str, Any]) -> dict[str, Any]:
+        kind, address = knob_target(self.device)
+        with self.agent() as client:
+            return dict(client.call("driver_faults", spec=spec, kind=kind, address=address))
+
+    def _inject(self) -> None:
+        self._call({"clear": True, **self.spec})
+        self.note(f"armed {self.spec} in {self.device.id}'s driver on {self.device.host.name}")
+
+    def _undo(self) -> None:
+        self.left = self._call({})
+        self.fired = int(self._call({"clear": True})["fired"])
+        self.note(f"disarmed the driver's knobs (an arc failed {self.fired} times; found {self.left})")
+
+
+class DriverArcFailure(DriverKnobs):
     """One arc of the device's migration FSM fails in its driver with `errno`, staying put or entering
-    ERROR (`to_error`), the next time QEMU takes it. The outcome (which side runs, the libvirt errors,
-    each side's lifecycle events) is the caller's data: it depends on where in the job the arc falls."""
+    ERROR (`to_error`), the next time QEMU takes it ('*->STOP_COPY': from any state)."""
 
     name = "driver-arc-failure"
 
@@ -42,37 +88,27 @@ class DriverArcFailure(Fault):
         device: LabDevice,
         arc: str,
         *,
-        runs_on: Side,
-        errors: tuple[ExpectedError, ...],
-        source_events: EventPattern | None = None,
-        destination_events: EventPattern | None = None,
         errno: str = "EIO",
         to_error: bool = True,
+        **outcome: Any,
     ) -> None:
-        if device.spec.kind == "sim" or not has_fault_knobs(device):
-            raise InfraError(f"{device.id}: no real driver with fault knobs (a model that declares them)")
         src, dst = (part.strip().upper() for part in arc.split("->"))
-        self.runs_on = runs_on
-        self.expected_errors = errors
-        if source_events is not None:
-            self.source_events = source_events
-        if destination_events is not None:
-            self.destination_events = destination_events
-        super().__init__(f"{device.id} {src}->{dst} -> {errno}{' (ERROR)' if to_error else ''}")
-        self.agent = agent  # the host's agent, borrowed for each call only (labs.agentpool.agent_for)
-        self.device = device
-        self.knob = {"from": src, "to": dst, "errno": errno, "error": to_error, "times": 1}
-        self.fired: int | None = None  # how often the arc failed, read when disarmed
+        knob = {"from": src, "to": dst, "errno": errno, "error": to_error, "times": 1}
+        what = f"{src}->{dst} -> {errno}{' (ERROR)' if to_error else ''}"
+        super().__init__(agent, device, what, {"transitions": [knob]}, **outcome)
 
-    def _call(self, spec: dict[str, Any]) -> dict[str, Any]:
-        kind, address = knob_target(self.device)
-        with self.agent() as client:
-            return dict(client.call("driver_faults", spec=spec, kind=kind, address=address))
 
-    def _inject(self) -> None:
-        self._call({"clear": True, "transitions": [self.knob]})
-        self.note(f"armed {self.knob} in {self.device.id}'s driver on {self.device.host.name}")
+class DriverStreamCut(DriverKnobs):
+    """The driver's next saved stream ends `cut` bytes short (a source driver that loses the tail of its
+    state); `landed` says whether a save met it."""
 
-    def _undo(self) -> None:
-        self.fired = int(self._call({"clear": True})["fired"])
-        self.note(f"disarmed the driver's knobs (the arc failed {self.fired} times)")
+    name = "driver-stream-cut"
+
+    def __init__(
+        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, cut: int, **outcome: Any
+    ) -> None:
+        super().__init__(agent, device, f"saved stream cut by {cut} bytes", {"stream_cut": cut}, **outcome)
+
+    @property
+    def landed(self) -> bool:
+        return str(self.left.get("stream_cut", "")) == "0"

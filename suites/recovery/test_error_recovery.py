@@ -2,9 +2,11 @@
 RUNNING read back, then a device save/resume cycle, a VM save/restore and a live migration succeed.
 
 The device is driven through the device layer (the agent); the VM steps run through libvirt once
-the agent has let go of the device. On the sim lab VM save/restore runs on libvirt's test:///
-driver, which never touches the device: after its checks that test ends as a skip saying so;
-the live migration is skipped there with the missing capability as the reason.
+the agent has let go of the device. ERROR by a fault knob runs on simulated drivers and on a real
+kernel driver built with knobs (mtty_faults, in the nested lab); other devices enter by a stream.
+On the sim lab VM save/restore runs on libvirt's test:/// driver, which never touches the device:
+after its checks that test ends as a skip saying so; the live migration is skipped there with the
+missing capability as the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 
 from labs.agentpool import open_device
 from labs.inventory import LabDevice, LabPair
+from labs.models import has_fault_knobs
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
@@ -31,10 +34,10 @@ def _recover(lab: LabSession, scenario: Scenario, device: LabDevice, entry: rc.E
 
 def _entry(device: LabDevice) -> rc.Entry:
     """ERROR by the fault knob where there is one; a corrupted stream works on every device."""
-    return "knob" if device.spec.kind == "sim" else "truncate"
+    return "knob" if has_fault_knobs(device) else "truncate"
 
 
-@pytest.mark.sim_only("fault knobs need a simulated driver")
+@pytest.mark.fault_knobs
 @pytest.mark.rule("V1-R9", "V1-R19", "V2-R15", "V2-R16")
 def test_error_by_fault_knob(lab: LabSession, device: LabDevice, scenario: Scenario) -> None:
     rec = _recover(lab, scenario, device, "knob")

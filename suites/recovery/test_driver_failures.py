@@ -1,0 +1,164 @@
+"""The real driver's own failures, through the real kernel, QEMU and libvirt: a driver with fault knobs
+(the nested lab's mtty_faults) fails an arc into ERROR while QEMU drives it; the job's outcome is
+asserted (which side runs, the libvirt error by domain and code, each side's lifecycle events), the
+device and the guest are read back, and a migration or save after it must pass.
+
+Measured on QEMU 10.0 and libvirt 11.3 (docs/nested-findings.md): QEMU resets a device that fails an
+arc into ERROR itself ("Recover state is ERROR. Resetting device"), so the agent reads it RUNNING
+after the job. A source that fails STOP_COPY fails the job and the guest goes on at the source. A
+destination that fails RESUMING -> STOP does not fail the job: QEMU cannot report a failure once the
+guest is set running, resets the device and runs the guest without the device's state, and libvirt
+reports success; so does a source driver that sends its stream short (the destination's load fails
+in the same arc). The lab's readback must catch that loss; it is shown as a known issue of the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
+from typing import Any
+
+import libvirt
+import pytest
+
+from labs.agentpool import agent_for
+from labs.faults.base import ExpectedError, error_name
+from labs.faults.driver import DriverArcFailure, DriverKnobs, DriverStreamCut
+from labs.inventory import LabDevice, LabPair
+from labs.scenarios import migration as mig
+from labs.scenarios import probing
+from labs.scenarios import save_resume as sr
+from labs.scenarios.context import Scenario
+from labs.scenarios.faulted import migrate_under_fault
+from labs.scenarios.known import xfail_known
+from labs.scenarios.readback import read_back
+from labs.scenarios.support import require
+from labs.session import LabSession
+from labs.vfio.client import AgentClient
+from labs.virt.capabilities import VirtCapability
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE
+
+pytestmark = [pytest.mark.recovery, pytest.mark.fault, pytest.mark.fault_knobs]
+
+# measured: the incoming side's "load of migration failed: Invalid argument" once the source's device
+# stream ends short; the source's own failure to enter STOP_COPY may be reported first
+SOURCE_STOP_COPY_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
+# hw/vfio/migration.c, vfio_vmstate_change: "Migration should be aborted in this case, but
+# vm_state_notify() currently does not support reporting failures"
+# measured: "job 'domain save' failed: Channel error: Invalid argument"
+SAVE_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
+STREAM_CUT = 16
+QEMU_RUNS_LOST_STATE = (
+    "QEMU 10.0 cannot fail an incoming migration once the guest is set running: it resets the device that "
+    "failed to load its state (RESUMING -> STOP) and runs the guest without it, and libvirt reports success "
+    "(hw/vfio/migration.c vfio_vmstate_change; docs/nested-findings.md)"
+)
+
+
+def _agent(scenario: Scenario, device: LabDevice) -> Callable[[], AbstractContextManager[AgentClient]]:
+    return partial(agent_for, scenario.session, device.host.name)
+
+
+def _real(*devices: LabDevice) -> None:
+    sims = [d.id for d in devices if d.spec.kind == "sim"]
+    if sims:
+        pytest.skip(f"{', '.join(sims)}: a simulated driver; these failures need a real driver with knobs under QEMU")
+
+
+@pytest.mark.live_migration
+@pytest.mark.requires("stop_copy")
+def test_source_fails_stop_copy(migratable: LabPair, scenario: Scenario) -> None:
+    """The source's driver fails the arc into STOP_COPY: the job fails, the guest goes on at the source with
+    its device state and counters, and the next migration passes."""
+    src = migratable.source
+    _real(src, migratable.destination)
+    vm = sr.start_vm(scenario, src, "drvsrc")
+    fault = partial(
+        DriverArcFailure, _agent(scenario, src), src, "*->STOP_COPY", runs_on="source", errors=SOURCE_STOP_COPY_ERRORS
+    )
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: fault(), "before")
+    assert isinstance(run.fault, DriverArcFailure)
+    assert run.fault.fired == 1, f"the source driver's armed arc failed {run.fault.fired} times, not once"
+    assert not run.failed.result.ok, "the migration succeeded though the source's device failed STOP_COPY"
+    assert not run.problems, "; ".join(run.problems)
+    xfail_known(run.known_issues)
+
+
+def _losing_state(way: str, scenario: Scenario, pair: LabPair) -> DriverKnobs:
+    """A driver misbehaving so that the destination never loads the device's state."""
+    completes: dict[str, Any] = {"runs_on": "destination", "errors": ()}
+    completes |= {"source_events": MIGRATED_SOURCE, "destination_events": MIGRATED_DESTINATION}
+    if way == "destination-fails-resuming-exit":
+        dst = pair.destination
+        return DriverArcFailure(_agent(scenario, dst), dst, "RESUMING->STOP", **completes)
+    # two ports' state is 72 bytes after the 24-byte header: the header still validates, the load fails
+    return DriverStreamCut(_agent(scenario, pair.source), pair.source, STREAM_CUT, **completes)
+
+
+@pytest.mark.live_migration
+@pytest.mark.requires("stop_copy")
+@pytest.mark.parametrize("way", ["destination-fails-resuming-exit", "source-stream-cut"])
+def test_destination_never_loads_the_state(migratable: LabPair, scenario: Scenario, way: str) -> None:
+    """The destination's driver fails RESUMING -> STOP, or the source's sends its stream short so the
+    destination's load fails: the stack completes the job with the device's state lost. The readback
+    must say so; a fresh VM's migration after it must pass."""
+    dst = migratable.destination
+    _real(migratable.source, dst)
+    vm = sr.start_vm(scenario, migratable.source, "drvdst")
+    fault = scenario.inject(_losing_state(way, scenario, migratable))
+    expect = mig.LegExpectation("destination", MIGRATED_SOURCE, MIGRATED_DESTINATION)
+    moved, leg = mig.migrate_leg(scenario, vm, migratable.source, dst, scenario=f"migrate, {way}", expect=expect)
+    fault.undo()
+    if isinstance(fault, DriverStreamCut):
+        assert fault.landed, f"the source's stream was never cut: {fault.left}"
+    else:
+        assert fault.fired == 1, f"the destination driver's armed arc failed {fault.fired} times, not once"
+    assert leg.result.ok, f"the job failed, not the outcome measured on this stack: {leg.result.error}"
+    assert leg.readback.running_on == [dst.host.name], f"runs on {leg.readback.running_on}"
+    lost = [p for p in leg.problems if "device state lost" in p]
+    assert lost, "the destination's device never loaded the state, yet the readback found the device state intact"
+    other = [p for p in leg.problems if "device state lost" not in p and not p.startswith("guest ")]
+    assert not other, "; ".join(other)
+    with scenario.steps.step(f"remove {moved.name}: its guest ran on a device without its state"):
+        moved.remove()
+    fresh = sr.start_vm(scenario, migratable.source, "drvdst-after")
+    _vm, after = mig.there_and_back(scenario, fresh, migratable, rounds=1)
+    assert [leg.result.ok for leg in after.legs] == [True, True], [leg.result.error for leg in after.legs]
+    assert not after.problems, "; ".join(after.problems)
+    pytest.xfail(f"{QEMU_RUNS_LOST_STATE}; the readback caught it: {'; '.join(lost)}")
+
+
+@pytest.mark.save_resume
+def test_save_with_failing_device(lab: LabSession, device: LabDevice, scenario: Scenario) -> None:
+    """The driver fails the arc into STOP_COPY while the VM is saved: the save fails, the guest goes on where it
+    was with its device state, and a save and restore after it pass."""
+    _real(device)
+    require(lab, [device.host], VirtCapability.SAVE_RESTORE, VirtCapability.QEMU_MONITOR)
+    vm = sr.start_vm(scenario, device, "drvsave")
+    fault = scenario.inject(
+        DriverArcFailure(_agent(scenario, device), device, "*->STOP_COPY", runs_on="source", errors=())
+    )
+    path = scenario.image_path(vm.hv, vm.name)
+    with scenario.steps.step(f"save {vm} to {path} with the device failing STOP_COPY") as rec:
+        with pytest.raises(libvirt.libvirtError) as refused:
+            vm.dom.save(path)
+        failed = error_name(refused.value.get_error_domain(), refused.value.get_error_code())
+        rec.detail = {"error": failed, "message": refused.value.get_error_message()}
+    fault.undo()
+    assert fault.fired == 1, f"the driver's armed arc failed {fault.fired} times, not once"
+    assert failed in map(str, SAVE_ERRORS), f"the save failed with {failed}, not {SAVE_ERRORS}: {refused.value}"
+    after = read_back(
+        lab,
+        [vm.hv],
+        vm.name,
+        [device],
+        title="readback after the failed save",
+        steps=scenario.steps,
+        marks=probing.marks(scenario, vm),
+    )
+    problems = after.problems(expect_on=device.host.name)
+    assert not problems, "; ".join(problems)
+    result = sr.save_restore(scenario, vm, device)
+    problems = result.save_problems + result.final.problems(expect_on=device.host.name)
+    assert not problems, "; ".join(problems)

@@ -1,0 +1,166 @@
+"""A real driver's fault knobs, tested without the kernel: the agent's module-parameter writes on a fake
+sysfs, the fault that arms them through a fake agent, the model that declares them, the marker that
+selects their devices, and the nested CI stage's second run on them."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labs import models
+from labs.errors import InfraError
+from labs.faults.driver import DriverArcFailure, DriverStreamCut
+from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import Host, MdevDevice, SimDevice
+from labs.nested import ci
+from labs.vfio import hostsys
+
+UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa2001"
+
+
+def _sysfs(tmp_path: Path, knobs: bool = True) -> Path:
+    """/sys/bus/mdev/devices/<uuid> -> driver -> module -> parameters, as the kernel links them."""
+    module = tmp_path / "module" / "mtty_faults"
+    (module / "parameters").mkdir(parents=True)
+    if knobs:
+        for name, value in {**hostsys.KNOBS_OFF, "fired": "0"}.items():
+            (module / "parameters" / name).write_text(value + "\n")
+    driver = tmp_path / "drivers" / "mtty_faults"
+    driver.mkdir(parents=True)
+    (driver / "module").symlink_to(module)
+    dev = tmp_path / "devices" / UUID
+    dev.mkdir(parents=True)
+    (dev / "driver").symlink_to(driver)
+    return dev
+
+
+def _params(dev: Path) -> dict[str, str]:
+    params = dev.resolve() / "driver" / "module" / "parameters"
+    return {p.name: p.read_text().strip() for p in params.resolve().iterdir()}
+
+
+def test_an_arc_is_armed_as_the_kernel_numbers_its_states(tmp_path: Path) -> None:
+    dev = _sysfs(tmp_path)
+    arc = {"from": "PRE_COPY_P2P", "to": "STOP_COPY", "errno": "EIO", "error": True, "times": 1}
+    hostsys.driver_faults(str(dev), {"transitions": [arc]})
+    got = _params(dev)
+    assert (got["fail_from"], got["fail_to"], got["fail_errno"], got["fail_error"], got["fail_times"]) == (
+        "7",
+        "3",
+        str(errno.EIO),
+        "Y",
+        "1",
+    )
+    hostsys.driver_faults(str(dev), {"transitions": [{"from": "*", "to": "STOP_COPY", "errno": 0, "stall_ms": 40}]})
+    got = _params(dev)
+    assert (got["fail_from"], got["fail_errno"], got["fail_times"], got["stall_ms"]) == ("-2", "0", "-1", "40")
+
+
+def test_clear_disarms_and_reports_how_often_the_arc_failed(tmp_path: Path) -> None:
+    dev = _sysfs(tmp_path)
+    hostsys.driver_faults(str(dev), {"transitions": [{"from": "RESUMING", "to": "STOP"}], "stream_cut": 8})
+    params = dev.resolve() / "driver" / "module" / "parameters"
+    (params.resolve() / "fired").write_text("1\n")  # the driver failed the arc once
+    out = hostsys.driver_faults(str(dev), {"clear": True})
+    assert out["fired"] == 1
+    assert {k: v for k, v in _params(dev).items() if k != "fired"} == hostsys.KNOBS_OFF
+    assert _params(dev)["fired"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("spec", "code"),
+    [
+        ({"transitions": [{"from": "STOP", "to": "STOP_COPY"}, {"from": "RUNNING", "to": "STOP"}]}, "EINVAL"),
+        ({"transitions": [{"from": "STOPPED", "to": "STOP_COPY"}]}, "EINVAL"),
+        ({"transitions": [{"from": "STOP", "to": "STOP_COPY", "errno": "ENOPE"}]}, "EINVAL"),
+    ],
+    ids=["two-arcs", "unknown-state", "unknown-errno"],
+)
+def test_what_the_knobs_cannot_do_is_refused(tmp_path: Path, spec: dict[str, Any], code: str) -> None:
+    dev = _sysfs(tmp_path)
+    with pytest.raises(OSError) as refused:
+        hostsys.driver_faults(str(dev), spec)
+    assert refused.value.errno == getattr(errno, code)
+    assert _params(dev)["fail_from"] == "-1"  # nothing half-armed
+
+
+def test_a_driver_without_knobs_says_so(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as refused:
+        hostsys.driver_faults(str(_sysfs(tmp_path, knobs=False)), {"clear": True})
+    assert refused.value.errno == errno.EOPNOTSUPP and "no labs fault knobs" in str(refused.value)
+
+
+def _device(parent: str, type_: str) -> LabDevice:
+    spec = MdevDevice(kind="mdev", parent=parent, type=type_, uuid=UUID, protocol="v2")
+    return LabDevice(LabHost("nested-a", Host(address="127.0.0.1", devices=(spec,))), 0, spec)
+
+
+def test_only_the_knob_model_and_sim_drivers_have_knobs() -> None:
+    faults, plain = _device("mtty_faults", "mtty_faults-2"), _device("mtty", "mtty-2")
+    assert models.model_of(faults).name == "mtty_faults" and models.has_fault_knobs(faults)
+    assert models.model_of(plain).name == "mtty" and not models.has_fault_knobs(plain)
+    assert models.model_of(faults).incompatible == {"mtty_faults-1": "mtty_faults-2", "mtty_faults-2": "mtty_faults-1"}
+    sim = SimDevice(kind="sim", protocol="v2", driver="labs.sim.v2:V2Driver")
+    assert models.has_fault_knobs(LabDevice(LabHost("h", Host(address="x", devices=(sim,))), 0, sim))
+
+
+class FakeAgent:
+    """The agent's driver_faults on a driver whose one-shot knobs fired (`fired` arcs, the cut consumed)."""
+
+    def __init__(self, fired: int = 1) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fired = fired
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.calls.append({"op": op, **args})
+        return {"fired": self.fired, "stream_cut": "0", "fail_from": "-1"}
+
+    @contextmanager
+    def borrow(self) -> Iterator[Any]:
+        yield self
+
+
+def test_the_fault_arms_one_arc_by_the_device_address_and_undo_reads_fired() -> None:
+    agent = FakeAgent()
+    device = _device("mtty_faults", "mtty_faults-2")
+    fault = DriverArcFailure(agent.borrow, device, "resuming -> stop", runs_on="destination", errors=())
+    fault.inject()
+    fault.undo()
+    armed, read, cleared = agent.calls
+    assert armed["op"] == "driver_faults" and armed["kind"] == "mdev" and armed["address"] == UUID
+    arc = {"from": "RESUMING", "to": "STOP", "errno": "EIO", "error": True, "times": 1}
+    assert armed["spec"] == {"clear": True, "transitions": [arc]}
+    assert read["spec"] == {} and cleared["spec"] == {"clear": True} and fault.fired == 1
+    assert fault.outcome.runs_on == "destination"
+    with pytest.raises(InfraError, match="no real driver with fault knobs"):
+        DriverArcFailure(agent.borrow, _device("mtty", "mtty-2"), "STOP->STOP_COPY", runs_on="source", errors=())
+
+
+def test_a_stream_cut_says_whether_a_save_met_it() -> None:
+    agent = FakeAgent(fired=0)
+    fault = DriverStreamCut(agent.borrow, _device("mtty_faults", "mtty_faults-2"), 16, runs_on="source", errors=())
+    fault.inject()
+    assert agent.calls[0]["spec"] == {"clear": True, "stream_cut": 16}
+    fault.undo()
+    assert fault.landed
+    agent.call = lambda op, **args: {"fired": 0, "stream_cut": "16"}  # type: ignore[method-assign]
+    missed = DriverStreamCut(agent.borrow, _device("mtty_faults", "mtty_faults-2"), 16, runs_on="source", errors=())
+    missed.inject()
+    missed.undo()
+    assert not missed.landed
+
+
+def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LABS_NESTED_SUITES", raising=False)
+    plain, knobs = ci.runs()
+    assert plain[0] == ci.PLAIN_DEVICES and "suites/recovery" in plain[1] and "suites/smoke" in plain[1]
+    assert knobs == (ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
+    monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke tests/nested")
+    assert [r[0] for r in ci.runs()] == [ci.PLAIN_DEVICES]
+    monkeypatch.setenv("LABS_NESTED_SUITES", "suites/recovery/test_driver_failures.py")
+    assert ci.runs()[1][1][0] == "suites/recovery/test_driver_failures.py"
