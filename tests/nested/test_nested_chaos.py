@@ -2,14 +2,15 @@
 
 Each round starts one test of suites/migration (round 1: a fault that removes or creates an
 mdev; round 2, one of: a killed destination or source QEMU, a cut link, an aborted job, a plain migration, a
-libvirt daemon stopped or killed, a degraded link, an abort on the destination, a destroy during finish)
+libvirt daemon stopped or killed, a degraded link, an abort on the destination, a destroy during finish,
+the real driver failing an arc or cutting its stream short (suites/recovery on mtty_faults))
 against the nested lab, waits until the run reaches the destination host (an incoming domain,
 a fault's mdev record or firewall table, the inventory's mdev removed), then a random few
 seconds so that the kill lands in the fault or the migration, and SIGKILLs the whole process
 group. Then `lab janitor`, and on both hosts nothing of the killed run may be left: domains, QEMUs, save
 images, mdevs other than the inventory's (and the inventory's all present), mdev records, agents,
 firewall rules with its tag, netem qdiscs and records, a libvirt daemon stopped or dead, reservation
-records and held locks; nor its run marks here. A
+records and held locks, a driver's fault knobs left armed; nor its run marks here. A
 normal migration must pass afterwards.
 
 LABS_CHAOS_SEED=<int> replays a sequence (the seed is in every assertion message). The test runs
@@ -58,8 +59,13 @@ ROUNDS = (
         "test_degraded_link",
         "test_abort_on_destination",
         "test_destroy_during_finish",
+        # the real driver failing an arc or sending its stream short (suites/recovery, on mtty_faults)
+        "recovery::test_source_fails_stop_copy",
+        "recovery::test_destination_never_loads_the_state",
     ),
 )
+# the suite and the devices a round's test runs on: plain mtty, or the driver with fault knobs
+WHERE = {"migration": ("migration", "*:mtty-*"), "recovery": ("recovery", "*:mtty_faults-*")}
 MAX_DELAY_S = 6.0  # after the destination is touched: inside the fault or the TCG migration (5-15 s)
 START_WAIT_S = 240.0  # pytest start, doctor, the first VM and its fault on a busy 2-core machine
 LOCK_DIR = "/run/labs/locks"
@@ -84,6 +90,9 @@ done
 command -v iptables >/dev/null && iptables -S INPUT | grep -F -- "$tag" | sed 's/^/iptables /'
 for o in {locks}/*.owner; do [ -e "$o" ] && echo "reservation-record $o $(cat "$o")"; done
 for f in {locks}/*.lock; do [ -e "$f" ] && {{ flock -n "$f" true || echo "held-lock $f"; }}; done
+p=/sys/module/mtty_faults/parameters
+[ -d $p ] && {{ [ "$(cat $p/fail_from)" = -1 ] || echo "knob fail_from=$(cat $p/fail_from)"; }}
+[ -d $p ] && {{ [ "$(cat $p/stream_cut)" = 0 ] || echo "knob stream_cut=$(cat $p/stream_cut)"; }}
 true
 """
 TOUCHED_SCRIPT = """
@@ -145,11 +154,12 @@ def touched_destination(session: LabSession, run_id: str, seen: list[str]) -> Ca
     return ready
 
 
-def pytest_args(*selection: str) -> list[str]:
+def pytest_args(*selection: str, devices: str = "*:mtty-*") -> list[str]:
     # no doctor in the children: the session's own doctor found the hosts healthy, and the migration after the
     # kills is what proves they still are
     return [
         *selection,
+        f"--lab-device={devices}",
         "-p",
         "no:cacheprovider",
         "-q",
@@ -167,7 +177,8 @@ def test_killed_migration_runs_leave_nothing_the_janitor_misses(nested: LabSessi
     for n, choices in enumerate(ROUNDS, start=1):
         run_id, test, delay = chaos_run_id(rng), rng.choice(choices), rng.uniform(0.0, MAX_DELAY_S)
         what = f"seed {seed}, round {n}, run {run_id}, {test} killed {delay:.1f}s after it reached the destination"
-        args = pytest_args(str(SUITES / "migration"), "-k", test)
+        suite, devices = WHERE[test.split("::")[0] if "::" in test else "migration"]
+        args = pytest_args(str(SUITES / suite), "-k", test.split("::")[-1], devices=devices)
         log = tmp_path / f"round{n}.log"
         seen: list[str] = []
         # what the hosts held before the round (this session's own agents, when suites ran first) is not the run's
