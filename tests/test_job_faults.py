@@ -25,7 +25,7 @@ from labs.scenarios import faulted
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import FaultedMigration, expectation, migrate_under_fault
-from labs.scenarios.full_save import FullSave
+from labs.scenarios.full_save import FailedSave
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import Readback, SideView
 from labs.session import LabSession
@@ -183,7 +183,7 @@ def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_r
     Fault.__init__(fault, "hostA:/var/tmp/labs-full/x")
     rb = Readback("d", [SideView("hostA", "running")])
     following = sr.SaveResumeResult(vm=None, readbacks=[rb])  # type: ignore[arg-type]
-    full = FullSave(
+    full = FailedSave(
         fault,
         "hostA",
         "operation failed: No space left on device",
@@ -197,7 +197,7 @@ def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_r
     full.error_code = libvirt.VIR_ERR_OPERATION_ABORTED
     assert "not the fault's" in full.problems[0]
     full.error = None
-    assert "the save to a full filesystem succeeded" in full.problems
+    assert "the save under a full filesystem succeeded" in full.problems
     full.state_after = "paused"
     assert "after the failed save the VM is paused, not running" in full.problems
 

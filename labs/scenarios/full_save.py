@@ -1,4 +1,6 @@
-"""A VM saved to a full filesystem: the save fails with its error, the VM runs on, a save after it succeeds."""
+"""A VM save under a fault that must fail it (a full filesystem, a device whose driver fails the save):
+the save fails with the fault's error, the VM runs on with its device state and guest, a save after it
+succeeds."""
 
 from __future__ import annotations
 
@@ -6,10 +8,11 @@ from dataclasses import dataclass
 
 import libvirt
 
-from labs.faults.base import error_name
+from labs.faults.base import Fault, error_name
 from labs.faults.disk import FullFilesystem
 from labs.faults.network import rule_tag
 from labs.inventory import LabDevice
+from labs.scenarios import probing
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, read_back
@@ -17,8 +20,8 @@ from labs.virt.domain import VM
 
 
 @dataclass
-class FullSave:
-    fault: FullFilesystem
+class FailedSave:
+    fault: Fault
     host: str
     error: str | None = None
     error_domain: int | None = None
@@ -26,16 +29,17 @@ class FullSave:
     state_after: str = "absent"  # the domain's state after the failed save
     readback: Readback | None = None
     following: sr.SaveResumeResult | None = None
+    under: str = "a full filesystem"  # what the save met, for the messages
 
     @property
     def problems(self) -> list[str]:
         out: list[str] = []
         if self.error is None:
-            out.append("the save to a full filesystem succeeded")
+            out.append(f"the save under {self.under} succeeded")
         elif not self.fault.matches(self.error_domain, self.error_code):
             expected = " or ".join(map(str, self.fault.expected_errors))
             got = error_name(self.error_domain, self.error_code)
-            out.append(f"the save to a full filesystem failed with {got}, not the fault's ({expected}): {self.error}")
+            out.append(f"the save under {self.under} failed with {got}, not the fault's ({expected}): {self.error}")
         if self.state_after != "running":
             out.append(f"after the failed save the VM is {self.state_after}, not running")
         if self.readback is not None:
@@ -54,13 +58,12 @@ class FullSave:
         return [k for rb in rbs for k in rb.known_issues]
 
 
-def save_to_full_filesystem(sc: Scenario, vm: VM, device: LabDevice) -> FullSave:
-    ssh = sc.session.ssh(vm.hv.name)
-    fault = FullFilesystem(ssh, rule_tag(sc.run_id, f"full_{vm.name[-12:]}"))
+def save_under_fault(sc: Scenario, vm: VM, device: LabDevice, fault: Fault, path: str, under: str) -> FailedSave:
+    """Save `vm` to `path` with `fault` injected: the error, the state, the readback (device probe and guest
+    against their marks), the undo, then a save and restore that must pass."""
     sc.inject(fault)
-    out = FullSave(fault, vm.hv.name)
-    path = fault.image(vm.name)
-    with sc.steps.step(f"save {vm} to {path} (a full filesystem)") as rec:
+    out = FailedSave(fault, vm.hv.name, under=under)
+    with sc.steps.step(f"save {vm} to {path} ({under})") as rec:
         try:
             vm.dom.save(path)
         except libvirt.libvirtError as exc:
@@ -76,10 +79,21 @@ def save_to_full_filesystem(sc: Scenario, vm: VM, device: LabDevice) -> FullSave
             "state": out.state_after,
         }
     out.readback = read_back(
-        sc.session, [vm.hv], vm.name, [device], title="readback after the failed save", steps=sc.steps
+        sc.session,
+        [vm.hv],
+        vm.name,
+        [device],
+        title="readback after the failed save",
+        steps=sc.steps,
+        marks=probing.marks(sc, vm),
     )
     with sc.steps.step(f"undo {fault.name}"):
         fault.undo()
     if out.state_after == "running":
         out.following = sr.save_restore(sc, vm, device)
     return out
+
+
+def save_to_full_filesystem(sc: Scenario, vm: VM, device: LabDevice) -> FailedSave:
+    fault = FullFilesystem(sc.session.ssh(vm.hv.name), rule_tag(sc.run_id, f"full_{vm.name[-12:]}"))
+    return save_under_fault(sc, vm, device, fault, fault.image(vm.name), "a full filesystem")
