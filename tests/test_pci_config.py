@@ -221,7 +221,8 @@ def test_nested_inventory_groups_a_second_mdev(monkeypatch: pytest.MonkeyPatch, 
     path = tmp_path / "nested.yaml"
     lab.write_inventory(path, lab.inventory_doc(lab.specs(), keys, {}))
     inv = load_inventory(path)
-    (pair,) = inv.pairs
+    pair, faults = inv.pairs
+    assert faults.id == "nested-a->nested-b:mtty_faults-2" and inv.group_pairs(faults) == (faults,)
     group = inv.group_pairs(pair)
     if mdevs == "1":
         assert group == (pair,) and pair.source.spec.vm is None
