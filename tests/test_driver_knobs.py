@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from labs import models
+from labs import janitor, models
 from labs.errors import InfraError
 from labs.faults.driver import DriverArcFailure, DriverStreamCut
 from labs.inventory import LabDevice, LabHost
@@ -164,3 +164,28 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     assert [r[0] for r in ci.runs()] == [ci.PLAIN_DEVICES]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/recovery/test_driver_failures.py")
     assert ci.runs()[1][1][0] == "suites/recovery/test_driver_failures.py"
+
+
+class KnobDevice:
+    """A device handle whose driver's knobs are as `knobs` says (DeviceHandle.faults)."""
+
+    def __init__(self, **knobs: str) -> None:
+        self.knobs = {**hostsys.KNOBS_OFF, **knobs, "fired": 0}
+        self.cleared = 0
+
+    def faults(self, **spec: Any) -> dict[str, Any]:
+        if spec.get("clear"):
+            self.knobs = {**hostsys.KNOBS_OFF, "fired": 0}
+            self.cleared += 1
+        return dict(self.knobs)
+
+
+def test_the_janitor_disarms_only_knobs_left_armed() -> None:
+    device = _device("mtty_faults", "mtty_faults-2")
+    armed = KnobDevice(fail_from="4", fail_to="1", fail_error="Y")
+    assert janitor._disarm(device, armed) == [  # type: ignore[arg-type]
+        f"{device.id}: disarmed its driver's fault knobs (fail_error=Y, fail_from=4, fail_to=1)"
+    ]
+    assert armed.cleared == 1 and armed.knobs["fail_from"] == "-1"
+    idle = KnobDevice()
+    assert janitor._disarm(device, idle) == [] and idle.cleared == 0  # type: ignore[arg-type]
