@@ -12,10 +12,9 @@ from labs.faults.base import Fault, error_name
 from labs.faults.disk import FullFilesystem
 from labs.faults.network import rule_tag
 from labs.inventory import LabDevice
-from labs.scenarios import probing
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.readback import Readback, read_back
+from labs.scenarios.readback import Readback
 from labs.virt.domain import VM
 
 
@@ -78,15 +77,7 @@ def save_under_fault(sc: Scenario, vm: VM, device: LabDevice, fault: Fault, path
             "message": out.error,
             "state": out.state_after,
         }
-    out.readback = read_back(
-        sc.session,
-        [vm.hv],
-        vm.name,
-        [device],
-        title="readback after the failed save",
-        steps=sc.steps,
-        marks=probing.marks(sc, vm),
-    )
+    out.readback = sr.read_on_host(sc, vm, device, "readback after the failed save", marked=True)
     with sc.steps.step(f"undo {fault.name}"):
         fault.undo()
     if out.state_after == "running":

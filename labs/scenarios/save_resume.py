@@ -67,6 +67,12 @@ def _note(vm: VM) -> str:
     return f" ({TEST_DRIVER_NOTE})" if vm.hv.is_test_driver else ""
 
 
+def read_on_host(sc: Scenario, vm: VM, device: LabDevice, title: str, *, marked: bool = False) -> Readback:
+    """The readback of `vm` on its own host; `marked`: the device probe and the guest judged against their marks."""
+    marks = probing.marks(sc, vm) if marked else ()
+    return read_back(sc.session, [vm.hv], vm.name, [device], title=title, steps=sc.steps, marks=marks)
+
+
 def start_vm(sc: Scenario, device: LabDevice, label: str, memory_mib: int | None = None) -> VM:
     vm = sc.define_vm(device, label, memory_mib)
     ensure_idle(sc.session, device, sc.steps)
@@ -104,22 +110,10 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
         result.save_stats = completed_stats(vm.hv, name=vm.name)
         _count_device_streams(sc, vm, device, path, result)
         rec.detail = {**result.save_stats, "device_streams_in_image": result.device_streams}
-    result.readbacks.append(
-        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after save", steps=sc.steps)
-    )
+    result.readbacks.append(read_on_host(sc, vm, device, "readback after save"))
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from {path}"):
         vm.hv.restore(path, vm.name)
-    result.readbacks.append(
-        read_back(
-            sc.session,
-            [vm.hv],
-            vm.name,
-            [device],
-            title="readback after restore",
-            steps=sc.steps,
-            marks=probing.marks(sc, vm),
-        )
-    )
+    result.readbacks.append(read_on_host(sc, vm, device, "readback after restore", marked=True))
     return result
 
 
@@ -138,9 +132,7 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
             unknown = f"{vm.hv.uri} keeps it where only the system daemon's directory is known"
             result.notes.append(f"the managed save image was not searched for the device's stream: {unknown}")
         rec.detail = {**result.save_stats, "image": path, "device_streams_in_image": result.device_streams}
-    result.readbacks.append(
-        read_back(sc.session, [vm.hv], vm.name, [device], title="readback after managed save", steps=sc.steps)
-    )
+    result.readbacks.append(read_on_host(sc, vm, device, "readback after managed save"))
     with sc.steps.step(f"start {vm} from its managed save image"):
         mark = vm.hv.events.mark()
         vm.start()
@@ -148,17 +140,7 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
         result.notes.append(f"start event: {event}" if event else "no start event seen")
         if vm.has_managed_save():
             raise InfraError(f"{vm}: managed save image still present after start")
-    result.readbacks.append(
-        read_back(
-            sc.session,
-            [vm.hv],
-            vm.name,
-            [device],
-            title="readback after start",
-            steps=sc.steps,
-            marks=probing.marks(sc, vm),
-        )
-    )
+    result.readbacks.append(read_on_host(sc, vm, device, "readback after start", marked=True))
     return result
 
 
@@ -284,9 +266,7 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
     path = _save(sc, vm)
     fault = sc.inject(CorruptSaveImage(sc.session.ssh(vm.hv.name), path, layout, how, device.host.spec.python))
     out.refused = _restore_or_refusal(sc, vm, path, f"the damaged image ({how})")
-    out.after_refusal = read_back(
-        sc.session, [vm.hv], vm.name, [device], title=f"readback after the {how} restore", steps=sc.steps
-    )
+    out.after_refusal = read_on_host(sc, vm, device, f"readback after the {how} restore")
     out.device_state_after = out.after_refusal.devices[0].state if out.after_refusal.devices else None
     recover_devices(sc.session, out.after_refusal, [device], steps=sc.steps)
     out.recovered_by_reset = bool(out.after_refusal.devices and out.after_refusal.devices[0].recovered_from)
@@ -296,15 +276,7 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
         return out  # accepted: the VM runs from a damaged stream; the test says so
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the repaired image"):
         vm.hv.restore(path, vm.name)
-    out.following = read_back(
-        sc.session,
-        [vm.hv],
-        vm.name,
-        [device],
-        title="readback after the following restore",
-        steps=sc.steps,
-        marks=probing.marks(sc, vm),
-    )
+    out.following = read_on_host(sc, vm, device, "readback after the following restore", marked=True)
     return out
 
 
@@ -326,13 +298,5 @@ def restore_altered(sc: Scenario, vm: VM, device: LabDevice, how: str) -> Altere
     fault = sc.inject(AlterSaveImagePayload(sc.session.ssh(vm.hv.name), path, layout, how, device.host.spec.python))
     out.nothing = fault.nothing
     out.refused = _restore_or_refusal(sc, vm, path, f"the altered image ({how})")
-    out.readback = read_back(
-        sc.session,
-        [vm.hv],
-        vm.name,
-        [device],
-        title=f"readback after the {how} restore",
-        steps=sc.steps,
-        marks=probing.marks(sc, vm),
-    )
+    out.readback = read_on_host(sc, vm, device, f"readback after the {how} restore", marked=True)
     return out
