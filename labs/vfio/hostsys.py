@@ -152,7 +152,6 @@ def sysfs_device_path(kind, address):
 
 
 # A real driver's labs fault knobs: module parameters a patch adds (the nested lab builds one, labs/nested)
-KNOBS = ("fail_from", "fail_to", "fail_errno", "fail_error", "fail_times", "stall_ms", "stream_cut", "stream_flip")
 KNOB_ANY_SOURCE = -2  # fail_from that matches an arc from any state
 KNOBS_OFF = {  # the module's defaults: disarmed
     "fail_from": "-1",
@@ -164,6 +163,7 @@ KNOBS_OFF = {  # the module's defaults: disarmed
     "stream_cut": "0",
     "stream_flip": "-1",
 }
+KNOBS = tuple(KNOBS_OFF)
 
 
 def knob_dir(sysfs_dev):
