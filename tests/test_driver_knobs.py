@@ -14,7 +14,7 @@ import pytest
 
 from labs import janitor, models
 from labs.errors import InfraError
-from labs.faults.driver import DriverArcFailure, DriverStreamCut
+from labs.faults.driver import DriverArcFailure, DriverSlowArc, DriverStreamCut
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, SimDevice
 from labs.nested import ci
@@ -139,6 +139,25 @@ def test_the_fault_arms_one_arc_by_the_device_address_and_undo_reads_fired() -> 
     assert fault.outcome.runs_on == "destination"
     with pytest.raises(InfraError, match="no real driver with fault knobs"):
         DriverArcFailure(agent.borrow, _device("mtty", "mtty-2"), "STOP->STOP_COPY", runs_on="source", errors=())
+
+
+def test_a_slow_arc_stalls_once_and_then_succeeds(tmp_path: Path) -> None:
+    agent = FakeAgent()
+    fault = DriverSlowArc(agent.borrow, _device("mtty_faults", "mtty_faults-2"), "* -> stop_copy", 8000)
+    fault.inject()
+    spec = agent.calls[0]["spec"]
+    assert spec["transitions"] == [{"from": "*", "to": "STOP_COPY", "errno": None, "stall_ms": 8000, "times": 1}]
+    assert fault.outcome.runs_on == "destination" and fault.outcome.errors == ()
+    dev = _sysfs(tmp_path)
+    hostsys.driver_faults(str(dev), {k: v for k, v in spec.items() if k != "clear"})
+    got = _params(dev)
+    assert (got["fail_from"], got["fail_to"], got["fail_errno"], got["stall_ms"], got["fail_times"]) == (
+        "-2",
+        "3",
+        "0",  # no errno: the driver goes on with the arc after the stall
+        "8000",
+        "1",
+    )
 
 
 def test_a_stream_cut_says_whether_a_save_met_it() -> None:

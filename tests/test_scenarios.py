@@ -10,9 +10,11 @@ import pytest
 
 from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault, FaultNotInjected
+from labs.faults.job import MigrationDeadline
+from labs.faults.netem import DegradedLink
 from labs.hostwatch import infra_error
 from labs.inventory import LabDevice, LabPair
-from labs.inventory.models import Capability, MdevDevice, SimDevice
+from labs.inventory.models import Capability, LabSettings, MdevDevice, SimDevice
 from labs.janitor import janitor
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
@@ -327,6 +329,34 @@ def test_a_migration_that_moved_no_device_bytes_fails() -> None:
     assert _leg(True, {}).problems == []  # not reported (test:///, an old QEMU): nothing to assert
     result = sr.SaveResumeResult(vm=None, save_stats={"vfio_data_transferred": 0})  # type: ignore[arg-type]
     assert result.save_problems and not sr.SaveResumeResult(vm=None).save_problems  # type: ignore[arg-type]
+
+
+def test_a_completed_migration_over_the_downtime_budget_fails() -> None:
+    """Old behaviour: no check compared libvirt's downtime with the inventory's, so a driver that took seconds
+    in the switchover passed (the guest's stall is judged against the same downtime)."""
+
+    def leg(ok: bool, completed: dict[str, int], budget: int | None = 5000) -> Leg:
+        out = _leg(ok, {"vfio_data_transferred": 8192, **completed})
+        out.downtime_budget_ms = budget
+        return out
+
+    assert leg(True, {"downtime": 8042}).problems == ["downtime 8042 ms, over the lab's budget of 5000 ms"]
+    assert leg(True, {"downtime": 5000}).problems == []
+    assert leg(True, {}).problems == [
+        "libvirt reported no downtime for the completed migration: its budget (5000 ms) is unjudged"
+    ]
+    assert leg(False, {"downtime": 8042}).downtime_problems == []  # a failed job has no switchover to judge
+    assert leg(True, {"downtime": 8042}, budget=None).problems == []  # a fault that stops the guest: not judged
+
+
+def test_the_downtime_budget_defaults_to_the_downtime_asked_of_qemu() -> None:
+    assert LabSettings().downtime_budget is None
+    assert LabSettings(max_downtime_ms=5000).downtime_budget == 5000
+    assert LabSettings(max_downtime_ms=300, downtime_budget_ms=1000).downtime_budget == 1000
+    assert [f.name for f in (DegradedLink, MigrationDeadline) if f.stretches_downtime] == [
+        DegradedLink.name,
+        MigrationDeadline.name,
+    ]
 
 
 def test_the_destination_is_judged_before_the_recovery_reset(sim_session: LabSession) -> None:

@@ -15,6 +15,9 @@ import pytest
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, SimDevice
 from labs.models import workload_for
+from labs.scenarios.migration import Leg
+from labs.scenarios.readback import Readback, SideView
+from labs.virt.migrate import MigrationResult
 from labs.virt.xml import DomainSpec, domain_xml
 from labs.workloads import WorkloadReading
 from labs.workloads.build import build
@@ -207,3 +210,23 @@ def test_the_readback_fails_on_what_the_guest_saw() -> None:
         "guest bootblock on hostB: mailbox not read: InfraError: no monitor"
     ]
     assert rb.as_dict()["sides"][0]["guest"][0]["before"]["heartbeat"] == 1000
+
+
+def test_a_guest_pause_over_the_downtime_budget_fails_the_leg_that_libvirt_passed() -> None:
+    """Old behaviour: a source driver 8 s slow into STOP_COPY passed: libvirt's downtime (805 ms) leaves the
+    arc out, and the guest's pause was judged only against that same downtime."""
+    reading = WorkloadReading("bootblock", "hostB", _box(1000), _box(1500), _box(1600, gaps=[Gap(1200, 0, 10)]))
+    assert (reading.stall_s, reading.stall_at_least_s) == (10, 8)
+    short = WorkloadReading("bootblock", "hostB", _box(1000), _box(1500), _box(1600, gaps=[Gap(1200, 0, 1)]))
+    assert short.stall_at_least_s == 0  # a second by the RTC is within its slack
+
+    def leg(guest: WorkloadReading) -> Leg:
+        done = MigrationResult("hostA", "hostB", "d", ok=True, completed={"downtime": 805, "vfio_data_transferred": 96})
+        sides = [SideView("hostA", "absent"), SideView("hostB", "running", guest=[guest])]
+        return Leg("hostA", "hostB", done, Readback("d", sides), downtime_budget_ms=5000)
+
+    assert leg(reading).downtime_problems == [
+        "the guest stood still at least 8 s by its clock, over the lab's downtime budget of 5000 ms "
+        "(libvirt's downtime: 805 ms)"
+    ]
+    assert leg(short).downtime_problems == []

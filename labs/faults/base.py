@@ -107,6 +107,9 @@ class Fault(ABC):
     destination_events: EventPattern = FAILED_DESTINATION
     # the fault's own request must be refused with one of these (abort on the destination); empty: none
     refusal: tuple[ExpectedError, ...] = ()
+    # the fault itself keeps the guest stopped longer (paused at a deadline, a crawling link): the lab's
+    # downtime budget does not judge the job under it
+    stretches_downtime: bool = False
 
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())

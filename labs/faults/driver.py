@@ -16,7 +16,7 @@ from labs.inventory import LabDevice
 from labs.inventory.models import MdevDevice, PciDevice
 from labs.models import has_fault_knobs
 from labs.vfio.client import AgentClient
-from labs.virt.sequence import EventPattern
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, EventPattern
 
 
 def knob_target(device: LabDevice) -> tuple[str, str]:
@@ -27,6 +27,11 @@ def knob_target(device: LabDevice) -> tuple[str, str]:
     if isinstance(spec, PciDevice):
         return "pci", spec.pci
     raise InfraError(f"{device.id}: a {spec.kind} device's knobs are the sim driver's (DeviceAccess.faults)")
+
+
+def _arc(arc: str) -> tuple[str, str]:
+    src, dst = (part.strip().upper() for part in arc.split("->"))
+    return src, dst
 
 
 class DriverKnobs(Fault):
@@ -92,10 +97,34 @@ class DriverArcFailure(DriverKnobs):
         to_error: bool = True,
         **outcome: Any,
     ) -> None:
-        src, dst = (part.strip().upper() for part in arc.split("->"))
+        src, dst = _arc(arc)
         knob = {"from": src, "to": dst, "errno": errno, "error": to_error, "times": 1}
         what = f"{src}->{dst} -> {errno}{' (ERROR)' if to_error else ''}"
         super().__init__(agent, device, what, {"transitions": [knob]}, **outcome)
+
+
+class DriverSlowArc(DriverKnobs):
+    """One arc of the device's migration FSM takes `stall_ms` longer in its driver, then succeeds (a driver
+    slow to save or load its state): the job completes, with that much more downtime where the arc falls in
+    the switchover."""
+
+    name = "driver-slow-arc"
+
+    def __init__(
+        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, arc: str, stall_ms: int
+    ) -> None:
+        src, dst = _arc(arc)
+        knob = {"from": src, "to": dst, "errno": None, "stall_ms": stall_ms, "times": 1}
+        super().__init__(
+            agent,
+            device,
+            f"{src}->{dst} {stall_ms} ms slower",
+            {"transitions": [knob]},
+            runs_on="destination",
+            errors=(),
+            source_events=MIGRATED_SOURCE,
+            destination_events=MIGRATED_DESTINATION,
+        )
 
 
 class DriverStreamCut(DriverKnobs):

@@ -189,6 +189,7 @@ def migrate_under_fault(
         on_progress=during if trigger != "before" else None,
         hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
         expect=expectation(fault),
+        judge_downtime=not fault.stretches_downtime,
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):

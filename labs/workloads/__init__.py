@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import libvirt
 
-from labs.workloads.mailbox import Mailbox, judge, stall_since
+from labs.workloads.mailbox import RTC_SLACK_S, Mailbox, judge, stall_since
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class WorkloadReading:
     def stall_s(self) -> int | None:
         """The longest pause across the move by the guest's RTC (host wall time, whole seconds)."""
         return stall_since(self.before, self.later) if self.later is not None else None
+
+    @property
+    def stall_at_least_s(self) -> int | None:
+        """The pause the guest surely saw: its RTC reads whole seconds, the destination's up to a second ahead."""
+        return max(0, self.stall_s - RTC_SLACK_S) if self.stall_s is not None else None
 
     @property
     def stall_guest_ms(self) -> float | None:

@@ -23,8 +23,9 @@ import libvirt
 import pytest
 
 from labs.agentpool import agent_for
+from labs.attachments import attach
 from labs.faults.base import ExpectedError
-from labs.faults.driver import DriverArcFailure, DriverKnobs, DriverStreamCut
+from labs.faults.driver import DriverArcFailure, DriverKnobs, DriverSlowArc, DriverStreamCut
 from labs.inventory import LabDevice, LabPair
 from labs.scenarios import migration as mig
 from labs.scenarios import save_resume as sr
@@ -48,6 +49,7 @@ SOURCE_STOP_COPY_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_
 # measured: "job 'domain save' failed: Channel error: Invalid argument"
 SAVE_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
 STREAM_CUT = 16
+OVER_BUDGET_MS = 3000  # past the budget by more than a switchover takes without the stall (~1 s measured)
 QEMU_RUNS_LOST_STATE = (
     "QEMU 10.0 cannot fail an incoming migration once the guest is set running: it resets the device that "
     "failed to load its state (RESUMING -> STOP) and runs the guest without it, and libvirt reports success "
@@ -126,6 +128,42 @@ def test_destination_never_loads_the_state(migratable: LabPair, scenario: Scenar
     assert [leg.result.ok for leg in after.legs] == [True, True], [leg.result.error for leg in after.legs]
     assert not after.problems, "; ".join(after.problems)
     pytest.xfail(f"{QEMU_RUNS_LOST_STATE}; the readback caught it: {'; '.join(lost)}")
+
+
+@pytest.mark.live_migration
+@pytest.mark.requires("stop_copy")
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_slow_driver_overruns_the_downtime_budget(migratable: LabPair, scenario: Scenario, side: str) -> None:
+    """A driver takes longer than the lab's downtime budget for an arc inside the switchover (the source's
+    into STOP_COPY, the destination's out of RESUMING): the job completes with the device state intact, and
+    the leg fails on its downtime alone. A driver too slow for its users must not pass because its bytes
+    arrive. libvirt's downtime does not count these arcs (measured): the guest's clock does."""
+    src, dst = migratable.source, migratable.destination
+    _real(src, dst)
+    slow, arc = (src, "*->STOP_COPY") if side == "source" else (dst, "RESUMING->STOP")
+    budget = scenario.session.inventory.settings.downtime_budget
+    if budget is None:
+        pytest.skip("the inventory sets no downtime budget (lab.downtime_budget_ms or lab.max_downtime_ms)")
+    stall = budget + OVER_BUDGET_MS
+    vm = sr.start_vm(scenario, src, "drvslow")
+    fault = scenario.inject(DriverSlowArc(_agent(scenario, slow), slow, arc, stall))
+    _vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario=f"migrate, {side} driver slow", expect=mig.MIGRATED)
+    fault.undo()
+    assert fault.fired == 1, f"the {side} driver's slow arc fired {fault.fired} times, not once"
+    assert leg.result.ok, f"the job failed, though the driver only took longer: {leg.result.error}"
+    stalls = [g.stall_s for side in leg.readback.sides for g in side.guest if g.stall_s is not None]
+    if not stalls:
+        pytest.skip(f"{src.id}: no guest workload measured the pause, and libvirt's downtime leaves the arc out")
+    caught = leg.downtime_problems
+    downtime = leg.result.metric("downtime")
+    verdict = {"budget_ms": budget, "stall_ms": stall, "libvirt_downtime_ms": downtime, "guest_stall_s": max(stalls)}
+    attach("downtime against the budget", {**verdict, "problems": caught}, "json")
+    assert caught, (
+        f"the driver stalled {stall} ms in the switchover, yet the leg kept to the budget of {budget} ms "
+        f"(libvirt's downtime {downtime} ms, the guest stood still {max(stalls)} s)"
+    )
+    other = [p for p in leg.problems if p not in caught and not p.startswith("guest ")]
+    assert not other, "; ".join(other)
 
 
 @pytest.mark.save_resume
