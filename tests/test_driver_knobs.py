@@ -14,7 +14,7 @@ import pytest
 
 from labs import janitor, models
 from labs.errors import InfraError
-from labs.faults.driver import DriverArcFailure, DriverSlowArc, DriverStreamCut
+from labs.faults.driver import DriverArcFailure, DriverSlowArc, DriverStreamCut, DriverStreamFlip
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import Host, MdevDevice, SimDevice
 from labs.nested import ci
@@ -169,6 +169,25 @@ def test_a_stream_cut_says_whether_a_save_met_it() -> None:
     assert fault.landed
     agent.call = lambda op, **args: {"fired": 0, "stream_cut": "16"}  # type: ignore[method-assign]
     missed = DriverStreamCut(agent.borrow, _device("mtty_faults", "mtty_faults-2"), 16, runs_on="source", errors=())
+    missed.inject()
+    missed.undo()
+    assert not missed.landed
+
+
+def test_a_stream_flip_says_whether_a_save_met_it() -> None:
+    agent = FakeAgent(fired=0)
+    agent.call = lambda op, **args: {"fired": 0, "stream_flip": "-1"}  # type: ignore[method-assign]
+    fault = DriverStreamFlip(
+        agent.borrow, _device("mtty_faults", "mtty_faults-2"), 31, runs_on="destination", errors=()
+    )
+    assert fault.spec == {"stream_flip": 31}
+    fault.inject()
+    fault.undo()
+    assert fault.landed
+    agent.call = lambda op, **args: {"fired": 0, "stream_flip": "31"}  # type: ignore[method-assign]
+    missed = DriverStreamFlip(
+        agent.borrow, _device("mtty_faults", "mtty_faults-2"), 31, runs_on="destination", errors=()
+    )
     missed.inject()
     missed.undo()
     assert not missed.landed

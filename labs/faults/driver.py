@@ -141,3 +141,19 @@ class DriverStreamCut(DriverKnobs):
     @property
     def landed(self) -> bool:
         return str(self.left.get("stream_cut", "")) == "0"
+
+
+class DriverStreamFlip(DriverKnobs):
+    """The driver's next saved stream has the byte at `offset` inverted (a source driver that corrupts its state
+    and sends it anyway); `landed` says whether a save met it."""
+
+    name = "driver-stream-flip"
+
+    def __init__(
+        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, offset: int, **outcome: Any
+    ) -> None:
+        super().__init__(agent, device, f"saved stream byte {offset} inverted", {"stream_flip": offset}, **outcome)
+
+    @property
+    def landed(self) -> bool:
+        return str(self.left.get("stream_flip", "")) == "-1"

@@ -25,8 +25,10 @@ import pytest
 from labs.agentpool import agent_for
 from labs.attachments import attach
 from labs.faults.base import ExpectedError
-from labs.faults.driver import DriverArcFailure, DriverKnobs, DriverSlowArc, DriverStreamCut
+from labs.faults.driver import DriverArcFailure, DriverKnobs, DriverSlowArc, DriverStreamCut, DriverStreamFlip
 from labs.inventory import LabDevice, LabPair
+from labs.models import probe_for
+from labs.models.mtty import PORT0_SCR_AT, MttyProbe
 from labs.scenarios import migration as mig
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
@@ -49,6 +51,9 @@ SOURCE_STOP_COPY_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_
 # measured: "job 'domain save' failed: Channel error: Invalid argument"
 SAVE_ERRORS = (ExpectedError(libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_FAILED),)
 STREAM_CUT = 16
+# the outcome of a driver fault the stack does not notice: a completed migration
+COMPLETES: dict[str, Any] = {"runs_on": "destination", "errors": ()}
+COMPLETES |= {"source_events": MIGRATED_SOURCE, "destination_events": MIGRATED_DESTINATION}
 OVER_BUDGET_MS = 3000  # past the budget by more than a switchover takes without the stall (~1 s measured)
 QEMU_RUNS_LOST_STATE = (
     "QEMU 10.0 cannot fail an incoming migration once the guest is set running: it resets the device that "
@@ -88,13 +93,11 @@ def test_source_fails_stop_copy(migratable: LabPair, scenario: Scenario) -> None
 
 def _losing_state(way: str, scenario: Scenario, pair: LabPair) -> DriverKnobs:
     """A driver misbehaving so that the destination never loads the device's state."""
-    completes: dict[str, Any] = {"runs_on": "destination", "errors": ()}
-    completes |= {"source_events": MIGRATED_SOURCE, "destination_events": MIGRATED_DESTINATION}
     if way == "destination-fails-resuming-exit":
         dst = pair.destination
-        return DriverArcFailure(_agent(scenario, dst), dst, "RESUMING->STOP", **completes)
+        return DriverArcFailure(_agent(scenario, dst), dst, "RESUMING->STOP", **COMPLETES)
     # two ports' state is 72 bytes after the 24-byte header: the header still validates, the load fails
-    return DriverStreamCut(_agent(scenario, pair.source), pair.source, STREAM_CUT, **completes)
+    return DriverStreamCut(_agent(scenario, pair.source), pair.source, STREAM_CUT, **COMPLETES)
 
 
 @pytest.mark.live_migration
@@ -128,6 +131,40 @@ def test_destination_never_loads_the_state(migratable: LabPair, scenario: Scenar
     assert [leg.result.ok for leg in after.legs] == [True, True], [leg.result.error for leg in after.legs]
     assert not after.problems, "; ".join(after.problems)
     pytest.xfail(f"{QEMU_RUNS_LOST_STATE}; the readback caught it: {'; '.join(lost)}")
+
+
+@pytest.mark.live_migration
+@pytest.mark.requires("stop_copy")
+def test_source_corrupts_its_state(migratable: LabPair, scenario: Scenario) -> None:
+    """The source's driver inverts one byte of the state it saves (port 0's scratch register) and sends it: the
+    destination loads it, the job completes, and neither QEMU nor libvirt can notice. The register probe must
+    find exactly that register wrong; the guest, which never reads it, stays green."""
+    src, dst = migratable.source, migratable.destination
+    _real(src, dst)
+    probe = probe_for(src)
+    if probe is None or probe.name != MttyProbe.name:
+        pytest.skip(f"{src.id}: the byte to corrupt and the register to find it in are mtty's (its probe reads them)")
+    vm = sr.start_vm(scenario, src, "drvflip")
+    fault = scenario.inject(DriverStreamFlip(_agent(scenario, src), src, PORT0_SCR_AT, **COMPLETES))
+    _vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario="migrate, source state corrupted", expect=mig.MIGRATED)
+    fault.undo()
+    assert fault.landed, f"the source's stream was never corrupted: {fault.left}"
+    assert leg.result.ok, f"the job failed, not the outcome measured on this stack: {leg.result.error}"
+    readings = [r for side in leg.readback.sides for r in side.registers if r.expected]
+    wrong = {
+        reg: (r.expected[reg], r.found.get(reg))
+        for r in readings
+        for reg in r.expected
+        if r.found.get(reg) != r.expected[reg]
+    }
+    assert readings, f"{src.id}: no register probe read the destination's device"
+    assert list(wrong) == ["port0.scr"], (
+        f"expected port0.scr alone to read back wrong, found {wrong or 'every register intact'}"
+    )
+    want, found = wrong["port0.scr"]
+    assert found == want ^ 0xFF, f"port0.scr reads {found}, not the inverted {want ^ 0xFF:#04x}"
+    other = [p for p in leg.problems if "device state lost" not in p]
+    assert not other, "; ".join(other)
 
 
 @pytest.mark.live_migration
