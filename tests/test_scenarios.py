@@ -16,6 +16,7 @@ from labs.hostwatch import infra_error
 from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, LabSettings, MdevDevice, SimDevice
 from labs.janitor import janitor
+from labs.models.mtty import stream_size as mtty_stream_size
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
@@ -329,6 +330,30 @@ def test_a_migration_that_moved_no_device_bytes_fails() -> None:
     assert _leg(True, {}).problems == []  # not reported (test:///, an old QEMU): nothing to assert
     result = sr.SaveResumeResult(vm=None, save_stats={"vfio_data_transferred": 0})  # type: ignore[arg-type]
     assert result.save_problems and not sr.SaveResumeResult(vm=None).save_problems  # type: ignore[arg-type]
+
+
+def test_a_completed_migration_must_move_the_devices_whole_state() -> None:
+    """Old behaviour: only 0 device bytes failed a leg, so a source driver that sent its state 16 bytes short
+    passed on the source's side (the destination's load failing was the only other witness)."""
+
+    def leg(moved: int, multifd: bool = False, ok: bool = True) -> Leg:
+        out = _leg(ok, {"vfio_data_transferred": moved})
+        out.state_bytes, out.multifd = 96, multifd
+        return out
+
+    assert leg(96).problems == []
+    assert leg(80).problems == ["the migration moved 80 device bytes, not the devices' state of 96"]
+    assert leg(112).problems == ["the migration moved 112 device bytes, not the devices' state of 96"]
+    assert leg(4252, multifd=True).problems == []  # multifd's packet framing is counted with the bytes
+    assert leg(80, multifd=True).problems == [
+        "the migration moved 80 device bytes over multifd, less than the devices' state (96)"
+    ]
+    assert leg(24, ok=False).state_bytes_problems == []  # a failed job moves part of it
+    mtty = [
+        MdevDevice(kind="mdev", parent="mtty", type=t, uuid=str(uuid.uuid4()), protocol="v2")
+        for t in ("mtty-1", "mtty-2")
+    ]
+    assert [mtty_stream_size(spec) for spec in mtty] == [60, 96]  # measured on the nested lab: 96 for every mtty-2 leg
 
 
 def test_a_completed_migration_over_the_downtime_budget_fails() -> None:

@@ -56,6 +56,8 @@ class StreamLayout:
     # damage name -> the spans (offset from the magic, length) to invert, from the stream's first bytes; the
     # resume accepts them (content the driver does not validate) and only the guest can notice ([]: nothing there)
     payload_damage: Mapping[str, PayloadSpans] = field(default_factory=dict)
+    # the bytes a full save of the device moves, as QEMU counts them off its data_fd (None: it varies with content)
+    size: Callable[[Device], int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,12 @@ def model_for_pci_id(pci_id: tuple[int, int]) -> DeviceModel | None:
 
 def probe_for(device: LabDevice) -> DeviceProbe | None:
     return model_of(device).probe
+
+
+def stream_size(device: LabDevice) -> int | None:
+    """What a full save of the device moves, where its model knows (a fixed-size state such as mtty's)."""
+    layout = model_of(device).stream
+    return layout.size(device.spec) if layout is not None and layout.size is not None else None
 
 
 def probe_named(name: str) -> DeviceProbe | None:

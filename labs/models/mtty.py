@@ -166,6 +166,12 @@ PORTS_AT, PORT_SIZE, FIFO_AT, FIFO_SIZE, COUNT_AT = 24, 36, 8, 16, 26  # mtty_da
 PORT0_SCR_AT = PORTS_AT + UART_SCR  # serial_port.uart_reg[8] comes first: port 0's scratch register in the stream
 
 
+def stream_size(spec: Device) -> int | None:
+    """The header and every port's serial_port, all at STOP_COPY or the header at PRE_COPY and the ports after it."""
+    ports = spec.type.rsplit("-", 1)[-1] if isinstance(spec, MdevDevice) else ""
+    return PORTS_AT + int(ports) * PORT_SIZE if ports.isdigit() else None
+
+
 def fifo_in_flight(stream: bytes) -> list[tuple[int, int]]:
     """The FIFO of each port with bytes in flight (rxtx.count > 0), as (offset, length) from the magic."""
     ports = int.from_bytes(stream[16:20], "little") if len(stream) >= 20 else 0
@@ -210,6 +216,7 @@ MTTY = DeviceModel(
             "bad-ports": (16, (0xFF).to_bytes(4, "little")),  # mtty_data.nr_ports: no device has 255 ports
         },
         payload_damage={"fifo-content": fifo_in_flight},
+        size=stream_size,
     ),
     incompatible={"mtty-1": "mtty-2", "mtty-2": "mtty-1"},
     kernel_log_allow=(r"^BAR\d addr 0x[0-9a-f]+$", r"^PCI config write @0x[0-9a-f]+ of \d+ bytes not handled$"),

@@ -17,6 +17,7 @@ import libvirt
 from labs.attachments import attach, record_metrics
 from labs.faults.base import ExpectedError, Side, error_name
 from labs.inventory import LabDevice, LabPair
+from labs.models import stream_size
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
@@ -67,6 +68,8 @@ class Leg:
     expect: LegExpectation | None = None  # None: MIGRATED or FAILED, by the result
     events: dict[str, list[DomainEvent]] | None = None  # per role; None: not observed (test:///)
     downtime_budget_ms: int | None = None  # a completed job's downtime must keep to it (None: not judged)
+    state_bytes: int | None = None  # the moved devices' full state, where their models know its size
+    multifd: bool = False  # parallel connections: QEMU counts multifd packets' framing with the device bytes
 
     @property
     def expectation(self) -> LegExpectation:
@@ -88,7 +91,22 @@ class Leg:
         out = self.readback.problems(expect_on=expect, defined_on=self.expectation.defined_on)
         if self.result.ok and self.device_bytes == 0:
             out.append("the migration moved no device bytes (QEMU reports 0 for the VFIO device)")
+        else:
+            out += self.state_bytes_problems
         return out + self.downtime_problems + self.event_problems
+
+    @property
+    def state_bytes_problems(self) -> list[str]:
+        """A completed job must have moved the devices' whole state: a driver that sends part of it fails here, on
+        the source's count, whatever the destination made of it."""
+        moved, want = self.device_bytes, self.state_bytes
+        if not self.result.ok or moved is None or want is None:
+            return []
+        if self.multifd and moved < want:
+            return [f"the migration moved {moved} device bytes over multifd, less than the devices' state ({want})"]
+        if not self.multifd and moved != want:
+            return [f"the migration moved {moved} device bytes, not the devices' state of {want}"]
+        return []
 
     @property
     def downtime_problems(self) -> list[str]:
@@ -230,6 +248,8 @@ def migrate_leg(
         rb,
         expect,
         downtime_budget_ms=settings.downtime_budget if judge_downtime else None,
+        state_bytes=_state_bytes([a for a, _b in moves]),
+        multifd=bool(parallel),
     )
     leg.events = lifecycle_events(vm.hv, dst_hv, vm.name, marks, leg.expectation)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"
@@ -247,6 +267,11 @@ def migrate_leg(
         **guest_stall(rb),
     )
     return (VM(dst_hv, vm.name) if result.ok else vm), leg
+
+
+def _state_bytes(devices: Sequence[LabDevice]) -> int | None:
+    sizes = [stream_size(d) for d in devices]
+    return sum(n for n in sizes if n is not None) if None not in sizes else None
 
 
 def lifecycle_events(
