@@ -127,33 +127,33 @@ class DriverSlowArc(DriverKnobs):
         )
 
 
-class DriverStreamCut(DriverKnobs):
-    """The driver's next saved stream ends `cut` bytes short (a source driver that loses the tail of its
-    state); `landed` says whether a save met it."""
+class DriverStreamKnob(DriverKnobs):
+    """A one-shot knob on the driver's next saved stream, back at `off` once a save met it (`landed`)."""
+
+    knob = ""
+    off = ""
+    what = ""
+
+    def __init__(
+        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, value: int, **outcome: Any
+    ) -> None:
+        super().__init__(agent, device, self.what.format(value), {self.knob: value}, **outcome)
+
+    @property
+    def landed(self) -> bool:
+        return str(self.left.get(self.knob, "")) == self.off
+
+
+class DriverStreamCut(DriverStreamKnob):
+    """The driver's next saved stream ends `value` bytes short (a source driver that loses the tail of its state)."""
 
     name = "driver-stream-cut"
-
-    def __init__(
-        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, cut: int, **outcome: Any
-    ) -> None:
-        super().__init__(agent, device, f"saved stream cut by {cut} bytes", {"stream_cut": cut}, **outcome)
-
-    @property
-    def landed(self) -> bool:
-        return str(self.left.get("stream_cut", "")) == "0"
+    knob, off, what = "stream_cut", "0", "saved stream cut by {} bytes"
 
 
-class DriverStreamFlip(DriverKnobs):
-    """The driver's next saved stream has the byte at `offset` inverted (a source driver that corrupts its state
-    and sends it anyway); `landed` says whether a save met it."""
+class DriverStreamFlip(DriverStreamKnob):
+    """The driver's next saved stream has the byte at offset `value` inverted (a source driver that corrupts its
+    state and sends it anyway)."""
 
     name = "driver-stream-flip"
-
-    def __init__(
-        self, agent: Callable[[], AbstractContextManager[AgentClient]], device: LabDevice, offset: int, **outcome: Any
-    ) -> None:
-        super().__init__(agent, device, f"saved stream byte {offset} inverted", {"stream_flip": offset}, **outcome)
-
-    @property
-    def landed(self) -> bool:
-        return str(self.left.get("stream_flip", "")) == "-1"
+    knob, off, what = "stream_flip", "-1", "saved stream byte {} inverted"

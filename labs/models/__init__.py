@@ -204,7 +204,7 @@ def probe_for(device: LabDevice) -> DeviceProbe | None:
 
 
 def stream_size(device: LabDevice) -> int | None:
-    """What a full save of the device moves, where its model knows (a fixed-size state such as mtty's)."""
+    """What a full save of the device moves, where its model knows (a state of fixed size)."""
     layout = model_of(device).stream
     return layout.size(device.spec) if layout is not None and layout.size is not None else None
 

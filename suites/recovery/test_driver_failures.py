@@ -10,6 +10,9 @@ destination that fails RESUMING -> STOP does not fail the job: QEMU cannot repor
 guest is set running, resets the device and runs the guest without the device's state, and libvirt
 reports success; so does a source driver that sends its stream short (the destination's load fails
 in the same arc). The lab's readback must catch that loss; it is shown as a known issue of the stack.
+Two driver defects the stack never notices at all: a source that corrupts a byte of its state (the
+register probe must find it) and an arc slower than the lab's downtime budget (the leg must fail on
+its downtime).
 """
 
 from __future__ import annotations
@@ -191,16 +194,18 @@ def test_slow_driver_overruns_the_downtime_budget(migratable: LabPair, scenario:
     fault.undo()
     assert fault.fired == 1, f"the {side} driver's slow arc fired {fault.fired} times, not once"
     assert leg.result.ok, f"the job failed, though the driver only took longer: {leg.result.error}"
-    stalls = [g.stall_s for side in leg.readback.sides for g in side.guest if g.stall_s is not None]
-    if not stalls:
-        pytest.skip(f"{src.id}: no guest workload measured the pause, and libvirt's downtime leaves the arc out")
+    stalls = [g.stall_s for s in leg.readback.sides for g in s.guest if g.stall_s is not None]
     caught = leg.downtime_problems
     downtime = leg.result.metric("downtime")
-    verdict = {"budget_ms": budget, "stall_ms": stall, "libvirt_downtime_ms": downtime, "guest_stall_s": max(stalls)}
+    verdict = {"budget_ms": budget, "stall_ms": stall, "libvirt_downtime_ms": downtime, "guest_stall_s": stalls}
     attach("downtime against the budget", {**verdict, "problems": caught}, "json")
+    if not caught and not stalls:
+        pytest.skip(
+            f"{slow.id}: no guest workload measured the pause, and libvirt's downtime ({downtime} ms) left it out"
+        )
     assert caught, (
         f"the driver stalled {stall} ms in the switchover, yet the leg kept to the budget of {budget} ms "
-        f"(libvirt's downtime {downtime} ms, the guest stood still {max(stalls)} s)"
+        f"(libvirt's downtime {downtime} ms, the guest stood still {stalls} s)"
     )
     other = [p for p in leg.problems if p not in caught and not p.startswith("guest ")]
     assert not other, "; ".join(other)
