@@ -44,9 +44,9 @@ MTTY_TYPE = "mtty-2"
 # One UUID on both hosts: libvirt names an mdev hostdev by UUID and expects the
 # destination to hold the same one (spec 4.3), so migration needs no XML rewrite.
 MTTY_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
-# LABS_NESTED_MDEVS=2 adds a second mdev sharing the first one's VM (`vm:`): the multi-device
-# scenarios (two VFIO devices drive QEMU's P2P states); off by default, since every device-level
-# test would run on it too
+# A second mdev shares the first one's VM (`vm:`): the multi-device scenarios (two VFIO devices drive
+# QEMU's P2P states). The CI stage selects `*:mtty-2`, so it joins only that VM, not every device-level
+# test; LABS_NESTED_MDEVS=1 leaves it out
 COMPANION_TYPE = "mtty-1"
 COMPANION_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
 MULTI_VM = "multi"
@@ -112,7 +112,7 @@ def accel() -> str:
 
 
 def mdev_count() -> int:
-    raw = os.environ.get("LABS_NESTED_MDEVS", "1").strip()
+    raw = os.environ.get("LABS_NESTED_MDEVS", "2").strip()
     if raw not in ("1", "2"):
         raise InfraError(f"LABS_NESTED_MDEVS={raw!r}: 1 or 2 mtty mdevs per nested host")
     return int(raw)

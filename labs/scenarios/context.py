@@ -74,11 +74,19 @@ class Scenario:
         with self.steps.step(f"define {name} on {hv.name} with {device.id}{memory}"):
             trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
             extra: dict[str, object] = {"memory_mib": memory_mib} if memory_mib else {}
-            workload = None if hv.is_test_driver else workload_for(device)
-            if workload is not None:
-                boot = workload.boot()
-                extra |= {"kernel": self.place_kernel(hv, boot.kernel), "cmdline": boot.cmdline}
+            extra |= self.guest_boot(hv, device)
             return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **extra))
+
+    def guest_boot(self, hv: Hypervisor, device: LabDevice) -> dict[str, object]:
+        """The domain spec's kernel and cmdline for `device`'s guest workload; none on test:/// or without one.
+
+        One guest per VM: in a VM with several devices the first device's workload drives every device it finds.
+        """
+        workload = None if hv.is_test_driver else workload_for(device)
+        if workload is None:
+            return {}
+        boot = workload.boot()
+        return {"kernel": self.place_kernel(hv, boot.kernel), "cmdline": boot.cmdline}
 
     def place_kernel(self, hv: Hypervisor, kernel: Path) -> str:
         """The workload kernel where `hv`'s libvirt reads it, on every lab host at the same path.

@@ -32,7 +32,8 @@ def start_vm(sc: Scenario, devices: Sequence[LabDevice], label: str, managed: bo
     sc.track_domain(name)
     trace = () if hv.is_test_driver else (VFIO_TRACE_EVENTS if sc.trace_vfio else (SET_STATE_EVENT,))
     with sc.steps.step(f"define {name} on {hv.name} with {', '.join(d.id for d in devices)}"):
-        vm = hv.define(spec_for(name, list(devices), hv.virt_type, trace_events=trace, managed=managed))
+        boot = sc.guest_boot(hv, devices[0])
+        vm = hv.define(spec_for(name, list(devices), hv.virt_type, trace_events=trace, managed=managed, **boot))
     for device in devices:
         ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):

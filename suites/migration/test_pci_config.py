@@ -1,8 +1,8 @@
 """PCI configurations around the device under test: several devices in one VM, a vIOMMU.
 
 Skipped where libvirt cannot migrate (the sim lab's test:///). In the nested
-lab, `LABS_NESTED_MDEVS=2` gives each host a second mtty mdev in the first
-one's VM (`vm: multi`). The managed modes need PCI functions (a real lab).
+lab each host has a second mtty mdev in the first one's VM (`vm: multi`); the
+VM's guest workload drives both. The managed modes need PCI functions (a real lab).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ ROUNDS = (
     ),
 )
 # the suite and the devices a round's test runs on: plain mtty, or the driver with fault knobs
-WHERE = {"migration": ("migration", "*:mtty-*"), "recovery": ("recovery", "*:mtty_faults-*")}
+WHERE = {"migration": ("migration", "*:mtty-2"), "recovery": ("recovery", "*:mtty_faults-*")}
 MAX_DELAY_S = 6.0  # after the destination is touched: inside the fault or the TCG migration (5-15 s)
 START_WAIT_S = 240.0  # pytest start, doctor, the first VM and its fault on a busy 2-core machine
 LOCK_DIR = "/run/labs/locks"
@@ -154,7 +154,7 @@ def touched_destination(session: LabSession, run_id: str, seen: list[str]) -> Ca
     return ready
 
 
-def pytest_args(*selection: str, devices: str = "*:mtty-*") -> list[str]:
+def pytest_args(*selection: str, devices: str = "*:mtty-2") -> list[str]:
     # no doctor in the children: the session's own doctor found the hosts healthy, and the migration after the
     # kills is what proves they still are
     return [
