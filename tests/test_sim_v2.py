@@ -487,3 +487,16 @@ def test_dirty_logging_capability_is_probed(logdev: DeviceHandle, devs: tuple[De
     """The health probe checks an inventory's dirty_logging by PROBE|SET DMA_LOGGING_START (log_ops or ENOTTY)."""
     assert logdev.supports("dirty_logging")
     assert not devs[0].supports("dirty_logging")
+
+
+def test_sparse_content_reads_as_written(tmp_path: Path) -> None:
+    """Holes read as zeros without reading them; written bytes read back, across and at hole edges."""
+    from labs.sim.base import ContentStore
+
+    store = ContentStore(str(tmp_path), 4 << 20)
+    assert store.read(0, 1 << 20) == bytes(1 << 20)
+    store.write((2 << 20) + 5, b"abc")
+    assert store.read(2 << 20, 8) == b"\0" * 5 + b"abc"
+    assert store.read((2 << 20) - 4, 12) == bytes(9) + b"abc"
+    assert store.read((4 << 20) - 8, 8) == bytes(8)
+    assert store.read(1 << 20, 1 << 20) == bytes(1 << 20)

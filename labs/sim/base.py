@@ -89,6 +89,8 @@ class ContentStore:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
             raise err(errno.EINVAL, f"content read [{offset}, +{length}) outside {self.size}")
+        if self._hole(offset, length):
+            return bytes(length)  # reading a hole would fill the page cache with zeros first
         out = []
         while length > 0:
             piece = os.pread(self.fd, length, offset)
@@ -98,6 +100,17 @@ class ContentStore:
             offset += len(piece)
             length -= len(piece)
         return b"".join(out)
+
+    def _hole(self, offset: int, length: int) -> bool:
+        """No byte of [offset, +length) was ever written (sparse file)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return True
+            if exc.errno == errno.EINVAL:  # a filesystem without SEEK_DATA: read it
+                return False
+            raise
 
     def write(self, offset: int, data: bytes) -> int:
         if offset < 0 or offset + len(data) > self.size:

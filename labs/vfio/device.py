@@ -33,7 +33,6 @@ class SavedStream:
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
         self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed in close()
-        self._hash = hashlib.sha256()
         self.bytes = 0
         self.nchunks = 0
         self.parts: list[StreamResult] = []  # one per read phase (pre-copy, stop-copy)
@@ -41,13 +40,16 @@ class SavedStream:
     def append(self, chunk: bytes) -> None:
         self._file.write(_LEN.pack(len(chunk)))
         self._file.write(chunk)
-        self._hash.update(chunk)
         self.bytes += len(chunk)
         self.nchunks += 1
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        """Hashed when asked, not as it streams in: few checks want it, every save would pay it."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
 
     def chunks(self) -> Iterator[bytes]:
         """The chunks as read (v1 must replay exactly these)."""
