@@ -38,8 +38,8 @@ true
 
 class StopDaemon(Fault):
     """SIGSTOP the host's libvirt daemon for `hold` seconds (shorter than the client's keepalive, 5 s x 3):
-    the job waits for it and then goes on, completing or failing cleanly (libvirt 11.3, once per side:
-    completed)."""
+    the job waits for it and then goes on, completing or failing cleanly (libvirt 11.3, once per side and
+    phase, in setup and while RAM moves: completed)."""
 
     name = "stop-libvirt-daemon"
     runs_on = "either"
@@ -72,7 +72,8 @@ class KillDaemon(Fault):
     domain's unfinished migration job by cancelling it (the source's) or killing the incoming QEMU (the
     destination's), so the job fails and the source keeps the VM. Measured on libvirt 11.3, once per
     side: the source's kill ends the client's connection (VIR_FROM_RPC/SYSTEM_ERROR), the destination's
-    fails the source's job (VIR_FROM_QEMU/OPERATION_FAILED)."""
+    fails the source's job (VIR_FROM_QEMU/OPERATION_FAILED) while RAM moves, and ends the client's
+    connection to it (VIR_FROM_RPC/INTERNAL_ERROR) in setup, while its QEMU starts."""
 
     name = "kill-libvirt-daemon"
     expected_errors = (

@@ -42,6 +42,9 @@ MEANT: dict[str, tuple[Phase, ...]] = {
 }
 
 
+CAPPED: tuple[Trigger, ...] = ("started", "mid-flight")  # the triggers whose job runs under SLOW_MIB_S
+
+
 def due(trigger: Trigger, sample: JobSample) -> bool:
     """Is a fault with this trigger due at this sample? (Never for "before": it is injected before the job.)"""
     if trigger == "mid-flight":
@@ -169,12 +172,18 @@ def migrate_under_fault(
         if hostdev is not None:
             dest_xml = with_hostdevs(str(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), (hostdev,))
 
+    # the cap keeps RAM moving until an early fault lands; a job that may then complete must be able to converge
+    capped = trigger in CAPPED and fault.runs_on in ("destination", "either")
+
     def during(sample: JobSample) -> None:
+        nonlocal capped
         if due(trigger, sample) and not fault.attempted:
             fault.record.phase = sample.phase
             sc.inject(fault)
-            if fault.runs_on in ("destination", "either"):
-                _lift_cap(sc, vm)
+        # not in setup: libvirt sets the job's own bandwidth when QEMU starts sending, over an earlier lift
+        if capped and fault.attempted and sample.phase != "setup":
+            capped = False
+            _lift_cap(sc, vm)
 
     vm_after, failed = migrate_leg(
         sc,
@@ -182,8 +191,8 @@ def migrate_under_fault(
         pair.source,
         pair.destination,
         scenario=f"migrate under {fault.name}",
-        # the cap keeps RAM moving until an early fault lands; a stop-copy or finish fault needs the job to converge
-        bandwidth_mib=SLOW_MIB_S if trigger in ("started", "mid-flight") else None,
+        # a stop-copy or finish fault needs the job to converge: no cap
+        bandwidth_mib=SLOW_MIB_S if trigger in CAPPED else None,
         dest_xml=dest_xml,
         timeout=timeout,
         on_progress=during if trigger != "before" else None,
