@@ -189,8 +189,10 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     inv = load_inventory(path)
     # one pair per driver; there-and-back covers b->a. The knob driver is its own model (labs.models)
     assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2", "nested-a->nested-b:mtty_faults-2"]
-    assert [models.model_of(d).name for d in inv.devices if d.host.name == "nested-a"] == ["mtty", "mtty_faults"]
-    assert [models.has_fault_knobs(d) for d in inv.devices if d.host.name == "nested-a"] == [False, True]
+    # the companion mtty-1 is in mtty-2's `vm:` group, not a pair of its own
+    names = [(d.name, models.model_of(d).name) for d in inv.devices if d.host.name == "nested-a"]
+    assert names == [("mtty-2", "mtty"), ("mtty-1", "mtty"), ("mtty_faults-2", "mtty_faults")]
+    assert [models.has_fault_knobs(d) for d in inv.devices if d.host.name == "nested-a"] == [False, False, True]
     create = lifecycle.setup_commands()[0][0]
     assert "modprobe mtty_faults" in create
     assert f"{lifecycle.FAULTS_UUID} > /sys/class/mdev_bus/mtty_faults/mdev_supported_types/mtty_faults-2" in create
