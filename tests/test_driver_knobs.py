@@ -5,6 +5,7 @@ selects their devices, and the nested CI stage's second run on them."""
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,13 +196,34 @@ def test_a_stream_flip_says_whether_a_save_met_it() -> None:
 
 def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LABS_NESTED_SUITES", raising=False)
-    plain, knobs = ci.runs()
-    assert plain[0] == ci.PLAIN_DEVICES and "suites/recovery" in plain[1] and "suites/smoke" in plain[1]
-    assert knobs == (ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
+    (alone,), (plain, knobs) = ci.runs()
+    assert alone == ci.Run(ci.PLAIN_DEVICES, list(ci.HOST_WIDE), "junit-host-wide.xml")
+    assert plain.devices == ci.PLAIN_DEVICES and "suites/recovery" in plain.paths and "suites/smoke" in plain.paths
+    assert {f"--ignore={f}" for f in ci.HOST_WIDE} <= set(plain.paths)  # each host-wide file runs once, alone
+    assert knobs == ci.Run(ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke tests/nested")
-    assert [r[0] for r in ci.runs()] == [ci.PLAIN_DEVICES]
+    assert [[r.devices for r in stage] for stage in ci.runs()] == [[ci.PLAIN_DEVICES], [ci.PLAIN_DEVICES]]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/recovery/test_driver_failures.py")
-    assert ci.runs()[1][1][0] == "suites/recovery/test_driver_failures.py"
+    (only,) = ci.runs()
+    assert [r.paths[0] for r in only] == ["suites/recovery/test_driver_failures.py"] * 2
+    monkeypatch.setenv("LABS_NESTED_SUITES", "suites/migration/test_host_faults.py")
+    assert ci.runs() == [
+        [ci.Run(ci.PLAIN_DEVICES, ["suites/migration/test_host_faults.py"], "junit-host-wide.xml")]
+    ]
+
+
+def test_the_nested_stage_runs_a_stage_at_once_and_prints_the_logged_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    passing, failing = tmp_path / "passing.py", tmp_path / "failing.py"
+    passing.write_text("def test_ok():\n    pass\n")
+    failing.write_text("def test_bad():\n    assert False\n")
+    log = tmp_path / "second.log"
+    quiet = ["-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    rc = ci._together([([str(passing), *quiet], None), ([str(failing), *quiet], log)], time.monotonic() + 120)
+    assert rc == 1  # the failing run's status, though the other passed
+    out = capfd.readouterr().out
+    assert f"(kept in {log})" in out and "1 failed" in out and "1 failed" in log.read_text()
 
 
 class KnobDevice:

@@ -5,9 +5,13 @@
    budget that fits a cold build. If not, it prints `nested: SKIPPED: <why>`
    and exits 0: a skip with its reason, never tests reported as passed.
 2. `up` (build or reuse the image, boot, mdevs, inventory).
-3. pytest: tests/nested, then the VM-level and device-level suites against
-   inventories/nested.yaml on plain mtty; then the recovery suite on mtty_faults, the real
-   driver with fault knobs (JUnit files and the Allure results under reports/nested/).
+3. pytest in two stages: first, alone, the files that disturb a whole host (its libvirt daemon
+   stopped or killed, its kernel made to WARN, its migration link cut or degraded, runs killed and
+   swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
+   beside the recovery suite on mtty_faults, the real driver with fault knobs: two pytest runs at
+   once on different devices, since each TCG host takes one core at most and one run leaves it
+   idle half the time (JUnit files and the Allure results under reports/nested/; the second run's
+   output is printed when it ends, its log kept beside them).
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 
@@ -27,6 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from labs.paths import REPO_ROOT
@@ -46,6 +52,14 @@ KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
 # the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
 KNOB_DESELECT = "not test_refused_stream_then_reset"
+# what a test beside them would feel (a daemon gone, a WARN in its kernel log, a cut link, its
+# reservation taken by a chaos round): these run before the others, alone
+HOST_WIDE = (
+    "tests/nested/test_nested_hangs.py",
+    "tests/nested/test_nested_kernel.py",
+    "tests/nested/test_nested_chaos.py",
+    "suites/migration/test_host_faults.py",
+)
 MIN_DISK_GB = 8.0  # image 1.1 GB + build tree ~3 GB + overlays; generous
 MIN_BUDGET_S = 1800.0  # a cold build (~120-230 s), boot (~90 s) and the suites (~20 min) with room
 DEFAULT_BUDGET_S = 4800.0
@@ -92,12 +106,30 @@ def suites() -> list[str]:
     return chosen
 
 
-def runs() -> list[tuple[str, list[str], str]]:
-    """(device glob, pytest paths and options, JUnit file name) of each pytest run: plain mtty, then mtty_faults."""
+@dataclass(frozen=True)
+class Run:
+    devices: str  # --lab-device
+    paths: list[str]  # pytest paths and options
+    junit: str  # file name under reports/nested
+
+
+def _within(path: str, suite: str) -> bool:
+    return path == suite.rstrip("/") or path.startswith(f"{suite.rstrip('/')}/")
+
+
+def runs() -> list[list[Run]]:
+    """The pytest runs in stages: a stage's runs go at once, on different devices; stages one after the other.
+
+    The host-wide files alone on plain mtty; then plain mtty on the rest beside mtty_faults on the recovery suite.
+    """
     chosen = suites()
-    knobs = [s for s in chosen if any(s.rstrip("/") == k or s.startswith(f"{k}/") for k in KNOB_SUITES)]
-    second = [(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
-    return [(PLAIN_DEVICES, chosen, "junit.xml"), *second]
+    alone = [f for f in HOST_WIDE if any(_within(f, s) for s in chosen)]
+    rest = [s for s in chosen if s.rstrip("/") not in alone]
+    knobs = [s for s in chosen if any(_within(s, k) for k in KNOB_SUITES)]
+    first = [Run(PLAIN_DEVICES, alone, "junit-host-wide.xml")] if alone else []
+    second = [Run(PLAIN_DEVICES, [*rest, *(f"--ignore={f}" for f in alone)], "junit.xml")] if rest else []
+    second += [Run(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
+    return [stage for stage in (first, second) if stage]
 
 
 class _Terminated(Exception):
@@ -108,16 +140,38 @@ def _on_term(signum: int, _frame: FrameType | None) -> None:
     raise _Terminated(f"signal {signum}")
 
 
-def _pytest(args: list[str], deadline: float) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=REPO_ROOT, start_new_session=True)
+def _together(argvs: list[tuple[list[str], Path | None]], deadline: float) -> int:
+    """pytest runs at once, each with its arguments and the log its output goes to (None: this terminal);
+    the first failing exit status, or 124 when the budget ran out."""
+    procs: list[subprocess.Popen[bytes]] = []
+    logged: list[tuple[list[str], Path]] = []
     try:
-        return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        print(f"nested: the run's budget ({budget():g}s) is spent; stopping pytest", flush=True)
-        return _stop(proc, 124)
+        for args, log in argvs:
+            out = log.open("wb") if log else None
+            cmd = [sys.executable, "-m", "pytest", *args]
+            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=out, stderr=out))
+            if log and out:
+                out.close()  # the child has its own descriptor
+                logged.append((args, log))
+        rcs = []
+        for proc in procs:
+            try:
+                rcs.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                print(f"nested: the run's budget ({budget():g}s) is spent; stopping pytest", flush=True)
+                rcs.append(_stop(proc, 124))
+        return next((rc for rc in rcs if rc), 0)
     except BaseException:
-        _stop(proc, 1)
+        for proc in procs:
+            if proc.poll() is None:
+                _stop(proc, 1)
         raise
+    finally:
+        for args, log in logged:
+            if log.exists():
+                print(f"nested: the output of `pytest {' '.join(args)}` (kept in {log}):", flush=True)
+                sys.stdout.buffer.write(log.read_bytes())
+                sys.stdout.flush()
 
 
 def _stop(proc: subprocess.Popen[bytes], rc: int) -> int:
@@ -162,24 +216,29 @@ def main(argv: list[str]) -> int:
             note = f"; {up.note}" if up.note else ""
             print(f"nested: up in {time.monotonic() - t:.0f}s, {up.how} {up.seconds}{note}", flush=True)
         rc = 0
-        for i, (devices, paths, junit) in enumerate(runs()):
-            args = [
-                *paths,
-                f"--inventory={lifecycle.NESTED_INVENTORY}",
-                f"--lab-device={devices}",
-                "-p",
-                "no:cacheprovider",
-                "-rs",
-                "--durations=40",
-                f"--junitxml={reports / junit}",
-                # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
-                f"--alluredir={reports / 'allure'}",
-                *(["--clean-alluredir"] if i == 0 else []),
-                *argv,
-            ]
-            print(f"nested: pytest on {devices}: {' '.join(paths)}", flush=True)
-            got = _pytest(args, deadline)
-            rc = rc or got
+        first = True
+        for stage in runs():
+            argvs: list[tuple[list[str], Path | None]] = []
+            for run in stage:
+                args = [
+                    *run.paths,
+                    f"--inventory={lifecycle.NESTED_INVENTORY}",
+                    f"--lab-device={run.devices}",
+                    "-p",
+                    "no:cacheprovider",
+                    "-rs",
+                    "--durations=40",
+                    f"--junitxml={reports / run.junit}",
+                    # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
+                    f"--alluredir={reports / 'allure'}",
+                    *(["--clean-alluredir"] if first else []),
+                    *argv,
+                ]
+                first = False
+                print(f"nested: pytest on {run.devices}: {' '.join(run.paths)}", flush=True)
+                # one run's output live here, the others' into their logs, printed when they end
+                argvs.append((args, reports / run.junit.replace(".xml", ".log") if argvs else None))
+            rc = rc or _together(argvs, deadline)
         for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:

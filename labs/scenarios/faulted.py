@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import libvirt
+import pytest
 
 from labs.faults.base import Fault, FaultNotInjected, error_name
-from labs.inventory import LabPair
+from labs.inventory import LabDevice, LabPair
+from labs.models import workload_for
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
+from labs.scenarios.known import xfail_known
 from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
@@ -29,6 +32,25 @@ from labs.virt.xml import Hostdev, with_hostdevs
 # an in-flight fault needs a pass over RAM that lasts seconds: 1 GiB of untouched pages at 1 MiB/s (docs/incidents.md)
 IN_FLIGHT_MEMORY_MIB = 1024
 SLOW_MIB_S = 1
+
+
+def check_faulted(run: FaultedMigration) -> None:
+    """A faulted migration's verdict: a skip when the fault missed its phase, a failure naming each problem,
+    else the known issues it met as xfails."""
+    if run.missed:
+        pytest.skip(run.missed)
+    assert not run.problems, "; ".join(run.problems)
+    xfail_known(run.known_issues)
+
+
+def in_flight_memory_mib(device: LabDevice) -> int | None:
+    """The VM size for an in-flight fault: the default where the device's guest workload dirties RAM faster than
+    the capped job sends it (the job iterates until the cap is lifted), else 1 GiB of pages for one long pass.
+    Each GiB scanned costs a migration ~3 s of emulated CPU on the nested lab."""
+    workload = workload_for(device)
+    return None if workload is not None and workload.dirty_mib_s > SLOW_MIB_S else IN_FLIGHT_MEMORY_MIB
+
+
 # before: the fault is in place when the job starts; started: at the first sample of an active job, in
 # whichever phase it is; mid-flight: while RAM data moves (the iterating phase, some sent, some still to
 # send); stop-copy: while the source is paused for the switchover; finish: QEMU is done sending, libvirt
