@@ -279,8 +279,31 @@ BASELINES: dict[str, str] = {
     "warm_up": "73-90 s (booted)",
     "cold_up": "191 s (build 109 s + boot 67 s + setup 16 s)",
     "stream": "2.1x (118 vs 251 MB/s)",
-    "ci": "1425 s (lint 39, tests 223, defects 150, nested 1012)",
+    "ci": "3060 s one environment after another (2026-12-04: lint 26, tests 298, defects 140, nested 2596); "
+    "1425 s when issue 17 was filed",
 }
+CI_ENVS = ("lint", "tests", "defects", "nested")
+
+
+def record_ci(journal: Path, wall_s: float, exit_code: int) -> dict[str, Any]:
+    """`./lab test`'s own figures, written into reports/bench.json: its wall time and each tox environment's
+    duration from tox's result journal (`--result-json`). `lab bench` cannot time CI itself: CI is that run."""
+    try:
+        data = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        data = {}
+    envs = {
+        name: round(float(env["result"]["duration"]), 1)
+        for name, env in (data.get("testenvs") or {}).items()
+        if name in CI_ENVS and "duration" in (env.get("result") or {})
+    }
+    found = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall_s, 1)}
+    found |= {"exit": exit_code, "envs": envs}
+    out = REPORTS / "bench.json"
+    before = json.loads(out.read_text()) if out.exists() else {}
+    REPORTS.mkdir(exist_ok=True)
+    out.write_text(json.dumps({**before, "ci": found}, indent=2))
+    return found
 
 
 def run_bench(console: Console, only: list[str] | None = None) -> dict[str, Any]:
@@ -360,6 +383,15 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
     first = ups.get("first")
     if first and first.get("how") == "booted":
         rows.append(("nested lab `up` booted and saved (first after a build)", f"{first['wall_s']} s"))
+    ci = results.get("ci")
+    if ci:
+        envs = ", ".join(f"{k} {v:.0f}" for k, v in ci["envs"].items())
+        rows.append(
+            (
+                "`./lab test` (CI's command): nested beside lint -> tests -> defects",
+                f"{ci['wall_s']:.0f} s ({envs}; exit {ci['exit']}); before {BASELINES['ci']}",
+            )
+        )
     phases = results.get("phases") or {}
     if phases.get("skipped"):
         rows.append(("time by phase of the last nested run", phases["skipped"]))

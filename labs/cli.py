@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,20 +116,27 @@ def report(runs: tuple[Path, ...], open_browser: bool, serve: bool, port: int) -
 @click.argument("tox_args", nargs=-1, type=click.UNPROCESSED)
 def test(tox_args: tuple[str, ...]) -> None:
     """Run the framework's own tests through tox (lint, tests, defect catalogue, nested lab); args go to tox."""
-    args = list(tox_args) or DEFAULT_TOX
+    from labs.bench import record_ci
+
+    args = list(tox_args) or [*DEFAULT_TOX, "--result-json", str(TOX_JOURNAL)]
     tox = Path(sys.executable).with_name("tox")
     os.chdir(REPO_ROOT)
     early = None if tox_args else _build_nested_image_early()
+    started = time.monotonic()
     rc = subprocess.call([str(tox), *args])
     if early is not None:
         # the nested stage waited for it (the image's lock); only a run that never got there is still building
         early.wait()
+    if not tox_args:
+        ci = record_ci(TOX_JOURNAL, time.monotonic() - started, rc)
+        click.echo(f"lab: ./lab test took {ci['wall_s']:.0f} s ({ci['envs']}); reports/bench.json")
     sys.exit(rc)
 
 
 # the nested stage from the start, beside lint -> tests -> defects (tox.ini's `depends`): each TCG host takes
 # one core at most, so the nested suites leave CPU idle that the others (niced) take
 DEFAULT_TOX = ["p", "-p", "2", "--parallel-no-spinner", "-e", "lint,tests,defects,nested"]
+TOX_JOURNAL = REPO_ROOT / "reports" / "tox-result.json"  # each environment's duration, for reports/bench.json
 EARLY_IMAGE_LOG = REPO_ROOT / "reports" / "nested" / "image-build.log"
 EARLY_IMAGE_BUILD = "from labs.nested.image import main; raise SystemExit(main())"
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
+from labs import bench
 from labs.bench import headline
 
 
@@ -34,3 +40,18 @@ def test_headline_shows_new_figures_beside_their_baselines() -> None:
     assert rows["nested lab `up`, restored"] == "9.5 s (restored); before 73-90 s (booted)"
     assert rows["nested lab `up`, booted, no snapshot"].startswith("95.0 s (booted)")
     assert rows["nested lab `up` booted and saved (first after a build)"] == "120.0 s"
+
+
+def test_lab_test_records_its_time_and_each_environments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "REPORTS", tmp_path)
+    (tmp_path / "bench.json").write_text(json.dumps({"other": {"date": "kept"}}))
+    journal = tmp_path / "tox-result.json"
+    envs = {".pkg": {}, "lint": {"result": {"duration": 25.7}}, "nested": {"result": {"duration": 1900.04}}}
+    journal.write_text(json.dumps({"testenvs": envs}))
+    found = bench.record_ci(journal, 1950.26, 0)
+    assert found["wall_s"] == 1950.3 and found["envs"] == {"lint": 25.7, "nested": 1900.0}
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["other"] == {"date": "kept"} and written["ci"] == found  # the other figures stay
+    (row,) = [v for k, v in headline(written) if k.startswith("`./lab test`")]
+    assert row.startswith("1950 s (lint 26, nested 1900; exit 0); before 3060 s")
+    assert bench.record_ci(tmp_path / "missing.json", 10.0, 1)["envs"] == {}  # tox died before its journal
