@@ -26,28 +26,27 @@ DAEMON_PHASES: tuple[Trigger, ...] = ("started", "mid-flight")
 DEGRADED_TIMEOUT = 60.0  # a degraded link's job: complete within this, or be aborted cleanly at it
 
 
+def _daemon_fault(
+    migratable: LabPair, scenario: Scenario, side: str, trigger: Trigger, fault: type[StopDaemon | KillDaemon]
+) -> None:
+    host = migratable.source.host if side == "source" else migratable.destination.host
+    ssh = scenario.session.ssh(host.name)
+    label = f"{'stop' if fault is StopDaemon else 'kill'}{side[:3]}{trigger[:3]}"
+    vm = sr.start_vm(scenario, migratable.source, label, in_flight_memory_mib(migratable.source))
+    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: fault(ssh), trigger)
+    check_faulted(run)
+
+
 @pytest.mark.parametrize("trigger", DAEMON_PHASES)
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_stop_libvirt_daemon(migratable: LabPair, scenario: Scenario, side: str, trigger: Trigger) -> None:
-    host = migratable.source.host if side == "source" else migratable.destination.host
-    ssh = scenario.session.ssh(host.name)
-    vm = sr.start_vm(
-        scenario, migratable.source, f"stop{side[:3]}{trigger[:3]}", in_flight_memory_mib(migratable.source)
-    )
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: StopDaemon(ssh), trigger)
-    check_faulted(run)
+    _daemon_fault(migratable, scenario, side, trigger, StopDaemon)
 
 
 @pytest.mark.parametrize("trigger", DAEMON_PHASES)
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_kill_libvirt_daemon(migratable: LabPair, scenario: Scenario, side: str, trigger: Trigger) -> None:
-    host = migratable.source.host if side == "source" else migratable.destination.host
-    ssh = scenario.session.ssh(host.name)
-    vm = sr.start_vm(
-        scenario, migratable.source, f"kill{side[:3]}{trigger[:3]}", in_flight_memory_mib(migratable.source)
-    )
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: KillDaemon(ssh), trigger)
-    check_faulted(run)
+    _daemon_fault(migratable, scenario, side, trigger, KillDaemon)
 
 
 def test_degraded_link(migratable: LabPair, scenario: Scenario) -> None:
