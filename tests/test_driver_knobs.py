@@ -207,9 +207,7 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     (only,) = ci.runs()
     assert [r.paths[0] for r in only] == ["suites/recovery/test_driver_failures.py"] * 2
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/migration/test_host_faults.py")
-    assert ci.runs() == [
-        [ci.Run(ci.PLAIN_DEVICES, ["suites/migration/test_host_faults.py"], "junit-host-wide.xml")]
-    ]
+    assert ci.runs() == [[ci.Run(ci.PLAIN_DEVICES, ["suites/migration/test_host_faults.py"], "junit-host-wide.xml")]]
 
 
 def test_the_nested_stage_runs_a_stage_at_once_and_prints_the_logged_run(

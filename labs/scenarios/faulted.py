@@ -17,8 +17,7 @@ import libvirt
 import pytest
 
 from labs.faults.base import Fault, FaultNotInjected, error_name
-from labs.inventory import LabDevice, LabPair
-from labs.models import workload_for
+from labs.inventory import LabPair
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
 from labs.scenarios.known import xfail_known
@@ -41,14 +40,6 @@ def check_faulted(run: FaultedMigration) -> None:
         pytest.skip(run.missed)
     assert not run.problems, "; ".join(run.problems)
     xfail_known(run.known_issues)
-
-
-def in_flight_memory_mib(device: LabDevice) -> int | None:
-    """The VM size for an in-flight fault: the default where the device's guest workload dirties RAM faster than
-    the capped job sends it (the job iterates until the cap is lifted), else 1 GiB of pages for one long pass.
-    Each GiB scanned costs a migration ~3 s of emulated CPU on the nested lab."""
-    workload = workload_for(device)
-    return None if workload is not None and workload.dirty_mib_s > SLOW_MIB_S else IN_FLIGHT_MEMORY_MIB
 
 
 # before: the fault is in place when the job starts; started: at the first sample of an active job, in

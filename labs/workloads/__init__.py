@@ -27,7 +27,6 @@ class KernelBoot:
 
 class GuestWorkload(Protocol):
     name: str
-    dirty_mib_s: int  # how fast the running guest dirties its RAM (0: it does not)
 
     def boot(self) -> KernelBoot:
         """The kernel to boot and its command line (built on first use)."""

@@ -24,7 +24,6 @@ class Bootblock:
 
     def __init__(self, dirty_mib: int = 16, rate_mib: int = 8, depth: int = 8) -> None:
         self.cmdline = f"dirty_mib={dirty_mib} rate_mib={rate_mib} depth={depth}"
-        self.dirty_mib_s = rate_mib
 
     def boot(self) -> KernelBoot:
         return KernelBoot(build(), self.cmdline)
