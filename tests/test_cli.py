@@ -87,7 +87,7 @@ def test_lab_test_builds_the_nested_image_beside_the_other_environments(
     class Started:
         def __init__(self, argv: list[str], **kw: object) -> None:
             started.append(argv)
-            assert "preexec_fn" not in kw  # normal priority: the nested stage waits for it
+            assert kw["preexec_fn"] is cli._lowest_priority  # only the CPU the other stages leave idle
 
     monkeypatch.setattr(cli.subprocess, "Popen", Started)
     monkeypatch.setattr(cli, "EARLY_IMAGE_LOG", tmp_path / "image-build.log")
