@@ -388,7 +388,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
         envs = ", ".join(f"{k} {v:.0f}" for k, v in ci["envs"].items())
         rows.append(
             (
-                "`./lab test` (CI's command): nested beside lint -> tests -> defects",
+                "`./lab test` (CI's command)",
                 f"{ci['wall_s']:.0f} s ({envs}; exit {ci['exit']}); before {BASELINES['ci']}",
             )
         )

@@ -133,9 +133,9 @@ def test(tox_args: tuple[str, ...]) -> None:
     sys.exit(rc)
 
 
-# the nested stage from the start, beside lint -> tests -> defects (tox.ini's `depends`): each TCG host takes
-# one core at most, so the nested suites leave CPU idle that the others (niced) take
-DEFAULT_TOX = ["p", "-p", "2", "--parallel-no-spinner", "-e", "lint,tests,defects,nested"]
+# one environment after another: beside the nested stage the others slowed it by as much as they took
+# (docs/nested-findings.md, "CI in parallel")
+DEFAULT_TOX = ["-e", "lint,tests,defects,nested"]
 TOX_JOURNAL = REPO_ROOT / "reports" / "tox-result.json"  # each environment's duration, for reports/bench.json
 EARLY_IMAGE_LOG = REPO_ROOT / "reports" / "nested" / "image-build.log"
 EARLY_IMAGE_BUILD = "from labs.nested.image import main; raise SystemExit(main())"

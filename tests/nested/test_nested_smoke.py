@@ -6,7 +6,6 @@ and both VMs are alive with sshd answering.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,6 @@ from labs.nested import lifecycle
 
 
 def _nested_hosts() -> dict[str, Any]:
-    if os.environ.get("LABS_NESTED_LIVE") == "0":
-        # tox -e tests: the nested stage may have the lab up beside it and runs these itself
-        pytest.skip("live nested tests are off here (LABS_NESTED_LIVE=0): `tox -e nested` runs them")
     if not lifecycle.NESTED_INVENTORY.is_file():
         pytest.skip(f"nested lab not up: no {lifecycle.NESTED_INVENTORY} (run `lab nested up`)")
     # a host just booted under TCG may take seconds to send its banner: not being up is what skips
