@@ -9,9 +9,9 @@
    stopped or killed, its kernel made to WARN, its migration link cut or degraded, runs killed and
    swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
    beside the recovery suite on mtty_faults, the real driver with fault knobs: two pytest runs at
-   once on different devices, since each TCG host takes one core at most and one run leaves it
-   idle half the time (JUnit files and the Allure results under reports/nested/; the second run's
-   output is printed when it ends, its log kept beside them).
+   once on different devices, since each TCG host takes one core at most and one run left the
+   machine 26-45 % idle (JUnit files and the Allure results under reports/nested/; the second
+   run's output is printed when it ends, its log kept beside them).
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 
