@@ -449,6 +449,17 @@ def nested_down() -> None:
     console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
+@nested_group.command("power-on")
+@click.argument("host")
+@one_line_errors
+def nested_power_on(host: str) -> None:
+    """Boot HOST again after it went down (a reboot ends its QEMU), on its own disk, and set it up again."""
+    from labs import nested
+
+    seconds = nested.power_on(host)
+    console.print(f"{host} up again ({', '.join(f'{k} {v} s' for k, v in seconds.items())})", highlight=False)
+
+
 @nested_group.command("status")
 def nested_status() -> None:
     """Each host's pid, SSH and uptime, with the last build and boot figures."""

@@ -28,6 +28,7 @@ from labs.agentpool import open_device
 from labs.errors import LabError
 from labs.faults import disk, mdevs, netem
 from labs.faults.daemon import SWEEP_DAEMONS
+from labs.faults.host import power_on
 from labs.faults.network import NFT_PREFIX, rule_tag
 from labs.inventory import LabDevice, LabHost
 from labs.inventory.models import MdevDevice
@@ -76,15 +77,34 @@ def janitor(session: LabSession, *, keep_own: bool = True) -> list[str]:
     live: set[str] = set()  # runs with live reservation holders
     hosts = session.inventory.hosts
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
+        # a host a killed run's reboot left down is powered on before anything is asked of it
+        removed = [line for lines in pool.map(lambda h: _power_on(session, h), hosts) for line in lines]
         # first every host's live reservation holders: the runs they serve are alive everywhere
         swept = pool.map(lambda h: _host_processes(session, h.name, live), hosts)
-        removed = [line for lines in swept for line in lines]
+        removed += [line for lines in swept for line in lines]
         removed += [line for lines in pool.map(lambda h: _host(session, h, keep_own, live), hosts) for line in lines]
     for image in sorted(local_image_dir().glob(f"{RUN_PREFIX}*")) if local_image_dir().exists() else []:
         if not _keep(image.name, session, keep_own, live):
             image.unlink(missing_ok=True)
             removed.append(f"controller: removed {image}")
     return removed
+
+
+def _power_on(session: LabSession, host: LabHost) -> list[str]:
+    """A host with a power-on command (inventory `reboot.power_on`) that does not answer SSH: run it."""
+    reboot = host.spec.reboot
+    if reboot is None or not reboot.power_on:
+        return []
+    try:
+        session.ssh(host.name).run("true", timeout=30)
+        return []
+    except LabError:
+        pass
+    try:
+        said = power_on(host.name, reboot)
+    except LabError as exc:
+        return [f"{host.name}: did not answer, and powering it on failed: {exc}"]
+    return [f"{host.name}: did not answer; powered on ({said or reboot.power_on})"]
 
 
 def _host(session: LabSession, host: LabHost, keep_own: bool, live: set[str]) -> list[str]:

@@ -21,13 +21,15 @@ from labs.faults import (
     DeviceTransitionFailure,
     IncompatibleDestinationMdev,
     KillDestinationQemu,
+    RebootHost,
     mdevs,
 )
+from labs.faults import host as host_faults
 from labs.faults.base import Fault, FaultLedger
 from labs.faults.device import damage
 from labs.faults.network import rule_tag
 from labs.inventory import LabDevice, LabHost
-from labs.inventory.models import Host, MdevDevice, PciDevice, SimDevice
+from labs.inventory.models import Host, MdevDevice, PciDevice, Reboot, SimDevice
 from labs.janitor import janitor
 from labs.session import LabSession
 from labs.transport import Result
@@ -386,3 +388,54 @@ def test_abort_job_where_the_driver_cannot(sim_session: LabSession) -> None:
     finally:
         vm.remove()
     assert janitor(sim_session, keep_own=False) == []
+
+
+class RebootingHost:
+    """A host's SSH as RebootHost sees it: boot ids in turn, None while it does not answer."""
+
+    def __init__(self, answers: list[str | None]) -> None:
+        self.name = "hostB"
+        self.answers = answers
+        self.commands: list[str] = []
+
+    def close(self) -> None:
+        pass
+
+    def run(self, command: str, timeout: float | None = None, **kw: Any) -> Result:
+        self.commands.append(command)
+        if command.startswith(host_faults.BOOT_ID + " && "):
+            return Result(self.name, command, 0, "old\n", "", 0.0)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if answer is None:
+            raise InfraError(f"{self.name}: cannot reach it")
+        return Result(self.name, command, 0, answer + "\n", "", 0.0)
+
+
+def test_reboot_host_waits_down_powers_on_and_waits_for_a_new_boot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(host_faults.time, "sleep", lambda _s: None)
+    ssh = RebootingHost(["old", None, None, "new"])
+    marker = tmp_path / "powered"
+    fault = RebootHost(ssh, Reboot(power_on=f"touch {marker}"))  # type: ignore[arg-type]
+    fault.inject()
+    assert "/proc/sysrq-trigger" in ssh.commands[0]
+    fault.after_job()
+    assert marker.exists()  # run while the host was down, before it answered again
+    assert fault.back and any("boot id new" in a for a in fault.record.actions)
+    fault.undo()  # back already: nothing more is asked of the host
+    assert ssh.answers == ["new"]
+
+
+def test_reboot_host_that_never_went_down_is_an_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_faults.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(host_faults, "DOWN_WAIT", 0.0)
+    fault = RebootHost(RebootingHost(["old"]), Reboot())  # type: ignore[arg-type]
+    fault.inject()
+    with pytest.raises(InfraError, match="still up"):
+        fault.after_job()
+
+
+def test_a_failing_power_on_names_the_host_and_command() -> None:
+    with pytest.raises(InfraError, match=r"^hostB: reboot.power_on `false` exited 1"):
+        host_faults.power_on("hostB", Reboot(power_on="false"))

@@ -12,6 +12,7 @@ from labs.faults.device import (
 )
 from labs.faults.disk import FullFilesystem
 from labs.faults.driver import DriverArcFailure, DriverStreamCut
+from labs.faults.host import RebootHost
 from labs.faults.job import (
     AbortJob,
     AbortOnDestination,
@@ -45,5 +46,6 @@ __all__ = [
     "KillDestinationQemu",
     "KillSourceQemu",
     "MigrationDeadline",
+    "RebootHost",
     "StopDaemon",
 ]

@@ -164,6 +164,10 @@ class Fault(ABC):
     def note(self, action: str) -> None:
         self.record.actions.append(action)
 
+    def after_job(self) -> None:
+        """What the fault must do once the job under it has ended, before the readback (a host brought back)."""
+        return None
+
     def inject(self) -> None:
         with step(f"fault {self.name}: inject on {self.record.target}"):
             self._attempted = True

@@ -194,6 +194,17 @@ class JumpHost(Strict):
     host_key_policy: HostKeyPolicy = HostKeyPolicy.STRICT
 
 
+class Reboot(Strict):
+    """How a host that destructive tests may reboot comes back."""
+
+    power_on: str | None = Field(
+        default=None,
+        description="a command run on the controller once the host is down that brings it back and returns when it "
+        "is (a BMC's power-on; the nested lab's `lab nested power-on`); none: the host comes back by itself",
+    )
+    timeout: float = Field(default=600.0, gt=0, description="seconds the host has to answer SSH again")
+
+
 class Host(Strict):
     address: str
     port: int = Field(default=22, ge=1, le=65535)
@@ -219,6 +230,10 @@ class Host(Strict):
         default=None, description=f"the model of this host's devices of its kind that name none: {MODEL_REF_HELP}"
     )
     devices: tuple[Device, ...] = ()
+    reboot: Reboot | None = Field(
+        default=None,
+        description="destructive tests may reboot this host (during an incoming migration); absent: they skip",
+    )
 
     _device_model_ok = field_validator("device_model")(_model_ref)
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +281,8 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             "libvirt_uri": libvirt_uri(s, keys),
             "migration_address": s.link_ip,
             "python": "python3",
+            # a reboot ends the host's QEMU (-no-reboot): `lab nested power-on` boots it again
+            "reboot": {"power_on": power_on_command(s.name), "timeout": BOOT_TIMEOUT + 300},
             "devices": [
                 {
                     "kind": "mdev",
@@ -650,6 +653,34 @@ def _prepare_host(spec: VmSpec, keys: Keys, first: str = "") -> list[str]:
     (run_dir() / f"{spec.name}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
     flags = int(probe["migration_flags"])
     return [name for bit, name in sorted(MIGRATION_FLAG_NAMES.items()) if flags & bit]
+
+
+def power_on(name: str, boot_timeout: float | None = None) -> dict[str, float]:
+    """Bring back a host that went down (a reboot ends its QEMU: -no-reboot): boot it again on its own disk,
+    wait for SSH, set it up again (its mdevs are gone with the reboot). The inventory's `reboot.power_on`."""
+    by_name = {s.name: s for s in specs()}
+    if name not in by_name:
+        raise InfraError(f"{name}: not a nested host ({', '.join(by_name)})")
+    rd = run_dir()
+    vm, keys = Vm(by_name[name], rd), Keys(rd / "keys")
+    t0 = time.monotonic()
+    with _progress(None) as prog:
+        rep = RichReporter(prog)
+        vm.power_on()
+        rep.stage(f"boot {name} (TCG)", total=1)
+        _wait_for_ssh([vm], keys, rep, boot_timeout or boot_timeout_from_env())
+        t_ssh = time.monotonic()
+        rep.stage(f"{name}: mtty mdevs, libvirtd", total=None)
+        _prepare_host(vm.spec, keys)
+        rep.done()
+    return {"boot_to_ssh": round(t_ssh - t0, 1), "host_setup": round(time.monotonic() - t_ssh, 1)}
+
+
+def power_on_command(name: str) -> str:
+    """`reboot.power_on` of a nested host in the inventory: this run dir and ports, whatever the caller's env."""
+    env = f"LABS_NESTED_RUN_DIR={shlex.quote(str(run_dir()))} LABS_NESTED_BASE_PORT={base_port()}"
+    lab = Path(sys.executable).parent / "lab"
+    return f"env {env} {shlex.quote(str(lab))} nested power-on {name}"
 
 
 def down(inventory: Path = NESTED_INVENTORY) -> list[str]:

@@ -212,6 +212,10 @@ class Vm:
         argv = qemu_argv(self.spec, image, p)
         if restore is not None:
             argv += ["-incoming", f"exec:cat {shlex.quote(str(restore.state))}"]
+        return self._launch(argv)
+
+    def _launch(self, argv: list[str]) -> int:
+        p = self.paths
         with p.qemu_log.open("w") as log:
             log.write(" ".join(argv) + "\n")
             log.flush()
@@ -221,6 +225,27 @@ class Vm:
             raise InfraError(f"{self.spec.name}: QEMU did not start; see {p.qemu_log}: {p.qemu_log.read_text()[-500:]}")
         p.started.write_text(json.dumps({"pid": pid, "time": time.time(), "argv": argv}))
         return pid
+
+    def power_on(self) -> int:
+        """Start the host again as it was last started, on its own disk: a reboot (-no-reboot ended QEMU).
+
+        A restored host boots fresh from the disk it was restored with; the console log of the run before
+        is kept as console.prev.log."""
+        p = self.paths
+        if self.pid() is not None:
+            raise InfraError(f"{self.spec.name} is running (pid {self.pid()}): nothing to power on")
+        try:
+            argv: list[str] = json.loads(p.started.read_text())["argv"]
+        except (OSError, ValueError, KeyError):
+            raise InfraError(f"{self.spec.name}: never started here ({p.started} missing): `lab nested up`") from None
+        if "-incoming" in argv:
+            at = argv.index("-incoming")
+            argv = argv[:at] + argv[at + 2 :]
+        if p.console.exists():
+            p.console.replace(p.dir / "console.prev.log")
+        for stale in (p.pidfile, p.qmp):
+            stale.unlink(missing_ok=True)
+        return self._launch(argv)
 
     def pid(self) -> int | None:
         """The running QEMU's pid, only if it is still the process we started."""

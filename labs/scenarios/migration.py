@@ -181,6 +181,7 @@ def migrate_leg(
     expect: LegExpectation | None = None,
     companions: Sequence[tuple[LabDevice, LabDevice]] = (),
     judge_downtime: bool = True,
+    after_job: Callable[[], None] | None = None,
 ) -> tuple[VM, Leg]:
     """Migrate `vm` (on src's host) to dst's host, read back both sides; returns where the VM runs now.
 
@@ -190,6 +191,7 @@ def migrate_leg(
     `expect`: where the VM must run and the lifecycle events each side must deliver (default: by the result).
     `companions`: the VM's other devices (source, destination), for a multi-device VM.
     `judge_downtime`: hold a completed job to the lab's downtime budget (not under a fault that stops the guest).
+    `after_job`: run once the job has ended, before the readback (a fault bringing a rebooted host back).
     """
     moves = [(src, dst), *companions]
     dst_hv: Hypervisor = sc.hv(dst.host)
@@ -225,6 +227,8 @@ def migrate_leg(
             "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
         }
         attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
+    if after_job is not None:
+        after_job()
     probing.set_downtime(sc, vm, result.metric("downtime") if result.ok else None)
     rb = read_back(
         sc.session,

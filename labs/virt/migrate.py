@@ -228,7 +228,7 @@ def completed_stats(*hvs: Hypervisor, name: str) -> dict[str, Any]:
     for hv in hvs:
         try:
             stats = hv.conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        except libvirt.libvirtError:
+        except (libvirt.libvirtError, InfraError):  # InfraError: a host gone (rebooted under the job)
             continue
         if stats:
             return dict(stats)

@@ -1,7 +1,7 @@
 """Migrations under faults that disturb a whole host: its libvirt daemon stopped or killed, its migration link
-cut or degraded. Each lands at its job phase, its outcome and event sequences asserted, the next migration
-must pass. The nested stage runs this file alone (labs/nested/ci.py HOST_WIDE): a test beside it would lose
-its daemon or its link too."""
+cut or degraded, the host rebooted. Each lands at its job phase, its outcome and event sequences asserted,
+the next migration must pass. The nested stage runs this file alone (labs/nested/ci.py HOST_WIDE): a test
+beside it would lose its daemon, its link or its host too."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from labs.faults import CutMigrationLink, DegradedLink, KillDaemon, StopDaemon
+from labs.faults import CutMigrationLink, DegradedLink, KillDaemon, RebootHost, StopDaemon
 from labs.faults.base import Fault
 from labs.faults.network import rule_tag
 from labs.inventory import LabPair
@@ -82,3 +82,20 @@ def test_cut_migration_link(migratable: LabPair, scenario: Scenario) -> None:
     _vm, run = migrate_under_fault(scenario, vm, migratable, cut, trigger, timeout=STALL_TIMEOUT)
     check_faulted(run)
     assert run.failed.result.timed_out or run.failed.result.error
+
+
+@pytest.mark.destructive
+def test_destination_host_reboots(migratable: LabPair, scenario: Scenario) -> None:
+    """The destination host rebooted at once while RAM moves: the source keeps the VM with its device, the
+    host comes back (its power-on), the readback finds nothing of the job there, and the next migration
+    to it passes."""
+    dst = migratable.destination.host
+    reboot = dst.spec.reboot
+    if reboot is None:
+        pytest.skip(f"{dst.name} has no `reboot:` in the inventory: destructive tests may not reboot it")
+    ssh = scenario.session.ssh(dst.name)
+    vm = sr.start_vm(scenario, migratable.source, "reboot", IN_FLIGHT_MEMORY_MIB)
+    make = lambda _v: RebootHost(ssh, reboot)  # noqa: E731
+    # a rebooted host sends nothing more: the job stalls until our deadline (or fails once the host is back)
+    _vm, run = migrate_under_fault(scenario, vm, migratable, make, "mid-flight", timeout=STALL_TIMEOUT)
+    check_faulted(run)

@@ -3,7 +3,8 @@
 Each round starts one test of suites/migration (round 1: a fault that removes or creates an
 mdev; round 2, one of: a killed destination or source QEMU, a cut link, an aborted job, a plain migration, a
 libvirt daemon stopped or killed, a degraded link, an abort on the destination, a destroy during finish,
-the real driver failing an arc or cutting its stream short (suites/recovery on mtty_faults))
+the destination host rebooted (the janitor powers on a host left down), the real driver failing an arc or
+cutting its stream short (suites/recovery on mtty_faults))
 against the nested lab, waits until the run reaches the destination host (an incoming domain,
 a fault's mdev record or firewall table, the inventory's mdev removed), then a random few
 seconds so that the kill lands in the fault or the migration, and SIGKILLs the whole process
@@ -59,6 +60,7 @@ ROUNDS = (
         "test_degraded_link",
         "test_abort_on_destination",
         "test_destroy_during_finish",
+        "test_destination_host_reboots",  # killed while the host is down: the janitor powers it on
         # the real driver failing an arc or sending its stream short (suites/recovery, on mtty_faults)
         "recovery::test_source_fails_stop_copy",
         "recovery::test_destination_never_loads_the_state",

@@ -121,6 +121,23 @@ def test_pid_ignores_foreign_processes(tmp_path: Path) -> None:
     assert machine.stop() is False
 
 
+def test_power_on_boots_the_last_command_line_without_its_restore(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    machine = vm.Vm(vm.VmSpec("nested-b", 2, ssh_port=1, link_port=2, peer_link_port=3), tmp_path)
+    with pytest.raises(InfraError, match="never started here"):
+        machine.power_on()
+    machine.paths.dir.mkdir(parents=True)
+    argv = ["qemu-system-x86_64", "-name", "nested-b", "-incoming", "exec:cat state", "-daemonize"]
+    machine.paths.started.write_text(json.dumps({"pid": 1, "time": 0, "argv": argv}))
+    machine.paths.console.write_text("sysrq: Resetting\n")
+    launched: list[list[str]] = []
+    monkeypatch.setattr(vm.Vm, "_launch", lambda self, a: launched.append(a) or 4242)
+    assert machine.power_on() == 4242
+    assert launched == [["qemu-system-x86_64", "-name", "nested-b", "-daemonize"]]  # its own disk, no restore
+    assert (machine.paths.dir / "console.prev.log").read_text() == "sysrq: Resetting\n"
+
+
 def test_crash_report_starts_at_the_oops(tmp_path: Path) -> None:
     machine = vm.Vm(vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3), tmp_path)
     assert machine.crash_report() == ""
@@ -203,6 +220,12 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     device = doc["hosts"]["nested-a"]["devices"][0]
     assert device["qemu_properties"] == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
     assert inv.settings.max_downtime_ms == lifecycle.MAX_DOWNTIME_MS
+    # a reboot ends a nested host's QEMU: its power-on boots it again in this run dir, whatever the caller's env
+    reboot = inv.host("nested-b").spec.reboot
+    assert reboot is not None and reboot.power_on is not None
+    assert reboot.power_on.endswith(" nested power-on nested-b")
+    assert f"LABS_NESTED_RUN_DIR={tmp_path / 'run'}" in reboot.power_on
+    assert "LABS_NESTED_BASE_PORT=30000" in reboot.power_on
 
 
 def test_example_inventory_is_valid() -> None:
