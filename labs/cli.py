@@ -456,8 +456,10 @@ def nested_power_on(host: str) -> None:
     """Boot HOST again after it went down (a reboot ends its QEMU), on its own disk, and set it up again."""
     from labs import nested
 
-    seconds = nested.power_on(host)
-    console.print(f"{host} up again ({', '.join(f'{k} {v} s' for k, v in seconds.items())})", highlight=False)
+    seconds, crashed = nested.power_on(host)
+    figures = ", ".join(f"{k} {v} s" for k, v in seconds.items())
+    crash = f"; its last boot crashed: {crashed}" if crashed else ""  # a power-on must not hide a crash
+    console.print(f"{host} up again ({figures}){crash}", highlight=False)
 
 
 @nested_group.command("status")

@@ -3,7 +3,7 @@
 Public API (wired into `lab nested up | down | status | power-on`):
     up(progress=None) -> UpResult      build/reuse the image, boot, create mdevs, write the inventory
     down() -> list[str]                stop what up started, drop overlays, keys and the inventory
-    power_on(name) -> dict             boot a host a reboot took down (its QEMU ended), set it up again
+    power_on(name)                     boot a host a reboot took down (its QEMU ended), set it up again
     status() -> list[VmStatus]         per VM: pid, SSH answering, uptime; status_table() renders it
     HOST_PACKAGES                      Debian packages the controller needs (bootstrap installs them)
 """

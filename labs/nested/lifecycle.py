@@ -655,14 +655,16 @@ def _prepare_host(spec: VmSpec, keys: Keys, first: str = "") -> list[str]:
     return [name for bit, name in sorted(MIGRATION_FLAG_NAMES.items()) if flags & bit]
 
 
-def power_on(name: str, boot_timeout: float | None = None) -> dict[str, float]:
+def power_on(name: str, boot_timeout: float | None = None) -> tuple[dict[str, float], str]:
     """Bring back a host that went down (a reboot ends its QEMU: -no-reboot): boot it again on its own disk,
-    wait for SSH, set it up again (its mdevs are gone with the reboot). The inventory's `reboot.power_on`."""
+    wait for SSH, set it up again (its mdevs are gone with the reboot). The inventory's `reboot.power_on`.
+    Returns the figures and how its last boot ended where that was a crash (a power-on must not hide one)."""
     by_name = {s.name: s for s in specs()}
     if name not in by_name:
         raise InfraError(f"{name}: not a nested host ({', '.join(by_name)})")
     rd = run_dir()
     vm, keys = Vm(by_name[name], rd), Keys(rd / "keys")
+    crashed = vm.crash_headline()
     t0 = time.monotonic()
     with _progress(None) as prog:
         rep = RichReporter(prog)
@@ -673,7 +675,7 @@ def power_on(name: str, boot_timeout: float | None = None) -> dict[str, float]:
         rep.stage(f"{name}: mtty mdevs, libvirtd", total=None)
         _prepare_host(vm.spec, keys)
         rep.done()
-    return {"boot_to_ssh": round(t_ssh - t0, 1), "host_setup": round(time.monotonic() - t_ssh, 1)}
+    return {"boot_to_ssh": round(t_ssh - t0, 1), "host_setup": round(time.monotonic() - t_ssh, 1)}, crashed
 
 
 def power_on_command(name: str) -> str:
