@@ -132,7 +132,12 @@ def test_power_on_boots_the_last_command_line_without_its_restore(
     machine.paths.started.write_text(json.dumps({"pid": 1, "time": 0, "argv": argv}))
     machine.paths.console.write_text("sysrq: Resetting\n")
     launched: list[list[str]] = []
-    monkeypatch.setattr(vm.Vm, "_launch", lambda self, a: launched.append(a) or 4242)
+
+    def launch(_self: vm.Vm, argv: list[str]) -> int:
+        launched.append(argv)
+        return 4242
+
+    monkeypatch.setattr(vm.Vm, "_launch", launch)
     assert machine.power_on() == 4242
     assert launched == [["qemu-system-x86_64", "-name", "nested-b", "-daemonize"]]  # its own disk, no restore
     assert (machine.paths.dir / "console.prev.log").read_text() == "sysrq: Resetting\n"
