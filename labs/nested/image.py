@@ -172,6 +172,28 @@ def ensure_image(recipe: Recipe, reporter: Reporter | None = None) -> BaseImage:
         return Builder(recipe, d, reporter or NullReporter()).build()
 
 
+def mounts_under(root: Path) -> list[Path]:
+    """What is mounted at or below `root`, deepest first (a killed build leaves the chroot's mounts)."""
+    top = os.path.realpath(root)
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    # /proc/mounts escapes spaces and the like as octal
+    points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), ln.split()[1]) for ln in lines if ln.split()]
+    found = {Path(p) for p in points if p == top or p.startswith(top + "/")}
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(root: Path, ignore_errors: bool = False) -> None:
+    """rmtree that first unmounts what a killed build left mounted inside: never recurse into a bind of /dev."""
+    for point in mounts_under(root):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    if mounts_under(root):
+        raise InfraError(f"{root}: still has mounts inside ({', '.join(map(str, mounts_under(root)))}); not removed")
+    shutil.rmtree(root, ignore_errors=ignore_errors)
+
+
 def prune_images(keep: Recipe) -> list[Path]:
     """Delete cached images of other recipes (about 1 GB each), except one being built or open in any process
     (another lab's QEMU holds its base image open)."""
@@ -180,7 +202,7 @@ def prune_images(keep: Recipe) -> list[Path]:
     for d in sorted(current.parent.iterdir()):
         # image dirs are named by a recipe digest; "run" and other files stay
         if d.is_dir() and d != current and re.fullmatch(r"[0-9a-f]{16}", d.name) and not _in_use(d):
-            shutil.rmtree(d, ignore_errors=True)
+            remove_tree(d, ignore_errors=True)
             Path(str(d) + ".lock").unlink(missing_ok=True)
             removed.append(d)
     return removed
@@ -288,7 +310,7 @@ class Builder:
     def debootstrap(self) -> None:
         # A half-done debootstrap cannot be resumed: start it clean.
         if self.root.exists():
-            shutil.rmtree(self.root)
+            remove_tree(self.root)
         self.reporter.stage("debootstrap trixie", total=300)
         count = 0
 
@@ -465,7 +487,7 @@ class Builder:
         }
         # The rootfs tree is only a build intermediate; the qcow2 is the image.
         if not os.environ.get("LABS_NESTED_KEEP_ROOTFS"):
-            shutil.rmtree(self.root, ignore_errors=True)
+            remove_tree(self.root, ignore_errors=True)
         (self.out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return BaseImage(self.out, disk, self.out / "vmlinuz", self.out / "initrd.img", manifest)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,17 @@ def test_prune_spares_an_image_another_lab_uses(monkeypatch: pytest.MonkeyPatch,
     with (booted / "base.qcow2").open(), FileLock(str(building) + ".lock"):  # open here as in a QEMU
         assert image.prune_images(r) == []
     assert image.prune_images(r) == [booted, building]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_remove_tree_unmounts_what_a_killed_build_left_mounted(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "dev").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "dev")], check=True)
+    (root / "dev" / "null-stand-in").write_text("must not be followed by rmtree while mounted")
+    try:
+        assert image.mounts_under(root) == [root / "dev"]
+        image.remove_tree(root)
+        assert not root.exists() and image.mounts_under(root) == []
+    finally:
+        subprocess.run(["umount", "-l", str(root / "dev")], capture_output=True)
