@@ -6,8 +6,8 @@
    and exits 0: a skip with its reason, never tests reported as passed.
 2. `up` (build or reuse the image, boot, mdevs, inventory).
 3. pytest in two stages: first, alone, the files that disturb a whole host (its libvirt daemon
-   stopped or killed, its kernel made to WARN, its migration link cut or degraded, runs killed and
-   swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
+   stopped or killed, its kernel made to WARN, its migration link cut or degraded, the host rebooted,
+   runs killed and swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
    beside the recovery suite on mtty_faults, the real driver with fault knobs: two pytest runs at
    once on different devices, since each TCG host takes one core at most and one run left the
    machine 26-45 % idle (JUnit files and the Allure results under reports/nested/; the second
@@ -52,8 +52,8 @@ KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
 # the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
 KNOB_DESELECT = "not test_refused_stream_then_reset"
-# what a test beside them would feel (a daemon gone, a WARN in its kernel log, a cut link, its
-# reservation taken by a chaos round): these run before the others, alone
+# what a test beside them would feel (a daemon gone, a WARN in its kernel log, a cut link, its host
+# rebooted, its reservation taken by a chaos round): these run before the others, alone
 HOST_WIDE = (
     "tests/nested/test_nested_hangs.py",
     "tests/nested/test_nested_kernel.py",
