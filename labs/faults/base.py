@@ -165,7 +165,8 @@ class Fault(ABC):
         self.record.actions.append(action)
 
     def after_job(self) -> None:
-        """What the fault must do once the job under it has ended, before the readback (a host brought back)."""
+        """What the fault must do once the job under it has ended, before the readback (a host brought back);
+        nothing for a fault never injected."""
         return None
 
     def inject(self) -> None:

@@ -16,6 +16,7 @@ import time
 
 import libvirt
 
+from labs.attachments import step
 from labs.errors import InfraError, LabError
 from labs.faults.base import ExpectedError, Fault
 from labs.inventory.models import Reboot
@@ -48,9 +49,10 @@ def power_on(name: str, reboot: Reboot) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InfraError(f"{name}: reboot.power_on `{reboot.power_on}` failed: {exc}") from None
     out = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
+    last = out[-1] if out else ""
     if proc.returncode != 0:
-        raise InfraError(f"{name}: reboot.power_on `{reboot.power_on}` exited {proc.returncode}: {out[-1:] or ''}")
-    return out[-1] if out else ""
+        raise InfraError(f"{name}: reboot.power_on `{reboot.power_on}` exited {proc.returncode}: {last}")
+    return last
 
 
 class RebootHost(Fault):
@@ -81,7 +83,9 @@ class RebootHost(Fault):
         self.note(f"echo b > /proc/sysrq-trigger on {self.ssh.name} (boot id {self.old_boot[:8]})")
 
     def after_job(self) -> None:
-        self.bring_back()
+        if not self.back:
+            with step(f"fault {self.name}: bring {self.ssh.name} back"):
+                self.bring_back()
 
     def _undo(self) -> None:
         self.bring_back()

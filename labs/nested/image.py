@@ -189,8 +189,9 @@ def remove_tree(root: Path, ignore_errors: bool = False) -> None:
     """rmtree that first unmounts what a killed build left mounted inside: never recurse into a bind of /dev."""
     for point in mounts_under(root):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
-    if mounts_under(root):
-        raise InfraError(f"{root}: still has mounts inside ({', '.join(map(str, mounts_under(root)))}); not removed")
+    left = mounts_under(root)
+    if left:
+        raise InfraError(f"{root}: still has mounts inside ({', '.join(map(str, left))}); not removed")
     shutil.rmtree(root, ignore_errors=ignore_errors)
 
 

@@ -666,7 +666,7 @@ def power_on(name: str, boot_timeout: float | None = None) -> tuple[dict[str, fl
     vm, keys = Vm(by_name[name], rd), Keys(rd / "keys")
     crashed = vm.crash_headline()
     t0 = time.monotonic()
-    with _progress(None) as prog:
+    with _progress(None) as prog, _lock():  # not beside an `up` or `down` of the same lab
         rep = RichReporter(prog)
         vm.power_on()
         rep.stage(f"boot {name} (TCG)", total=1)

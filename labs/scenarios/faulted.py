@@ -212,7 +212,7 @@ def migrate_under_fault(
         hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
         expect=expectation(fault),
         judge_downtime=not fault.stretches_downtime,
-        after_job=lambda: _after_job(sc, fault),
+        after_job=fault.after_job,
     )
     undone = True
     with sc.steps.step(f"undo {fault.name}"):
@@ -247,12 +247,6 @@ def migrate_under_fault(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
         )
     return vm_after, FaultedMigration(fault, failed, undone, following, trigger)
-
-
-def _after_job(sc: Scenario, fault: Fault) -> None:
-    if fault.attempted:
-        with sc.steps.step(f"{fault.name}: after the job"):
-            fault.after_job()
 
 
 RELEASE_WAIT = 5.0

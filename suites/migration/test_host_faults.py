@@ -94,8 +94,11 @@ def test_destination_host_reboots(migratable: LabPair, scenario: Scenario) -> No
     if reboot is None:
         pytest.skip(f"{dst.name} has no `reboot:` in the inventory: destructive tests may not reboot it")
     ssh = scenario.session.ssh(dst.name)
+
+    def make(_vm: VM) -> Fault:
+        return RebootHost(ssh, reboot)
+
     vm = sr.start_vm(scenario, migratable.source, "reboot", IN_FLIGHT_MEMORY_MIB)
-    make = lambda _v: RebootHost(ssh, reboot)  # noqa: E731
     # a rebooted host sends nothing more: the job stalls until our deadline (or fails once the host is back)
     _vm, run = migrate_under_fault(scenario, vm, migratable, make, "mid-flight", timeout=STALL_TIMEOUT)
     check_faulted(run)
