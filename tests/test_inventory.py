@@ -86,6 +86,10 @@ def in_host_b(old: str, new: str) -> str:
     return head + "\n  b:\n" + tail.replace(old, new, 1)
 
 
+def with_guest(guest: str) -> str:
+    return GOOD.replace("timeouts: {connect: 3}}", f"timeouts: {{connect: 3}}, guest: {guest}}}", 1)
+
+
 BAD = {
     "missing key": (
         in_host_b('pci: "0000:65:00.0", ', ""),
@@ -130,6 +134,15 @@ BAD = {
     ),
     "no hosts": ("hosts: {}\n", r"hosts: .*at least one host"),
     "not yaml": ("hosts: [a, b\n", r"inv\.yaml:\d+: .*YAML"),
+    "guest with kernel and disk": (
+        with_guest("{kernel: /k, disk: /d.qcow2, workload: w}"),
+        r"lab\.guest: .*either a kernel \(with initrd\) or a disk",
+    ),
+    "guest without workload": (with_guest("{kernel: /k}"), r"lab\.guest\.workload: required key is missing"),
+    "guest driver ids": (
+        with_guest("{kernel: /k, workload: w, drivers: {'4348-3253': serial}}"),
+        r"lab\.guest: .*'4348-3253' is not a PCI vendor:device",
+    ),
     "v2 without stop_copy": (
         GOOD.replace("capabilities: [stop_copy, pre_copy]}", "capabilities: [pre_copy]}", 1),
         r"hosts\.a\.devices\[1\].*stop_copy",

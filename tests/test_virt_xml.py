@@ -101,3 +101,20 @@ def test_test_driver_accepts_the_template(tmp_path: Path) -> None:
         assert hostdevs_of(dom.XMLDesc(0)) == [hostdev_for(_device("sim"))]
     finally:
         conn.close()
+
+
+def test_linux_guest_boot_and_agent_channel() -> None:
+    spec = DomainSpec(name="g", virt_type="qemu", kernel="/k", initrd="/i", cmdline="console=ttyS0", agent=True)
+    root = ET.fromstring(domain_xml(spec))
+    assert [root.findtext(f"os/{t}") for t in ("kernel", "initrd", "cmdline")] == ["/k", "/i", "console=ttyS0"]
+    channel = root.find("devices/channel/target")
+    assert channel is not None and channel.get("name") == "org.qemu.guest_agent.0" and channel.get("type") == "virtio"
+    assert root.find("devices/disk") is None
+
+
+def test_linux_guest_disk() -> None:
+    root = ET.fromstring(domain_xml(DomainSpec(name="g", virt_type="qemu", disk="/img/guest.qcow2", agent=True)))
+    disk = root.find("devices/disk")
+    assert disk is not None and root.find("os/kernel") is None
+    assert disk.find("source").get("file") == "/img/guest.qcow2"  # type: ignore[union-attr]
+    assert disk.find("driver").get("type") == "qcow2" and disk.find("driver").get("cache") == "none"  # type: ignore[union-attr]

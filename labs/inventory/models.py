@@ -280,6 +280,40 @@ class Gates(Strict):
     )
 
 
+class LinuxGuest(Strict):
+    """A Linux guest that uses the device while it moves, driven through the QEMU guest agent (no guest network).
+
+    Its files are paths on the lab hosts (every host that may run the VM: a migration or a restore elsewhere
+    loads them there too). The guest must run qemu-ga on the virtio port `org.qemu.guest_agent.0`.
+    """
+
+    kernel: str | None = Field(default=None, description="a kernel on the hosts, booted directly with `initrd`")
+    initrd: str | None = None
+    cmdline: str = ""
+    disk: str | None = Field(default=None, description="a disk image on the hosts (instead of kernel + initrd)")
+    memory_mib: int = Field(default=256, gt=0)
+    workload: str = Field(
+        description="a shell command in the guest that prints the workload's verdict as one JSON object: "
+        '{"ok": bool, "progress": int, ...}; progress only grows while the workload runs'
+    )
+    drivers: dict[str, str] = Field(
+        default_factory=dict,
+        description="PCI vendor:device (hex, as the guest's sysfs shows it) -> the guest driver that must stay bound",
+    )
+    boot_timeout: float = Field(default=600.0, gt=0, description="seconds from start until the workload makes progress")
+
+    @model_validator(mode="after")
+    def _boot(self) -> LinuxGuest:
+        if (self.kernel is None) == (self.disk is None):
+            raise ValueError("a guest boots either a kernel (with initrd) or a disk, give exactly one")
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("initrd needs kernel")
+        for ids in self.drivers:
+            if not re.fullmatch(r"[0-9a-f]{4}:[0-9a-f]{4}", ids):
+                raise ValueError(f"drivers: '{ids}' is not a PCI vendor:device in lower-case hex (4348:3253)")
+        return self
+
+
 class LabSettings(Strict):
     name: str = "lab"
     timeouts: Timeouts = Timeouts()
@@ -296,6 +330,7 @@ class LabSettings(Strict):
         description="a completed live migration whose downtime (libvirt's) is longer fails; unset: max_downtime_ms",
     )
     sim: SimSettings | None = None
+    guest: LinuxGuest | None = Field(default=None, description="a Linux guest for the guest suite (suites/guest)")
 
     @property
     def downtime_budget(self) -> int | None:

@@ -24,6 +24,8 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # uuid5 namespace for simulated devices: any fixed UUID will do, it only has to never change
 SIM_MDEV_NAMESPACE = uuid.UUID("6c1f0d1e-3b59-4f7e-9a51-2f1d0c6a9e10")
 # QEMU trace events of the VFIO migration state machine (QEMU 8+ names); written to the domain's QEMU log
+# the virtio port qemu-ga listens on, and libvirt's agent commands use
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
 VFIO_TRACE_EVENTS = ("vfio_migration_set_state", "vfio_vmstate_change", "vfio_save_*", "vfio_load_*")
 
 
@@ -53,6 +55,9 @@ class DomainSpec:
     trace_events: tuple[str, ...] = field(default=())
     kernel: str | None = None  # direct kernel boot (a guest workload, labs.workloads): its path on the host
     cmdline: str = ""
+    initrd: str | None = None  # with `kernel`: a Linux guest's initramfs (inventory `lab.guest`)
+    disk: str | None = None  # a Linux guest's disk image on the host (shared storage: a migration does not copy it)
+    agent: bool = False  # a virtio port for the QEMU guest agent (org.qemu.guest_agent.0)
     iommu: str | None = None  # a vIOMMU model (<iommu model='intel'/>): QEMU must refuse to migrate VFIO devices
     managed: bool | None = None  # PCI hostdevs' managed mode; None keeps the default (managed='yes')
 
@@ -131,6 +136,8 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(os_el, "type", "hvm", arch=spec.arch, machine=spec.machine)
     if spec.kernel:
         _sub(os_el, "kernel", spec.kernel)
+        if spec.initrd:
+            _sub(os_el, "initrd", spec.initrd)
         _sub(os_el, "cmdline", spec.cmdline)
     _sub(root, "on_poweroff", "destroy")
     _sub(root, "on_crash", "destroy")
@@ -138,6 +145,13 @@ def domain_xml(spec: DomainSpec) -> str:
     for i, dev in enumerate(spec.hostdevs):
         # an alias only where an override must name the device: test:/// and plain domains stay as they were
         _hostdev(devices, dev, hostdev_alias(i) if dev.properties and spec.virt_type != "test" else None)
+    if spec.disk:
+        disk = _sub(devices, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type="qcow2" if spec.disk.endswith(".qcow2") else "raw", cache="none")
+        _sub(disk, "source", file=spec.disk)
+        _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.agent:
+        _sub(_sub(devices, "channel", type="unix"), "target", type="virtio", name=AGENT_CHANNEL)
     if spec.virt_type != "test":
         # nothing the migration does not need: no balloon, no display, one serial console for debugging
         _sub(devices, "memballoon", model="none")
