@@ -164,6 +164,7 @@ class MttyProbe:
 
 PORTS_AT, PORT_SIZE, FIFO_AT, FIFO_SIZE, COUNT_AT = 24, 36, 8, 16, 26  # mtty_data.ports[], serial_port, rxtx
 PORT0_SCR_AT = PORTS_AT + UART_SCR  # serial_port.uart_reg[8] comes first: port 0's scratch register in the stream
+PORT0_COUNT_AT = PORTS_AT + COUNT_AT  # port 0's rxtx.count: how many FIFO bytes the guest may still read
 
 
 def stream_size(spec: Device) -> int | None:

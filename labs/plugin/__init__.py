@@ -35,6 +35,7 @@ MARKERS = {
     "recovery": "drives a device into ERROR and recovers it",
     "destructive": "may leave a device needing a reset or a host needing care",
     "slow": "takes minutes on a real lab",
+    "linux_guest": "boots the inventory's Linux guest (lab.guest) and judges the device by what it sees",
     "requires(*capabilities)": "skip devices lacking these capabilities (stop_copy, p2p, pre_copy, ...)",
     "protocol(name)": "only parametrize over devices speaking this protocol (v1 or v2)",
     "sim_only(reason)": "only for simulated devices (e.g. requests known to hang real kernels)",

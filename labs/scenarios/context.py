@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from labs.errors import LabError
 from labs.faults.base import F, FaultLedger
 from labs.inventory import LabDevice, LabHost
+from labs.inventory.models import LinuxGuest
 from labs.models import workload_for
 from labs.probes import ProbeMark
 from labs.scenarios.evidence import attach_domains
@@ -48,6 +49,8 @@ class Scenario:
         # per domain: device-probe values and guest-workload mailboxes to read back (labs.probes, labs.workloads)
         self.marks: dict[str, list[ProbeMark | WorkloadMark]] = {}
         self._undo: list[tuple[str, Callable[[], None]]] = []  # host changes undone once the domains are gone
+        # the inventory's Linux guest instead of the model's workload (labs.scenarios.guest; the guest suite)
+        self.linux_guest: LinuxGuest | None = None
 
     @property
     def run_id(self) -> str:
@@ -73,6 +76,7 @@ class Scenario:
         memory = f", {memory_mib} MiB" if memory_mib else ""
         with self.steps.step(f"define {name} on {hv.name} with {device.id}{memory}"):
             trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
+            memory_mib = memory_mib or (self.linux_guest.memory_mib if self.linux_guest else None)
             extra: dict[str, object] = {"memory_mib": memory_mib} if memory_mib else {}
             extra |= self.guest_boot(hv, device)
             return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **extra))
@@ -82,6 +86,9 @@ class Scenario:
 
         One guest per VM: in a VM with several devices the first device's workload drives every device it finds.
         """
+        if self.linux_guest is not None:
+            g = self.linux_guest
+            return {"kernel": g.kernel, "initrd": g.initrd, "cmdline": g.cmdline, "disk": g.disk, "agent": True}
         workload = None if hv.is_test_driver else workload_for(device)
         if workload is None:
             return {}
@@ -103,8 +110,7 @@ class Scenario:
             ssh = self.session.ssh(host.name)
             if ssh.run(f"test -s {path}", timeout=30).ok:
                 continue
-            prep = f"mkdir -p {REMOTE_IMAGE_DIR} && chmod 1777 {REMOTE_IMAGE_DIR}"
-            ssh.run(prep, timeout=30, sudo=True, idempotent=True, check=True)
+            self.prepare_image_dir(host.name)
             scratch = f"{path}.{uuid.uuid4().hex[:6]}"
             ssh.put(kernel, scratch, mode=0o644)
             ssh.run(f"mv -f {scratch} {path}", timeout=30, check=True)  # atomic for a concurrent reader
@@ -128,11 +134,14 @@ class Scenario:
             local_image_dir().mkdir(parents=True, exist_ok=True)
             self._images.append((None, path))
         else:
-            # libvirtd (root) writes it; the SSH user must be able to fetch and remove it later
-            prep = f"mkdir -p {REMOTE_IMAGE_DIR} && chmod 1777 {REMOTE_IMAGE_DIR}"
-            self.session.ssh(hv.name).run(prep, timeout=30, sudo=True, idempotent=True, check=True)
+            self.prepare_image_dir(hv.name)
             self._images.append((hv.name, path))
         return path
+
+    def prepare_image_dir(self, host: str) -> None:
+        """REMOTE_IMAGE_DIR on `host`: libvirtd (root) writes there, the SSH user fetches and removes."""
+        prep = f"mkdir -p {REMOTE_IMAGE_DIR} && chmod 1777 {REMOTE_IMAGE_DIR}"
+        self.session.ssh(host).run(prep, timeout=30, sudo=True, idempotent=True, check=True)
 
     def transfer_image(self, src: Hypervisor, path: str, dst: Hypervisor) -> str:
         """Make the image at `path` on src readable by dst's libvirt: through the controller, over SFTP."""
