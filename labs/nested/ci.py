@@ -8,7 +8,7 @@
 3. pytest in two stages: first, alone, the files that disturb a whole host (its libvirt daemon
    stopped or killed, its kernel made to WARN, its migration link cut or degraded, the host rebooted,
    runs killed and swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
-   beside the recovery suite on mtty_faults, the real driver with fault knobs: two pytest runs at
+   beside the recovery suite and the Linux guest on mtty_faults, the real driver with fault knobs: two pytest runs at
    once on different devices, since each TCG host takes one core at most and one run left the
    machine 26-45 % idle (JUnit files and the Allure results under reports/nested/; the second
    run's output is printed when it ends, its log kept beside them).
@@ -44,12 +44,16 @@ DEFAULT_SUITES = (
     "suites/migration",
     "suites/conformance",
     "suites/recovery",
+    "suites/guest",
 )
 # Plain mtty runs every suite; mtty_faults (the same driver with fault knobs) only those that need a
 # driver failing on command: every other suite would run twice over on it.
 PLAIN_DEVICES = "*:mtty-2"  # the companion mtty-1 comes along in the multi-device VM only (its `vm:` group)
 KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
+# The Linux guest (minutes of boot under nested TCG) runs on the mtty_faults pair, its knobs off: that run
+# ends ~13 min before the plain one, and the guest needs devices of its own to run beside it
+GUEST_SUITES = ("suites/guest",)
 # the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
 KNOB_DESELECT = "not test_refused_stream_then_reset"
 # what a test beside them would feel (a daemon gone, a WARN in its kernel log, a cut link, its host
@@ -124,8 +128,9 @@ def runs() -> list[list[Run]]:
     """
     chosen = suites()
     alone = [f for f in HOST_WIDE if any(_within(f, s) for s in chosen)]
-    rest = [s for s in chosen if s.rstrip("/") not in alone]
-    knobs = [s for s in chosen if any(_within(s, k) for k in KNOB_SUITES)]
+    guest = [s for s in chosen if any(_within(s, g) for g in GUEST_SUITES)]
+    rest = [s for s in chosen if s.rstrip("/") not in alone and s not in guest]
+    knobs = [s for s in chosen if any(_within(s, k) for k in KNOB_SUITES)] + guest
     first = [Run(PLAIN_DEVICES, alone, "junit-host-wide.xml")] if alone else []
     second = [Run(PLAIN_DEVICES, [*rest, *(f"--ignore={f}" for f in alone)], "junit.xml")] if rest else []
     second += [Run(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []

@@ -25,7 +25,7 @@ from typing import Protocol
 from filelock import FileLock, Timeout
 
 from labs.errors import InfraError
-from labs.nested.recipe import Recipe, image_dir
+from labs.nested.recipe import GUEST_DIR, Recipe, image_dir
 
 
 class Reporter(Protocol):
@@ -458,8 +458,14 @@ class Builder:
         conf = root / "etc/initramfs-tools/initramfs.conf"
         conf.write_text(re.sub(r"(?m)^MODULES=.*$", "MODULES=list", conf.read_text()))
         (root / "etc/initramfs-tools/modules").write_text("\n".join(self.recipe.initrd_modules) + "\n")
+        src = root / "usr/local/share/labs-guest"
+        src.mkdir(parents=True, exist_ok=True)
+        for name, text in r.guest_sources:
+            (src / name).write_text(text)
+            (src / name).chmod(0o755)
         with self.mounted():
             self.chroot("update-initramfs", "-u", "-k", kver)
+            self.chroot("sh", "/usr/local/share/labs-guest/build-guest", GUEST_DIR)
         shutil.copy(root / f"boot/vmlinuz-{kver}", self.out / "vmlinuz")
         shutil.copy(root / f"boot/initrd.img-{kver}", self.out / "initrd.img")
         (self.work / "kernel_version").write_text(kver)

@@ -33,7 +33,7 @@ from rich.table import Table
 from labs.errors import InfraError
 from labs.nested import snapshot
 from labs.nested.image import BaseImage, ensure_image, find_image, prune_images
-from labs.nested.recipe import Recipe, cache_root
+from labs.nested.recipe import GUEST_DIR, Recipe, cache_root
 from labs.nested.vm import LINK_PREFIX, Restore, Vm, VmSpec
 from labs.paths import INVENTORIES
 from labs.simlab.keys import keygen, public_key, replace_text, write_known_hosts
@@ -308,6 +308,15 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             "timeouts": {"connect": 30, "command": 300, "agent_op": 120, "migration": 1800, "test": 3600},
             # QEMU's 300-ms default is for KVM; TCG in TCG needs room to converge (findings: 5000 ms, ~200 ms used)
             "max_downtime_ms": MAX_DOWNTIME_MS,
+            # the image's own kernel and a small initramfs (labs/nested/guest): 8250_pci binds mtty's ports
+            "guest": {
+                "kernel": f"{GUEST_DIR}/vmlinuz",
+                "initrd": f"{GUEST_DIR}/initrd.img",
+                # the PCI ports come after the four legacy ones: room for them; quiet consoles cost time under TCG
+                "cmdline": "console=ttyS0 loglevel=4 8250.nr_uarts=8",
+                "workload": "labs-workload",
+                "drivers": {"4348:3253": "serial"},
+            },
         },
         "hosts": hosts,
         # one pair: the suites' there-and-back scenarios cover B -> A too; the reverse pair would run

@@ -51,6 +51,8 @@ GUEST_PACKAGES: tuple[str, ...] = (
     "ipxe-qemu",  # q35's default NIC ROMs
     "netcat-openbsd",  # libvirt's ssh transport falls back to nc on old clients
     "ca-certificates",
+    "busybox-static",  # the Linux guest's initramfs (labs/nested/guest)
+    "qemu-guest-agent",  # ... and its agent, copied in with the libraries it links
 )
 
 # A test module built beside mtty.ko and not loaded at boot: each write to its `warn` parameter makes
@@ -77,6 +79,13 @@ MODULE_LICENSE("GPL");
 
 # mtty with fault knobs, a patch kept in the repo (labs/nested/mtty_faults.patch)
 MTTY_FAULTS_PATCH = (Path(__file__).parent / "mtty_faults.patch").read_text()
+
+# The Linux guest (inventory `lab.guest`): its init, workload and the script that builds its initramfs
+# from the image's own busybox, qemu-ga and kernel, at image-build time; (name, content) so the digest sees them
+GUEST_SOURCES: tuple[tuple[str, str], ...] = tuple(
+    (p.name, p.read_text()) for p in sorted((Path(__file__).parent / "guest").iterdir()) if p.is_file()
+)
+GUEST_DIR = "/var/lib/labs/guest"  # in each nested host: vmlinuz and initrd.img
 
 # Modules loaded at boot, in dependency order (modprobe resolves the rest).
 BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty", "mtty_faults")
@@ -113,6 +122,7 @@ class Recipe:
     mtty_source: str = "samples/vfio-mdev/mtty.c"
     warn_module_source: str = LABS_WARN_C
     mtty_faults_patch: str = MTTY_FAULTS_PATCH
+    guest_sources: tuple[tuple[str, str], ...] = GUEST_SOURCES
     image_size_gb: int = 6
     sshd_config: tuple[str, ...] = (
         "PermitRootLogin prohibit-password",
