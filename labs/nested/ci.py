@@ -51,8 +51,8 @@ DEFAULT_SUITES = (
 PLAIN_DEVICES = "*:mtty-2"  # the companion mtty-1 comes along in the multi-device VM only (its `vm:` group)
 KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
-# The Linux guest (minutes of boot under nested TCG) runs on the mtty_faults pair, its knobs off: that run
-# ends ~13 min before the plain one, and the guest needs devices of its own to run beside it
+# The Linux guest (minutes of boot under nested TCG) runs on the mtty_faults pair (knobs off but in its
+# corruption test): that run ended ~13 min before the plain one, and the guest needs devices of its own
 GUEST_SUITES = ("suites/guest",)
 # the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
 KNOB_DESELECT = "not test_refused_stream_then_reset"

@@ -312,7 +312,7 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             "guest": {
                 "kernel": f"{GUEST_DIR}/vmlinuz",
                 "initrd": f"{GUEST_DIR}/initrd.img",
-                # the PCI ports come after the four legacy ones: room for them; quiet consoles cost time under TCG
+                # room for the PCI ports after the four legacy ones; less console output, less time under TCG
                 "cmdline": "console=ttyS0 loglevel=4 8250.nr_uarts=8",
                 "workload": "labs-workload",
                 "drivers": {"4348:3253": "serial"},
