@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from labs.inventory.models import LinuxGuest
-from labs.scenarios.guest import WORKLOAD_MARK, GuestState, judge, parse_state
+from labs.scenarios.guest import WORKLOAD_MARK, GuestState, judge, late_echo_only, parse_state
 
 GUEST = LinuxGuest(kernel="/k", initrd="/i", workload="labs-workload", drivers={"4348:3253": "serial"})
 
@@ -93,3 +93,23 @@ def test_a_reading_before_the_move_without_a_verdict_fails() -> None:
     before = reading(workload="sh: 1: arithmetic syntax error")
     problems = judge(GUEST, before, reading(uptime=120, progress=12), reading(uptime=130, progress=20))
     assert problems == ["before the move: the workload printed no JSON object: 'sh: 1: arithmetic syntax error'"]
+
+
+def port(**kw: int) -> dict[str, Any]:
+    return {"port": "ttyS4", "sent": 10, "received": 10, "mismatches": 0, "stalls": 0, "late": 0, **kw}
+
+
+LATE_ECHO = {
+    "every stalled line came back late": ([port(stalls=1, late=1), port()], True),
+    "a line lost": ([port(stalls=1, late=0, received=9)], False),  # what the FIFO-count corruption looks like
+    "a line wrong": ([port(stalls=1, late=1, mismatches=1)], False),
+    "nothing stalled": ([port()], False),
+    "no ports": ([], False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_ECHO))
+def test_only_a_late_echo_is_the_known_issue(case: str) -> None:
+    """mtty's known late echo (a lost interrupt, the line arrives with the next) must not cover lost or wrong data."""
+    ports, known = LATE_ECHO[case]
+    assert late_echo_only({"ok": False, "progress": 1, "ports": ports}) is known

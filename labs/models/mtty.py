@@ -239,5 +239,13 @@ MTTY = DeviceModel(
             )
             for state in ("PRE_COPY", "STOP_COPY")
         ),
+        KnownIssue(
+            "guest",
+            "late-echo",
+            "mtty raises no interrupt when it loads a state with bytes in its receive FIFO (mtty_load_state copies "
+            "the ports only): a guest whose receive interrupt was in flight at the stop gets the byte only once "
+            "its next write raises one (the Linux guest's line comes back after its 5-s wait, in order)",
+            "docs/nested-findings.md: a Linux guest on mtty",
+        ),
     ),
 )

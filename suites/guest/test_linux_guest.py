@@ -23,6 +23,7 @@ from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import check_faulted, migrate_under_fault
 from labs.scenarios.guest import GuestImages
+from labs.scenarios.known import xfail_known
 from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.requires("stop_copy")]
@@ -34,14 +35,17 @@ def test_migrate_and_back(
 ) -> None:
     vm = guest_images.running(scenario, migratable.source)
     before = g.mark(scenario, vm, linux_guest)
+    known: list[str] = []
     for src, dst in ((migratable.source, migratable.destination), (migratable.destination, migratable.source)):
         vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario="migrate with a Linux guest")
         assert leg.result.ok, leg.result.error
         assert not leg.problems, "; ".join(leg.problems)
-        check = g.check(scenario, vm, linux_guest, before, f"after {src.id} -> {dst.id}")
+        check = g.check(scenario, vm, linux_guest, dst, before, f"after {src.id} -> {dst.id}")
         assert not check.problems, "; ".join(check.problems)
         assert check.later is not None
+        known += check.known
         before = check.later
+    xfail_known(known)
 
 
 def test_save_restore(
@@ -52,8 +56,9 @@ def test_save_restore(
     result = sr.save_restore(scenario, vm, migratable.source)
     problems = result.save_problems + result.final.problems(expect_on=migratable.source.host.name)
     assert not problems, "; ".join(problems)
-    check = g.check(scenario, vm, linux_guest, before, "after save and restore")
+    check = g.check(scenario, vm, linux_guest, migratable.source, before, "after save and restore")
     assert not check.problems, "; ".join(check.problems)
+    xfail_known(check.known)
 
 
 @pytest.mark.live_migration
@@ -68,10 +73,12 @@ def test_destination_qemu_killed(
     vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), "mid-flight")
     if run.missed:
         pytest.skip(run.missed)
-    check = g.check(scenario, vm, linux_guest, before, f"after {run.fault.name} and the migration after it")
+    where = migratable.destination if vm.hv.name == migratable.destination.host.name else migratable.source
+    check = g.check(scenario, vm, linux_guest, where, before, f"after {run.fault.name} and the migration after it")
     # the guest's verdict before the run's: a known driver issue (an xfail) must not hide what the guest saw
     assert not check.problems, "; ".join(check.problems)
     check_faulted(run)
+    xfail_known(check.known)
 
 
 @pytest.mark.live_migration
@@ -103,7 +110,7 @@ def test_source_corrupts_the_fifo_count(
     fault.undo()
     assert fault.landed, f"the source's stream was never corrupted: {fault.left}"
     assert leg.result.ok, f"the job failed, not the outcome this test is about: {leg.result.error}"
-    check = g.check(scenario, vm, linux_guest, before, "after a migration with the FIFO count corrupted")
+    check = g.check(scenario, vm, linux_guest, dst, before, "after a migration with the FIFO count corrupted")
     workload = check.later.workload if check.later else None
     assert any("verdict is not ok" in p for p in check.problems), (
         f"the guest saw nothing wrong: {check.problems or 'no problem'}; its workload: {workload}"
