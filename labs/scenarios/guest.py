@@ -30,8 +30,12 @@ from labs.session import LabSession
 from labs.virt import agent
 from labs.virt.domain import REMOTE_IMAGE_DIR, VM
 
-# kernel log lines that mean the guest's kernel saw something go wrong
-KLOG_PROBLEMS = r"Oops|BUG:|WARNING:|Kernel panic|general protection fault|Call Trace|soft lockup|hung_task"
+# kernel log lines that mean the guest's kernel saw something go wrong (read with the two lines before each,
+# which name what a bare "Call Trace:" is about)
+KLOG_PROBLEMS = (
+    r"Oops|BUG:|WARNING:|Kernel panic|general protection fault|Call Trace|soft lockup|hung_task"
+    r"|nobody cared|Disabling IRQ|detected stall|blocked for more than"
+)
 WORKLOAD_MARK = "--- labs workload ---"
 # builtins where a loop runs: a fork costs a lot in a guest under nested TCG
 STATE_SCRIPT = rf"""read boot_id < /proc/sys/kernel/random/boot_id; echo "boot_id $boot_id"
@@ -41,7 +45,7 @@ for l in /sys/bus/pci/drivers/*/????:??:??.?; do
     drv=${{l%/*}}; read v < "$l/vendor"; read d < "$l/device"
     echo "bound ${{l##*/}} ${{v#0x}}:${{d#0x}} ${{drv##*/}}"
 done
-dmesg | grep -E '{KLOG_PROBLEMS}' | sed 's/^/klog /'
+dmesg | grep -E -B2 '{KLOG_PROBLEMS}' | grep -v '^--$' | sed 's/^/klog /'
 echo '{WORKLOAD_MARK}'
 """
 NOT_OK = "the workload's verdict is not ok"
