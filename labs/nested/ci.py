@@ -50,7 +50,7 @@ DEFAULT_SUITES = (
 PLAIN_DEVICES = "*:mtty-2"  # the companion mtty-1 comes along in the multi-device VM only (its `vm:` group)
 KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
-# The Linux guest (minutes of boot under nested TCG, 15-19 min for the suite) is not in the default
+# The Linux guest (minutes of boot under nested TCG, 13-19 min for the suite) is not in the default
 # selection (LABS_NESTED_SUITES=suites/guest runs it); where chosen it runs on the mtty_faults pair (knobs
 # off but in its corruption test), beside the plain run, on devices of its own
 GUEST_SUITES = ("suites/guest",)
