@@ -58,6 +58,7 @@ class BaseImage:
 
 
 MANIFEST = "manifest.json"
+GUEST_SOURCES_DIR = "/usr/local/share/labs-guest"  # in the image: labs/nested/guest, run by the build
 STAGES = ("debootstrap", "packages", "mtty", "configure", "pack")
 
 # Runs first at boot: takes this host's identity (hostname, SSH keys, addresses)
@@ -458,14 +459,14 @@ class Builder:
         conf = root / "etc/initramfs-tools/initramfs.conf"
         conf.write_text(re.sub(r"(?m)^MODULES=.*$", "MODULES=list", conf.read_text()))
         (root / "etc/initramfs-tools/modules").write_text("\n".join(self.recipe.initrd_modules) + "\n")
-        src = root / "usr/local/share/labs-guest"
+        src = root / GUEST_SOURCES_DIR.lstrip("/")
         src.mkdir(parents=True, exist_ok=True)
         for name, text in r.guest_sources:
             (src / name).write_text(text)
             (src / name).chmod(0o755)
         with self.mounted():
             self.chroot("update-initramfs", "-u", "-k", kver)
-            self.chroot("sh", "/usr/local/share/labs-guest/build-guest", GUEST_DIR)
+            self.chroot("sh", f"{GUEST_SOURCES_DIR}/build-guest", GUEST_DIR)
         shutil.copy(root / f"boot/vmlinuz-{kver}", self.out / "vmlinuz")
         shutil.copy(root / f"boot/initrd.img-{kver}", self.out / "initrd.img")
         (self.work / "kernel_version").write_text(kver)

@@ -73,10 +73,10 @@ class Scenario:
         hv = self.hv(device.host)
         name = self.vm_name(label or f"{self.label}-{device.name}")
         self._domains.add(name)
+        memory_mib = memory_mib or (self.linux_guest.memory_mib if self.linux_guest else None)
         memory = f", {memory_mib} MiB" if memory_mib else ""
         with self.steps.step(f"define {name} on {hv.name} with {device.id}{memory}"):
             trace = VFIO_TRACE_EVENTS if self.trace_vfio and not hv.is_test_driver else ()
-            memory_mib = memory_mib or (self.linux_guest.memory_mib if self.linux_guest else None)
             extra: dict[str, object] = {"memory_mib": memory_mib} if memory_mib else {}
             extra |= self.guest_boot(hv, device)
             return hv.define(spec_for(name, [device], hv.virt_type, trace_events=trace, **extra))

@@ -224,10 +224,8 @@ def check(sc: Scenario, vm: VM, guest: LinuxGuest, device: LabDevice, before: Gu
 
 @dataclass
 class Booted:
-    host: str
     name: str  # the domain's name: a restore brings it back under it
-    image: str
-    figures: dict[str, float]
+    image: str  # the saved boot, on the device's host
 
 
 class GuestImages:
@@ -271,7 +269,7 @@ class GuestImages:
             sc.prepare_image_dir(device.host.name)
             self._files.append((sc.session, device.host.name, image))
             vm.save(image)
-        booted = Booted(device.host.name, vm.name, image, figures)
+        booted = Booted(vm.name, image)
         self._booted[device.id] = booted
         return booted
 

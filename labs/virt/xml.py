@@ -23,9 +23,9 @@ from labs.models import model_of
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # uuid5 namespace for simulated devices: any fixed UUID will do, it only has to never change
 SIM_MDEV_NAMESPACE = uuid.UUID("6c1f0d1e-3b59-4f7e-9a51-2f1d0c6a9e10")
-# QEMU trace events of the VFIO migration state machine (QEMU 8+ names); written to the domain's QEMU log
 # the virtio port qemu-ga listens on, and libvirt's agent commands use
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# QEMU trace events of the VFIO migration state machine (QEMU 8+ names); written to the domain's QEMU log
 VFIO_TRACE_EVENTS = ("vfio_migration_set_state", "vfio_vmstate_change", "vfio_save_*", "vfio_load_*")
 
 

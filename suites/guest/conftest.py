@@ -6,13 +6,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from labs.inventory import LabPair
 from labs.inventory.models import LinuxGuest
 from labs.scenarios.context import Scenario
 from labs.scenarios.guest import GuestImages
-from labs.scenarios.support import require, scenario_for
+from labs.scenarios.support import scenario_for
 from labs.session import LabSession
-from labs.virt.capabilities import VirtCapability
+
+# the same gate (skip before the pair is reserved, naming the capability) and fixture as the migration suite
+from suites.migration.conftest import migratable, pytest_runtest_setup
+
+__all__ = ["guest_images", "linux_guest", "migratable", "pytest_runtest_setup", "scenario"]
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +33,6 @@ def guest_images(linux_guest: LinuxGuest) -> Iterator[GuestImages]:
     errors = images.close()
     if errors:
         pytest.fail(f"saved guest images not removed: {'; '.join(errors)}", pytrace=False)
-
-
-@pytest.fixture
-def migratable(lab: LabSession, pair: LabPair) -> LabPair:
-    """The pair, if both hosts' libvirt can live-migrate (else skipped, naming the capability)."""
-    require(lab, [pair.source.host, pair.destination.host], VirtCapability.LIVE_MIGRATION)
-    return pair
 
 
 @pytest.fixture
