@@ -121,47 +121,20 @@ def test(tox_args: tuple[str, ...]) -> None:
     args = list(tox_args) or [*DEFAULT_TOX, "--result-json", str(TOX_JOURNAL)]
     tox = Path(sys.executable).with_name("tox")
     os.chdir(REPO_ROOT)
-    early = None if tox_args else _build_nested_image_early()
     started = time.monotonic()
     rc = subprocess.call([str(tox), *args])
-    if early is not None:
-        # the nested stage waited for it (the image's lock); only a run that never got there is still building
-        early.wait()
     if not tox_args:
         ci = record_ci(TOX_JOURNAL, time.monotonic() - started, rc)
         click.echo(f"lab: ./lab test took {ci['wall_s']:.0f} s ({ci['envs']}); reports/bench.json")
     sys.exit(rc)
 
 
-# one environment after another: beside the nested stage the others slowed it by as much as they took
-# (docs/nested-findings.md, "CI in parallel")
-DEFAULT_TOX = ["-e", "lint,tests,defects,nested"]
+# The nested stage from the start (its image build, boot and suites are the critical path); the others
+# beside it, one after the other, each command at the lowest CPU priority (tox.ini, labs/lowprio.py): on
+# two cores the nested hosts leave ~half the machine idle in their host-wide stage (docs/nested-findings.md).
+# Live output: nothing printed for half an hour reads as a hung job.
+DEFAULT_TOX = ["p", "-p", "2", "--parallel-live", "--parallel-no-spinner", "-e", "nested,lint,tests,defects"]
 TOX_JOURNAL = REPO_ROOT / "reports" / "tox-result.json"  # each environment's duration, for reports/bench.json
-EARLY_IMAGE_LOG = REPO_ROOT / "reports" / "nested" / "image-build.log"
-EARLY_IMAGE_BUILD = "from labs.nested.image import main; raise SystemExit(main())"
-
-
-def _build_nested_image_early() -> subprocess.Popen[bytes] | None:
-    """Build the nested lab's image while lint, tests and defects run (a cold build is minutes of downloads
-    and unpacking, not only CPU); the nested stage then finds it built, or waits on its lock. Only where that
-    stage will build one: the machine can run the lab and no image of this recipe is cached.
-    LABS_NESTED_EARLY_IMAGE=0 leaves the build to the nested stage."""
-    from labs.nested.ci import cannot_run
-    from labs.nested.image import find_image
-    from labs.nested.recipe import Recipe
-
-    if os.environ.get("LABS_NESTED_EARLY_IMAGE") == "0" or cannot_run() or find_image(Recipe()) is not None:
-        return None
-    EARLY_IMAGE_LOG.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"lab: building the nested lab's image beside the other environments (log: {EARLY_IMAGE_LOG})")
-    with EARLY_IMAGE_LOG.open("wb") as log:
-        # at the lowest priority: it takes only CPU the stages leave idle (at full priority it slowed them by as much)
-        argv = [sys.executable, "-c", EARLY_IMAGE_BUILD]
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_lowest_priority)
-
-
-def _lowest_priority() -> None:
-    os.nice(19)
 
 
 @main.command()

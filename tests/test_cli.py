@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from labs.cli import main
-from labs.paths import INVENTORIES
+from labs.paths import INVENTORIES, REPO_ROOT
 
 
 def lab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +61,6 @@ def test_sim_up_status_down(tmp_path: Path) -> None:
 def test_bootstrap_installs_the_nested_host_packages() -> None:
     """`./lab nested ...` installs exactly what labs.nested says the controller needs."""
     from labs.nested import HOST_PACKAGES
-    from labs.paths import REPO_ROOT
 
     script = (REPO_ROOT / "lab").read_text()
     line = next(ln for ln in script.splitlines() if "qemu-system-x86" in ln)
@@ -74,33 +74,51 @@ def test_janitor_after_a_clean_lab(sim_inventory_file: Path) -> None:
     assert "janitor: nothing left over" in result.stdout
 
 
-def test_lab_test_builds_the_nested_image_beside_the_other_environments(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """Only where the nested stage would build one: the machine can run the lab and no image is cached."""
+def test_lab_test_runs_the_nested_stage_beside_the_others_at_the_lowest_priority() -> None:
+    """`./lab test`: tox p with the nested stage first; every command of the others through labs.lowprio,
+    and the tests environment keeps off the lab the nested stage owns."""
+    import configparser
+
     import labs.cli as cli
-    import labs.nested.ci as nested_ci
-    import labs.nested.image as nested_image
 
-    started: list[list[str]] = []
+    assert cli.DEFAULT_TOX[0] == "p" and cli.DEFAULT_TOX[-1].split(",")[0] == "nested"
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(REPO_ROOT / "tox.ini")
+    envs = [e for e in cli.DEFAULT_TOX[-1].split(",") if e != "nested"]
+    assert sorted(envs) == ["defects", "lint", "tests"]
+    for env in envs:
+        commands = [c.strip() for c in ini[f"testenv:{env}"]["commands"].splitlines() if c.strip()]
+        assert commands and all(c.startswith("python -m labs.lowprio ") for c in commands), env
+    assert "LABS_NESTED_LIVE = 0" in ini["testenv:tests"]["setenv"]
+    assert "lowprio" not in ini["testenv:nested"]["commands"]
 
-    class Started:
-        def __init__(self, argv: list[str], **kw: object) -> None:
-            started.append(argv)
-            assert kw["preexec_fn"] is cli._lowest_priority  # only the CPU the other stages leave idle
 
-    monkeypatch.setattr(cli.subprocess, "Popen", Started)
-    monkeypatch.setattr(cli, "EARLY_IMAGE_LOG", tmp_path / "image-build.log")
-    monkeypatch.setattr(nested_ci, "cannot_run", lambda: None)
-    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: None)
-    assert isinstance(cli._build_nested_image_early(), Started)
-    assert started == [[sys.executable, "-c", cli.EARLY_IMAGE_BUILD]]
-    monkeypatch.setenv("LABS_NESTED_EARLY_IMAGE", "0")
-    assert cli._build_nested_image_early() is None
-    monkeypatch.delenv("LABS_NESTED_EARLY_IMAGE")
-    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: object())  # cached: nothing to build
-    assert cli._build_nested_image_early() is None
-    monkeypatch.setattr(nested_image, "find_image", lambda _recipe: None)
-    monkeypatch.setattr(nested_ci, "cannot_run", lambda: "no qemu")  # the nested stage skips: so does this
-    assert cli._build_nested_image_early() is None
-    assert len(started) == 1
+def test_lowprio_runs_the_command_niced_in_a_session_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = f"echo $(nice) $(ps -o sid= -p $$) $$ > {out}; exit 7"
+    rc = subprocess.run([sys.executable, "-m", "labs.lowprio", "sh", "-c", script], cwd=REPO_ROOT).returncode
+    nice, sid, pid = out.read_text().split()
+    assert rc == 7 and nice == "19" and sid == pid  # the command leads its own session (its own autogroup)
+    autogroup = Path("/proc/self/autogroup")
+    if autogroup.exists():
+        probe = subprocess.run(
+            [sys.executable, "-m", "labs.lowprio", "cat", "/proc/self/autogroup"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert probe.stdout.split()[-1] == "19", probe.stdout
+
+
+def test_lowprio_passes_a_signal_on_and_says_what_cannot_run() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "labs.lowprio", "sleep", "60"], cwd=REPO_ROOT)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while not children.read_text().strip() and time.monotonic() < deadline:  # its handlers come before the child
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    res = subprocess.run(
+        [sys.executable, "-m", "labs.lowprio", "no-such-command-here"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 127 and "cannot run no-such-command-here" in res.stderr
