@@ -1,0 +1,64 @@
+"""The doctor's device check: its one-round-trip probe, run by a real shell against a fake sysfs tree."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from labs.doctor import HostReport, Status, _check_device
+from labs.inventory import load_inventory
+from labs.transport.ssh import Result
+
+UUID = "7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01"
+INVENTORY = f"""
+hosts:
+  a:
+    address: 10.0.0.1
+    devices:
+      - {{kind: mdev, name: m1, model: mtty-2, parent: mtty, type: mtty-2, uuid: {UUID},
+         protocol: v2, capabilities: [stop_copy, p2p]}}
+"""
+
+
+class LocalShell:
+    """Runs the doctor's command in sh here, with /sys/ moved under a temporary tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def run(self, command: str, timeout: float | None = None, **_kw: object) -> Result:
+        local = command.replace("/sys/", f"{self.root}/sys/")
+        res = subprocess.run(["sh", "-c", local], capture_output=True, text=True, timeout=30)
+        return Result("a", command, res.returncode, res.stdout, res.stderr, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("driver", "iommu", "status", "detail"),
+    [
+        ("mtty", True, Status.OK, "bound to mtty"),
+        ("mtty", False, Status.FAIL, "bound to mtty, but has no IOMMU group (no VFIO device)"),
+        (None, True, Status.FAIL, "bound to no driver"),
+        ("absent", False, Status.FAIL, "does not exist"),
+    ],
+)
+def test_device_check_reads_existence_driver_and_iommu_group_in_one_command(
+    tmp_path: Path, driver: str | None, iommu: bool, status: Status, detail: str
+) -> None:
+    (tmp_path / "inv.yaml").write_text(textwrap.dedent(INVENTORY))
+    device = load_inventory(tmp_path / "inv.yaml").devices[0]
+    node = tmp_path / "sys" / "bus" / "mdev" / "devices" / UUID
+    if driver != "absent":
+        node.mkdir(parents=True)
+        if driver:
+            (tmp_path / "drivers" / driver).mkdir(parents=True)
+            (node / "driver").symlink_to(tmp_path / "drivers" / driver)
+        if iommu:
+            (node / "iommu_group").mkdir()
+    report = HostReport("a")
+    _check_device(report, LocalShell(tmp_path), device, (6, 12))  # type: ignore[arg-type]
+    (check,) = report.checks
+    assert (check.name, check.status) == ("device", status)
+    assert detail in check.detail
