@@ -196,10 +196,13 @@ def test_a_stream_flip_says_whether_a_save_met_it() -> None:
 
 def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LABS_NESTED_SUITES", raising=False)
-    (alone,), (plain, knobs) = ci.runs()
+    (alone,), (plain, second, knobs) = ci.runs()
     assert alone == ci.Run(ci.PLAIN_DEVICES, list(ci.HOST_WIDE), "junit-host-wide.xml")
     assert plain.devices == ci.PLAIN_DEVICES and "suites/recovery" in plain.paths and "suites/smoke" in plain.paths
     assert {f"--ignore={f}" for f in ci.HOST_WIDE} <= set(plain.paths)  # each host-wide file runs once, alone
+    # the plain driver's second pair takes whole suites off the first run: each suite runs once, on mtty-2
+    assert second == ci.Run(ci.SECOND_DEVICES, list(ci.SECOND_SUITES), "junit-second.xml")
+    assert not set(ci.SECOND_SUITES) & set(plain.paths)
     assert knobs == ci.Run(ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke suites/recovery suites/guest")
     ((chosen_plain, chosen_knobs),) = ci.runs()
@@ -207,6 +210,8 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     assert chosen_knobs.paths[:2] == ["suites/recovery", "suites/guest"]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke tests/nested")
     assert [[r.devices for r in stage] for stage in ci.runs()] == [[ci.PLAIN_DEVICES], [ci.PLAIN_DEVICES]]
+    monkeypatch.setenv("LABS_NESTED_SUITES", "suites/save_resume/test_vm_faults.py")
+    assert ci.runs() == [[ci.Run(ci.SECOND_DEVICES, ["suites/save_resume/test_vm_faults.py"], "junit-second.xml")]]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/recovery/test_driver_failures.py")
     (only,) = ci.runs()
     assert [r.paths[0] for r in only] == ["suites/recovery/test_driver_failures.py"] * 2

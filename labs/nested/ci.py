@@ -7,11 +7,12 @@
 2. `up` (build or reuse the image, boot, mdevs, inventory).
 3. pytest in two stages: first, alone, the files that disturb a whole host (its libvirt daemon
    stopped or killed, its kernel made to WARN, its migration link cut or degraded, the host rebooted,
-   runs killed and swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain mtty
-   beside the recovery suite on mtty_faults, the real driver with fault knobs (and the Linux guest
-   there, where chosen): two pytest runs at once on different devices, since each TCG host takes one
-   core at most and one run left the machine 26-45 % idle (JUnit files and the Allure results under
-   reports/nested/; the second run's output is printed when it ends, its log kept beside them).
+   runs killed and swept: HOST_WIDE) on plain mtty; then the rest of tests/nested and the suites on plain
+   mtty (the save/resume and conformance suites on its second pair) beside the recovery suite on
+   mtty_faults, the real driver with fault knobs (and the Linux guest there, where chosen): three pytest
+   runs at once on different devices, since each TCG host takes one core at most and one run left the
+   machine 26-45 % idle (JUnit files and the Allure results under reports/nested/; the other runs'
+   output is printed when they end, their logs kept beside them).
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 
@@ -48,6 +49,11 @@ DEFAULT_SUITES = (
 # Plain mtty runs every suite; mtty_faults (the same driver with fault knobs) only those that need a
 # driver failing on command: every other suite would run twice over on it.
 PLAIN_DEVICES = "*:mtty-2"  # the companion mtty-1 comes along in the multi-device VM only (its `vm:` group)
+# These suites go on the second plain mtty-2 pair (lifecycle.SECOND_NAME), a pytest run of their own beside
+# the first: the same driver and type, so no coverage moves, and the hosts' idle core gets work (a single run
+# keeps one TCG host busy at a time but for its migrations)
+SECOND_DEVICES = "*:mtty-2b"
+SECOND_SUITES = ("suites/save_resume", "suites/conformance")
 KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
 # The Linux guest (minutes of boot under nested TCG, 13-19 min for the suite) is not in the default
@@ -124,15 +130,19 @@ def _within(path: str, suite: str) -> bool:
 def runs() -> list[list[Run]]:
     """The pytest runs in stages: a stage's runs go at once, on different devices; stages one after the other.
 
-    The host-wide files alone on plain mtty; then plain mtty on the rest beside mtty_faults on the recovery suite.
+    The host-wide files alone on plain mtty; then plain mtty on the rest, split over its two pairs, beside
+    mtty_faults on the recovery suite.
     """
     chosen = suites()
     alone = [f for f in HOST_WIDE if any(_within(f, s) for s in chosen)]
     guest = [s for s in chosen if any(_within(s, g) for g in GUEST_SUITES)]
     rest = [s for s in chosen if s.rstrip("/") not in alone and s not in guest]
+    beside = [s for s in rest if any(_within(s, b) for b in SECOND_SUITES)]
+    rest = [s for s in rest if s not in beside]
     knobs = [s for s in chosen if any(_within(s, k) for k in KNOB_SUITES)] + guest
     first = [Run(PLAIN_DEVICES, alone, "junit-host-wide.xml")] if alone else []
     second = [Run(PLAIN_DEVICES, [*rest, *(f"--ignore={f}" for f in alone)], "junit.xml")] if rest else []
+    second += [Run(SECOND_DEVICES, beside, "junit-second.xml")] if beside else []
     second += [Run(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
     return [stage for stage in (first, second) if stage]
 

@@ -51,6 +51,10 @@ MTTY_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 COMPANION_TYPE = "mtty-1"
 COMPANION_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
 MULTI_VM = "multi"
+# A second plain mtty-2 with its own pair and no VM group: a device group of its own, so a second pytest
+# run of the plain driver goes beside the first on other files (labs.nested.ci), same driver, same type
+SECOND_NAME = "mtty-2b"
+SECOND_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1003"
 # mtty with fault knobs (labs/nested/mtty_faults.patch), its own parent: the real driver that fails on
 # command. Its own pair; the nested CI stage runs only the recovery suites on it (labs.nested.ci)
 FAULTS_PARENT = "mtty_faults"
@@ -119,10 +123,14 @@ def mdev_count() -> int:
     return int(raw)
 
 
-def _mdevs() -> list[tuple[str, str, str]]:
-    """(parent, mdev type, UUID) of each mdev a nested host gets: mtty's, then mtty_faults' one."""
-    plain = [(MTTY_PARENT, MTTY_TYPE, MTTY_UUID), (MTTY_PARENT, COMPANION_TYPE, COMPANION_UUID)][: mdev_count()]
-    return [*plain, (FAULTS_PARENT, FAULTS_TYPE, FAULTS_UUID)]
+def _mdevs() -> list[tuple[str, str, str, str]]:
+    """(inventory name, parent, mdev type, UUID) of each mdev a nested host gets: mtty's, then mtty_faults' one."""
+    plain = [
+        (MTTY_TYPE, MTTY_PARENT, MTTY_TYPE, MTTY_UUID),
+        (COMPANION_TYPE, MTTY_PARENT, COMPANION_TYPE, COMPANION_UUID),
+    ]
+    second = (SECOND_NAME, MTTY_PARENT, MTTY_TYPE, SECOND_UUID)
+    return [*plain[: mdev_count()], second, (FAULTS_TYPE, FAULTS_PARENT, FAULTS_TYPE, FAULTS_UUID)]
 
 
 def specs(port: int | None = None, memory_mb: int = 3072, cpus: int = 2) -> list[VmSpec]:
@@ -286,7 +294,7 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             "devices": [
                 {
                     "kind": "mdev",
-                    "name": mdev_type,
+                    "name": name,
                     "model": mdev_type,
                     "parent": parent,
                     "type": mdev_type,
@@ -297,8 +305,8 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
                     "qemu_properties": dict(MTTY_QEMU_PROPERTIES),
                     "kernel_log_allow": list(MTTY_KERNEL_LOG_ALLOW),
                 }
-                | ({"vm": MULTI_VM} if multi and parent == MTTY_PARENT else {})
-                for parent, mdev_type, mdev_uuid in mdevs
+                | ({"vm": MULTI_VM} if multi and mdev_uuid in (MTTY_UUID, COMPANION_UUID) else {})
+                for name, parent, mdev_type, mdev_uuid in mdevs
             ],
         }
     return {
@@ -319,11 +327,11 @@ def inventory_doc(all_specs: list[VmSpec], keys: Keys, caps: dict[str, list[str]
             },
         },
         "hosts": hosts,
-        # one pair: the suites' there-and-back scenarios cover B -> A too; the reverse pair would run
-        # every migration test twice over (about 20 min more under TCG)
+        # A -> B only, per device: the suites' there-and-back scenarios cover B -> A too; the reverse pairs
+        # would run every migration test twice over (about 20 min more under TCG)
         "pairs": [
             {"source": f"{all_specs[0].name}:{name}", "destination": f"{all_specs[1].name}:{name}"}
-            for name in (MTTY_TYPE, FAULTS_TYPE)
+            for name in (MTTY_TYPE, SECOND_NAME, FAULTS_TYPE)
         ],
     }
 
@@ -630,7 +638,7 @@ def setup_commands() -> tuple[tuple[str, float], ...]:
     create = " && ".join(
         f"(test -e /sys/bus/mdev/devices/{uuid} || "
         f"echo {uuid} > /sys/class/mdev_bus/{parent}/mdev_supported_types/{mdev_type}/create)"
-        for parent, mdev_type, uuid in _mdevs()
+        for _name, parent, mdev_type, uuid in _mdevs()
     )
     return tuple((command.replace("{create}", create), t) for command, t in SETUP_COMMANDS)
 

@@ -210,14 +210,21 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     lifecycle.write_inventory(path, doc)
     assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
     inv = load_inventory(path)
-    # one pair per driver; there-and-back covers b->a. The knob driver is its own model (labs.models)
-    assert [p.id for p in inv.pairs] == ["nested-a->nested-b:mtty-2", "nested-a->nested-b:mtty_faults-2"]
+    # a->b only (there-and-back covers b->a): plain mtty twice (a second run goes on the second pair), the
+    # knob driver, its own model (labs.models)
+    assert [p.id for p in inv.pairs] == [
+        "nested-a->nested-b:mtty-2",
+        "nested-a->nested-b:mtty-2b",
+        "nested-a->nested-b:mtty_faults-2",
+    ]
     # the companion mtty-1 is in mtty-2's `vm:` group, not a pair of its own
     names = [(d.name, models.model_of(d).name) for d in inv.devices if d.host.name == "nested-a"]
-    assert names == [("mtty-2", "mtty"), ("mtty-1", "mtty"), ("mtty_faults-2", "mtty_faults")]
-    assert [models.has_fault_knobs(d) for d in inv.devices if d.host.name == "nested-a"] == [False, False, True]
+    assert names == [("mtty-2", "mtty"), ("mtty-1", "mtty"), ("mtty-2b", "mtty"), ("mtty_faults-2", "mtty_faults")]
+    knobs = [models.has_fault_knobs(d) for d in inv.devices if d.host.name == "nested-a"]
+    assert knobs == [False, False, False, True]
     create = lifecycle.setup_commands()[0][0]
     assert "modprobe mtty_faults" in create
+    assert f"{lifecycle.SECOND_UUID} > /sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2" in create
     assert f"{lifecycle.FAULTS_UUID} > /sys/class/mdev_bus/mtty_faults/mdev_supported_types/mtty_faults-2" in create
     uri = doc["hosts"]["nested-a"]["libvirt_uri"]
     assert uri.startswith("qemu+ssh://root@127.0.0.1:30001/system?") and f"command={keys.ssh_command}" in uri
