@@ -10,6 +10,7 @@ Exit status: the command's (128 + signal number when a signal ended it).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 from types import FrameType
 
 LOWEST = 19
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def lowest_priority() -> None:
@@ -29,10 +31,20 @@ def lowest_priority() -> None:
         pass  # no autogroups here (or not Linux): the process nice is all there is
 
 
+def parent_death_signal(signum: int) -> None:
+    """Linux: get `signum` when our parent dies (tox ended abruptly), to pass on like any other."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
+    except (OSError, AttributeError):
+        pass  # not Linux: the signals tox sends still come through
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m labs.lowprio COMMAND [ARGS...]", file=sys.stderr)
         return 2
+    parent = os.getppid()
     got: list[int] = []  # signals that came before the command existed
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -47,6 +59,11 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
+    # the command's own session keeps it out of its caller's process group: a caller that dies without a
+    # word (tox killed) would leave it running
+    parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:
+        return 128 + signal.SIGTERM  # the parent died before the line above: run nothing
     try:
         proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=lowest_priority)
     except OSError as exc:

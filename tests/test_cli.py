@@ -122,3 +122,19 @@ def test_lowprio_passes_a_signal_on_and_says_what_cannot_run() -> None:
         [sys.executable, "-m", "labs.lowprio", "no-such-command-here"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert res.returncode == 127 and "cannot run no-such-command-here" in res.stderr
+
+
+def test_lowprio_ends_the_command_when_its_caller_dies_without_a_word(tmp_path: Path) -> None:
+    """The command has a session of its own: a caller killed outright (tox SIGKILLed) must not leave it running."""
+    pidfile = tmp_path / "pid"
+    wrapped = f"{sys.executable} -m labs.lowprio sh -c 'echo $$ > {pidfile}; exec sleep 120'"
+    caller = subprocess.Popen(["sh", "-c", f"{wrapped} & wait"], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    command = int(pidfile.read_text())
+    caller.kill()
+    caller.wait()
+    while Path(f"/proc/{command}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{command}").exists(), "the command outlived its caller"

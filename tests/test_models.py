@@ -59,8 +59,8 @@ class FakeSsh:
     def run(self, command: str, timeout: float | None = None, **_kw: Any) -> Result:
         if "/sys/module/" in command:
             out = "\n".join(m for m in re.findall(r"test -d /sys/module/(\w+)", command) if m in self.modules)
-        elif "readlink" in command:
-            out = self.driver
+        elif "readlink" in command:  # the doctor's one-round-trip device probe (labs.doctor._check_device)
+            out = f"exists=1\ndriver={self.driver}\niommu=1"
         else:
             out = ""
         return Result("hostA", command, 0, out, "", 0.0)
