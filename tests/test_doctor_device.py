@@ -62,3 +62,22 @@ def test_device_check_reads_existence_driver_and_iommu_group_in_one_command(
     (check,) = report.checks
     assert (check.name, check.status) == ("device", status)
     assert detail in check.detail
+
+
+def test_a_group_missing_at_first_look_and_there_at_the_second_is_a_warning_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a failure, not hidden either: the device check says what the first look saw."""
+    import labs.doctor as doctor
+
+    (tmp_path / "inv.yaml").write_text(textwrap.dedent(INVENTORY))
+    device = load_inventory(tmp_path / "inv.yaml").devices[0]
+    node = tmp_path / "sys" / "bus" / "mdev" / "devices" / UUID
+    node.mkdir(parents=True)
+    (tmp_path / "drivers" / "mtty").mkdir(parents=True)
+    (node / "driver").symlink_to(tmp_path / "drivers" / "mtty")
+    monkeypatch.setattr(doctor.time, "sleep", lambda _s: (node / "iommu_group").mkdir())  # it appears meanwhile
+    report = HostReport("a")
+    _check_device(report, LocalShell(tmp_path), device, (6, 12))  # type: ignore[arg-type]
+    (check,) = report.checks
+    assert check.status == Status.WARN and "no IOMMU group at first, there 1 s later" in check.detail
