@@ -279,7 +279,7 @@ BASELINES: dict[str, str] = {
     "warm_up": "73-90 s (booted)",
     "cold_up": "191 s (build 109 s + boot 67 s + setup 16 s)",
     "stream": "2.1x (118 vs 251 MB/s)",
-    "ci": "3060 s one environment after another (2026-12-04: lint 26, tests 298, defects 140, nested 2596); "
+    "ci": "2489 s one environment after another (2026-12-04: lint 26, tests 316, defects 137, nested 2010); "
     "1425 s when issue 17 was filed",
 }
 CI_ENVS = ("lint", "tests", "defects", "nested")

@@ -53,5 +53,5 @@ def test_lab_test_records_its_time_and_each_environments(tmp_path: Path, monkeyp
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written["other"] == {"date": "kept"} and written["ci"] == found  # the other figures stay
     (row,) = [v for k, v in headline(written) if k.startswith("`./lab test`")]
-    assert row.startswith("1950 s (lint 26, nested 1900; exit 0); before 3060 s")
+    assert row.startswith("1950 s (lint 26, nested 1900; exit 0); before 2489 s")
     assert bench.record_ci(tmp_path / "missing.json", 10.0, 1)["envs"] == {}  # tox died before its journal
