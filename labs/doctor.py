@@ -229,8 +229,8 @@ def _check_device(report: HostReport, ssh: HostConnection, device: LabDevice, ke
         # since Linux 5.16 an mdev is bound to its parent's mdev driver (nvidia, the samples, ...), which registers
         # the VFIO device itself: the IOMMU group is what says VFIO can open it
         if "iommu" not in facts:
-            # seen once in CI right after another mdev of the parent was re-created (docs/incidents.md): a second
-            # look tells a passing state, reported, from a device VFIO cannot open
+            # the group can lag for a moment (docs/incidents.md): a second look tells a passing state, reported,
+            # from a device VFIO cannot open
             time.sleep(IOMMU_SECOND_LOOK_S)
             if "iommu" not in read():
                 report.add(
