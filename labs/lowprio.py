@@ -45,12 +45,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m labs.lowprio COMMAND [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
-    got: list[int] = []  # signals that came before the command existed
+    early: list[int] = []  # signals that came before the command existed, passed on once it does
     procs: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         # the command has its own session: what tox or a Ctrl-C sends us, it must get too
-        got.append(signum)
+        if not procs:
+            early.append(signum)
         for proc in procs:
             try:
                 os.killpg(proc.pid, signum)
@@ -70,8 +71,8 @@ def main(argv: list[str]) -> int:
         print(f"labs.lowprio: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 127
     procs.append(proc)
-    for early in list(got):
-        forward(early, None)
+    for pending in early:
+        forward(pending, None)
     rc = proc.wait()
     return 128 - rc if rc < 0 else rc
 

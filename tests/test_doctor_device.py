@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from labs.doctor import HostReport, Status, _check_device
-from labs.inventory import load_inventory
+from labs.inventory import LabDevice, load_inventory
 from labs.transport.ssh import Result
 
 UUID = "7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01"
@@ -21,6 +21,12 @@ hosts:
       - {{kind: mdev, name: m1, model: mtty-2, parent: mtty, type: mtty-2, uuid: {UUID},
          protocol: v2, capabilities: [stop_copy, p2p]}}
 """
+
+
+def _mdev(tmp_path: Path) -> tuple[LabDevice, Path]:
+    """The inventory's mdev and where its sysfs node goes under `tmp_path`."""
+    (tmp_path / "inv.yaml").write_text(textwrap.dedent(INVENTORY))
+    return load_inventory(tmp_path / "inv.yaml").devices[0], tmp_path / "sys" / "bus" / "mdev" / "devices" / UUID
 
 
 class LocalShell:
@@ -47,9 +53,7 @@ class LocalShell:
 def test_device_check_reads_existence_driver_and_iommu_group_in_one_command(
     tmp_path: Path, driver: str | None, iommu: bool, status: Status, detail: str
 ) -> None:
-    (tmp_path / "inv.yaml").write_text(textwrap.dedent(INVENTORY))
-    device = load_inventory(tmp_path / "inv.yaml").devices[0]
-    node = tmp_path / "sys" / "bus" / "mdev" / "devices" / UUID
+    device, node = _mdev(tmp_path)
     if driver != "absent":
         node.mkdir(parents=True)
         if driver:
@@ -70,9 +74,7 @@ def test_a_group_missing_at_first_look_and_there_at_the_second_is_a_warning_nami
     """Not a failure, not hidden either: the device check says what the first look saw."""
     import labs.doctor as doctor
 
-    (tmp_path / "inv.yaml").write_text(textwrap.dedent(INVENTORY))
-    device = load_inventory(tmp_path / "inv.yaml").devices[0]
-    node = tmp_path / "sys" / "bus" / "mdev" / "devices" / UUID
+    device, node = _mdev(tmp_path)
     node.mkdir(parents=True)
     (tmp_path / "drivers" / "mtty").mkdir(parents=True)
     (node / "driver").symlink_to(tmp_path / "drivers" / "mtty")
