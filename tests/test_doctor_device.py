@@ -78,7 +78,8 @@ def test_a_group_missing_at_first_look_and_there_at_the_second_is_a_warning_nami
     node.mkdir(parents=True)
     (tmp_path / "drivers" / "mtty").mkdir(parents=True)
     (node / "driver").symlink_to(tmp_path / "drivers" / "mtty")
-    monkeypatch.setattr(doctor.time, "sleep", lambda _s: (node / "iommu_group").mkdir())  # it appears meanwhile
+    # it appears meanwhile (the doctor's own pause: time.sleep is subprocess's too)
+    monkeypatch.setattr(doctor, "_pause", lambda _s: (node / "iommu_group").mkdir())
     report = HostReport("a")
     _check_device(report, LocalShell(tmp_path), device, (6, 12))  # type: ignore[arg-type]
     (check,) = report.checks
