@@ -233,6 +233,35 @@ def test_the_nested_stage_runs_a_stage_at_once_and_prints_the_logged_run(
     assert f"(kept in {log})" in out and "1 failed" in out and "1 failed" in log.read_text()
 
 
+def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_reports_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One failing host-wide test must not cost the other runs' results (nor print runs that never started)."""
+    from types import SimpleNamespace
+
+    from labs.nested import lifecycle
+
+    started: list[list[str]] = []
+
+    def together(argvs: list[tuple[list[str], Path | None]], _deadline: float) -> int:
+        started.append([args[0] for args, _log in argvs])
+        return 1 if len(started) == 1 else 0
+
+    monkeypatch.setattr(ci, "cannot_run", lambda: None)
+    monkeypatch.setattr(ci, "_together", together)
+    monkeypatch.setattr(
+        ci, "runs", lambda: [[ci.Run("*:a", ["first"], "j1.xml")], [ci.Run("*:b", ["second"], "j2.xml")]]
+    )
+    monkeypatch.setattr(ci, "REPO_ROOT", tmp_path)  # its reports/nested
+    monkeypatch.setattr(lifecycle, "status", lambda check: [])
+    monkeypatch.setattr(lifecycle, "up", lambda: SimpleNamespace(how="restore", seconds="", note=""))
+    monkeypatch.setattr(lifecycle, "down", lambda: ["nested-a"])
+    monkeypatch.setattr(lifecycle, "post_mortem", lambda: [])
+    assert ci.main([]) == 1
+    assert started == [["first"], ["second"]]
+    assert "exit 1" in capsys.readouterr().out
+
+
 class KnobDevice:
     """A device handle whose driver's knobs are as `knobs` says (DeviceHandle.faults)."""
 

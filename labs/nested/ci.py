@@ -233,6 +233,10 @@ def main(argv: list[str]) -> int:
         rc = 0
         first = True
         for stage in runs():
+            if time.monotonic() >= deadline:
+                print(f"nested: the run's budget ({budget():g}s) is spent; not starting the next stage", flush=True)
+                rc = rc or 124
+                break
             argvs: list[tuple[list[str], Path | None]] = []
             for run in stage:
                 args = [
@@ -253,7 +257,9 @@ def main(argv: list[str]) -> int:
                 print(f"nested: pytest on {run.devices}: {' '.join(run.paths)}", flush=True)
                 # one run's output live here, the others' into their logs, printed when they end
                 argvs.append((args, reports / run.junit.replace(".xml", ".log") if argvs else None))
-            rc = rc or _together(argvs, deadline)
+            # every stage runs, after a failing one too: its failure is one result, not a reason to lose the rest
+            stage_rc = _together(argvs, deadline)
+            rc = rc or stage_rc
         for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:
