@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +52,18 @@ inventory_option = click.option(
 )
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """labs: hardware-in-the-loop tests for VFIO device migration."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like an error does: a command's cleanup (its sim lab's sshds, VMs, locks) runs on the way out
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

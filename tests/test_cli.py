@@ -138,3 +138,46 @@ def test_lowprio_ends_the_command_when_its_caller_dies_without_a_word(tmp_path: 
     while Path(f"/proc/{command}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{command}").exists(), "the command outlived its caller"
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set[int](), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
+def _sshds(pids: set[int]) -> set[int]:
+    def cmdline(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    return {p for p in pids if b"sshd_config" in cmdline(p)}
+
+
+def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
+    """`lab defects` killed politely (tox, CI, a lab engineer's `kill`) stops its private sim lab's sshds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labs.cli", "defects", "V1Accepts101"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, sshds = time.monotonic() + 120, set[int]()
+    while len(sshds) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        sshds = _sshds(_descendants(proc.pid))
+    assert len(sshds) == 2, "the private sim lab's two sshds did not start"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    while any(Path(f"/proc/{p}").exists() for p in sshds) and time.monotonic() < deadline:
+        time.sleep(0.2)  # reparented zombies take a moment to be reaped
+    assert not [p for p in sshds if Path(f"/proc/{p}").exists()], "a sim sshd outlived `lab defects`"
