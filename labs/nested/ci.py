@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
                     f"--lab-device={run.devices}",
                     "-p",
                     "no:cacheprovider",
-                    "-rs",
+                    "-rfEs",  # failures and errors in the short summary as well: `-rs` alone replaces pytest's `fE`
                     "--durations=40",
                     f"--junitxml={reports / run.junit}",
                     # where the time went, by phase: `lab bench --only phases` reads them (tox -e nested runs it after)
