@@ -245,6 +245,12 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
 
     def together(argvs: list[tuple[list[str], Path | None]], _deadline: float) -> int:
         started.append([args[0] for args, _log in argvs])
+        if len(started) == 1:  # the first run fails a test; the second ends without its report
+            (junit,) = [Path(a.split("=", 1)[1]) for args, _log in argvs for a in args if a.startswith("--junitxml=")]
+            bad = '<failure message="AssertionError: boom&#10;more">tb</failure>'
+            junit.write_text(
+                f'<testsuites><testsuite><testcase classname="m" name="t">{bad}</testcase></testsuite></testsuites>'
+            )
         return 1 if len(started) == 1 else 0
 
     monkeypatch.setattr(ci, "cannot_run", lambda: None)
@@ -257,9 +263,18 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
     monkeypatch.setattr(lifecycle, "up", lambda: SimpleNamespace(how="restore", seconds="", note=""))
     monkeypatch.setattr(lifecycle, "down", lambda: ["nested-a"])
     monkeypatch.setattr(lifecycle, "post_mortem", lambda: [])
+    (tmp_path / "reports" / "nested").mkdir(parents=True)
+    (tmp_path / "reports" / "nested" / "j2.xml").write_text("<stale/>")  # from an earlier run: not this one's
     assert ci.main([]) == 1
     assert started == [["first"], ["second"]]
-    assert "exit 1" in capsys.readouterr().out
+    tail = capsys.readouterr().out.splitlines()[-4:]
+    # what failed is named at the end, where a CI log's tail shows it; the stale report does not speak for the second
+    assert tail[:3] == [
+        "nested: j1.xml: failure m::t: AssertionError: boom",
+        "nested: j2.xml: not written (pytest ended before its report)",
+        "nested: down (nested-a)",
+    ]
+    assert "exit 1" in tail[-1]
 
 
 class KnobDevice:

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -189,6 +190,21 @@ def _together(argvs: list[tuple[list[str], Path | None]], deadline: float) -> in
                 sys.stdout.flush()
 
 
+def failures(junits: list[Path]) -> list[str]:
+    """Each failed or erred test of these JUnit files, a line each: the file, the test, its message's first line."""
+    out = []
+    for junit in junits:
+        if not junit.exists():
+            out.append(f"{junit.name}: not written (pytest ended before its report)")
+            continue
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            for bad in (*case.findall("failure"), *case.findall("error")):
+                said = (bad.get("message") or bad.text or "").strip().splitlines()
+                test = f"{case.get('classname', '')}::{case.get('name', '')}"
+                out.append(f"{junit.name}: {bad.tag} {test}: {said[0][:300] if said else '(no message)'}")
+    return out
+
+
 def _stop(proc: subprocess.Popen[bytes], rc: int) -> int:
     # pytest's own teardown removes the VMs it made; give it a moment, then end its whole group
     os.killpg(proc.pid, signal.SIGTERM)
@@ -232,6 +248,7 @@ def main(argv: list[str]) -> int:
             print(f"nested: up in {time.monotonic() - t:.0f}s, {up.how} {up.seconds}{note}", flush=True)
         rc = 0
         first = True
+        junits: list[Path] = []
         for stage in runs():
             if time.monotonic() >= deadline:
                 print(f"nested: the run's budget ({budget():g}s) is spent; not starting the next stage", flush=True)
@@ -254,12 +271,17 @@ def main(argv: list[str]) -> int:
                     *argv,
                 ]
                 first = False
+                (reports / run.junit).unlink(missing_ok=True)  # a stale file must not speak for a run that wrote none
+                junits.append(reports / run.junit)
                 print(f"nested: pytest on {run.devices}: {' '.join(run.paths)}", flush=True)
                 # one run's output live here, the others' into their logs, printed when they end
                 argvs.append((args, reports / run.junit.replace(".xml", ".log") if argvs else None))
             # every stage runs, after a failing one too: its failure is one result, not a reason to lose the rest
             stage_rc = _together(argvs, deadline)
             rc = rc or stage_rc
+        # at the end of the output, where a CI log's tail shows it: what failed, in every run
+        for line in failures(junits):
+            print(f"nested: {line}", flush=True)
         for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:
