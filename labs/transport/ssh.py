@@ -31,6 +31,7 @@ TIMEOUT_EXIT = 124  # coreutils timeout: the command ran out of time
 KILLED_EXIT = 137  # 128 + SIGKILL: it ignored SIGTERM and `-k` killed it
 KILL_GRACE = 3.0
 CONTROLLER_GRACE = KILL_GRACE + 5.0
+EOF_GRACE = 5.0  # after the exit status, for the output behind it
 NETWORK_ERRORS = (paramiko.SSHException, EOFError, OSError, socket.error)
 
 
@@ -256,6 +257,9 @@ class HostConnection:
                 if time.monotonic() > deadline:
                     text = out.decode(errors="replace"), err.decode(errors="replace")
                     raise CommandTimeout(self.name, command, limit, *text)
+            # sshd sends the exit status as the command ends, with the last of its output possibly still in the pipe
+            # (2-3 % of short commands on a TCG host lost lines): the channel's EOF comes after all of it
+            _read_to_eof(chan, out, err, EOF_GRACE)
             status = chan.recv_exit_status()
             if status == -1:  # paramiko: the channel closed without an exit status
                 raise ConnectionLost(f"{self.name}: connection lost while running: {command}")
@@ -300,6 +304,22 @@ class HostConnection:
                 f.write(data)
             if mode is not None:
                 sftp.chmod(remote, mode)
+
+
+def _read_to_eof(chan: paramiko.Channel, out: bytearray, err: bytearray, grace: float) -> None:
+    """The output that came after the exit status, up to the channel's EOF; `grace` seconds at most (a child the
+    command left holding its stdout keeps the channel open)."""
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            data: bytes | None = chan.recv(65536)  # waits the channel's timeout at most
+        except TimeoutError:
+            data = None
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(65536)
+        if data == b"":  # EOF (or the channel closed): nothing more comes
+            return
+        out += data or b""
 
 
 def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> None:
