@@ -84,3 +84,46 @@ def test_a_group_missing_at_first_look_and_there_at_the_second_is_a_warning_nami
     _check_device(report, LocalShell(tmp_path), device, (6, 12))  # type: ignore[arg-type]
     (check,) = report.checks
     assert check.status == Status.WARN and "no IOMMU group at first, there 1 s later" in check.detail
+
+
+def test_a_hosts_devices_are_read_in_one_command_each_fact_to_its_own_device(tmp_path: Path) -> None:
+    from labs.doctor import _read_devices
+
+    calls: list[str] = []
+
+    class Counting(LocalShell):
+        def run(self, command: str, timeout: float | None = None, **kw: object) -> Result:
+            calls.append(command)
+            return super().run(command, timeout, **kw)
+
+    base = tmp_path / "sys" / "bus" / "mdev" / "devices"
+    for name, driver, iommu in (("bound", "mtty", True), ("unbound", None, False), ("nogroup", "mtty", False)):
+        (base / name).mkdir(parents=True)
+        if driver:
+            (tmp_path / "drivers" / driver).mkdir(parents=True, exist_ok=True)
+            (base / name / "driver").symlink_to(tmp_path / "drivers" / driver)
+        if iommu:
+            (base / name / "iommu_group").mkdir()
+    paths = [f"/sys/bus/mdev/devices/{n}" for n in ("nogroup", "missing", "bound", "unbound")]
+    facts = _read_devices(Counting(tmp_path), paths)  # type: ignore[arg-type]
+    assert len(calls) == 1
+    assert facts == [
+        {"exists": "1", "driver": "mtty"},
+        {},
+        {"exists": "1", "driver": "mtty", "iommu": "1"},
+        {"exists": "1"},
+    ]
+
+
+def test_a_module_check_that_did_not_run_says_so_and_names_no_module_missing(tmp_path: Path) -> None:
+    from labs.doctor import _check_modules
+
+    class Broken:
+        def run(self, command: str, timeout: float | None = None, **_kw: object) -> Result:
+            return Result("a", command, 126, "", "sh: cannot execute", 0.0)
+
+    device, _node = _mdev(tmp_path)
+    report = HostReport("a")
+    _check_modules(report, Broken(), [device])  # type: ignore[arg-type]
+    (check,) = report.checks
+    assert check.status == Status.FAIL and check.detail == "the check exited 126: sh: cannot execute"

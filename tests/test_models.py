@@ -59,8 +59,8 @@ class FakeSsh:
     def run(self, command: str, timeout: float | None = None, **_kw: Any) -> Result:
         if "/sys/module/" in command:
             out = "\n".join(m for m in re.findall(r"test -d /sys/module/(\w+)", command) if m in self.modules)
-        elif "readlink" in command:  # the doctor's one-round-trip device probe (labs.doctor._check_device)
-            out = f"exists=1\ndriver={self.driver}\niommu=1"
+        elif "readlink" in command:  # the doctor's device probe (labs.doctor._read_devices), one device
+            out = f"0:exists=1\n0:driver={self.driver}\n0:iommu=1"
         else:
             out = ""
         return Result("hostA", command, 0, out, "", 0.0)
@@ -129,7 +129,7 @@ def test_unmanaged_model_and_plain_pci() -> None:
     plain = hostdev_for(_pci(None))
     assert plain.driver_model is None and plain.managed
     xml = domain_xml(spec_for("labs-p", [_pci(None)], "qemu"))
-    assert "<driver" not in xml and "managed=\"yes\"" in xml
+    assert "<driver" not in xml and 'managed="yes"' in xml
     checks = _checks(_pci(None), FakeSsh({"vfio", "vfio_pci"}, "vfio-pci"))
     assert checks["modules"].detail == "vfio, vfio_pci" and checks["device"].status == doctor.Status.OK
     assert _checks(_pci(None), FakeSsh({"vfio", "vfio_pci"}, "e1000e"))["device"].status == doctor.Status.FAIL
