@@ -199,9 +199,10 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     (alone,), (plain, second, knobs) = ci.runs()
     assert alone == ci.Run(ci.PLAIN_DEVICES, list(ci.HOST_WIDE), "junit-host-wide.xml")
     assert plain.devices == ci.PLAIN_DEVICES and "suites/recovery" in plain.paths and "suites/smoke" in plain.paths
-    assert {f"--ignore={f}" for f in ci.HOST_WIDE} <= set(plain.paths)  # each host-wide file runs once, alone
-    # the plain driver's second pair takes whole suites off the first run: each suite runs once, on mtty-2
-    assert second == ci.Run(ci.SECOND_DEVICES, list(ci.SECOND_SUITES), "junit-second.xml")
+    ignored = [f"--ignore={f}" for f in ci.HOST_WIDE]
+    assert set(ignored) <= set(plain.paths)  # each host-wide file runs once, alone
+    # the plain driver's second pair takes whole suites off the first run: each suite runs once, on mtty-2 or mtty-2b
+    assert second == ci.Run(ci.SECOND_DEVICES, ["tests/nested", *ci.SECOND_SUITES[:2], *ignored], "junit-second.xml")
     assert not set(ci.SECOND_SUITES) & set(plain.paths)
     assert knobs == ci.Run(ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke suites/recovery suites/guest")
@@ -209,7 +210,10 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     assert "suites/guest" not in chosen_plain.paths  # the Linux guest, where chosen, runs on the knob pair only
     assert chosen_knobs.paths[:2] == ["suites/recovery", "suites/guest"]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke tests/nested")
-    assert [[r.devices for r in stage] for stage in ci.runs()] == [[ci.PLAIN_DEVICES], [ci.PLAIN_DEVICES]]
+    alone_stage, (smoke, nested) = ci.runs()
+    assert [r.devices for r in alone_stage] == [ci.PLAIN_DEVICES]
+    assert (smoke.devices, nested.devices) == (ci.PLAIN_DEVICES, ci.SECOND_DEVICES)
+    assert nested.paths == ["tests/nested", *(i for i in ignored if "tests/nested/" in i)]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/save_resume/test_vm_faults.py")
     assert ci.runs() == [[ci.Run(ci.SECOND_DEVICES, ["suites/save_resume/test_vm_faults.py"], "junit-second.xml")]]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/recovery/test_driver_failures.py")

@@ -222,9 +222,9 @@ def test_nested_inventory_groups_a_second_mdev(monkeypatch: pytest.MonkeyPatch, 
     lab.write_inventory(path, lab.inventory_doc(lab.specs(), keys, {}))
     inv = load_inventory(path)
     pair, second, faults = inv.pairs
-    assert faults.id == "nested-a->nested-b:mtty_faults-2" and inv.group_pairs(faults) == (faults,)
+    assert faults.id == "nested-b->nested-a:mtty_faults-2" and inv.group_pairs(faults) == (faults,)
     # the plain driver's second pair: the same type, no VM group, a device group of its own (labs.nested.ci)
-    assert second.id == f"nested-a->nested-b:{lab.SECOND_NAME}" and inv.group_pairs(second) == (second,)
+    assert second.id == f"nested-b->nested-a:{lab.SECOND_NAME}" and inv.group_pairs(second) == (second,)
     assert second.source.spec.vm is None and second.source.spec.model == "mtty-2"
     from labs.nested import ci
 

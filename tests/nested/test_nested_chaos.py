@@ -23,6 +23,7 @@ not kill runs on a lab someone is using.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import random
 import subprocess
@@ -153,11 +154,11 @@ def on_hosts(session: LabSession, run_id: str, down_ok: bool = False) -> list[st
     return out
 
 
-def touched_destination(session: LabSession, run_id: str, seen: list[str]) -> Callable[[], bool]:
-    """The run reached the pair's destination: a migration's incoming domain, a fault's mdev record or
-    firewall table, or the inventory's mdev removed (what was seen goes to `seen`). Kills after this
-    land in a migration or a fault."""
-    pair = session.inventory.pairs[0]
+def touched_destination(session: LabSession, run_id: str, seen: list[str], devices: str) -> Callable[[], bool]:
+    """The run reached the destination of the pair its `--lab-device` glob chose: a migration's incoming domain,
+    a fault's mdev record or firewall table, or the inventory's mdev removed (what was seen goes to `seen`).
+    Kills after this land in a migration or a fault."""
+    pair = next(p for p in session.inventory.pairs if fnmatch.fnmatchcase(p.source.id, devices))
     uuid = pair.destination.spec.uuid if isinstance(pair.destination.spec, MdevDevice) else ""
     script = TOUCHED_SCRIPT.format(run=run_id, tag=rule_tag(run_id, ""), records=RECORD_DIR, uuid=uuid)
 
@@ -198,7 +199,7 @@ def test_killed_migration_runs_leave_nothing_the_janitor_misses(nested: LabSessi
         seen: list[str] = []
         # what the hosts held before the round (this session's own agents, when suites ran first) is not the run's
         before = set(on_hosts(nested, run_id))
-        ready = touched_destination(nested, run_id, seen)
+        ready = touched_destination(nested, run_id, seen, devices)
         outcome = kill_when(args, chaos_env(run_id, images), log, ready, delay, wait=START_WAIT_S, poll=0.5)
         outcome += f" on {seen}" if seen else ""
         landed = on_hosts(nested, run_id, down_ok=True)  # where the kill landed, for the message

@@ -210,12 +210,12 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     lifecycle.write_inventory(path, doc)
     assert yaml.safe_load(path.read_text())["hosts"]["nested-b"]["migration_address"] == "192.168.123.2"
     inv = load_inventory(path)
-    # a->b only (there-and-back covers b->a): plain mtty twice (a second run goes on the second pair), the
-    # knob driver, its own model (labs.models)
+    # one direction each (there-and-back covers the other): plain mtty twice (a second run goes on the second
+    # pair), the knob driver, its own model (labs.models); the CI stage's runs at once start VMs on both hosts
     assert [p.id for p in inv.pairs] == [
         "nested-a->nested-b:mtty-2",
-        "nested-a->nested-b:mtty-2b",
-        "nested-a->nested-b:mtty_faults-2",
+        "nested-b->nested-a:mtty-2b",
+        "nested-b->nested-a:mtty_faults-2",
     ]
     # the companion mtty-1 is in mtty-2's `vm:` group, not a pair of its own
     names = [(d.name, models.model_of(d).name) for d in inv.devices if d.host.name == "nested-a"]
