@@ -11,8 +11,9 @@
    pairs (the save/resume and conformance suites and the rest of tests/nested on the second), beside the
    recovery suite on mtty_faults, the real driver with fault knobs (and the Linux guest there, where
    chosen): three pytest runs at once on different devices, since each TCG host takes one core at most
-   and one run left the machine 26-45 % idle (JUnit files and the Allure results under reports/nested/; the other runs'
-   output is printed when they end, their logs kept beside them).
+   and one run left the machine 26-45 % idle (JUnit files and the Allure results under reports/nested/;
+   the other runs' output is printed when they end, their logs kept beside them). Every stage runs, after
+   a failing one too; the output ends with each failed or erred test, a line each.
 4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
    nothing the run started is left (QEMUs, overlays, keys, inventory).
 

@@ -257,8 +257,7 @@ class HostConnection:
                 if time.monotonic() > deadline:
                     text = out.decode(errors="replace"), err.decode(errors="replace")
                     raise CommandTimeout(self.name, command, limit, *text)
-            # sshd sends the exit status as the command ends, with the last of its output possibly still in the pipe
-            # (2-3 % of short commands on a TCG host lost lines): the channel's EOF comes after all of it
+            # sshd sends the exit status as the command ends, some output maybe still in the pipe: EOF comes last
             _read_to_eof(chan, out, err, EOF_GRACE)
             status = chan.recv_exit_status()
             if status == -1:  # paramiko: the channel closed without an exit status
