@@ -538,7 +538,8 @@ def _boot(
 def _restore(
     vms: list[Vm], saved: snapshot.Saved, image: BaseImage, keys: Keys, rep: RichReporter, seconds: dict[str, float]
 ) -> dict[str, list[str]]:
-    """Resume both hosts from `saved` with the keys they were saved with; fix the clock; the setup again."""
+    """Resume both hosts from `saved` with the keys they were saved with; fix their clock and entropy pool; read
+    the device's migration flags."""
     keys.adopt(saved.keys)
     write_known_hosts(keys.known_hosts, [("127.0.0.1", vm.spec.ssh_port, keys.host(vm.spec.name)) for vm in vms])
     rep.stage(f"restore {' + '.join(vm.spec.name for vm in vms)} from snapshot {saved.dir.name}", total=len(vms))
@@ -551,7 +552,8 @@ def _restore(
     seconds["state_in"] = round(time.monotonic() - t, 1)
     _wait_for_ssh(vms, keys, rep, RESTORE_TIMEOUT)
     seconds["restore_to_ssh"] = round(time.monotonic() - t, 1)
-    caps = _prepare_hosts(vms, keys, after_restore)
+    # the setup is in the saved RAM, as it was when its run passed (the snapshot's key holds it): the doctor checks
+    caps = _prepare_hosts(vms, keys, after_restore, setup=False)
     seconds["host_setup"] = round(time.monotonic() - t - seconds["restore_to_ssh"], 1)
     return caps
 
@@ -562,10 +564,12 @@ def after_restore() -> str:
     return f"date -u -s @{time.time():.3f} >/dev/null && echo {os.urandom(32).hex()} > /dev/urandom"
 
 
-def _prepare_hosts(vms: list[Vm], keys: Keys, first: Callable[[], str] = str) -> dict[str, list[str]]:
+def _prepare_hosts(
+    vms: list[Vm], keys: Keys, first: Callable[[], str] = str, setup: bool = True
+) -> dict[str, list[str]]:
     # in parallel: libvirtd's first QEMU capability probe takes ~10 s per host under TCG
     with ThreadPoolExecutor(len(vms)) as pool:
-        return dict(pool.map(lambda vm: (vm.spec.name, _prepare_host(vm.spec, keys, first())), vms))
+        return dict(pool.map(lambda vm: (vm.spec.name, _prepare_host(vm.spec, keys, first(), setup)), vms))
 
 
 def _doctor(inventory: Path) -> None:
@@ -617,7 +621,7 @@ def _wait_for_ssh(vms: list[Vm], keys: Keys, rep: RichReporter, timeout: float) 
             time.sleep(0.25)
 
 
-# Each host's setup after boot, in order (idempotent: a restored host runs it again as its check).
+# Each host's setup after boot, in order (idempotent; a restored host has it in its saved RAM and runs none of it).
 SETUP_COMMANDS: tuple[tuple[str, float], ...] = (
     (
         "modprobe mtty && modprobe mtty_faults && {create}",  # {create}: the host's mdevs (setup_commands)
@@ -653,9 +657,10 @@ def host_setup() -> str:
     return json.dumps([list(setup_commands()), MIGRATION_PROBE])
 
 
-def setup_script(first: str = "") -> str:
-    """SETUP_COMMANDS and the probe as one shell script (one SSH round trip, slow under TCG), stopping at a failure."""
-    commands = ([first] if first else []) + [command for command, _ in setup_commands()]
+def setup_script(first: str = "", setup: bool = True) -> str:
+    """`first`, SETUP_COMMANDS (unless not `setup`) and the probe as one shell script (one SSH round trip, slow under
+    TCG), stopping at a failure."""
+    commands = ([first] if first else []) + ([command for command, _ in setup_commands()] if setup else [])
     steps = [f"{{ {c}; }} || {{ echo {shlex.quote('failed: ' + c)} >&2; exit 1; }}" for c in commands]
     steps.append(f"python3 -c {shlex.quote(MIGRATION_PROBE)} {MTTY_UUID}")
     return "\n".join(steps)
@@ -668,9 +673,10 @@ def _ssh_answers(spec: VmSpec, keys: Keys) -> bool:
         return False  # a login slower than 30 s on a busy machine: not up yet, the boot deadline decides
 
 
-def _prepare_host(spec: VmSpec, keys: Keys, first: str = "") -> list[str]:
-    """Run `first`, create the mtty mdev, check libvirtd answers, and read the device's migration flags."""
-    out = ssh_ok(spec, keys, setup_script(first), timeout=sum(t for _, t in setup_commands()) + 60)
+def _prepare_host(spec: VmSpec, keys: Keys, first: str = "", setup: bool = True) -> list[str]:
+    """Run `first`, the setup (the mtty mdevs, libvirtd's first answer, ...) unless not `setup`, and read the
+    device's migration flags."""
+    out = ssh_ok(spec, keys, setup_script(first, setup), timeout=sum(t for _, t in setup_commands()) + 60)
     probe = json.loads(out.strip().splitlines()[-1])
     (run_dir() / f"{spec.name}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
     flags = int(probe["migration_flags"])

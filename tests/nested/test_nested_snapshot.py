@@ -106,6 +106,17 @@ def test_setup_script_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch
     assert "failed: ! echo kvm | grep -q kvm" in res.stderr
 
 
+def test_a_restored_host_runs_the_clock_fix_and_the_probe_not_the_setup_its_ram_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(lab, "SETUP_COMMANDS", (("echo one", 1.0), ("echo two", 1.0)))
+    monkeypatch.setattr(lab, "MIGRATION_PROBE", "print('probe')")
+    restored = subprocess.run(["sh", "-c", lab.setup_script("echo clock", setup=False)], capture_output=True, text=True)
+    booted = subprocess.run(["sh", "-c", lab.setup_script("echo clock")], capture_output=True, text=True)
+    assert restored.stdout.split() == ["clock", "probe"]
+    assert booted.stdout.split() == ["clock", "one", "two", "probe"]
+
+
 class FakeVm:
     stopped: list[str] = []
 
