@@ -118,17 +118,18 @@ def check_host(
     # beside the checks over ours, its line keeps its place after the modules
     with ThreadPoolExecutor(1) as side:
         libvirt = side.submit(_libvirt_check, host)
-        _check_python(report, ssh, host)
-        kernel = _check_kernel(report, ssh, host)
         mine = [d for d in session.inventory.devices if d.host.name == host.name]
-        _check_modules(report, ssh, mine)
+        facts = _read_host(ssh, host.spec.python, _modules_wanted(mine))
+        _check_python(report, host, facts)
+        kernel = _check_kernel(report, host, facts)
+        _check_modules(report, mine, facts)
         at = len(report.checks)
         drivers = _check_sim_drivers(ssh, host, session.inventory.settings.timeouts.command)
         real = {d.id: path for d in mine if (path := _sysfs_path(d))}
-        facts = dict(zip(real, _read_devices(ssh, list(real.values())) if real else [], strict=True))
+        nodes = dict(zip(real, _read_devices(ssh, list(real.values())) if real else [], strict=True))
         for device in mine:
             _check_model(report, device)
-            _check_device(report, ssh, device, kernel, facts.get(device.id))
+            _check_device(report, ssh, device, kernel, nodes.get(device.id))
             if device.spec.label in drivers:
                 report.add("driver", *drivers[device.spec.label], device.id)
             if migration_probe is not None and report.device_problem(device.id) is None:
@@ -143,43 +144,86 @@ def check_host(
     return report
 
 
-def _check_python(report: HostReport, ssh: HostConnection, host: LabHost) -> None:
+@dataclass
+class HostFacts:
+    """What one command read on a host: its agent interpreter's version (or why it did not run), its kernel
+    release, which of the wanted kernel modules are loaded."""
+
+    python: str = ""
+    python_error: str = ""
+    release: str = ""
+    modules: set[str] = field(default_factory=set)
+    failed: str = ""  # the command itself did not run
+
+
+def _read_host(ssh: HostConnection, python: str, modules: list[str]) -> HostFacts:
+    """One round trip (an exec costs 0.4-0.9 s on a busy TCG host) for the interpreter, the kernel and the modules."""
+    version = 'import sys; print("python=%d.%d.%d" % sys.version_info[:3])'
+    # built-in modules also appear under /sys/module; the interpreter last, its errors are the rest of the output
+    command = (
+        'echo "kernel=$(uname -r)"; '
+        + "".join(f"test -d /sys/module/{m} && echo module={m}; " for m in modules)
+        + f"{shlex.quote(python)} -c {shlex.quote(version)} 2>&1; echo python_exit=$?"
+    )
+    res = ssh.run(command, idempotent=True)
+    facts = HostFacts()
+    if not res.ok:  # its last `echo` exits 0: anything else is the shell, not a fact of the host
+        facts.failed = f"the check exited {res.exit_status}: {res.stderr.strip()[-200:]}"
+        return facts
+    noise = []
+    for line in res.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key == "kernel":
+            facts.release = value
+        elif key == "module":
+            facts.modules.add(value)
+        elif key == "python":
+            facts.python = value
+        elif key != "python_exit":
+            noise.append(line)
+    if not facts.python:
+        facts.python_error = "\n".join(noise).strip()[-200:] or "no version printed"
+    return facts
+
+
+def _check_python(report: HostReport, host: LabHost, facts: HostFacts) -> None:
     py = host.spec.python
-    res = ssh.run(f"{shlex.quote(py)} -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])'", idempotent=True)
-    if not res.ok:
-        report.add("python", Status.FAIL, f"{py} does not run: {res.stderr.strip()[-200:]}")
+    if facts.failed or not facts.python:
+        report.add("python", Status.FAIL, f"{py} does not run: {facts.failed or facts.python_error}")
         return
-    version = res.stdout.strip()
-    ok = _version_tuple(version) >= MIN_AGENT_PYTHON
-    report.add("python", Status.OK if ok else Status.FAIL, f"{py} {version}" + ("" if ok else " (agent needs 3.6+)"))
+    ok = _version_tuple(facts.python) >= MIN_AGENT_PYTHON
+    report.add(
+        "python", Status.OK if ok else Status.FAIL, f"{py} {facts.python}" + ("" if ok else " (agent needs 3.6+)")
+    )
 
 
-def _check_kernel(report: HostReport, ssh: HostConnection, host: LabHost) -> tuple[int, ...]:
-    res = ssh.run("uname -r", idempotent=True)
-    release = res.stdout.strip()
-    kernel = _version_tuple(release)
+def _check_kernel(report: HostReport, host: LabHost, facts: HostFacts) -> tuple[int, ...]:
+    if facts.failed:
+        report.add("kernel", Status.FAIL, facts.failed)
+        return ()
+    kernel = _version_tuple(facts.release)
     real_v2 = [d for d in host.spec.devices if d.kind != "sim" and d.protocol == "v2"]
     if real_v2 and kernel < V2_KERNEL:
-        report.add("kernel", Status.FAIL, f"{release}: v2 migration needs Linux 5.18+")
+        report.add("kernel", Status.FAIL, f"{facts.release}: v2 migration needs Linux 5.18+")
     else:
-        report.add("kernel", Status.OK, release)
+        report.add("kernel", Status.OK, facts.release)
     return kernel
 
 
-def _check_modules(report: HostReport, ssh: HostConnection, devices: list[LabDevice]) -> None:
+def _modules_wanted(devices: list[LabDevice]) -> list[str]:
     """The kernel modules the device models of the host's real devices need."""
-    real = [d for d in devices if d.spec.kind != "sim"]
-    if not real:
+    return list(dict.fromkeys(m for d in devices if d.spec.kind != "sim" for m in model_of(d).modules))
+
+
+def _check_modules(report: HostReport, devices: list[LabDevice], facts: HostFacts) -> None:
+    if all(d.spec.kind == "sim" for d in devices):
         report.add("modules", Status.NA, "simulated devices only")
         return
-    wanted = list(dict.fromkeys(m for d in real for m in model_of(d).modules))
-    # built-in modules also appear under /sys/module
-    res = ssh.run(" ; ".join(f"test -d /sys/module/{m} && echo {m}" for m in wanted) + " ; true", idempotent=True)
-    if not res.ok:  # its `true` exits 0: anything else is the shell, not a module
-        report.add("modules", Status.FAIL, f"the check exited {res.exit_status}: {res.stderr.strip()[-200:]}")
+    wanted = _modules_wanted(devices)
+    if facts.failed:
+        report.add("modules", Status.FAIL, facts.failed)
         return
-    present = set(res.stdout.split())
-    missing = [m for m in wanted if m not in present]
+    missing = [m for m in wanted if m not in facts.modules]
     status = Status.FAIL if missing else Status.OK
     report.add("modules", status, f"missing {', '.join(missing)}" if missing else ", ".join(wanted))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from labs.doctor import HostReport, Status, _check_device
-from labs.inventory import LabDevice, load_inventory
+from labs.inventory import LabDevice, LabHost, load_inventory
 from labs.transport.ssh import Result
 
 UUID = "7e8b6c2a-1f1c-4b4e-9a56-2f4f6f1d0a01"
@@ -115,8 +116,8 @@ def test_a_hosts_devices_are_read_in_one_command_each_fact_to_its_own_device(tmp
     ]
 
 
-def test_a_module_check_that_did_not_run_says_so_and_names_no_module_missing(tmp_path: Path) -> None:
-    from labs.doctor import _check_modules
+def test_a_host_check_that_did_not_run_says_so_and_names_no_module_missing(tmp_path: Path) -> None:
+    from labs.doctor import _check_modules, _read_host
 
     class Broken:
         def run(self, command: str, timeout: float | None = None, **_kw: object) -> Result:
@@ -124,6 +125,46 @@ def test_a_module_check_that_did_not_run_says_so_and_names_no_module_missing(tmp
 
     device, _node = _mdev(tmp_path)
     report = HostReport("a")
-    _check_modules(report, Broken(), [device])  # type: ignore[arg-type]
+    _check_modules(report, [device], _read_host(Broken(), "python3", ["mtty"]))  # type: ignore[arg-type]
     (check,) = report.checks
     assert check.status == Status.FAIL and check.detail == "the check exited 126: sh: cannot execute"
+
+
+@pytest.mark.parametrize(
+    ("python", "loaded", "want"),
+    [
+        ("python3", {"vfio", "mdev", "mtty"}, ("OK", "python3 3.", "OK", "OK", "vfio, mdev, mtty")),
+        ("python3", {"vfio", "mdev"}, ("OK", "python3 3.", "OK", "FAIL", "missing mtty")),
+        (
+            "no-such-python",
+            {"vfio", "mdev", "mtty"},
+            ("FAIL", "no-such-python does not run: ", "OK", "OK", "vfio, mdev, mtty"),
+        ),
+    ],
+)
+def test_a_hosts_interpreter_kernel_and_modules_come_from_one_command(
+    tmp_path: Path, python: str, loaded: set[str], want: tuple[str, ...]
+) -> None:
+    """Run by a real shell: the interpreter's version or its error, the release, the modules loaded."""
+    from labs.doctor import _check_kernel, _check_modules, _check_python, _modules_wanted, _read_host
+
+    calls: list[str] = []
+
+    class Counting(LocalShell):
+        def run(self, command: str, timeout: float | None = None, **kw: object) -> Result:
+            calls.append(command)
+            return super().run(command, timeout, **kw)
+
+    for module in loaded:
+        (tmp_path / "sys" / "module" / module).mkdir(parents=True)
+    device, _node = _mdev(tmp_path)
+    facts = _read_host(Counting(tmp_path), python, _modules_wanted([device]))  # type: ignore[arg-type]
+    report = HostReport("a")
+    _check_python(report, LabHost(device.host.name, device.host.spec.model_copy(update={"python": python})), facts)
+    _check_kernel(report, device.host, facts)
+    _check_modules(report, [device], facts)
+    python_check, kernel, modules = report.checks
+    assert len(calls) == 1
+    assert (python_check.status.name, kernel.status.name, modules.status.name) == (want[0], want[2], want[3])
+    assert python_check.detail.startswith(want[1]) and modules.detail == want[4]
+    assert kernel.detail == os.uname().release

@@ -57,8 +57,9 @@ class FakeSsh:
         self.driver = driver
 
     def run(self, command: str, timeout: float | None = None, **_kw: Any) -> Result:
-        if "/sys/module/" in command:
-            out = "\n".join(m for m in re.findall(r"test -d /sys/module/(\w+)", command) if m in self.modules)
+        if "/sys/module/" in command:  # the doctor's host facts (labs.doctor._read_host)
+            loaded = [f"module={m}" for m in re.findall(r"test -d /sys/module/(\w+)", command) if m in self.modules]
+            out = "\n".join(["kernel=6.12.0", *loaded, "python=3.11.2", "python_exit=0"])
         elif "readlink" in command:  # the doctor's device probe (labs.doctor._read_devices), one device
             out = f"0:exists=1\n0:driver={self.driver}\n0:iommu=1"
         else:
@@ -68,7 +69,8 @@ class FakeSsh:
 
 def _checks(device: LabDevice, ssh: FakeSsh) -> dict[str, doctor.Check]:
     report = doctor.HostReport("hostA")
-    doctor._check_modules(report, ssh, [device])  # type: ignore[arg-type]
+    facts = doctor._read_host(ssh, "python3", doctor._modules_wanted([device]))  # type: ignore[arg-type]
+    doctor._check_modules(report, [device], facts)
     doctor._check_model(report, device)
     doctor._check_device(report, ssh, device, (6, 12))  # type: ignore[arg-type]
     return {c.name: c for c in report.checks}
