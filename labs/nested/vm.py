@@ -119,7 +119,9 @@ def kernel_cmdline(spec: VmSpec) -> str:
 def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths, qemu: str = "qemu-system-x86_64") -> list[str]:
     # one TCG thread for all vCPUs: multi-threaded TCG races the guest's live code patching (docs/incidents.md)
     accel = "kvm" if spec.accel == "kvm" else "tcg,thread=single,tb-size=256"
-    cpu = "host" if spec.accel == "kvm" else "max"
+    # no CMPXCHG16B under TCG: the controller's QEMU 7.2 left garbage EFLAGS (TF set) after the guest kernel's SLUB
+    # fast path used it, a double fault twice (docs/incidents.md); without it the kernel takes SLUB's locked path
+    cpu = "host" if spec.accel == "kvm" else "max,cx16=off"
     return [
         qemu,
         "-name", f"{spec.name},process=labs-{spec.name}",
