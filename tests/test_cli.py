@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -176,8 +177,15 @@ def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
         time.sleep(0.2)
         sshds = _sshds(_descendants(proc.pid))
     assert len(sshds) == 2, "the private sim lab's two sshds did not start"
+    # sshd retitles itself "sshd: /usr/sbin/sshd -D -e -f <work>/sim/hosts/<host>/sshd_config [listener] ..."
+    found = re.search(rb"-f (\S+)/sim/hosts/", Path(f"/proc/{min(sshds)}/cmdline").read_bytes())
+    assert found, "no sshd_config path on the sim sshd's command line"
+    work = Path(found.group(1).decode())
+    everything = _descendants(proc.pid)  # the sshds, the pytest runs, their agents
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    while any(Path(f"/proc/{p}").exists() for p in sshds) and time.monotonic() < deadline:
+    while any(Path(f"/proc/{p}").exists() for p in everything) and time.monotonic() < deadline:
         time.sleep(0.2)  # reparented zombies take a moment to be reaped
     assert not [p for p in sshds if Path(f"/proc/{p}").exists()], "a sim sshd outlived `lab defects`"
+    assert not [p for p in everything if Path(f"/proc/{p}").exists()], "a process outlived `lab defects`"
+    assert not work.exists(), f"{work} outlived `lab defects`"

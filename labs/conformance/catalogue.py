@@ -472,9 +472,20 @@ def run_suite(
         procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         junits.append(junit)
     rc = 0
-    for proc, log in procs:
-        rc = max(rc, proc.wait())
-        log.close()
+    try:
+        for proc, _log in procs:
+            rc = max(rc, proc.wait())
+    finally:
+        # interrupted (Ctrl-C, SIGTERM): the runs end with us, not after their sim lab and work dir are gone
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
     return rc, junits
 
 
