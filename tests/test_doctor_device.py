@@ -31,12 +31,14 @@ def _mdev(tmp_path: Path) -> tuple[LabDevice, Path]:
 
 
 class LocalShell:
-    """Runs the doctor's command in sh here, with /sys/ moved under a temporary tree."""
+    """Runs the doctor's command in sh here, with /sys/ moved under a temporary tree; keeps what it ran."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.commands: list[str] = []
 
     def run(self, command: str, timeout: float | None = None, **_kw: object) -> Result:
+        self.commands.append(command)
         local = command.replace("/sys/", f"{self.root}/sys/")
         res = subprocess.run(["sh", "-c", local], capture_output=True, text=True, timeout=30)
         return Result("a", command, res.returncode, res.stdout, res.stderr, 0.0)
@@ -90,13 +92,6 @@ def test_a_group_missing_at_first_look_and_there_at_the_second_is_a_warning_nami
 def test_a_hosts_devices_are_read_in_one_command_each_fact_to_its_own_device(tmp_path: Path) -> None:
     from labs.doctor import _read_devices
 
-    calls: list[str] = []
-
-    class Counting(LocalShell):
-        def run(self, command: str, timeout: float | None = None, **kw: object) -> Result:
-            calls.append(command)
-            return super().run(command, timeout, **kw)
-
     base = tmp_path / "sys" / "bus" / "mdev" / "devices"
     for name, driver, iommu in (("bound", "mtty", True), ("unbound", None, False), ("nogroup", "mtty", False)):
         (base / name).mkdir(parents=True)
@@ -106,8 +101,9 @@ def test_a_hosts_devices_are_read_in_one_command_each_fact_to_its_own_device(tmp
         if iommu:
             (base / name / "iommu_group").mkdir()
     paths = [f"/sys/bus/mdev/devices/{n}" for n in ("nogroup", "missing", "bound", "unbound")]
-    facts = _read_devices(Counting(tmp_path), paths)  # type: ignore[arg-type]
-    assert len(calls) == 1
+    shell = LocalShell(tmp_path)
+    facts = _read_devices(shell, paths)  # type: ignore[arg-type]
+    assert len(shell.commands) == 1
     assert facts == [
         {"exists": "1", "driver": "mtty"},
         {},
@@ -148,23 +144,17 @@ def test_a_hosts_interpreter_kernel_and_modules_come_from_one_command(
     """Run by a real shell: the interpreter's version or its error, the release, the modules loaded."""
     from labs.doctor import _check_kernel, _check_modules, _check_python, _modules_wanted, _read_host
 
-    calls: list[str] = []
-
-    class Counting(LocalShell):
-        def run(self, command: str, timeout: float | None = None, **kw: object) -> Result:
-            calls.append(command)
-            return super().run(command, timeout, **kw)
-
     for module in loaded:
         (tmp_path / "sys" / "module" / module).mkdir(parents=True)
     device, _node = _mdev(tmp_path)
-    facts = _read_host(Counting(tmp_path), python, _modules_wanted([device]))  # type: ignore[arg-type]
+    shell = LocalShell(tmp_path)
+    facts = _read_host(shell, python, _modules_wanted([device]))  # type: ignore[arg-type]
     report = HostReport("a")
     _check_python(report, LabHost(device.host.name, device.host.spec.model_copy(update={"python": python})), facts)
     _check_kernel(report, device.host, facts)
     _check_modules(report, [device], facts)
     python_check, kernel, modules = report.checks
-    assert len(calls) == 1
+    assert len(shell.commands) == 1
     assert (python_check.status.name, kernel.status.name, modules.status.name) == (want[0], want[2], want[3])
     assert python_check.detail.startswith(want[1]) and modules.detail == want[4]
     assert kernel.detail == os.uname().release
