@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import libvirt
 import pytest
 
 from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault, FaultNotInjected
+from labs.faults.daemon import StopDaemon
 from labs.faults.job import MigrationDeadline
 from labs.faults.netem import DegradedLink
 from labs.hostwatch import infra_error
@@ -372,6 +374,23 @@ def test_a_completed_migration_over_the_downtime_budget_fails() -> None:
     ]
     assert leg(False, {"downtime": 8042}).downtime_problems == []  # a failed job has no switchover to judge
     assert leg(True, {"downtime": 8042}, budget=None).problems == []  # a fault that stops the guest: not judged
+
+
+def test_a_stopped_daemon_may_add_its_hold_to_the_downtime_budget_and_no_more() -> None:
+    """Old behaviour: a destination daemon stopped for 5 s at the switchover held the guest's resume as long, and
+    the leg failed on a 5173 ms downtime against the lab's 5000 ms, with nothing wrong in the device."""
+    fault = StopDaemon(SimpleNamespace(name="hostB"), hold=5.0)  # type: ignore[arg-type]
+    assert fault.downtime_allowance_ms == 5000
+
+    def leg(downtime: int) -> Leg:
+        out = _leg(True, {"vfio_data_transferred": 8192, "downtime": downtime})
+        out.downtime_budget_ms, out.downtime_allowance_ms = 5000, fault.downtime_allowance_ms
+        return out
+
+    assert leg(5173).problems == []
+    assert leg(10001).problems == [
+        "downtime 10001 ms, over the lab's budget of 10000 ms (5000 ms and 5000 ms the fault may add)"
+    ]
 
 
 def test_the_downtime_budget_defaults_to_the_downtime_asked_of_qemu() -> None:

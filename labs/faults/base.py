@@ -111,6 +111,11 @@ class Fault(ABC):
     # downtime budget does not judge the job under it
     stretches_downtime: bool = False
 
+    @property
+    def downtime_allowance_ms(self) -> int | None:
+        """How much longer than the lab's budget the job's pause may be under this fault (None: not judged)."""
+        return None if self.stretches_downtime else 0
+
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())
         self.refused_with: tuple[int | None, int | None] | None = None  # (domain, code) of the refusal seen

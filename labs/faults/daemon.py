@@ -52,6 +52,11 @@ class StopDaemon(Fault):
         self.daemon: str | None = None
         self.pid: int | None = None
 
+    @property
+    def downtime_allowance_ms(self) -> int:
+        # stopped at the switchover, the daemon holds the guest's resume for as long as it is stopped
+        return round(self.hold * 1000)
+
     def _inject(self) -> None:
         timer = f'setsid -f sh -c "sleep {self.hold:g}; kill -CONT $pid" </dev/null >/dev/null 2>&1'
         res = self.ssh.run(f'{FIND_DAEMON}; kill -STOP "$pid" && {timer}; echo "$d $pid"', timeout=30, sudo=True)

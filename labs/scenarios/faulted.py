@@ -211,7 +211,7 @@ def migrate_under_fault(
         on_progress=during if trigger != "before" else None,
         hang_is_infra=False,  # under a fault, aborting at the deadline is one of the outcomes checked
         expect=expectation(fault),
-        judge_downtime=not fault.stretches_downtime,
+        downtime_allowance_ms=fault.downtime_allowance_ms,
         after_job=fault.after_job,
     )
     undone = True

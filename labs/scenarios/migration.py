@@ -68,6 +68,7 @@ class Leg:
     expect: LegExpectation | None = None  # None: MIGRATED or FAILED, by the result
     events: dict[str, list[DomainEvent]] | None = None  # per role; None: not observed (test:///)
     downtime_budget_ms: int | None = None  # a completed job's downtime must keep to it (None: not judged)
+    downtime_allowance_ms: int | None = 0  # what the fault under the job may add to the budget (None: not judged)
     state_bytes: int | None = None  # the moved devices' full state, where their models know its size
     multifd: bool = False  # parallel connections: QEMU counts multifd packets' framing with the device bytes
 
@@ -113,22 +114,25 @@ class Leg:
         """A completed job's pause against the lab's budget: libvirt's downtime, and the guest's own stall, since
         libvirt counts from QEMU's STOP event to the destination's RESUME and the device's arcs on both sides
         run outside them (docs/nested-findings.md)."""
-        budget = self.downtime_budget_ms
-        if not self.result.ok or budget is None:
+        if not self.result.ok or self.downtime_budget_ms is None or self.downtime_allowance_ms is None:
             return []
+        budget = self.downtime_budget_ms + self.downtime_allowance_ms
+        budget_is = f"{budget} ms"
+        if self.downtime_allowance_ms:
+            budget_is += f" ({self.downtime_budget_ms} ms and {self.downtime_allowance_ms} ms the fault may add)"
         out = []
         downtime = self.result.metric("downtime")
         if downtime is None:
             out.append(
-                f"libvirt reported no downtime for the completed migration: its budget ({budget} ms) is unjudged"
+                f"libvirt reported no downtime for the completed migration: its budget ({budget_is}) is unjudged"
             )
         elif downtime > budget:
-            out.append(f"downtime {downtime} ms, over the lab's budget of {budget} ms")
+            out.append(f"downtime {downtime} ms, over the lab's budget of {budget_is}")
         stalls = [g.stall_at_least_s for s in self.readback.sides for g in s.guest if g.stall_at_least_s is not None]
         if stalls and max(stalls) * 1000 > budget:
             out.append(
                 f"the guest stood still at least {max(stalls)} s by its clock, over the lab's downtime budget of "
-                f"{budget} ms (libvirt's downtime: {downtime} ms)"
+                f"{budget_is} (libvirt's downtime: {downtime} ms)"
             )
         return out
 
@@ -180,7 +184,7 @@ def migrate_leg(
     hang_is_infra: bool = True,
     expect: LegExpectation | None = None,
     companions: Sequence[tuple[LabDevice, LabDevice]] = (),
-    judge_downtime: bool = True,
+    downtime_allowance_ms: int | None = 0,
     after_job: Callable[[], None] | None = None,
 ) -> tuple[VM, Leg]:
     """Migrate `vm` (on src's host) to dst's host, read back both sides; returns where the VM runs now.
@@ -190,7 +194,7 @@ def migrate_leg(
     Scenarios for which a hang is a possible answer (faults, post-copy) pass hang_is_infra=False.
     `expect`: where the VM must run and the lifecycle events each side must deliver (default: by the result).
     `companions`: the VM's other devices (source, destination), for a multi-device VM.
-    `judge_downtime`: hold a completed job to the lab's downtime budget (not under a fault that stops the guest).
+    `downtime_allowance_ms`: what a fault may add to the lab's downtime budget (None: the job is not judged).
     `after_job`: run once the job has ended, before the readback (a fault bringing a rebooted host back).
     """
     moves = [(src, dst), *companions]
@@ -251,7 +255,8 @@ def migrate_leg(
         result,
         rb,
         expect,
-        downtime_budget_ms=settings.downtime_budget if judge_downtime else None,
+        downtime_budget_ms=settings.downtime_budget,
+        downtime_allowance_ms=downtime_allowance_ms,
         state_bytes=_state_bytes([a for a, _b in moves]),
         multifd=bool(parallel),
     )
