@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +43,25 @@ def test_output_behind_the_exit_status_is_read_to_the_channels_eof(
     start = time.monotonic()
     result = ssh.run("(sleep 5; echo never) & echo early")
     assert result.stdout == "early\n" and time.monotonic() - start < 4
+
+
+def test_a_connection_never_starts_a_key_exchange_of_its_own(
+    sim_session: LabSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old behaviour: paramiko rekeyed every 2**29 bytes, and a channel closing while that exchange was under way
+    deadlocked its thread for 30 s and ended the connection with every agent on it ("Key-exchange timed out
+    waiting for key negotiation": a 1 GiB device save and a raw copy after it, on one connection, 4 of 4)."""
+    ssh = sim_session.ssh("hostA")
+    size = (1 << 29) + (8 << 20)
+    caplog.set_level(logging.DEBUG, logger="paramiko.transport")
+    chan = ssh.exec_channel(f"head -c {size} /dev/zero")
+    got = 0
+    while data := chan.recv(1 << 20):
+        got += len(data)
+    assert (got, chan.recv_exit_status()) == (size, 0)
+    chan.close()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Rekeying")] == []
+    assert ssh.run("echo alive").stdout == "alive\n"
 
 
 def test_each_host_is_its_own_sshd(sim_session: LabSession) -> None:

@@ -32,6 +32,7 @@ KILLED_EXIT = 137  # 128 + SIGKILL: it ignored SIGTERM and `-k` killed it
 KILL_GRACE = 3.0
 CONTROLLER_GRACE = KILL_GRACE + 5.0
 EOF_GRACE = 5.0  # after the exit status, for the output behind it
+NO_CLIENT_REKEY = 1 << 62  # bytes and packets: paramiko never starts a key exchange itself
 NETWORK_ERRORS = (paramiko.SSHException, EOFError, OSError, socket.error)
 
 
@@ -182,8 +183,12 @@ class HostConnection:
             client.close()
             raise SSHError(f"{self.name}: cannot reach {self.endpoint.where}: {exc}") from None
         transport = client.get_transport()
-        if transport is not None and self.keepalive:
-            transport.set_keepalive(max(1, int(self.keepalive)))
+        if transport is not None:
+            if self.keepalive:
+                transport.set_keepalive(max(1, int(self.keepalive)))
+            # paramiko's own rekey (every 2**29 bytes) deadlocks its thread on a channel closing mid-exchange and
+            # ends the connection (paramiko#822); the server rekeys by its cipher's limit, as for an OpenSSH client
+            transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = NO_CLIENT_REKEY
         log.debug("connected to %s (%s)", self.name, self.endpoint.where)
         return client
 
