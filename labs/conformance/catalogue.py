@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from rich.table import Table
 from labs.errors import ConfigError
 from labs.hostwatch import infra_exception_names
 from labs.inventory.models import DRIVER_RE
+from labs.junit import cases as junit_cases
 from labs.paths import REPO_ROOT, REPORTS, SUITES
 from labs.sim import importcheck
 from labs.sim.defects import CATALOGUE, CORRECT, Defect
@@ -251,22 +251,17 @@ _INFRA_RE = re.compile(r"\b(" + "|".join(sorted(infra_exception_names(), key=len
 
 def read_junit(path: Path) -> list[Outcome]:
     out = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        props = [(p.get("name", ""), p.get("value", "")) for p in case.iter("property")]
-        bad = case.find("failure")
-        if bad is None:
-            bad = case.find("error")
-        nodeid = f"{case.get('classname', '')}::{case.get('name', '')}"
-        message = bad.get("message", "") if bad is not None else ""
-        text = (bad.text or "") if bad is not None else ""
+    for case in junit_cases(path):
+        bad = case.problems[0] if case.problems else None
+        message, text = (bad.message, bad.text) if bad is not None else ("", "")
         said = message + "\n".join(line for line in text.splitlines() if line.startswith("E "))  # not the source
         out.append(
             Outcome(
-                nodeid=nodeid,
+                nodeid=case.nodeid,
                 failed=bad is not None,
-                skipped=case.find("skipped") is not None,
-                devices=sorted({v for k, v in props if k == "device"}),
-                rules=sorted({v for k, v in props if k == "rule"}),
+                skipped=case.skipped,
+                devices=case.values("device"),
+                rules=case.values("rule"),
                 message=_summary(message, text),
                 infra=bad is not None and _INFRA_RE.search(message) is not None,
                 agent_died=bad is not None and any(m in said for m in AGENT_DEATH),

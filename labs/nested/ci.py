@@ -33,11 +33,11 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from labs.junit import cases as junit_cases
 from labs.paths import REPO_ROOT
 
 DEFAULT_SUITES = (
@@ -201,11 +201,9 @@ def failures(junits: list[Path]) -> list[str]:
         if not junit.exists():
             out.append(f"{junit.name}: not written (pytest ended before its report)")
             continue
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            for bad in (*case.findall("failure"), *case.findall("error")):
-                said = (bad.get("message") or bad.text or "").strip().splitlines()
-                test = f"{case.get('classname', '')}::{case.get('name', '')}"
-                out.append(f"{junit.name}: {bad.tag} {test}: {said[0][:300] if said else '(no message)'}")
+        for case in junit_cases(junit):
+            for bad in case.problems:
+                out.append(f"{junit.name}: {bad.kind} {case.nodeid}: {bad.first_line[:300] or '(no message)'}")
     return out
 
 
