@@ -35,7 +35,7 @@ def test_headline_shows_new_figures_beside_their_baselines() -> None:
     }  # fmt: skip
     rows = dict(headline(results))
     assert rows["1 GiB device save through the agent vs raw SSH copy"] == (
-        "1.1x (100.0 vs 110.0 MB/s); before 2.1x (118 vs 251 MB/s)"
+        "1.1x (100.0 vs 110.0 MB/s, median of 1); before 2.1x (118 vs 251 MB/s)"
     )
     assert rows["nested lab `up`, restored"] == "9.5 s (restored); before 73-90 s (booted)"
     assert rows["nested lab `up`, booted, no snapshot"].startswith("95.0 s (booted)")

@@ -64,6 +64,21 @@ def test_a_connection_never_starts_a_key_exchange_of_its_own(
     assert ssh.run("echo alive").stdout == "alive\n"
 
 
+def test_aes_gcm_is_offered_first_and_the_others_stay_for_a_server_without_it(sim_session: LabSession) -> None:
+    """Old behaviour: paramiko's first choice, aes128-ctr with hmac-sha2-256, whose MAC paramiko computes and
+    compares per packet in Python: a third more controller CPU per byte (docs/nested-findings.md)."""
+    conn = fresh_connection(sim_session, "hostA")
+    try:
+        transport = conn.client().get_transport()
+        assert transport is not None
+        chosen = (transport.local_cipher, transport.remote_cipher)
+        offered = transport.get_security_options().ciphers
+    finally:
+        conn.close()
+    assert chosen == ("aes128-gcm@openssh.com",) * 2
+    assert offered[:2] == ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") and "aes128-ctr" in offered
+
+
 def test_each_host_is_its_own_sshd(sim_session: LabSession) -> None:
     hosts = sim_session.inventory.hosts
     seen = {h.name: sim_session.ssh(h.name).run("echo $LABS_SIM_HOST").stdout.strip() for h in hosts}

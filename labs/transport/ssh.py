@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -91,6 +92,19 @@ class Endpoint:
         return f"{self.spec.user}@{self.spec.address}:{self.spec.port}"
 
 
+def _transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """paramiko's transport as ours differ from its defaults."""
+    transport = paramiko.Transport(sock, **kwargs)
+    opts = transport.get_security_options()
+    # AES-GCM first, the rest as paramiko orders them: no HMAC and no Python-level MAC compare per packet, so
+    # paramiko's thread spends a third less CPU per byte (docs/nested-findings.md, "The SSH stream")
+    opts.ciphers = tuple(sorted(opts.ciphers, key=lambda name: not name.endswith("-gcm@openssh.com")))
+    # paramiko's own rekey (every 2**29 bytes) deadlocks its thread on a channel closing mid-exchange and ends
+    # the connection (paramiko#822); the server rekeys by its cipher's limit, as it does for an OpenSSH client
+    transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = NO_CLIENT_REKEY
+    return transport
+
+
 class HostConnection:
     """A lazily opened, self-healing SSH connection to one host."""
 
@@ -159,6 +173,7 @@ class HostConnection:
                 banner_timeout=self.connect_timeout,
                 auth_timeout=self.connect_timeout,
                 sock=sock,
+                transport_factory=_transport,
                 allow_agent=spec.identity_file is None,
                 look_for_keys=spec.identity_file is None,
             )
@@ -183,12 +198,8 @@ class HostConnection:
             client.close()
             raise SSHError(f"{self.name}: cannot reach {self.endpoint.where}: {exc}") from None
         transport = client.get_transport()
-        if transport is not None:
-            if self.keepalive:
-                transport.set_keepalive(max(1, int(self.keepalive)))
-            # paramiko's own rekey (every 2**29 bytes) deadlocks its thread on a channel closing mid-exchange and
-            # ends the connection (paramiko#822); the server rekeys by its cipher's limit, as for an OpenSSH client
-            transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = NO_CLIENT_REKEY
+        if transport is not None and self.keepalive:
+            transport.set_keepalive(max(1, int(self.keepalive)))
         log.debug("connected to %s (%s)", self.name, self.endpoint.where)
         return client
 
