@@ -71,7 +71,7 @@ def test_aes_gcm_is_offered_first_and_the_others_stay_for_a_server_without_it(si
     try:
         transport = conn.client().get_transport()
         assert transport is not None
-        chosen = (transport.local_cipher, transport.remote_cipher)
+        chosen = (transport.local_cipher, transport.remote_cipher)  # type: ignore[attr-defined]
         offered = transport.get_security_options().ciphers
     finally:
         conn.close()
