@@ -19,6 +19,7 @@ from labs.conformance.catalogue import (
     read_junit,
     run_catalogue,
     variants,
+    why_bad,
 )
 from labs.session import open_inventory
 from labs.sim.defects import CATALOGUE, CORRECT
@@ -27,7 +28,14 @@ from labs.simlab.lifecycle import SimLab
 
 
 def _out(device: str, rules: list[str], failed: bool = True) -> Outcome:
-    return Outcome(nodeid=f"suites/x.py::test[{device}]", failed=failed, skipped=False, devices=[device], rules=rules)
+    return Outcome(
+        nodeid=f"suites/x.py::test[{device}]",
+        failed=failed,
+        skipped=False,
+        devices=[device],
+        rules=rules,
+        message="boom\nmore" if failed else "",
+    )
 
 
 def test_verdicts() -> None:
@@ -54,6 +62,8 @@ def test_verdicts() -> None:
     )
     assert got["V2PrecopyIgnored"].status == "MISSED"
     assert got["V1ReservedJunk"].status == "MISSED"  # its rule's test passed
+    # old behaviour: a DIRTY correct driver's report named no test and no message (CI of 2026-12-05: "model")
+    assert why_bad([got["V1Driver"]]) == ["V1Driver DIRTY: test[hostA:V1Driver]: boom"]
 
 
 def test_catalogue_inventory_pairs_every_variant(tmp_path: Path) -> None:

@@ -89,6 +89,7 @@ class Verdict:
     infra: list[str] = field(default_factory=list)  # tests that ended in an infrastructure error
     reason: str = ""  # why it is BROKEN
     driver: str = ""
+    failing: list[str] = field(default_factory=list)  # each failing test and its message's first line
 
 
 @dataclass
@@ -306,6 +307,7 @@ def judge(defects: list[Defect], outcomes: list[Outcome]) -> list[Verdict]:
             failures=len(failed),
             infra=[o.nodeid.rsplit("::", 1)[-1] for o in mine if o.infra],
             driver=d.driver,
+            failing=[f"{o.nodeid.rsplit('::', 1)[-1]}: {_first_line(o.message)}" for o in failed],
         )
         reason = _broken(mine)
         if reason:
@@ -387,6 +389,12 @@ def _failed_text(v: Verdict) -> str:
     return ", ".join(parts)
 
 
+def why_bad(verdicts: list[Verdict]) -> list[str]:
+    """For each MISSED, DIRTY or FAILED verdict, the tests that failed and what they said (a DIRTY correct driver
+    is a broken check or a flaky lab until shown otherwise: its report must say which test and why)."""
+    return [f"{v.variant} {v.status}: {line}" for v in verdicts if v.status in BAD for line in v.failing]
+
+
 def plain_lists(verdicts: list[Verdict]) -> list[str]:
     """For each outside driver that declares no rule: the rules its tests failed and passed."""
     return [
@@ -417,6 +425,9 @@ def markdown(verdicts: list[Verdict], summary: dict[str, Any]) -> str:
         lines.append(f"| {v.variant} | {v.protocol} | {v.rule or '-'} | {_failed_text(v) or '-'} | {v.status} |")
     counts = summary["counts"]
     lines += ["", "Totals: " + ", ".join(f"{k} {counts[k]}" for k in sorted(counts)), ""]
+    bad = why_bad(verdicts)
+    if bad:
+        lines += ["What the failing tests of the bad verdicts said:", "", *[f"- {b}" for b in bad], ""]
     plain = plain_lists(verdicts)
     if plain:
         lines += ["Outside drivers that declare no rule:", "", *[f"- {p}" for p in plain], ""]
@@ -563,7 +574,7 @@ def run_catalogue(
         "python_path": path,
     }
     console.print(table(verdicts, "outside drivers" if refs and not names else "seeded-defect catalogue"))
-    for line in plain_lists(verdicts):
+    for line in [*why_bad(verdicts), *plain_lists(verdicts)]:
         console.print(line, highlight=False)
     console.print(", ".join(f"{k} {counts[k]}" for k in sorted(counts)) + f" ({len(outcomes)} test results, {wall} s)")
     (report_dir / "defect-catalogue.json").write_text(
