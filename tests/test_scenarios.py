@@ -397,7 +397,7 @@ def test_the_downtime_budget_defaults_to_the_downtime_asked_of_qemu() -> None:
     assert LabSettings().downtime_budget is None
     assert LabSettings(max_downtime_ms=5000).downtime_budget == 5000
     assert LabSettings(max_downtime_ms=300, downtime_budget_ms=1000).downtime_budget == 1000
-    assert [f.name for f in (DegradedLink, MigrationDeadline) if f.stretches_downtime] == [
+    assert [f.name for f in (DegradedLink, MigrationDeadline) if f.downtime_allowance_ms is None] == [
         DegradedLink.name,
         MigrationDeadline.name,
     ]

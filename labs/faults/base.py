@@ -107,14 +107,9 @@ class Fault(ABC):
     destination_events: EventPattern = FAILED_DESTINATION
     # the fault's own request must be refused with one of these (abort on the destination); empty: none
     refusal: tuple[ExpectedError, ...] = ()
-    # the fault itself keeps the guest stopped longer (paused at a deadline, a crawling link): the lab's
-    # downtime budget does not judge the job under it
-    stretches_downtime: bool = False
-
-    @property
-    def downtime_allowance_ms(self) -> int | None:
-        """How much longer than the lab's budget the job's pause may be under this fault (None: not judged)."""
-        return None if self.stretches_downtime else 0
+    # how much longer than the lab's downtime budget the job's pause may be under this fault; None: the fault
+    # keeps the guest stopped without bound (paused at a deadline, a crawling link) and the budget does not judge
+    downtime_allowance_ms: int | None = 0
 
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())

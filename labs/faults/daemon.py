@@ -51,11 +51,8 @@ class StopDaemon(Fault):
         self.hold = hold
         self.daemon: str | None = None
         self.pid: int | None = None
-
-    @property
-    def downtime_allowance_ms(self) -> int:
         # stopped at the switchover, the daemon holds the guest's resume for as long as it is stopped
-        return round(self.hold * 1000)
+        self.downtime_allowance_ms = round(hold * 1000)
 
     def _inject(self) -> None:
         timer = f'setsid -f sh -c "sleep {self.hold:g}; kill -CONT $pid" </dev/null >/dev/null 2>&1'

@@ -250,7 +250,7 @@ class MigrationDeadline(Fault):
 
     name = "migration-deadline:suspend"
     runs_on = "destination"
-    stretches_downtime = True  # the guest is paused from the deadline to the end of the job
+    downtime_allowance_ms = None  # the guest is paused from the deadline to the end of the job
     # paused by us during the job: libvirt 11.3 reports it as suspended/migrated (measured), older ones as
     # suspended/paused; the pause itself is checked at injection. The destination may stay paused or resume
     source_events = seq(ev("suspended/(paused|migrated)"), opt(ev("suspended/migrated")), ev("stopped/migrated"))
