@@ -240,6 +240,13 @@ MTTY = DeviceModel(
             for state in ("PRE_COPY", "STOP_COPY")
         ),
         KnownIssue(
+            "failed-operation",
+            "RUNNING_P2P",
+            "an incoming domain destroyed while its QEMU resumed (STOP -> RUNNING_P2P -> RUNNING) leaves the "
+            "destination mdev RUNNING_P2P: mtty does not reset its migration state when its user closes the device",
+            "docs/nested-findings.md: destroy during finish, 2026-12-05",
+        ),
+        KnownIssue(
             "guest",
             "late-echo",
             "mtty raises no interrupt when it loads a state with bytes in its receive FIFO (mtty_load_state copies "
