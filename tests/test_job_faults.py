@@ -279,6 +279,29 @@ def test_destroy_during_finish_tries_again_when_the_finish_holds_the_domain() ->
     assert not never.destroyed
 
 
+class _Vanishing(_Hv):
+    """Paused at the first look; the destroy answers "no domain" and takes it away (libvirt 11.3, 2 in 5 by hand)."""
+
+    def __init__(self, dom: _Dom, found: int = 1) -> None:
+        super().__init__(dom)
+        self.found = found  # lookups that find it
+
+    def lookupByName(self, _name: str) -> _Dom:
+        self.found -= 1
+        if self.found < 0:
+            raise _NoDomain()
+        return self.dom
+
+
+def test_destroy_during_finish_that_took_the_domain_away_landed() -> None:
+    fault = DestroyDuringFinish(_Vanishing(_Dom(libvirt.VIR_DOMAIN_PAUSED, misses=1)), "d")  # type: ignore[arg-type]
+    fault.inject()
+    assert fault.attempted and "d is gone from hostB after virDomainDestroy" in fault.record.actions
+    # never seen paused: nothing was destroyed, the fault did not land
+    with pytest.raises(InfraError, match="no incoming d to destroy"):
+        DestroyDuringFinish(_Vanishing(_Dom(libvirt.VIR_DOMAIN_PAUSED), found=0), "d")._inject()  # type: ignore[arg-type]
+
+
 def test_destroy_during_finish_undo_asks_libvirt_not_assumes(
     sim_session: LabSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
