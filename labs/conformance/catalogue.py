@@ -103,6 +103,11 @@ class Outcome:
     infra: bool = False  # failed for an infrastructure reason (the lab, not the device): catches nothing
     agent_died: bool = False
 
+    @property
+    def test(self) -> str:
+        """The test's name with its parameters, without its file: `test_v2_rule[hostA:x-V2-R3]`."""
+        return self.nodeid.rsplit("::", 1)[-1]
+
 
 def device_spec(defect: Defect) -> dict[str, Any]:
     """An inventory device for a catalogue variant (or a correct driver)."""
@@ -299,15 +304,15 @@ def judge(defects: list[Defect], outcomes: list[Outcome]) -> list[Verdict]:
             description=d.description,
             status=_status(d, rules, bool(failed)),
             failed_rules=rules,
-            caught_by=[o.nodeid.rsplit("::", 1)[-1] for o in failed if d.rule and d.rule in o.rules],
+            caught_by=[o.test for o in failed if d.rule and d.rule in o.rules],
             expected=[r for r in rules if r in d.also],
             other=[r for r in rules if r != d.rule and r not in d.also],
             passed_rules=[r for r in ran if r not in rules],
             tests=len(mine),
             failures=len(failed),
-            infra=[o.nodeid.rsplit("::", 1)[-1] for o in mine if o.infra],
+            infra=[o.test for o in mine if o.infra],
             driver=d.driver,
-            failing=[f"{o.nodeid.rsplit('::', 1)[-1]}: {_first_line(o.message)}" for o in failed],
+            failing=[f"{o.test}: {_first_line(o.message)}" for o in failed],
         )
         reason = _broken(mine)
         if reason:
