@@ -249,7 +249,7 @@ def migrate_under_fault(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
         )
     stack: list[str] = []
-    if following is not None and not following.result.ok:
+    if following is not None and not failed.result.ok and not following.result.ok:  # the migration after, not back
         vm_after, following, stack = _release_stale(sc, vm_after, pair, following, fault.name)
     return vm_after, FaultedMigration(fault, failed, undone, following, trigger, stack_issues=stack)
 
@@ -287,8 +287,8 @@ def _release_stale(sc: Scenario, vm: VM, pair: LabPair, leg: Leg, after: str) ->
         rec.detail = {"record": str(record), "libvirt": release(hv, record)}
     vm, leg = migrate_leg(sc, vm, pair.source, pair.destination, scenario=f"migrate after {after} (released)")
     issue = (
-        f"known issue of libvirt ({record}, after {after}): a destroy racing the incoming finish takes the domain "
-        "away without releasing its mdev; released by a start under its name "
+        f"known issue of libvirt ({record}, after {after}): a domain taken away without its stop keeps its mdev "
+        "reserved (seen after a destroy racing the incoming finish); released by a start under its name "
         "[docs/nested-findings.md: destroy during finish, 2026-12-05]"
     )
     return vm, leg, [issue]
