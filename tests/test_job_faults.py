@@ -24,7 +24,7 @@ from labs.inventory import LabDevice, LabPair
 from labs.scenarios import faulted
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.faulted import FaultedMigration, expectation, migrate_under_fault
+from labs.scenarios.faulted import FaultedMigration, check_faulted, expectation, migrate_under_fault
 from labs.scenarios.full_save import FailedSave
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import Readback, SideView
@@ -350,49 +350,13 @@ def test_destroy_during_finish_may_leave_only_a_shut_off_definition_on_the_desti
     assert [p for p in run.problems if "leftover" in p]
 
 
-def test_a_migration_refused_for_a_gone_domains_mdev_releases_it_and_runs_again(
-    sim_session: LabSession,
-    scenario: Scenario,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """libvirt 11.3 kept the destination's mdev for the incoming domain a destroy took away: the following
-    migrations were refused until its daemon restarted, and every later test on that pair failed (CI, 5caaa93)."""
-    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
-    vm = sr.start_vm(scenario, src, "stale")
-    fault = bare(DestroyDuringFinish)
-    fault._attempted = False
-    refusal = f"mediated device /sys/bus/mdev/devices/{'0' * 8}-{'0' * 4}-{'0' * 4}-{'0' * 4}-{'0' * 12} is in use "
-    refusal += f"by driver QEMU, domain {vm.name}"
-    legs: list[str] = []
-    released: list[StaleRecord] = []
-
-    def leg(sc: object, vm: VM, a: LabDevice, b: LabDevice, *, scenario: str, **kw: object) -> tuple[VM, Leg]:
-        legs.append(scenario)
-        hook = kw.get("on_progress")
-        if callable(hook):
-            hook(JobSample(0.2, {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "data_processed": 9, "data_remaining": 0}))
-        ok = bool(released)  # refused until the record is released
-        result = MigrationResult(a.host.name, b.host.name, vm.name, ok=ok, error=None if ok else refusal)
-        if len(legs) == 1:
-            result.error = "QEMU unexpectedly closed the monitor"
-        return VM(vm.hv, vm.name), Leg(a.host.name, b.host.name, result, Readback(vm.name))
-
-    monkeypatch.setattr(DestroyDuringFinish, "_inject", lambda self: None)
-    monkeypatch.setattr(DestroyDuringFinish, "_undo", lambda self: None)
-    monkeypatch.setattr(faulted, "RELEASE_WAIT", 0.0)
-
-    def release(_hv: object, record: StaleRecord) -> str:
-        released.append(record)
-        return "refused as expected"
-
-    monkeypatch.setattr(faulted, "release", release)
-    monkeypatch.setattr(faulted, "migrate_leg", leg)
-    _vm, run = migrate_under_fault(scenario, vm, LabPair(src, dst), lambda _v: fault, "finish")
-    assert legs[1:] == [
-        "migrate after destroy-during-finish",
-        "migrate after destroy-during-finish (again)",
-        "migrate after destroy-during-finish (released)",
-    ]
-    assert released == [StaleRecord("hostB", f"{'0' * 8}-{'0' * 4}-{'0' * 4}-{'0' * 4}-{'0' * 12}", vm.name)]
-    assert run.following is not None and run.following.result.ok
-    assert run.known_issues and run.known_issues[-1].startswith("known issue of libvirt (hostB: libvirt keeps mdev")
+def test_a_record_libvirt_kept_for_this_vm_is_its_known_issue_not_a_pass() -> None:
+    run = _run(bare(KillDaemon), ok=False)
+    assert run.problems == [] and run.known_issues == []
+    assert run.following is not None
+    run.following.released = StaleRecord("hostB", "0" * 8 + "-0000-0000-0000-" + "0" * 12, "d")
+    assert run.known_issues[0].startswith("known issue of libvirt (hostB: libvirt keeps mdev")
+    with pytest.raises(pytest.xfail.Exception, match="known issue of libvirt"):
+        check_faulted(run)
+    run.following.released = StaleRecord("hostB", "0" * 8 + "-0000-0000-0000-" + "0" * 12, "another-tests-vm")
+    assert run.known_issues == []  # released for another test's domain: this one met it, did not make it

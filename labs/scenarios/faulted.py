@@ -8,9 +8,8 @@ following migration succeeds.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import libvirt
@@ -26,7 +25,6 @@ from labs.virt.domain import VM
 from labs.virt.migrate import JobSample, MigrationOptions
 from labs.virt.phase import PHASES, Phase
 from labs.virt.sequence import tokens
-from labs.virt.stale import release, stale_record
 from labs.virt.xml import Hostdev, with_hostdevs
 
 # an in-flight fault needs a pass over RAM that lasts seconds: 1 GiB of untouched pages at 1 MiB/s (docs/incidents.md)
@@ -86,7 +84,6 @@ class FaultedMigration:
     following: Leg | None
     trigger: Trigger = "before"
     late: str | None = None  # the fault reached the job after its window (Fault.too_late)
-    stack_issues: list[str] = field(default_factory=list)  # known issues of libvirt or QEMU met on the way
 
     @property
     def never_injected(self) -> bool:
@@ -125,7 +122,7 @@ class FaultedMigration:
     @property
     def known_issues(self) -> list[str]:
         legs = [self.failed] + ([self.following] if self.following else [])
-        return [k for leg in legs for k in leg.readback.known_issues] + self.stack_issues
+        return [k for leg in legs for k in leg.readback.known_issues + leg.stack_issues]
 
     @property
     def problems(self) -> list[str]:
@@ -241,20 +238,9 @@ def migrate_under_fault(
         vm_after, following = migrate_leg(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"
         )
-    if following is not None and not failed.result.ok and _destination_not_released(following, vm.name):
-        # libvirt reports a failed incoming migration before it releases the hostdevs (docs/incidents.md)
-        with sc.steps.step(f"wait {RELEASE_WAIT:g}s for the destination's libvirt to release the device"):
-            time.sleep(RELEASE_WAIT)
-        vm_after, following = migrate_leg(
-            sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name} (again)"
-        )
-    stack: list[str] = []
-    if following is not None and not failed.result.ok and not following.result.ok:  # the migration after, not back
-        vm_after, following, stack = _release_stale(sc, vm_after, pair, following, fault.name)
-    return vm_after, FaultedMigration(fault, failed, undone, following, trigger, stack_issues=stack)
+    return vm_after, FaultedMigration(fault, failed, undone, following, trigger)
 
 
-RELEASE_WAIT = 5.0
 UNCAPPED_MIB_S = 8192
 
 
@@ -274,26 +260,3 @@ def expectation(fault: Fault) -> LegExpectation | None:
     if out.runs_on == "either":
         return None
     return LegExpectation(out.runs_on, out.source_events, out.destination_events, fault.leaves_defined_on)
-
-
-def _release_stale(sc: Scenario, vm: VM, pair: LabPair, leg: Leg, after: str) -> tuple[VM, Leg, list[str]]:
-    """A following migration refused for an mdev libvirt keeps for a domain it no longer has (labs.virt.stale):
-    the record released, the migration again; the record is the stack's known issue, the device still judged."""
-    hv = sc.hv(pair.destination.host)
-    record = stale_record(hv, leg.result.error)
-    if record is None:
-        return vm, leg, []
-    with sc.steps.step(f"release mdev {record.mdev} on {record.host}: libvirt keeps it for {record.domain}") as rec:
-        rec.detail = {"record": str(record), "libvirt": release(hv, record)}
-    vm, leg = migrate_leg(sc, vm, pair.source, pair.destination, scenario=f"migrate after {after} (released)")
-    issue = (
-        f"known issue of libvirt ({record}, after {after}): a domain taken away without its stop keeps its mdev "
-        "reserved (seen after a destroy racing the incoming finish); released by a start under its name "
-        "[docs/nested-findings.md: destroy during finish, 2026-12-05]"
-    )
-    return vm, leg, [issue]
-
-
-def _destination_not_released(leg: Leg, domain: str) -> bool:
-    error = leg.result.error or ""
-    return not leg.result.ok and "in use by driver QEMU" in error and domain in error

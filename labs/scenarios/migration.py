@@ -32,9 +32,11 @@ from labs.virt.sequence import (
     EventPattern,
     tokens,
 )
+from labs.virt.stale import StaleRecord, held, release, stale_record
 from labs.virt.xml import hostdev_for, with_hostdevs
 
 EVENT_SETTLE = 5.0  # seconds for events libvirt queued before the migrate call returned to arrive
+RELEASE_WAIT = 5.0  # seconds libvirt may keep a failed incoming domain's mdev after it reports the failure
 ROLES = ("source", "destination")
 
 
@@ -71,6 +73,18 @@ class Leg:
     downtime_allowance_ms: int | None = 0  # what the fault under the job may add to the budget (None: not judged)
     state_bytes: int | None = None  # the moved devices' full state, where their models know its size
     multifd: bool = False  # parallel connections: QEMU counts multifd packets' framing with the device bytes
+    released: StaleRecord | None = None  # a record libvirt kept for a gone domain, released before this job ran
+
+    @property
+    def stack_issues(self) -> list[str]:
+        """libvirt's known issue where the record it kept was this VM's own (left by this test's failed job)."""
+        if self.released is None or self.released.domain != self.result.domain:
+            return []
+        return [
+            f"known issue of libvirt ({self.released}): a domain taken away without its stop keeps its mdev "
+            "reserved (seen after a destroy racing the incoming finish); released by a start under its name "
+            "[docs/nested-findings.md: destroy during finish, 2026-12-05]"
+        ]
 
     @property
     def expectation(self) -> LegExpectation:
@@ -221,16 +235,33 @@ def migrate_leg(
         ensure_idle(sc.session, incoming, sc.steps)  # a device left RESUMING must not meet an incoming QEMU
     if probing.marks(sc, vm):
         probing.mark(sc, vm, *(a for a, _b in moves))  # fresh values: only this migration can carry them to dst
-    marks = (vm.hv.events.mark(), dst_hv.events.mark())
-    with sc.steps.step(f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}") as rec:
-        result = migrate(vm, dst_hv, opts, on_progress)
-        rec.detail = result.summary()
-        stats = {
-            "summary": result.summary(),
-            "completed": result.completed,
-            "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
-        }
-        attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
+    title = f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}"
+
+    def job(title: str) -> tuple[MigrationResult, tuple[int, int]]:
+        marks = (vm.hv.events.mark(), dst_hv.events.mark())
+        with sc.steps.step(title) as rec:
+            result = migrate(vm, dst_hv, opts, on_progress)
+            rec.detail = result.summary()
+            stats = {
+                "summary": result.summary(),
+                "completed": result.completed,
+                "samples": [{"elapsed_s": round(x.elapsed, 3), **x.stats} for x in result.samples[-50:]],
+            }
+            attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
+        return result, marks
+
+    result, marks = job(title)
+    released = None
+    if not result.ok and held(result.error):
+        # libvirt reports a failed incoming job before it releases the destination's mdev: wait, then again
+        with sc.steps.step(f"wait {RELEASE_WAIT:g}s for {dst_hv.name}'s libvirt to release the device"):
+            time.sleep(RELEASE_WAIT)
+        result, marks = job(f"{title} (again)")
+        released = stale_record(dst_hv, result.error) if not result.ok else None
+        if released is not None:  # kept for good (labs.virt.stale): released by a start under the gone name
+            with sc.steps.step(f"release {released.mdev} on {released.host}: kept for {released.domain}") as rec:
+                rec.detail = {"record": str(released), "libvirt": release(dst_hv, released)}
+            result, marks = job(f"{title} (released)")
     if after_job is not None:
         after_job()
     probing.set_downtime(sc, vm, result.metric("downtime") if result.ok else None)
@@ -259,6 +290,7 @@ def migrate_leg(
         downtime_allowance_ms=downtime_allowance_ms,
         state_bytes=_state_bytes([a for a, _b in moves]),
         multifd=bool(parallel),
+        released=released,
     )
     leg.events = lifecycle_events(vm.hv, dst_hv, vm.name, marks, leg.expectation)
     subject = f"{vm.hv.name}->{dst_hv.name}:{src.name}"

@@ -35,12 +35,18 @@ class StaleRecord:
         return f"{self.host}: libvirt keeps mdev {self.mdev} reserved for {self.domain}, a domain it no longer has"
 
 
+def held(error: str | None) -> tuple[str, str] | None:
+    """(mdev UUID, domain) if `error` is libvirt refusing an mdev it records as that domain's."""
+    found = IN_USE.search(error or "")
+    return (found.group(1), found.group(2)) if found else None
+
+
 def stale_record(hv: Hypervisor, error: str | None) -> StaleRecord | None:
     """The stale record behind `error`, if it is libvirt refusing an mdev held by a domain `hv` does not have."""
-    found = IN_USE.search(error or "")
-    if found is None or hv.exists(found.group(2)):
+    found = held(error)
+    if found is None or hv.exists(found[1]):
         return None
-    return StaleRecord(hv.name, found.group(1), found.group(2))
+    return StaleRecord(hv.name, *found)
 
 
 def release(hv: Hypervisor, record: StaleRecord) -> str:
