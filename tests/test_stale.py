@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from labs.virt.stale import StaleRecord, release, stale_record
+from labs.virt.stale import StaleRecord, held, release, stale_record
 
 MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 REFUSAL = (
@@ -72,3 +72,11 @@ def test_release_starts_a_domain_of_that_name_with_that_mdev() -> None:
     free = _Hv(set(), held=False)
     assert "not held any more" in release(free, StaleRecord("hostB", MDEV, "labs-x-finish"))  # type: ignore[arg-type]
     assert free.dom.destroyed  # a start that went through stops at once
+
+
+def test_a_held_host_device_names_its_domain_mdev_or_pci() -> None:
+    """A held PCI function is waited for like an mdev, never released: the release knows mdevs only."""
+    assert held(REFUSAL) == "labs-x-finish"
+    pci = "Requested operation is not valid: PCI device 0000:65:00.1 is in use by driver QEMU, domain labs-y"
+    assert held(pci) == "labs-y" and stale_record(_Hv(set()), pci) is None  # type: ignore[arg-type]
+    assert held("Requested operation is not valid: domain is already running") is None

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from labs.virt.domain import Hypervisor
 
 IN_USE = re.compile(r"mediated device \S*?([0-9a-f]{8}-[0-9a-f-]{27}) is in use by driver QEMU, domain (\S+)")
+HELD = re.compile(r"(?:mediated|PCI) device \S+ is in use by driver QEMU, domain (\S+)")
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,18 @@ class StaleRecord:
         return f"{self.host}: libvirt keeps mdev {self.mdev} reserved for {self.domain}, a domain it no longer has"
 
 
-def held(error: str | None) -> tuple[str, str] | None:
-    """(mdev UUID, domain) if `error` is libvirt refusing an mdev it records as that domain's."""
-    found = IN_USE.search(error or "")
-    return (found.group(1), found.group(2)) if found else None
+def held(error: str | None) -> str | None:
+    """The domain, if `error` is libvirt refusing a host device (mdev or PCI) it records as that domain's."""
+    found = HELD.search(error or "")
+    return found.group(1) if found else None
 
 
 def stale_record(hv: Hypervisor, error: str | None) -> StaleRecord | None:
     """The stale record behind `error`, if it is libvirt refusing an mdev held by a domain `hv` does not have."""
-    found = held(error)
-    if found is None or hv.exists(found[1]):
+    found = IN_USE.search(error or "")
+    if found is None or hv.exists(found.group(2)):
         return None
-    return StaleRecord(hv.name, *found)
+    return StaleRecord(hv.name, found.group(1), found.group(2))
 
 
 def release(hv: Hypervisor, record: StaleRecord) -> str:
