@@ -114,6 +114,8 @@ class Fault(ABC):
     def __init__(self, target: str) -> None:
         self.record = FaultRecord(self.name, target, expected=self.outcome.as_dict())
         self.refused_with: tuple[int | None, int | None] | None = None  # (domain, code) of the refusal seen
+        # known issues of libvirt or QEMU the fault met, never the device's: an xfail once nothing else is wrong
+        self.stack_issues: list[str] = []
         self._attempted = False
         self._undone = False
 

@@ -122,7 +122,7 @@ class FaultedMigration:
     @property
     def known_issues(self) -> list[str]:
         legs = [self.failed] + ([self.following] if self.following else [])
-        return [k for leg in legs for k in leg.readback.known_issues + leg.stack_issues]
+        return [k for leg in legs for k in leg.readback.known_issues + leg.stack_issues] + self.fault.stack_issues
 
     @property
     def problems(self) -> list[str]:
