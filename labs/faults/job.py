@@ -205,6 +205,7 @@ class DestroyDuringFinish(Fault):
         for attempt in range(1, DESTROY_ATTEMPTS + 1):
             try:
                 dom = self.dst.conn.lookupByName(self.domain)
+                state, _reason = dom.state()
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN and sent:
                     self.note(f"{self.domain} is gone from {self.dst.name}: the destroy met no domain")
@@ -213,7 +214,6 @@ class DestroyDuringFinish(Fault):
                 raise InfraError(
                     f"{self.dst.name}: no incoming {self.domain} to destroy: {exc.get_error_message()}"
                 ) from None
-            state, _reason = dom.state()
             if state == libvirt.VIR_DOMAIN_RUNNING:
                 self.late = f"{self.dst.name}: incoming {self.domain} already ran when the destroy was due"
                 self.note(f"not destroyed: {self.late}")
@@ -226,7 +226,7 @@ class DestroyDuringFinish(Fault):
                 break
             except libvirt.libvirtError as exc:
                 # found by name and paused, then "no domain with matching uuid" for the destroy (libvirt 11.3):
-                # look it up again; gone by then, the destroy landed; running by then, it was too late
+                # look it up again: gone by then, libvirt's known issue (VANISHED); running by then, too late
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN and attempt < DESTROY_ATTEMPTS:
                     self.note(f"attempt {attempt}: {exc.get_error_message()}; trying again")
                     continue
