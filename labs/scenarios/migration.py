@@ -237,9 +237,9 @@ def migrate_leg(
         probing.mark(sc, vm, *(a for a, _b in moves))  # fresh values: only this migration can carry them to dst
     title = f"migrate {vm.name} {vm.hv.name} -> {dst_hv.name}{f' ({how})' if how else ''}"
 
-    def job(title: str) -> tuple[MigrationResult, tuple[int, int]]:
+    def job(step_title: str) -> tuple[MigrationResult, tuple[int, int]]:
         marks = (vm.hv.events.mark(), dst_hv.events.mark())
-        with sc.steps.step(title) as rec:
+        with sc.steps.step(step_title) as rec:
             result = migrate(vm, dst_hv, opts, on_progress)
             rec.detail = result.summary()
             stats = {
