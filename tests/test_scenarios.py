@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import libvirt
 import pytest
+from pydantic import ValidationError
 
 from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault, FaultNotInjected
@@ -434,6 +435,11 @@ def test_the_downtime_budget_defaults_to_the_downtime_asked_of_qemu() -> None:
     assert LabSettings().downtime_budget is None
     assert LabSettings(max_downtime_ms=5000).downtime_budget == 5000
     assert LabSettings(max_downtime_ms=300, downtime_budget_ms=1000).downtime_budget == 1000
+
+
+def test_a_downtime_budget_below_the_target_given_to_qemu_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"downtime_budget_ms \(4000\) is below max_downtime_ms \(5000\)"):
+        LabSettings(max_downtime_ms=5000, downtime_budget_ms=4000)
     assert [f.name for f in (DegradedLink, MigrationDeadline) if f.downtime_allowance_ms is None] == [
         DegradedLink.name,
         MigrationDeadline.name,

@@ -332,6 +332,16 @@ class LabSettings(Strict):
     sim: SimSettings | None = None
     guest: LinuxGuest | None = Field(default=None, description="a Linux guest for the guest suite (suites/guest)")
 
+    @model_validator(mode="after")
+    def _budget_not_below_target(self) -> LabSettings:
+        # QEMU may spend all of its target on RAM's last pass: a budget below it fails drivers for QEMU's choice
+        if self.downtime_budget_ms and self.max_downtime_ms and self.downtime_budget_ms < self.max_downtime_ms:
+            raise ValueError(
+                f"downtime_budget_ms ({self.downtime_budget_ms}) is below max_downtime_ms ({self.max_downtime_ms}), "
+                "the downtime QEMU may take for RAM alone"
+            )
+        return self
+
     @property
     def downtime_budget(self) -> int | None:
         """The longest downtime a completed live migration may take: QEMU's target is only what it aims for."""

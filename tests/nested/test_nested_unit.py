@@ -234,6 +234,7 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     device = doc["hosts"]["nested-a"]["devices"][0]
     assert device["qemu_properties"] == {"enable-migration": "on", "x-device-dirty-page-tracking": "off"}
     assert inv.settings.max_downtime_ms == lifecycle.MAX_DOWNTIME_MS
+    assert inv.settings.downtime_budget == lifecycle.DOWNTIME_BUDGET_MS > lifecycle.MAX_DOWNTIME_MS
     # a reboot ends a nested host's QEMU: its power-on boots it again in this run dir, whatever the caller's env
     reboot = inv.host("nested-b").spec.reboot
     assert reboot is not None and reboot.power_on is not None
