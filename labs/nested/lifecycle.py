@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -249,6 +250,9 @@ def ssh_argv(spec: VmSpec, keys: Keys, command: str, connect_timeout: int = 10) 
     ]  # fmt: skip
 
 
+SSH_FAILED = 255  # OpenSSH's own failure (no connection, no login), not the command's
+
+
 def ssh(spec: VmSpec, keys: Keys, command: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
@@ -476,8 +480,8 @@ def up(
         if saved is not None:
             t_restore = time.monotonic()
             try:
-                caps = _restore(vms, saved, image, keys, rep, seconds)
-                write_inventory(inventory, inventory_doc(all_specs, keys, caps))
+                probes = _restore(vms, saved, image, keys, rep, seconds)
+                write_inventory(inventory, inventory_doc(all_specs, keys, capabilities(probes)))
                 rep.stage("doctor", total=None)
                 t_doctor = time.monotonic()
                 _doctor(inventory)
@@ -494,13 +498,13 @@ def up(
                 note = f"restore from snapshot {key} failed, booting: {exc}"
                 rep.update(note=note[:60])
         if how == "booted":
-            caps = _boot(vms, image, keys, rep, boot_timeout, seconds)
-            write_inventory(inventory, inventory_doc(all_specs, keys, caps))
+            probes = _boot(vms, image, keys, rep, boot_timeout, seconds)
+            write_inventory(inventory, inventory_doc(all_specs, keys, capabilities(probes)))
             if snapshot.enabled():
                 t_save = time.monotonic()
                 rep.stage("save both hosts (snapshot)", total=None)
                 try:
-                    snapshot.save(vms, key, keys.dir, key_inputs)
+                    snapshot.save(vms, key, keys.dir, key_inputs, probes)
                     seconds["save"] = round(time.monotonic() - t_save, 1)
                 except (InfraError, OSError, subprocess.CalledProcessError) as exc:
                     # the hosts run on either way; the next `up` boots again
@@ -514,8 +518,8 @@ def up(
 
 def _boot(
     vms: list[Vm], image: BaseImage, keys: Keys, rep: RichReporter, timeout: float, seconds: dict[str, float]
-) -> dict[str, list[str]]:
-    """Fresh keys and seeds, boot both hosts, set them up; the hosts' migration flags by name."""
+) -> dict[str, dict[str, Any]]:
+    """Fresh keys and seeds, boot both hosts, set them up; what each host's device probe read."""
     all_specs = [vm.spec for vm in vms]
     rep.stage("keys, overlays and seed disks", total=None)
     keys.regenerate([s.name for s in all_specs])
@@ -530,20 +534,20 @@ def _boot(
         _wait_for_ssh(vms, keys, rep, timeout)
         seconds["boot_to_ssh"] = round(time.monotonic() - t_boot, 1)
         rep.stage("mtty mdev, libvirtd, migration flags", total=None)
-        caps = _prepare_hosts(vms, keys)
+        probes = _prepare_hosts(vms, keys)
         seconds["host_setup"] = round(time.monotonic() - t_boot - seconds["boot_to_ssh"], 1)
     except BaseException:
         for vm in vms:
             vm.stop()
         raise
-    return caps
+    return probes
 
 
 def _restore(
     vms: list[Vm], saved: snapshot.Saved, image: BaseImage, keys: Keys, rep: RichReporter, seconds: dict[str, float]
-) -> dict[str, list[str]]:
-    """Resume both hosts from `saved` with the keys they were saved with; fix their clock and entropy pool; read
-    the device's migration flags."""
+) -> dict[str, dict[str, Any]]:
+    """Resume both hosts from `saved` with the keys they were saved with; fix their clock and entropy pool as
+    their SSH first answers; the device probes saved with them (the doctor reads the devices again)."""
     keys.adopt(saved.keys)
     write_known_hosts(keys.known_hosts, [("127.0.0.1", vm.spec.ssh_port, keys.host(vm.spec.name)) for vm in vms])
     rep.stage(f"restore {' + '.join(vm.spec.name for vm in vms)} from snapshot {saved.dir.name}", total=len(vms))
@@ -554,12 +558,14 @@ def _restore(
     for vm in vms:
         snapshot.resume(vm)
     seconds["state_in"] = round(time.monotonic() - t, 1)
-    _wait_for_ssh(vms, keys, rep, RESTORE_TIMEOUT)
+    _wait_for_ssh(vms, keys, rep, RESTORE_TIMEOUT, after_restore)
     seconds["restore_to_ssh"] = round(time.monotonic() - t, 1)
-    # the setup is in the saved RAM, as it was when its run passed (the snapshot's key holds it): the doctor checks
-    caps = _prepare_hosts(vms, keys, after_restore, setup=False)
-    seconds["host_setup"] = round(time.monotonic() - t - seconds["restore_to_ssh"], 1)
-    return caps
+    # the setup is in the saved RAM, as it was when its run passed (the snapshot's key holds it); its devices'
+    # flags too: the inventory claims them from the saved probe and the doctor's migration probe holds them to it
+    probes = saved.probes
+    for vm in vms:
+        (run_dir() / f"{vm.spec.name}.probe.json").write_text(json.dumps(probes[vm.spec.name], indent=2) + "\n")
+    return probes
 
 
 def after_restore() -> str:
@@ -568,27 +574,38 @@ def after_restore() -> str:
     return f"date -u -s @{time.time():.3f} >/dev/null && echo {os.urandom(32).hex()} > /dev/urandom"
 
 
-def _prepare_hosts(
-    vms: list[Vm], keys: Keys, first: Callable[[], str] = str, setup: bool = True
-) -> dict[str, list[str]]:
+def _prepare_hosts(vms: list[Vm], keys: Keys) -> dict[str, dict[str, Any]]:
     # in parallel: libvirtd's first QEMU capability probe takes ~10 s per host under TCG
     with ThreadPoolExecutor(len(vms)) as pool:
-        return dict(pool.map(lambda vm: (vm.spec.name, _prepare_host(vm.spec, keys, first(), setup)), vms))
+        return dict(pool.map(lambda vm: (vm.spec.name, _prepare_host(vm.spec, keys)), vms))
+
+
+def capabilities(probes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Each host's device migration flags by name, from its probe."""
+    return {
+        host: [name for bit, name in sorted(MIGRATION_FLAG_NAMES.items()) if int(probe["migration_flags"]) & bit]
+        for host, probe in probes.items()
+    }
 
 
 def _doctor(inventory: Path) -> None:
     """The doctor on every host of the fresh inventory; raise with each unhealthy host's problem."""
     from labs.agentpool import migration_probe
-    from labs.doctor import Status, check_lab
+    from labs.doctor import Check, Status, check_lab
     from labs.session import LabSession, open_inventory
 
     inv = open_inventory(inventory)
     with LabSession(inv) as session:
         reports = check_lab(session, inv.hosts, migration_probe)
+
+    def wrong(c: Check) -> bool:
+        # the inventory's flags are the saved probe's: a device that reads otherwise is not the one saved
+        return c.status == Status.FAIL or (c.name == "migration" and c.status == Status.WARN)
+
     bad = [
-        f"{r.host}: " + "; ".join(f"{c.name}: {c.detail}" for c in r.checks if c.status == Status.FAIL)
+        f"{r.host}: " + "; ".join(f"{c.name}: {c.detail}" for c in r.checks if wrong(c))
         for r in reports.values()
-        if not r.healthy
+        if any(wrong(c) for c in r.checks)
     ]
     if bad:
         raise InfraError("the doctor after the restore: " + " | ".join(bad))
@@ -608,21 +625,36 @@ def boot_timeout_from_env() -> float:
     return value
 
 
-def _wait_for_ssh(vms: list[Vm], keys: Keys, rep: RichReporter, timeout: float) -> None:
+def _wait_for_ssh(
+    vms: list[Vm], keys: Keys, rep: RichReporter, timeout: float, command: Callable[[], str] = lambda: "true"
+) -> None:
+    """Until each host's SSH runs `command` (made afresh for each try), the hosts at once: a login costs a
+    TCG host a second of its own core."""
     deadline = time.monotonic() + timeout
-    pending = list(vms)
-    while pending:
-        for vm in list(pending):
+    answered: list[str] = []
+    failed = threading.Event()  # one host down ends the wait for the other: the boot or restore has failed
+
+    def wait(vm: Vm) -> None:
+        while not failed.is_set():
             if vm.pid() is None:
                 raise InfraError(f"{vm.spec.name} died while booting; console:\n{vm.console_tail()}")
-            if vm.ssh_banner() and _ssh_answers(vm.spec, keys):
-                pending.remove(vm)
-                rep.update(completed=len(vms) - len(pending), note=f"{vm.spec.name} up")
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(vm.spec.name for vm in pending)
-            raise InfraError(f"{names}: no SSH after {timeout:g}s; console:\n{pending[0].console_tail()}")
-        if pending:
+            if vm.ssh_banner() and _ssh_answers(vm.spec, keys, command()):
+                answered.append(vm.spec.name)
+                rep.update(completed=len(answered), note=f"{vm.spec.name} up")
+                return
+            if time.monotonic() > deadline:
+                raise InfraError(f"{vm.spec.name}: no SSH after {timeout:g}s; console:\n{vm.console_tail()}")
             time.sleep(0.25)
+
+    def watched(vm: Vm) -> None:
+        try:
+            wait(vm)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(len(vms)) as pool:
+        list(pool.map(watched, vms))
 
 
 # Each host's setup after boot, in order (idempotent; a restored host has it in its saved RAM and runs none of it).
@@ -661,30 +693,33 @@ def host_setup() -> str:
     return json.dumps([list(setup_commands()), MIGRATION_PROBE])
 
 
-def setup_script(first: str = "", setup: bool = True) -> str:
-    """`first`, SETUP_COMMANDS (unless not `setup`) and the probe as one shell script (one SSH round trip, slow under
-    TCG), stopping at a failure."""
-    commands = ([first] if first else []) + ([command for command, _ in setup_commands()] if setup else [])
-    steps = [f"{{ {c}; }} || {{ echo {shlex.quote('failed: ' + c)} >&2; exit 1; }}" for c in commands]
+def setup_script() -> str:
+    """SETUP_COMMANDS and the probe as one shell script (one SSH round trip, slow under TCG), stopping at a
+    failure."""
+    steps = [f"{{ {c}; }} || {{ echo {shlex.quote('failed: ' + c)} >&2; exit 1; }}" for c, _ in setup_commands()]
     steps.append(f"python3 -c {shlex.quote(MIGRATION_PROBE)} {MTTY_UUID}")
     return "\n".join(steps)
 
 
-def _ssh_answers(spec: VmSpec, keys: Keys) -> bool:
+def _ssh_answers(spec: VmSpec, keys: Keys, command: str = "true") -> bool:
+    """Whether the host's SSH ran `command` (False: not up yet); a command that ran and failed is an error."""
     try:
-        return ssh(spec, keys, "true", timeout=30).returncode == 0
+        res = ssh(spec, keys, command, timeout=30)
     except InfraError:
         return False  # a login slower than 30 s on a busy machine: not up yet, the boot deadline decides
+    if res.returncode == SSH_FAILED:
+        return False
+    if res.returncode != 0:
+        raise InfraError(f"{spec.name}: `{command}` failed ({res.returncode}): {(res.stderr or res.stdout).strip()}")
+    return True
 
 
-def _prepare_host(spec: VmSpec, keys: Keys, first: str = "", setup: bool = True) -> list[str]:
-    """Run `first`, the setup (the mtty mdevs, libvirtd's first answer, ...) unless not `setup`, and read the
-    device's migration flags."""
-    out = ssh_ok(spec, keys, setup_script(first, setup), timeout=sum(t for _, t in setup_commands()) + 60)
-    probe = json.loads(out.strip().splitlines()[-1])
+def _prepare_host(spec: VmSpec, keys: Keys) -> dict[str, Any]:
+    """Run the setup (the mtty mdevs, libvirtd's first answer, ...) and read the device's migration flags."""
+    out = ssh_ok(spec, keys, setup_script(), timeout=sum(t for _, t in setup_commands()) + 60)
+    probe: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     (run_dir() / f"{spec.name}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
-    flags = int(probe["migration_flags"])
-    return [name for bit, name in sorted(MIGRATION_FLAG_NAMES.items()) if flags & bit]
+    return probe
 
 
 def power_on(name: str, boot_timeout: float | None = None) -> tuple[dict[str, float], str]:

@@ -14,8 +14,9 @@ recipe is different bytes under the saved disk), QEMU's version, the command
 line with ports and run dir blanked (memory, cpus, devices, kernel command
 line) and the host setup `up` ran before saving.
 
-Layout: <cache>/snapshots/<key>/{manifest.json, <host>.state, <host>.qcow2,
-<host>.seed.img, keys/}; built in a temporary sibling and renamed into place
+Layout: <cache>/snapshots/<key>/{manifest.json (with what each host's device
+probe read before the save), <host>.state, <host>.qcow2, <host>.seed.img,
+keys/}; built in a temporary sibling and renamed into place
 after manifest.json, so a half-written snapshot is never found.
 """
 
@@ -44,7 +45,7 @@ from labs.nested.recipe import cache_root
 from labs.nested.vm import LINK_NET, Vm, VmPaths, VmSpec, qemu_argv
 
 # Bumped by hand when what a snapshot holds, or how it is restored, changes.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 MANIFEST = "manifest.json"
 # QEMU 7.2 caps migration at 128 MiB/s by default; a file needs no cap
 MAX_BANDWIDTH = 1 << 40
@@ -66,6 +67,12 @@ class Saved:
     @property
     def keys(self) -> Path:
         return self.dir / "keys"
+
+    @property
+    def probes(self) -> dict[str, dict[str, Any]]:
+        """What each host's device probe read before the save: the RAM restored holds the same devices."""
+        probes: dict[str, dict[str, Any]] = self.manifest["probes"]
+        return probes
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -116,7 +123,8 @@ def find(key: str, names: list[str]) -> Saved | None:
     """The complete snapshot for `key`, or None (missing, half-written or for another key)."""
     saved = Saved(snapshots_root() / key)
     try:
-        if saved.manifest.get("key") != key:
+        manifest = saved.manifest
+        if manifest.get("key") != key or any(n not in manifest.get("probes", {}) for n in names):
             return None
     except (OSError, ValueError):
         return None
@@ -124,8 +132,16 @@ def find(key: str, names: list[str]) -> Saved | None:
     return saved if all(p.is_file() for p in files) and saved.keys.is_dir() else None
 
 
-def save(vms: list[Vm], key: str, keys_dir: Path, inputs: dict[str, Any], timeout: float = 300.0) -> Saved:
-    """Pause each running host, stream its state to a file, copy its disk, let it run on; then publish."""
+def save(
+    vms: list[Vm],
+    key: str,
+    keys_dir: Path,
+    inputs: dict[str, Any],
+    probes: dict[str, dict[str, Any]],
+    timeout: float = 300.0,
+) -> Saved:
+    """Pause each running host, stream its state to a file, copy its disk, let it run on; then publish with
+    what the hosts' device probes read."""
     root = snapshots_root()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)  # the snapshot holds the lab's private keys
@@ -144,6 +160,7 @@ def save(vms: list[Vm], key: str, keys_dir: Path, inputs: dict[str, Any], timeou
             "save_seconds": round(time.monotonic() - start, 1),
             "state_bytes": sizes,
             "inputs": inputs,
+            "probes": probes,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         try:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.progress import Progress
 
+from labs import doctor, session
 from labs.errors import InfraError
 from labs.nested import image, snapshot
 from labs.nested import lifecycle as lab
@@ -57,13 +61,17 @@ def test_key_follows_the_image_bytes_qemu_and_setup(base: image.BaseImage, monke
     )
 
 
-def publish(k: str, names: list[str], manifest_key: str | None = None) -> Path:
+PROBE = {"migration_flags": 5}
+
+
+def publish(k: str, names: list[str], manifest_key: str | None = None, probes: list[str] | None = None) -> Path:
     d = snapshot.snapshots_root() / k
     (d / "keys").mkdir(parents=True)
     for n in names:
         for f in (f"{n}.state", f"{n}.qcow2", f"{n}.seed.img"):
             (d / f).write_bytes(b"x")
-    (d / snapshot.MANIFEST).write_text(json.dumps({"key": manifest_key or k}))
+    probed = {n: PROBE for n in (names if probes is None else probes)}
+    (d / snapshot.MANIFEST).write_text(json.dumps({"key": manifest_key or k, "probes": probed}))
     return d
 
 
@@ -77,6 +85,9 @@ def test_find_needs_a_complete_snapshot_of_its_key(base: image.BaseImage) -> Non
     assert snapshot.find(k, names) is None  # half a snapshot
     publish("fedcba9876543210", names, manifest_key="0000000000000000")
     assert snapshot.find("fedcba9876543210", names) is None  # a manifest of another key
+    # a restore writes the inventory's device flags from the saved probes: a host without one is no snapshot
+    publish("0123012301230123", names, probes=names[:1])
+    assert snapshot.find("0123012301230123", names) is None
 
 
 def test_prune_drops_snapshots_of_a_gone_or_rebuilt_image(base: image.BaseImage) -> None:
@@ -101,20 +112,66 @@ def test_setup_script_stops_at_the_first_failure(monkeypatch: pytest.MonkeyPatch
         lab, "SETUP_COMMANDS", (("echo one", 1.0), ("! echo kvm | grep -q kvm", 1.0), ("echo three", 1.0))
     )
     monkeypatch.setattr(lab, "MIGRATION_PROBE", "")
-    res = subprocess.run(["sh", "-c", lab.setup_script("echo first")], capture_output=True, text=True)
-    assert res.returncode == 1 and res.stdout.split() == ["first", "one"]
+    res = subprocess.run(["sh", "-c", lab.setup_script()], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout.split() == ["one"]
     assert "failed: ! echo kvm | grep -q kvm" in res.stderr
 
 
-def test_a_restored_host_runs_the_clock_fix_and_the_probe_not_the_setup_its_ram_holds(
-    monkeypatch: pytest.MonkeyPatch,
+class AnsweringVm:
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def pid(self) -> int | None:
+        return 1
+
+    def ssh_banner(self) -> bool:
+        return True
+
+    def start(self, *_a: Any) -> None:
+        pass
+
+
+def test_a_restored_host_gets_its_clock_fix_as_its_first_ssh_command_and_no_setup_or_probe(
+    base: image.BaseImage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(lab, "SETUP_COMMANDS", (("echo one", 1.0), ("echo two", 1.0)))
-    monkeypatch.setattr(lab, "MIGRATION_PROBE", "print('probe')")
-    restored = subprocess.run(["sh", "-c", lab.setup_script("echo clock", setup=False)], capture_output=True, text=True)
-    booted = subprocess.run(["sh", "-c", lab.setup_script("echo clock")], capture_output=True, text=True)
-    assert restored.stdout.split() == ["clock", "probe"]
-    assert booted.stdout.split() == ["clock", "one", "two", "probe"]
+    sent: list[tuple[str, str]] = []
+
+    def ssh(spec: Any, _keys: Any, command: str, timeout: float = 0) -> subprocess.CompletedProcess[str]:
+        sent.append((spec.name, command))
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(lab, "ssh", ssh)
+    monkeypatch.setattr(lab, "Restore", lambda *a: a)
+    monkeypatch.setattr(snapshot, "resume", lambda _vm: None)
+    monkeypatch.setattr(lab.Keys, "adopt", lambda *_a: None)
+    monkeypatch.setattr(lab, "write_known_hosts", lambda *_a: None)
+    names = list(lab.HOST_NAMES)
+    saved = snapshot.Saved(publish(key(base), names))
+    run = lab.run_dir()
+    run.mkdir(parents=True)
+    rep = lab.RichReporter(Progress())
+    vms: list[Any] = [AnsweringVm(s) for s in lab.specs()]
+    probes = lab._restore(vms, saved, base, lab.Keys(tmp_path), rep, {})
+    assert probes == {n: PROBE for n in names}
+    assert sorted(host for host, _ in sent) == sorted(names)  # one command each: no setup, no probe after it
+    assert all(command.startswith("date -u -s @") for _, command in sent)
+    assert json.loads((run / "nested-a.probe.json").read_text()) == PROBE
+
+
+@pytest.mark.parametrize(("rc", "answers"), [(0, True), (lab.SSH_FAILED, False)])
+def test_ssh_answers_when_the_command_ran(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, rc: int, answers: bool
+) -> None:
+    monkeypatch.setattr(lab, "ssh", lambda *_a, **_k: subprocess.CompletedProcess([], rc, "", ""))
+    assert lab._ssh_answers(lab.specs()[0], lab.Keys(tmp_path), "date") is answers
+
+
+def test_a_command_that_ran_and_failed_is_not_a_host_still_booting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(lab, "ssh", lambda *_a, **_k: subprocess.CompletedProcess([], 1, "", "date: bad"))
+    with pytest.raises(InfraError, match=r"nested-a: `date -s x` failed \(1\): date: bad"):
+        lab._ssh_answers(lab.specs()[0], lab.Keys(tmp_path), "date -s x")
 
 
 class FakeVm:
@@ -243,3 +300,51 @@ def test_resume_runs_a_host_that_arrives_paused(
     else:
         snapshot.resume(machine)
         assert commands == sent
+
+
+@pytest.mark.parametrize(
+    ("status", "fails"), [(doctor.Status.WARN, True), (doctor.Status.OK, False), (doctor.Status.SKIPPED, False)]
+)
+def test_a_restored_device_whose_flags_differ_from_the_saved_probe_fails_the_restore(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, status: doctor.Status, fails: bool
+) -> None:
+    report = doctor.HostReport("nested-a")
+    report.add("migration", status, "device says stop_copy, the inventory says stop_copy, p2p", "nested-a:mtty-2")
+    monkeypatch.setattr(session, "open_inventory", lambda _p: SimpleNamespace(hosts=[]))
+    monkeypatch.setattr(session, "LabSession", lambda _inv: contextlib.nullcontext())
+    monkeypatch.setattr(doctor, "check_lab", lambda *_a: {"nested-a": report})
+    if fails:
+        with pytest.raises(InfraError, match="nested-a: migration: device says stop_copy"):
+            lab._doctor(tmp_path / "nested.yaml")
+    else:
+        lab._doctor(tmp_path / "nested.yaml")
+
+
+class DeadVm(AnsweringVm):
+    """Dies while the other host is being waited for."""
+
+    looks = 0
+
+    def pid(self) -> int | None:
+        self.looks += 1
+        return 1 if self.looks < 3 else None
+
+    def ssh_banner(self) -> bool:
+        return False
+
+    def console_tail(self) -> str:
+        return "Kernel panic"
+
+
+class SilentVm(AnsweringVm):
+    def ssh_banner(self) -> bool:
+        return False
+
+
+@pytest.mark.timeout(60)
+def test_one_host_dead_ends_the_wait_for_the_other(tmp_path: Path) -> None:
+    # without it the wait for the silent host would run to its hour-long deadline before the failure is told
+    a, b = lab.specs()[:2]
+    vms: list[Any] = [DeadVm(a), SilentVm(b)]
+    with pytest.raises(InfraError, match="nested-a died while booting; console:\nKernel panic"):
+        lab._wait_for_ssh(vms, lab.Keys(tmp_path), lab.RichReporter(Progress()), 3600)
