@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import libvirt
 import pytest
@@ -20,6 +21,7 @@ from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability, LabSettings, MdevDevice, SimDevice
 from labs.janitor import janitor
 from labs.models.mtty import stream_size as mtty_stream_size
+from labs.scenarios import held as held_mod
 from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
@@ -162,6 +164,59 @@ def test_a_migration_refused_for_a_kept_mdev_waits_then_releases_it(
     assert released == ([StaleRecord("hostB", MDEV, vm.name)] if kept == 2 else [])
     assert (leg.released is not None) is (kept == 2)
     assert bool(leg.stack_issues) is (kept == 2) and all("known issue of libvirt" in i for i in leg.stack_issues)
+
+
+@pytest.mark.parametrize(
+    ("refusals", "holder_exists", "calls", "released"),
+    [
+        (0, False, 1, False),
+        (1, False, 2, False),  # libvirt still releasing a failed job's device: the wait covers it
+        (2, False, 3, True),  # kept for a gone domain: released by a start under its name
+        (2, True, 2, False),  # held by a domain the host has: not ours to take, the refusal stands
+    ],
+)
+def test_a_start_refused_for_a_device_libvirt_holds_waits_then_releases_a_kept_record(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch, refusals: int, holder_exists: bool, calls: int, released: bool
+) -> None:
+    """A kept record failed every start with the mdev as infrastructure too, not only migrations."""
+    refused = f"hostB: start labs-x: mediated device /sys/bus/mdev/devices/{MDEV} is in use by driver QEMU, domain gone"
+    hv: Any = SimpleNamespace(name="hostB", exists=lambda _name: holder_exists)
+    made: list[int] = []
+    drops: list[StaleRecord] = []
+
+    def start() -> str:
+        made.append(1)
+        if len(made) <= refusals:
+            raise InfraError(refused)
+        return "running"
+
+    monkeypatch.setattr(held_mod, "RELEASE_WAIT", 0.0)
+
+    def release(_hv: object, record: StaleRecord) -> str:
+        drops.append(record)
+        return "refused as expected"
+
+    monkeypatch.setattr(held_mod, "release", release)
+    if refusals and holder_exists:
+        with pytest.raises(InfraError, match="is in use by driver QEMU, domain gone"):
+            held_mod.despite_held_device(scenario, hv, start)
+    else:
+        assert held_mod.despite_held_device(scenario, hv, start) == "running"
+    assert len(made) == calls
+    assert drops == ([StaleRecord("hostB", MDEV, "gone")] if released else [])
+    assert any(t.startswith("release ") for t in scenario.steps.titles()) is released
+
+
+def test_a_start_refused_for_anything_else_is_not_retried(scenario: Scenario) -> None:
+    made: list[int] = []
+
+    def start() -> None:
+        made.append(1)
+        raise InfraError("hostB: start labs-x: internal error: qemu unexpectedly closed the monitor")
+
+    with pytest.raises(InfraError, match="closed the monitor"):
+        held_mod.despite_held_device(scenario, SimpleNamespace(name="hostB"), start)  # type: ignore[arg-type]
+    assert made == [1]
 
 
 class NoteOnly(Fault):

@@ -19,6 +19,7 @@ from labs.faults.base import Fault, FaultNotInjected, error_name
 from labs.inventory import LabPair
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
+from labs.scenarios.held import despite_held_device
 from labs.scenarios.known import xfail_known
 from labs.scenarios.migration import Leg, LegExpectation, migrate_leg
 from labs.virt.domain import VM
@@ -233,7 +234,7 @@ def migrate_under_fault(
     elif not failed.result.ok:
         if fault.runs_on == "nowhere":  # the fault took the VM down: a user starts it again from its definition
             with sc.steps.step(f"start {vm_after.name} again on {vm_after.hv.name}: {fault.name} took it down"):
-                vm_after.start()
+                despite_held_device(sc, vm_after.hv, vm_after.start)
             probing.mark(sc, vm_after, pair.source)
         vm_after, following = migrate_leg(
             sc, vm_after, pair.source, pair.destination, scenario=f"migrate after {fault.name}"

@@ -20,6 +20,7 @@ from labs.inventory import LabDevice, LabPair
 from labs.models import stream_size
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
+from labs.scenarios.held import RELEASE_WAIT
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
 from labs.virt.domain import VM, Hypervisor
 from labs.virt.events import DomainEvent
@@ -36,7 +37,6 @@ from labs.virt.stale import StaleRecord, held, release, stale_record
 from labs.virt.xml import hostdev_for, with_hostdevs
 
 EVENT_SETTLE = 5.0  # seconds for events libvirt queued before the migrate call returned to arrive
-RELEASE_WAIT = 5.0  # seconds libvirt may keep a failed incoming domain's mdev after it reports the failure
 ROLES = ("source", "destination")
 
 

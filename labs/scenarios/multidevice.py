@@ -16,6 +16,7 @@ from labs.inventory import LabDevice, LabPair
 from labs.inventory.models import Capability
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
+from labs.scenarios.held import despite_held_device
 from labs.scenarios.readback import QEMU_LOG_DIR, ensure_idle
 from labs.virt.domain import VM
 from labs.virt.trace import P2P_STATES, SET_STATE_EVENT, StateChange, set_states
@@ -37,7 +38,7 @@ def start_vm(sc: Scenario, devices: Sequence[LabDevice], label: str, managed: bo
     for device in devices:
         ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):
-        vm.start()
+        despite_held_device(sc, vm.hv, vm.start)
         if vm.state() != "running":
             raise InfraError(f"{vm}: {vm.state()} after start")
     probing.mark(sc, vm, *devices)

@@ -24,6 +24,7 @@ from labs.inventory import LabDevice
 from labs.models import model_of
 from labs.scenarios import probing, roundtrip
 from labs.scenarios.context import Scenario
+from labs.scenarios.held import despite_held_device
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
 from labs.scenarios.roundtrip import ContentCheck
 from labs.virt.domain import VM
@@ -77,7 +78,7 @@ def start_vm(sc: Scenario, device: LabDevice, label: str, memory_mib: int | None
     vm = sc.define_vm(device, label, memory_mib)
     ensure_idle(sc.session, device, sc.steps)
     with sc.steps.step(f"start {vm}"):
-        vm.start()
+        despite_held_device(sc, vm.hv, vm.start)
         if vm.state() != "running":
             raise InfraError(f"{vm}: {vm.state()} after start")
     probing.mark(sc, vm, device)
@@ -112,7 +113,7 @@ def save_restore(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeResult:
         rec.detail = {**result.save_stats, "device_streams_in_image": result.device_streams}
     result.readbacks.append(read_on_host(sc, vm, device, "readback after save"))
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from {path}"):
-        vm.hv.restore(path, vm.name)
+        despite_held_device(sc, vm.hv, lambda: vm.hv.restore(path, vm.name))
     result.readbacks.append(read_on_host(sc, vm, device, "readback after restore", marked=True))
     return result
 
@@ -135,7 +136,7 @@ def managed_save_start(sc: Scenario, vm: VM, device: LabDevice) -> SaveResumeRes
     result.readbacks.append(read_on_host(sc, vm, device, "readback after managed save"))
     with sc.steps.step(f"start {vm} from its managed save image"):
         mark = vm.hv.events.mark()
-        vm.start()
+        despite_held_device(sc, vm.hv, vm.start)
         event = vm.hv.events.wait_for(vm.name, "started", since=mark, timeout=sc.timeouts.command)
         result.notes.append(f"start event: {event}" if event else "no start event seen")
         if vm.has_managed_save():
@@ -164,7 +165,7 @@ def restore_on_other_host(sc: Scenario, vm: VM, src: LabDevice, dst: LabDevice) 
     ensure_idle(sc.session, dst, sc.steps)
     with sc.steps.step(f"restore {vm.name} on {dst_hv.name} with {dst.id}"):
         try:
-            moved_vm = dst_hv.restore(moved, vm.name, dxml)
+            moved_vm = despite_held_device(sc, dst_hv, lambda: dst_hv.restore(moved, vm.name, dxml))
         except LabError as exc:
             # test:/// cannot rewrite XML on restore ("xml modification unsupported"); its hostdev is inert there
             if dxml is None or not dst_hv.is_test_driver:
@@ -275,7 +276,7 @@ def restore_corrupted(sc: Scenario, vm: VM, device: LabDevice, how: ImageDamage)
     if out.refused is None:
         return out  # accepted: the VM runs from a damaged stream; the test says so
     with sc.steps.step(f"restore {vm.name} on {vm.hv.name} from the repaired image"):
-        vm.hv.restore(path, vm.name)
+        despite_held_device(sc, vm.hv, lambda: vm.hv.restore(path, vm.name))
     out.following = read_on_host(sc, vm, device, "readback after the following restore", marked=True)
     return out
 
