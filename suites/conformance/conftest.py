@@ -60,10 +60,13 @@ def _idle(dev: DeviceHandle) -> str | None:
 
 
 def peer_of(inventory: Inventory, device: LabDevice) -> LabDevice | None:
-    """A second device to round-trip with: the device's pair partner, else another device of its model."""
+    """A second device to round-trip with: the device's pair partner (either end: a pair's devices go to one
+    run, so the peer is not held by a run beside it), else another device of its model."""
     for p in inventory.pairs:
         if p.source.id == device.id:
             return p.destination
+        if p.destination.id == device.id:
+            return p.source
     for d in inventory.devices:
         if d.id != device.id and (d.spec.kind, d.spec.protocol, d.spec.model_key) == (
             device.spec.kind,

@@ -18,6 +18,7 @@ from labs.errors import InfraError
 from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
 from labs.nested import image, lifecycle, recipe, vm
+from suites.conformance.conftest import peer_of
 
 
 def test_digest_is_stable_and_short() -> None:
@@ -218,6 +219,9 @@ def test_seed_and_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         "nested-b->nested-a:mtty-2b",
         "nested-b->nested-a:mtty_faults-2",
     ]
+    # conformance on the second pair round-trips within that pair: nested-a's mtty-2 is held by the run beside it
+    peers = [peer_of(inv, inv.device(f"{h}:mtty-2b")) for h in ("nested-a", "nested-b")]
+    assert [p.id if p else None for p in peers] == ["nested-b:mtty-2b", "nested-a:mtty-2b"]
     # the companion mtty-1 is in mtty-2's `vm:` group, not a pair of its own
     names = [(d.name, models.model_of(d).name) for d in inv.devices if d.host.name == "nested-a"]
     assert names == [("mtty-2", "mtty"), ("mtty-1", "mtty"), ("mtty-2b", "mtty"), ("mtty_faults-2", "mtty_faults")]
