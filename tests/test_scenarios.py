@@ -156,8 +156,8 @@ def test_a_migration_refused_for_a_kept_mdev_waits_then_releases_it(
         return "refused as expected"
 
     monkeypatch.setattr(mig, "migrate", job)
-    monkeypatch.setattr(mig, "release", release)
-    monkeypatch.setattr(mig, "RELEASE_WAIT", 0.0)
+    monkeypatch.setattr(held_mod, "release", release)
+    monkeypatch.setattr(held_mod, "RELEASE_WAIT", 0.0)
     _vm, leg = mig.migrate_leg(scenario, vm, src, dst, scenario="migrate", timeout=7)
     assert len(calls) == attempts and leg.result.ok
     # the first refusal may be libvirt still releasing it: a wait and a second try; the second kept it for good

@@ -20,7 +20,7 @@ from labs.inventory import LabDevice, LabPair
 from labs.models import stream_size
 from labs.scenarios import probing
 from labs.scenarios.context import Scenario
-from labs.scenarios.held import RELEASE_WAIT
+from labs.scenarios.held import retry_held
 from labs.scenarios.readback import Readback, ensure_idle, read_back, recover_devices
 from labs.virt.domain import VM, Hypervisor
 from labs.virt.events import DomainEvent
@@ -33,7 +33,7 @@ from labs.virt.sequence import (
     EventPattern,
     tokens,
 )
-from labs.virt.stale import StaleRecord, held, release, stale_record
+from labs.virt.stale import StaleRecord
 from labs.virt.xml import hostdev_for, with_hostdevs
 
 EVENT_SETTLE = 5.0  # seconds for events libvirt queued before the migrate call returned to arrive
@@ -250,18 +250,11 @@ def migrate_leg(
             attach(f"migration job statistics {vm.name} {vm.hv.name} -> {dst_hv.name}", stats, "json")
         return result, marks
 
-    result, marks = job(title)
-    released = None
-    if not result.ok and held(result.error):
-        # libvirt reports a failed incoming job before it releases the destination's mdev: wait, then again
-        with sc.steps.step(f"wait {RELEASE_WAIT:g}s for {dst_hv.name}'s libvirt to release the device"):
-            time.sleep(RELEASE_WAIT)
-        result, marks = job(f"{title} (again)")
-        released = stale_record(dst_hv, result.error) if not result.ok else None
-        if released is not None:  # kept for good (labs.virt.stale): released by a start under the gone name
-            with sc.steps.step(f"release {released.mdev} on {released.host}: kept for {released.domain}") as rec:
-                rec.detail = {"record": str(released), "libvirt": release(dst_hv, released)}
-            result, marks = job(f"{title} (released)")
+    # a refusal for a device libvirt still records as another domain's: a wait, then the release of a record
+    # kept for a gone domain (labs.scenarios.held)
+    (result, marks), released = retry_held(
+        sc, dst_hv, lambda suffix: job(f"{title}{suffix}"), lambda out: None if out[0].ok else out[0].error
+    )
     if after_job is not None:
         after_job()
     probing.set_downtime(sc, vm, result.metric("downtime") if result.ok else None)
