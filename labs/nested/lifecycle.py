@@ -564,7 +564,7 @@ def _restore(
     # flags too: the inventory claims them from the saved probe and the doctor's migration probe holds them to it
     probes = saved.probes
     for vm in vms:
-        (run_dir() / f"{vm.spec.name}.probe.json").write_text(json.dumps(probes[vm.spec.name], indent=2) + "\n")
+        _keep_probe(vm.spec.name, probes[vm.spec.name])
     return probes
 
 
@@ -718,8 +718,13 @@ def _prepare_host(spec: VmSpec, keys: Keys) -> dict[str, Any]:
     """Run the setup (the mtty mdevs, libvirtd's first answer, ...) and read the device's migration flags."""
     out = ssh_ok(spec, keys, setup_script(), timeout=sum(t for _, t in setup_commands()) + 60)
     probe: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    (run_dir() / f"{spec.name}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
+    _keep_probe(spec.name, probe)
     return probe
+
+
+def _keep_probe(host: str, probe: dict[str, Any]) -> None:
+    """The device probe a host's lab runs on, beside its run (docs/nested-findings.md shows how to read it)."""
+    (run_dir() / f"{host}.probe.json").write_text(json.dumps(probe, indent=2) + "\n")
 
 
 def power_on(name: str, boot_timeout: float | None = None) -> tuple[dict[str, float], str]:
