@@ -426,6 +426,9 @@ class Builder:
         for key in (root / "etc/ssh").glob("ssh_host_*"):
             key.unlink()  # the base image holds no private key; each host gets its own from the seed
         (root / "etc/modules-load.d/labs.conf").write_text("\n".join(r.boot_modules) + "\n")
+        # `install ... /bin/true` stops an explicit modprobe too, which `blacklist` lets through
+        never = "".join(f"install {m} /bin/true\n" for m in r.never_modules)
+        (root / "etc/modprobe.d/labs-never.conf").write_text(never)
         (root / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 0\n")
         (root / "etc/hostname").write_text("nested\n")
         (root / "etc/resolv.conf").write_text("")

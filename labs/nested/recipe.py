@@ -89,6 +89,9 @@ GUEST_DIR = "/var/lib/labs/guest"  # in each nested host: vmlinuz and initrd.img
 
 # Modules loaded at boot, in dependency order (modprobe resolves the rest).
 BOOT_MODULES: tuple[str, ...] = ("vfio", "vfio_iommu_type1", "mdev", "vfio_pci", "mtty", "mtty_faults")
+# Modules that never load: KVM on TCG's emulated SVM is unstable, and a libvirt that saw /dev/kvm at boot
+# may go on offering kvm domains after setup unloads it (docs/incidents.md).
+NEVER_MODULES: tuple[str, ...] = ("kvm_amd", "kvm_intel", "kvm")
 
 
 def default_mirror() -> str:
@@ -116,6 +119,7 @@ class Recipe:
     kernel_series: str = "6.12"
     packages: tuple[str, ...] = GUEST_PACKAGES
     boot_modules: tuple[str, ...] = BOOT_MODULES
+    never_modules: tuple[str, ...] = NEVER_MODULES
     # the initrd only has to find and mount the root disk (virtio-blk, ext4); virtio_net rides
     # along so the NICs exist before labs-seed configures them
     initrd_modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
