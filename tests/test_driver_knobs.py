@@ -198,20 +198,16 @@ def test_the_nested_stage_runs_the_recovery_suites_again_on_the_knob_driver(monk
     monkeypatch.delenv("LABS_NESTED_SUITES", raising=False)
     (alone,), (plain, second, knobs) = ci.runs()
     assert alone == ci.Run(ci.PLAIN_DEVICES, list(ci.HOST_WIDE), "junit-host-wide.xml")
-    assert plain.devices == ci.PLAIN_DEVICES and "suites/migration" in plain.paths and "suites/smoke" in plain.paths
+    assert plain.devices == ci.PLAIN_DEVICES and "suites/recovery" in plain.paths and "suites/smoke" in plain.paths
     ignored = [f"--ignore={f}" for f in ci.HOST_WIDE]
     assert set(ignored) <= set(plain.paths)  # each host-wide file runs once, alone
     # the plain driver's second pair takes whole suites off the first run: each suite runs once, on mtty-2 or mtty-2b
-    assert second == ci.Run(ci.SECOND_DEVICES, [*ci.SECOND_SUITES, *ignored], "junit-second.xml")
+    assert second == ci.Run(ci.SECOND_DEVICES, ["tests/nested", *ci.SECOND_SUITES[:2], *ignored], "junit-second.xml")
     assert not set(ci.SECOND_SUITES) & set(plain.paths)
-    # the recovery suite again on the knob driver, and the hosts' own checks where there is room
-    assert knobs == ci.Run(
-        ci.KNOB_DEVICES, ["suites/recovery", "tests/nested", *ignored, "-k", ci.KNOB_DESELECT], "junit-faults.xml"
-    )
+    assert knobs == ci.Run(ci.KNOB_DEVICES, ["suites/recovery", "-k", ci.KNOB_DESELECT], "junit-faults.xml")
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke suites/recovery suites/guest")
-    ((chosen_plain, chosen_second, chosen_knobs),) = ci.runs()
-    # the Linux guest, where chosen, runs on the knob pair only
-    assert "suites/guest" not in chosen_plain.paths + chosen_second.paths
+    ((chosen_plain, chosen_knobs),) = ci.runs()
+    assert "suites/guest" not in chosen_plain.paths  # the Linux guest, where chosen, runs on the knob pair only
     assert chosen_knobs.paths[:2] == ["suites/recovery", "suites/guest"]
     monkeypatch.setenv("LABS_NESTED_SUITES", "suites/smoke tests/nested")
     alone_stage, (smoke, nested) = ci.runs()

@@ -8,9 +8,9 @@
 3. pytest in two stages: first, alone, the files that disturb a whole host (its libvirt daemon
    stopped or killed, its kernel made to WARN, its migration link cut or degraded, the host rebooted,
    runs killed and swept: HOST_WIDE) on plain mtty; then the suites on plain mtty, split over its two
-   pairs (the save/resume, conformance and recovery suites on the second), beside the recovery suite on
-   mtty_faults, the real driver with fault knobs, with the rest of tests/nested (and the Linux guest there,
-   where chosen): three pytest runs at once on different devices, since each TCG host takes one core at most
+   pairs (the save/resume and conformance suites and the rest of tests/nested on the second), beside the
+   recovery suite on mtty_faults, the real driver with fault knobs (and the Linux guest there, where
+   chosen): three pytest runs at once on different devices, since each TCG host takes one core at most
    and one run left the machine 26-45 % idle (JUnit files and the Allure results under reports/nested/;
    the other runs' output is printed when they end, their logs kept beside them). Every stage runs, after
    a failing one too; the output ends with each failed or erred test, a line each.
@@ -55,17 +55,16 @@ PLAIN_DEVICES = "*:mtty-2"  # the companion mtty-1 comes along in the multi-devi
 # the first: the same driver and type, so no coverage moves, and the hosts' idle core gets work (a single run
 # keeps one TCG host busy at a time but for its migrations)
 SECOND_DEVICES = "*:mtty-2b"
-# so that the runs end together (the stage lasts as long as its longest; measured in docs/nested-findings.md)
-SECOND_SUITES = ("suites/save_resume", "suites/conformance", "suites/recovery")
+# so that the runs end together (the stage lasts as long as its longest; measured in docs/nested-findings.md);
+# tests/nested's live checks are the hosts', not a device's
+SECOND_SUITES = ("suites/save_resume", "suites/conformance", "tests/nested")
 KNOB_DEVICES = "*:mtty_faults-*"
 KNOB_SUITES = ("suites/recovery",)
-# tests/nested's live checks are the hosts', not a device's: they go with the shortest run, the knob driver's
-HOST_SUITES = ("tests/nested",)
 # The Linux guest (minutes of boot under nested TCG, 13-19 min for the suite) is not in the default
 # selection (LABS_NESTED_SUITES=suites/guest runs it); where chosen it runs on the mtty_faults pair (knobs
 # off but in its corruption test), beside the plain run, on devices of its own
 GUEST_SUITES = ("suites/guest",)
-# the same driver code refuses damaged streams on plain mtty: not again on mtty_faults
+# the same driver code refuses damaged streams on mtty in the first run: not again on mtty_faults
 KNOB_DESELECT = "not test_refused_stream_then_reset"
 # what a test beside them would feel (a daemon gone, a WARN in its kernel log, a cut link, its host
 # rebooted, its reservation taken by a chaos round): these run before the others, alone
@@ -136,25 +135,20 @@ def runs() -> list[list[Run]]:
     """The pytest runs in stages: a stage's runs go at once, on different devices; stages one after the other.
 
     The host-wide files alone on plain mtty; then plain mtty on the rest, split over its two pairs, beside
-    mtty_faults on the recovery suite with the hosts' own checks.
+    mtty_faults on the recovery suite.
     """
     chosen = suites()
     alone = [f for f in HOST_WIDE if any(_within(f, s) for s in chosen)]
     guest = [s for s in chosen if any(_within(s, g) for g in GUEST_SUITES)]
-    hosts = [s for s in chosen if any(_within(s, h) for h in HOST_SUITES) and s.rstrip("/") not in alone]
-    rest = [s for s in chosen if s.rstrip("/") not in alone and s not in guest + hosts]
+    rest = [s for s in chosen if s.rstrip("/") not in alone and s not in guest]
     beside = [s for s in rest if any(_within(s, b) for b in SECOND_SUITES)]
     rest = [s for s in rest if s not in beside]
     knobs = [s for s in chosen if any(_within(s, k) for k in KNOB_SUITES)] + guest
-    if knobs:
-        knobs += hosts
-    else:
-        beside = hosts + beside
     first = [Run(PLAIN_DEVICES, alone, "junit-host-wide.xml")] if alone else []
     ignore = [f"--ignore={f}" for f in alone]  # each host-wide file runs once, alone
     second = [Run(PLAIN_DEVICES, [*rest, *ignore], "junit.xml")] if rest else []
     second += [Run(SECOND_DEVICES, [*beside, *ignore], "junit-second.xml")] if beside else []
-    second += [Run(KNOB_DEVICES, [*knobs, *ignore, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
+    second += [Run(KNOB_DEVICES, [*knobs, "-k", KNOB_DESELECT], "junit-faults.xml")] if knobs else []
     return [stage for stage in (first, second) if stage]
 
 
