@@ -155,13 +155,22 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _sshds(pids: set[int]) -> set[int]:
+    """The sim hosts' listening sshds: a connection's sshd, forked by one, has the same command line at first."""
+
     def cmdline(p: int) -> bytes:
         try:
             return Path(f"/proc/{p}/cmdline").read_bytes()
         except OSError:
             return b""
 
-    return {p for p in pids if b"sshd_config" in cmdline(p)}
+    def parent(p: int) -> int | None:
+        try:
+            return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    sshds = {p for p in pids if b"sshd_config" in cmdline(p)}
+    return {p for p in sshds if parent(p) not in sshds}
 
 
 def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
