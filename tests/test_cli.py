@@ -163,14 +163,8 @@ def _sshds(pids: set[int]) -> set[int]:
         except OSError:
             return b""
 
-    def parent(p: int) -> int | None:
-        try:
-            return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return None
-
     sshds = {p for p in pids if b"sshd_config" in cmdline(p)}
-    return {p for p in sshds if parent(p) not in sshds}
+    return sshds - set().union(*(_descendants(p) for p in sshds))
 
 
 def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
