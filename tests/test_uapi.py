@@ -174,6 +174,22 @@ def test_hanging_requests() -> None:
     assert uapi.path_names("STOP_COPY", "PRE_COPY", SC | PC) is None  # the sim answers EINVAL
 
 
+@pytest.mark.parametrize(
+    ("release", "fixed"),
+    [
+        ("6.12.117+deb13-amd64", True),  # the nested lab's kernel
+        ("6.12.96", True),
+        ("6.12.95+deb13-amd64", False),
+        ("6.6.140", False),  # another series: not known
+        ("7.1.0", False),  # mainline: the version that took the fix is not known here
+        ("", False),
+        ("unknown", False),
+    ],
+)
+def test_the_blocked_arcs_are_sent_only_to_kernels_known_to_carry_the_fix(release: str, fixed: bool) -> None:
+    assert uapi.blocked_arc_fixed(release) is fixed
+
+
 @pytest.mark.parametrize("flags", uapi.FLAG_SETS)
 def test_every_path_is_shortest_and_never_passes_through_saving(flags: int) -> None:
     states = uapi.supported_states(flags)

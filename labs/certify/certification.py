@@ -82,7 +82,7 @@ def build_document(
     mine = [r for r in results if _about_device(r, device)]
     caps = {c.value for c in device.capabilities}
     spec = device.spec
-    verdicts = judge(policy_for(spec.protocol), mine, caps, simulated=spec.kind == "sim")
+    verdicts = judge(policy_for(spec.protocol), mine, caps)
     required = scenarios_for(spec.protocol)
     scenario_verdicts = judge_scenarios(required, mine, caps, resettable=spec.reset != ResetMethod.NONE)
     in_required = {(p.feature, p.story) for p in required}

@@ -53,18 +53,11 @@ def _skip_reasons(tests: list[TestResult]) -> str:
     return "; ".join(f"{n} skipped: {why}" for why, n in reasons.items())
 
 
-def judge(
-    policies: list[RulePolicy], results: list[TestResult], capabilities: set[str], simulated: bool
-) -> list[RuleVerdict]:
+def judge(policies: list[RulePolicy], results: list[TestResult], capabilities: set[str]) -> list[RuleVerdict]:
     out = []
     for policy in policies:
         tests = [r for r in results if policy.rule in r.rules]
         names = tuple(r.name for r in tests)
-        if policy.level == Level.SIM_ONLY and not simulated:
-            out.append(
-                RuleVerdict(policy.rule, policy.level, "not-applicable", "sent only to simulated devices", names)
-            )
-            continue
         if policy.needs and policy.needs not in capabilities:
             out.append(
                 RuleVerdict(

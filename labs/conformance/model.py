@@ -151,7 +151,7 @@ class V2Oracle(Oracle):
             return Expect(False, (cur,), errno.EINVAL)  # V2-R4, V2-R15
         name = uapi.v2_state_name(target)
         if self.hangs(target):
-            return Expect(False, (cur,), errno.EINVAL)  # V2-R12 (simulators only)
+            return Expect(False, (cur,), errno.EINVAL)  # V2-R12 (sent only where it cannot hang)
         p = uapi.path_names(cur, name, self.flags)
         assert p is not None
         if cur == name:

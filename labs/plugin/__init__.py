@@ -38,7 +38,7 @@ MARKERS = {
     "linux_guest": "boots the inventory's Linux guest (lab.guest) and judges the device by what it sees",
     "requires(*capabilities)": "skip devices lacking these capabilities (stop_copy, p2p, pre_copy, ...)",
     "protocol(name)": "only parametrize over devices speaking this protocol (v1 or v2)",
-    "sim_only(reason)": "only for simulated devices (e.g. requests known to hang real kernels)",
+    "sim_only(reason)": "only for simulated devices (e.g. fault knobs)",
     "fault_knobs": "only devices whose driver fails on command: simulated drivers and real ones whose model has knobs",
     "rule(*ids)": "the spec rule ids (V1-R*, V2-R*) this test checks",
 }

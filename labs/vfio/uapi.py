@@ -8,6 +8,8 @@ which requests hang a real kernel, which arcs open a data session.
 
 from __future__ import annotations
 
+import re
+
 from labs.vfio.abi import (
     FEATURES,
     MIG_NEXT_STATE,
@@ -150,8 +152,25 @@ def path_names(cur: int | str, new: int | str, flags: int) -> list[str] | None:
 
 def is_hanging(cur: int | str, new: int | str, flags: int) -> bool:
     """True for requests that spin forever in kernels >= 6.2 without FIX-2026 (spec 3.4):
-    send them to simulated devices only (V2-R12)."""
+    send them to simulated devices, or where `blocked_arc_fixed` (V2-R12)."""
     return bool(mig_request_hangs(v2_state(cur), v2_state(new), flags))
+
+
+# FIX-2026 (spec 3.4), merged as "vfio: prevent infinite loop in vfio_mig_get_next_state() on blocked arc":
+# the stable series known to carry it, from its first sublevel (6.12.96's ChangeLog, as Debian's linux
+# 6.12.96-1 lists it; the 6.12.117 source's skip loop stops on ERROR)
+BLOCKED_ARC_FIXED_FROM: dict[tuple[int, int], int] = {(6, 12): 96}
+
+
+def blocked_arc_fixed(release: str) -> bool:
+    """True for a kernel release (`uname -r`) known to fail the blocked arcs with EINVAL instead of hanging;
+    False for one without the fix or not known to have it (a mainline release, another series)."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", release)
+    if not m:
+        return False
+    major, minor, sublevel = (int(g) for g in m.groups())
+    first = BLOCKED_ARC_FIXED_FROM.get((major, minor))
+    return first is not None and sublevel >= first
 
 
 def hanging_requests(flags: int = ALL_FLAGS) -> list[tuple[str, str]]:

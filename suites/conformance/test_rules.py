@@ -2,8 +2,10 @@
 
 A v1 rule is generated for v1 devices only (and v2 likewise); a rule that needs
 a capability skips devices lacking it, naming the capability; a rule that needs
-fault knobs or sends a request that hangs real kernels runs on simulated
-devices only. The test id and the `rule` label carry the rule id.
+fault knobs runs on simulated devices only, and one that sends a request that
+hangs real kernels without FIX-2026 (V2-R12) skips a real device whose kernel is
+not known to carry the fix, naming the kernel. The test id and the `rule` label
+carry the rule id.
 """
 
 from __future__ import annotations
