@@ -34,7 +34,7 @@ from labs.virt.events import DomainEvent
 from labs.virt.migrate import JobSample, MigrationResult
 from labs.virt.sequence import MIGRATED_DESTINATION
 from labs.virt.stale import StaleRecord
-from tests.test_event_sequences import events
+from tests.test_event_sequences import events as domain_events
 from tests.test_scenarios import scenario, sim_device  # noqa: F401  (scenario: the fixture)
 
 INVALID = (libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_OPERATION_INVALID)
@@ -276,12 +276,14 @@ def test_a_destroy_that_failed_the_job_after_the_finish_resumed_the_destination_
     assert fault.too_late(False, resumed_then_destroyed) is None
     pattern = fault.outcome.destination_events
     for ok in (["started/migrated"], ["started/migrated", "stopped/destroyed"], resumed_then_destroyed):
-        assert pattern.matches(events("B", *ok)), ok
+        assert pattern.matches(domain_events("B", *ok)), ok
     for bad in (
         ["started/migrated", "resumed/migrated"],
         ["started/migrated", "stopped/destroyed", "resumed/migrated"],
     ):
-        assert not pattern.matches(events("B", *bad)), f"{bad}: a destination running beside the resumed source passed"
+        assert not pattern.matches(domain_events("B", *bad)), (
+            f"{bad}: a destination running beside the resumed source passed"
+        )
 
 
 def test_destroy_during_finish_tries_again_when_the_finish_holds_the_domain() -> None:
