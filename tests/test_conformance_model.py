@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from labs.conformance import model
-from labs.conformance.checks import CHECKS, checks_for, state_inputs
+from labs.conformance.checks import CHECKS, blocked_arcs_safe, checks_for, state_inputs
 from labs.doctor import FlagsMismatch, Status, check_host
 from labs.inventory import LabDevice
 from labs.session import LabSession, open_inventory
@@ -130,3 +132,13 @@ def test_a_flags_mismatch_is_a_warning_and_the_devices_tests_run(tmp_path: Path)
     assert mine and all(report.device_problem(d.id) is None for d in mine)  # not skipped
     warned = [c for c in report.checks if c.name == "migration"]
     assert warned and all(c.status == Status.WARN and "flags 5" in c.detail and "-R1 fails" in c.detail for c in warned)
+
+
+def test_the_blocked_arcs_go_to_simulators_and_to_kernels_known_to_carry_the_fix() -> None:
+    def dev(sim: bool, kernel: str) -> Any:
+        return SimpleNamespace(is_sim=sim, client=SimpleNamespace(info={"kernel": kernel}))
+
+    assert blocked_arcs_safe(dev(True, "6.1.0"))  # the simulator answers EINVAL whatever the host runs
+    assert blocked_arcs_safe(dev(False, "6.12.117+deb13-amd64"))
+    assert not blocked_arcs_safe(dev(False, "6.12.95+deb13-amd64"))  # would hang: the check skips it
+    assert not blocked_arcs_safe(dev(False, ""))  # an agent that did not say

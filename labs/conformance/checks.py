@@ -1263,12 +1263,20 @@ def _v2_precopy_info(ctx: CheckContext) -> None:
     dev.reset()
 
 
+def blocked_arcs_safe(dev: DeviceHandle) -> bool:
+    """May the blocked arcs (V2-R12) go to this device: a simulator, or a kernel known to carry the fix."""
+    return dev.is_sim or uapi.blocked_arc_fixed(kernel_of(dev))
+
+
+def kernel_of(dev: DeviceHandle) -> str:
+    return str(dev.client.info.get("kernel", ""))
+
+
 @check("V2-R12", requires=("pre_copy",))
 def _v2_hanging_request(ctx: CheckContext) -> None:
     dev = ctx.open()
-    kernel = str(dev.client.info.get("kernel", ""))
-    if not dev.is_sim and not uapi.blocked_arc_fixed(kernel):
-        pytest.skip(f"{HANGS_KERNELS}: {kernel or 'this kernel'} is not known to carry it")
+    if not blocked_arcs_safe(dev):
+        pytest.skip(f"{HANGS_KERNELS}: {kernel_of(dev) or 'this kernel'} is not known to carry it")
     for target in ("PRE_COPY", "PRE_COPY_P2P"):
         if not uapi.mig_state_supported(uapi.v2_state(target), dev.mig_flags):
             continue

@@ -11,7 +11,7 @@ from labs.errors import InfraError
 from labs.faults.base import ExpectedError, Fault
 from labs.transport import HostConnection
 from labs.virt.domain import VM, Hypervisor
-from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, alt, ev, many, opt, seq
+from labs.virt.sequence import MIGRATED_DESTINATION, MIGRATED_SOURCE, ev, many, opt, seq
 
 QEMU_PID_DIR = "/run/libvirt/qemu"  # libvirtd writes <domain>.pid here for each QEMU it runs
 
@@ -194,8 +194,7 @@ class DestroyDuringFinish(Fault):
     # a destination the finish resumed before the destroy reached it must be stopped (a failed job then, or
     # too late): it never runs beside the resumed source
     destination_events = seq(
-        ev("started/migrated"),
-        alt(opt(ev("stopped/(destroyed|failed)")), seq(many(ev("resumed/migrated")), ev("stopped/(destroyed|failed)"))),
+        ev("started/migrated"), opt(opt(many(ev("resumed/migrated"))), ev("stopped/(destroyed|failed)"))
     )
 
     def __init__(self, dst: Hypervisor, domain: str) -> None:

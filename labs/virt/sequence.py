@@ -3,7 +3,7 @@
 A sequence is a pattern over `event/detail` tokens of the run-state events
 (started, suspended, resumed, stopped, crashed), matched whole: `ev` is one
 token (a regular expression over its name, `stopped/(failed|crashed)`), `opt`
-an optional group, `many` one or more, `alt` one of several, `seq` a concatenation. Definition events (defined,
+an optional group, `many` one or more, `seq` a concatenation. Definition events (defined,
 undefined) say nothing about where the VM runs and are left out.
 """
 
@@ -51,10 +51,6 @@ def many(*parts: EventPattern) -> EventPattern:
     """One or more times (libvirt may queue a resume both from QEMU's RESUME event and from its own job)."""
     inner = seq(*parts)
     return EventPattern(f"(?:{inner.regex})+", f"({inner.text})+")
-
-
-def alt(*parts: EventPattern) -> EventPattern:
-    return EventPattern(f"(?:{'|'.join(p.regex for p in parts)})", f"({' | '.join(str(p) for p in parts)})")
 
 
 NOTHING = EventPattern("", "")

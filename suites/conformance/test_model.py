@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from labs.attachments import attach, step
 from labs.conformance import model
-from labs.conformance.checks import state_inputs, stream_limit
+from labs.conformance.checks import blocked_arcs_safe, state_inputs, stream_limit
 from labs.inventory import LabDevice
 from labs.session import LabSession
 from labs.vfio import uapi
@@ -72,8 +72,7 @@ class DeviceMachine(RuleBasedStateMachine):
                 type(self).saved = list(self.dev.save().chunks())
                 self.dev.set_state("RUNNING")
         self.sim = self.dev.is_sim
-        # the blocked arcs (V2-R12) go to simulators and to kernels known not to hang on them
-        self.blocked_arcs = self.sim or uapi.blocked_arc_fixed(str(self.dev.client.info.get("kernel", "")))
+        self.blocked_arcs = blocked_arcs_safe(self.dev)  # V2-R12's requests, where they cannot hang
 
     def step(self, what: str) -> Any:
         return step(f"{self.device.id}: {what}")
