@@ -5,6 +5,7 @@ selects their devices, and the nested CI stage's second run on them."""
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -231,7 +232,8 @@ def test_the_nested_stage_runs_a_stage_at_once_and_prints_the_logged_run(
     failing.write_text("def test_bad():\n    assert False\n")
     log = tmp_path / "second.log"
     quiet = ["-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-    rc = ci._together([([str(passing), *quiet], None), ([str(failing), *quiet], log)], time.monotonic() + 120)
+    argvs = [([str(passing), *quiet], None, {}), ([str(failing), *quiet], log, {"LABS_NESTED_LIVE": "0"})]
+    rc = ci._together(argvs, time.monotonic() + 120)
     assert rc == 1  # the failing run's status, though the other passed
     out = capfd.readouterr().out
     assert f"(kept in {log})" in out and "1 failed" in out and "1 failed" in log.read_text()
@@ -247,10 +249,10 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
 
     started: list[list[str]] = []
 
-    def together(argvs: list[tuple[list[str], Path | None]], _deadline: float) -> int:
-        started.append([args[0] for args, _log in argvs])
+    def together(argvs: list[tuple[list[str], Path | None, dict[str, str]]], _deadline: float) -> int:
+        started.append([args[0] for args, _log, _lab in argvs])
         if len(started) == 1:  # the first run fails a test; the second ends without its report
-            (junit,) = [Path(a.split("=", 1)[1]) for args, _log in argvs for a in args if a.startswith("--junitxml=")]
+            (junit,) = [Path(a.split("=", 1)[1]) for args, _, _ in argvs for a in args if a.startswith("--junitxml=")]
             bad = '<failure message="AssertionError: boom&#10;more">tb</failure>'
             junit.write_text(
                 f'<testsuites><testsuite><testcase classname="m" name="t">{bad}</testcase></testsuite></testsuites>'
@@ -259,6 +261,7 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
 
     monkeypatch.setattr(ci, "cannot_run", lambda: None)
     monkeypatch.setattr(ci, "_together", together)
+    monkeypatch.setenv("LABS_NESTED_LABS", "1")  # one lab: the stages one after the other
     monkeypatch.setattr(
         ci, "runs", lambda: [[ci.Run("*:a", ["first"], "j1.xml")], [ci.Run("*:b", ["second"], "j2.xml")]]
     )
@@ -279,6 +282,69 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
         "nested: down (nested-a)",
     ]
     assert "exit 1" in tail[-1]
+
+
+def test_with_a_second_lab_the_host_wide_stage_goes_beside_the_others_and_both_labs_go_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from labs.nested import lifecycle
+
+    monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
+    monkeypatch.delenv("LABS_NESTED_LABS", raising=False)
+    lab = ci.second_lab()
+    assert lab["LABS_NESTED_RUN_DIR"] == str(tmp_path / "run-2") and lab["LABS_NESTED_BASE_PORT"] == "30100"
+    assert Path(lab["LABS_NESTED_INVENTORY"]).name == f"{lifecycle.NESTED_INVENTORY.stem}-2.yaml"
+    started: list[list[tuple[str, str, str]]] = []
+    ups: list[tuple[str, str]] = []
+    downs: list[tuple[str, str]] = []
+
+    def together(argvs: list[tuple[list[str], Path | None, dict[str, str]]], _deadline: float) -> int:
+        started.append(
+            [
+                (args[0], next(a for a in args if a.startswith("--inventory=")), env.get("LABS_NESTED_RUN_DIR", ""))
+                for args, _, env in argvs
+            ]
+        )
+        return 0
+
+    def up(inventory: Path = lifecycle.NESTED_INVENTORY) -> SimpleNamespace:
+        ups.append((os.environ["LABS_NESTED_RUN_DIR"], str(inventory)))
+        return SimpleNamespace(how="restored", seconds="", note="")
+
+    def down(inventory: Path = lifecycle.NESTED_INVENTORY) -> list[str]:
+        downs.append((os.environ["LABS_NESTED_RUN_DIR"], str(inventory)))
+        return ["nested-a"]
+
+    monkeypatch.setattr(ci, "cannot_run", lambda: None)
+    monkeypatch.setattr(ci, "_together", together)
+    monkeypatch.setattr(ci, "_mem_available_mb", lambda: 64 * 1024)
+    monkeypatch.setattr(
+        ci,
+        "runs",
+        lambda: [[ci.Run("*:a", ["wide"], "j1.xml")], [ci.Run("*:b", ["b"], "j2.xml"), ci.Run("*:c", ["c"], "j3.xml")]],
+    )
+    monkeypatch.setattr(ci, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(lifecycle, "status", lambda check: [])
+    monkeypatch.setattr(lifecycle, "up", up)
+    monkeypatch.setattr(lifecycle, "down", down)
+    monkeypatch.setattr(lifecycle, "post_mortem", lambda: [])
+    assert ci.main([]) == 0
+    first, second = str(tmp_path / "run"), str(tmp_path / "run-2")
+    one, two = f"--inventory={lifecycle.NESTED_INVENTORY}", f"--inventory={lab['LABS_NESTED_INVENTORY']}"
+    # one stage: the host-wide run on the first lab, the others on the second
+    assert started == [[("wide", one, ""), ("b", two, second), ("c", two, second)]]
+    assert ups == [(first, str(lifecycle.NESTED_INVENTORY)), (second, lab["LABS_NESTED_INVENTORY"])]
+    assert sorted(downs) == sorted(ups)
+    assert os.environ["LABS_NESTED_RUN_DIR"] == first  # the second lab's environment was only lent
+    # not enough memory for four hosts: the stages one after the other, on one lab, saying why
+    monkeypatch.setattr(ci, "_mem_available_mb", lambda: 4096)
+    started.clear()
+    assert ci.main([]) == 0
+    assert [[r[0] for r in stage] for stage in started] == [["wide"], ["b", "c"]]
+    assert "two labs need" in capsys.readouterr().out
 
 
 class KnobDevice:

@@ -14,26 +14,32 @@
    and one run left the machine 26-45 % idle (JUnit files and the Allure results under reports/nested/;
    the other runs' output is printed when they end, their logs kept beside them). Every stage runs, after
    a failing one too; the output ends with each failed or erred test, a line each.
-4. `down`, always: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
-   nothing the run started is left (QEMUs, overlays, keys, inventory).
+   Where the machine has the memory for four hosts, a second lab (two more hosts restored from the
+   snapshot the first `up` saved: its own run dir, ports and inventory, second_lab) takes the second
+   stage, and the host-wide files run beside it on the first lab: alone on their hosts, not on the machine.
+4. `down`, always, of both labs: after a failure, a timeout, Ctrl-C or SIGTERM too. Then
+   nothing the run started is left (QEMUs, overlays, keys, inventories).
 
 Exit status: pytest's, or 2 when the lab could not be brought up (or another
 lab is up: it is not this run's to take down; LABS_NESTED_REUSE=1 runs against
 it and leaves it up).
 Environment: LABS_NESTED_BUDGET (seconds the whole run may take; default 4800,
 enough for a cold build on a busy 2-core machine), LABS_NESTED_BOOT_TIMEOUT,
-LABS_NESTED_SUITES (space-separated paths instead of the default list).
+LABS_NESTED_SUITES (space-separated paths instead of the default list), LABS_NESTED_LABS=1 (one lab: the
+stages one after the other).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -77,6 +83,8 @@ HOST_WIDE = (
 MIN_DISK_GB = 8.0  # image 1.1 GB + build tree ~3 GB + overlays; generous
 MIN_BUDGET_S = 1800.0  # a cold build (~120-230 s), boot (~90 s) and the suites (~20 min) with room
 DEFAULT_BUDGET_S = 4800.0
+# beside the four hosts' RAM: the controller's pytest runs and the page cache the hosts' disks live in
+SECOND_LAB_SPARE_MB = 2048
 PYTEST_GRACE_S = 120.0  # after the budget, pytest gets SIGTERM, then this long before SIGKILL
 
 
@@ -125,6 +133,7 @@ class Run:
     devices: str  # --lab-device
     paths: list[str]  # pytest paths and options
     junit: str  # file name under reports/nested
+    lab: tuple[tuple[str, str], ...] = ()  # the environment that names another lab than the first (second_lab)
 
 
 def _within(path: str, suite: str) -> bool:
@@ -152,6 +161,94 @@ def runs() -> list[list[Run]]:
     return [stage for stage in (first, second) if stage]
 
 
+def on_two_labs(stages: list[list[Run]], lab: dict[str, str]) -> list[list[Run]]:
+    """The host-wide stage on the first lab beside the second stage on the second lab: one stage.
+
+    The host-wide files must be alone on their hosts, not on the machine; with their own two hosts they
+    go beside the rest (they wait on keepalives, stalled jobs and a reboot: half the machine idle alone).
+    """
+    if len(stages) != 2:
+        return stages
+    first, second = stages
+    return [[*first, *(replace(run, lab=tuple(sorted(lab.items()))) for run in second)]]
+
+
+def second_lab() -> dict[str, str]:
+    """What names the second lab: its own run dir, ports and inventory beside the first one's."""
+    from labs.nested import lifecycle
+
+    inv = lifecycle.NESTED_INVENTORY
+    return {
+        "LABS_NESTED_RUN_DIR": str(lifecycle.run_dir().with_name(f"{lifecycle.run_dir().name}-2")),
+        "LABS_NESTED_BASE_PORT": str(lifecycle.base_port() + 100),
+        "LABS_NESTED_INVENTORY": str(inv.with_name(f"{inv.stem}-2{inv.suffix}")),
+    }
+
+
+def no_second_lab() -> str | None:
+    """Why the second stage does not get a lab of its own (None: it does)."""
+    from labs.nested import lifecycle
+
+    if os.environ.get("LABS_NESTED_LABS", "2").strip() == "1":
+        return "LABS_NESTED_LABS=1"
+    if os.environ.get("LABS_NESTED_REUSE") == "1":
+        return "the run reuses a lab (LABS_NESTED_REUSE=1)"
+    # four hosts' RAM, the first two's counted whole: they fill as their VMs run
+    need_mb = 2 * sum(s.memory_mb for s in lifecycle.specs()) + SECOND_LAB_SPARE_MB
+    free_mb = _mem_available_mb()
+    if free_mb < need_mb:
+        return f"{free_mb} MB of memory available, two labs need {need_mb} MB"
+    return None
+
+
+def _mem_available_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+@contextlib.contextmanager
+def _lab_env(lab: dict[str, str]) -> Iterator[None]:
+    """lifecycle reads the run dir and ports from the environment at each call: point them at `lab` for a while."""
+    saved = {k: os.environ.get(k) for k in lab}
+    os.environ.update(lab)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _someone_elses(lab: dict[str, str]) -> bool:
+    from labs.nested import lifecycle
+
+    with _lab_env(lab):
+        if any(st.alive for st in lifecycle.status(check=lambda _vm: False)):
+            print(f"nested: a lab is already up in {lab['LABS_NESTED_RUN_DIR']}, not this run's: one lab", flush=True)
+            return True
+    return False
+
+
+def _second_up(lab: dict[str, str]) -> bool:
+    """Bring the second lab up (a restore of the snapshot the first one saved); False, saying why, if it is not."""
+    from labs.nested import lifecycle
+
+    with _lab_env(lab):
+        t = time.monotonic()
+        try:
+            up = lifecycle.up(inventory=Path(lab["LABS_NESTED_INVENTORY"]))
+        except Exception as exc:
+            print(f"nested: second lab not up, the stages go one after the other: {exc}", flush=True)
+            return False
+    note = f"; {up.note}" if up.note else ""
+    print(f"nested: second lab up in {time.monotonic() - t:.0f}s, {up.how} {up.seconds}{note}", flush=True)
+    return True
+
+
 class _Terminated(Exception):
     pass
 
@@ -160,16 +257,17 @@ def _on_term(signum: int, _frame: FrameType | None) -> None:
     raise _Terminated(f"signal {signum}")
 
 
-def _together(argvs: list[tuple[list[str], Path | None]], deadline: float) -> int:
-    """pytest runs at once, each with its arguments and the log its output goes to (None: this terminal);
-    the first failing exit status, or 124 when the budget ran out."""
+def _together(argvs: list[tuple[list[str], Path | None, dict[str, str]]], deadline: float) -> int:
+    """pytest runs at once, each with its arguments, the log its output goes to (None: this terminal) and the
+    environment of its lab; the first failing exit status, or 124 when the budget ran out."""
     procs: list[subprocess.Popen[bytes]] = []
     logged: list[tuple[list[str], Path]] = []
     try:
-        for args, log in argvs:
+        for args, log, lab in argvs:
             out = log.open("wb") if log else None
             cmd = [sys.executable, "-m", "pytest", *args]
-            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=out, stderr=out))
+            env = {**os.environ, **lab}
+            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=out, stderr=out, env=env))
             if log and out:
                 out.close()  # the child has its own descriptor
                 logged.append((args, log))
@@ -232,6 +330,8 @@ def main(argv: list[str]) -> int:
     reports.mkdir(parents=True, exist_ok=True)
     rc = 2
     started = False
+    second: dict[str, str] = {}
+    second_up = False  # the second lab is this run's to take down
     if any(st.alive for st in lifecycle.status(check=lambda _vm: False)):
         if os.environ.get("LABS_NESTED_REUSE") != "1":
             print(
@@ -251,16 +351,27 @@ def main(argv: list[str]) -> int:
         rc = 0
         first = True
         junits: list[Path] = []
-        for stage in runs():
+        stages = runs()
+        why_not = no_second_lab() if len(stages) == 2 else "one stage"
+        if why_not is None:
+            second = second_lab()
+            if not _someone_elses(second):
+                second_up = True  # from here on the second lab is this run's to take down, whatever happens
+                if _second_up(second):
+                    stages = on_two_labs(stages, second)
+        elif len(stages) == 2:
+            print(f"nested: no second lab ({why_not}): the stages go one after the other", flush=True)
+        for stage in stages:
             if time.monotonic() >= deadline:
                 print(f"nested: the run's budget ({budget():g}s) is spent; not starting the next stage", flush=True)
                 rc = rc or 124
                 break
-            argvs: list[tuple[list[str], Path | None]] = []
+            argvs: list[tuple[list[str], Path | None, dict[str, str]]] = []
             for run in stage:
+                lab = dict(run.lab)
                 args = [
                     *run.paths,
-                    f"--inventory={lifecycle.NESTED_INVENTORY}",
+                    f"--inventory={lab.get('LABS_NESTED_INVENTORY', lifecycle.NESTED_INVENTORY)}",
                     f"--lab-device={run.devices}",
                     "-p",
                     "no:cacheprovider",
@@ -275,9 +386,10 @@ def main(argv: list[str]) -> int:
                 first = False
                 (reports / run.junit).unlink(missing_ok=True)  # a stale file must not speak for a run that wrote none
                 junits.append(reports / run.junit)
-                print(f"nested: pytest on {run.devices}: {' '.join(run.paths)}", flush=True)
+                where = f" of the second lab ({lab['LABS_NESTED_RUN_DIR']})" if lab else ""
+                print(f"nested: pytest on {run.devices}{where}: {' '.join(run.paths)}", flush=True)
                 # one run's output live here, the others' into their logs, printed when they end
-                argvs.append((args, reports / run.junit.replace(".xml", ".log") if argvs else None))
+                argvs.append((args, reports / run.junit.replace(".xml", ".log") if argvs else None, lab))
             # every stage runs, after a failing one too: its failure is one result, not a reason to lose the rest
             stage_rc = _together(argvs, deadline)
             rc = rc or stage_rc
@@ -286,6 +398,10 @@ def main(argv: list[str]) -> int:
             print(f"nested: {line}", flush=True)
         for report in lifecycle.post_mortem():
             print(f"nested: {report}", flush=True)
+        if second_up:
+            with _lab_env(second):
+                for report in lifecycle.post_mortem():
+                    print(f"nested: second lab: {report}", flush=True)
     except (KeyboardInterrupt, _Terminated) as exc:
         print(f"nested: interrupted ({exc or 'Ctrl-C'})", flush=True)
         rc = 130
@@ -294,6 +410,10 @@ def main(argv: list[str]) -> int:
         rc = 2
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if second_up:
+            with _lab_env(second):
+                stopped = lifecycle.down(inventory=Path(second["LABS_NESTED_INVENTORY"]))
+            print(f"nested: second lab down ({', '.join(stopped) or 'nothing was running'})", flush=True)
         if started:
             stopped = lifecycle.down()
             print(f"nested: down ({', '.join(stopped) or 'nothing was running'})", flush=True)

@@ -39,7 +39,9 @@ from labs.nested.vm import LINK_PREFIX, Restore, Vm, VmSpec
 from labs.paths import INVENTORIES
 from labs.simlab.keys import keygen, public_key, replace_text, write_known_hosts
 
-NESTED_INVENTORY = INVENTORIES / "nested.yaml"
+# LABS_NESTED_INVENTORY, with LABS_NESTED_RUN_DIR and LABS_NESTED_BASE_PORT, makes a second lab beside the first
+# (labs.nested.ci runs one); read once, so a process serves one lab
+NESTED_INVENTORY = Path(os.environ.get("LABS_NESTED_INVENTORY") or INVENTORIES / "nested.yaml")
 HOST_NAMES = ("nested-a", "nested-b")
 MTTY_PARENT = "mtty"
 MTTY_TYPE = "mtty-2"
