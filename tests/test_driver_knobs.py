@@ -261,7 +261,6 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
 
     monkeypatch.setattr(ci, "cannot_run", lambda: None)
     monkeypatch.setattr(ci, "_together", together)
-    monkeypatch.setenv("LABS_NESTED_LABS", "1")  # one lab: the stages one after the other
     monkeypatch.setattr(
         ci, "runs", lambda: [[ci.Run("*:a", ["first"], "j1.xml")], [ci.Run("*:b", ["second"], "j2.xml")]]
     )
@@ -284,7 +283,7 @@ def test_the_nested_stage_runs_its_second_stage_after_a_failing_first_and_report
     assert "exit 1" in tail[-1]
 
 
-def test_with_a_second_lab_the_host_wide_stage_goes_beside_the_others_and_both_labs_go_down(
+def test_asked_for_a_second_lab_the_host_wide_stage_goes_beside_the_others_and_both_labs_go_down(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from types import SimpleNamespace
@@ -293,7 +292,8 @@ def test_with_a_second_lab_the_host_wide_stage_goes_beside_the_others_and_both_l
 
     monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("LABS_NESTED_BASE_PORT", "30000")
-    monkeypatch.delenv("LABS_NESTED_LABS", raising=False)
+    monkeypatch.setenv("LABS_NESTED_LABS", "2")
+    monkeypatch.setattr(ci.os, "cpu_count", lambda: 4)
     lab = ci.second_lab()
     assert lab["LABS_NESTED_RUN_DIR"] == str(tmp_path / "run-2") and lab["LABS_NESTED_BASE_PORT"] == "30100"
     assert Path(lab["LABS_NESTED_INVENTORY"]).name == f"{lifecycle.NESTED_INVENTORY.stem}-2.yaml"
@@ -345,6 +345,18 @@ def test_with_a_second_lab_the_host_wide_stage_goes_beside_the_others_and_both_l
     assert ci.main([]) == 0
     assert [[r[0] for r in stage] for stage in started] == [["wide"], ["b", "c"]]
     assert "two labs need" in capsys.readouterr().out
+    # two cores: four TCG hosts slow each other past the fault windows
+    monkeypatch.setattr(ci, "_mem_available_mb", lambda: 64 * 1024)
+    monkeypatch.setattr(ci.os, "cpu_count", lambda: 2)
+    started.clear()
+    assert ci.main([]) == 0
+    assert [[r[0] for r in stage] for stage in started] == [["wide"], ["b", "c"]]
+    assert "2 CPUs, four TCG hosts need 4" in capsys.readouterr().out
+    monkeypatch.delenv("LABS_NESTED_LABS")  # not asked: one lab, nothing said
+    monkeypatch.setattr(ci.os, "cpu_count", lambda: 8)
+    started.clear()
+    assert ci.main([]) == 0
+    assert len(started) == 2 and "second lab" not in capsys.readouterr().out
 
 
 class KnobDevice:
