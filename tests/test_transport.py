@@ -256,3 +256,21 @@ def test_provisioning_again_never_rewrites_what_sshd_reads(tmp_path: Path) -> No
     lab.provision()
     assert files[0].read_text() == before[files[0]][2]
     assert not list(lab.dir.glob(".*.tmp"))
+
+
+def test_a_listener_no_pidfile_names_still_goes_down_with_its_host(tmp_path: Path) -> None:
+    """A start killed between its fork and the pidfile (`lab defects` SIGTERMed as a pytest run started its sim
+    lab) left a listening sshd behind: stop finds it by its config."""
+    from tests.conftest import write_sim_inventory
+
+    inventory = open_inventory(write_sim_inventory(tmp_path))
+    with LabSession(inventory) as session:
+        assert session.sim is not None
+        sshd = next(s for s in session.sim.sshds() if s.host == "hostA")
+        listener = sshd.pid()
+        assert listener is not None and sshd.started() == [listener]
+        sshd.pidfile.unlink()
+        assert sshd.stop()
+        assert not Path(f"/proc/{listener}").exists() and not sshd.listening()
+        assert not sshd.stop()  # nothing left to stop
+        sshd.start()  # the session's own stop finds it as usual

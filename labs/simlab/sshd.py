@@ -130,14 +130,29 @@ class SimSshd:
         self.stop()
         raise InfraError(f"sim host {self.host}: sshd did not listen on {self.address}:{self.port} in {timeout:g}s")
 
+    def started(self) -> list[int]:
+        """Every process running sshd with our config: a start killed between its fork and the pidfile leaves
+        a listener no pidfile names."""
+        needle = str(self.config).encode()
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes()
+            except OSError:
+                continue
+            if needle in text and b"sshd" in text:
+                found.append(int(cmdline.parent.name))
+        return found
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the listener and every session it spawned, like a host going down."""
         pid = self.pid()
-        if pid is None:
+        listeners = list(dict.fromkeys([pid, *self.started()] if pid is not None else self.started()))
+        if not listeners:
             self.pidfile.unlink(missing_ok=True)
             return False
         # Session processes call setsid() and outlive their listener: collect them first.
-        victims = [pid, *_descendants(pid)]
+        victims = list(dict.fromkeys(v for p in listeners for v in (p, *_descendants(p))))
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
             for victim in victims:
                 try:
