@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -270,7 +271,13 @@ def test_a_listener_no_pidfile_names_still_goes_down_with_its_host(tmp_path: Pat
         listener = sshd.pid()
         assert listener is not None and sshd.started() == [listener]
         sshd.pidfile.unlink()
-        assert sshd.stop()
+        reader = subprocess.Popen(["tail", "-f", str(sshd.config)], stdout=subprocess.DEVNULL)
+        try:
+            assert sshd.stop()
+            assert reader.poll() is None  # a program naming the file is not an sshd of it
+        finally:
+            reader.kill()
+            reader.wait()
         assert not Path(f"/proc/{listener}").exists() and not sshd.listening()
         assert not sshd.stop()  # nothing left to stop
         sshd.start()  # the session's own stop finds it as usual

@@ -165,8 +165,8 @@ def runs() -> list[list[Run]]:
 def on_two_labs(stages: list[list[Run]], lab: dict[str, str]) -> list[list[Run]]:
     """The host-wide stage on the first lab beside the second stage on the second lab: one stage.
 
-    The host-wide files must be alone on their hosts, not on the machine; with their own two hosts they
-    go beside the rest (they wait on keepalives, stalled jobs and a reboot: half the machine idle alone).
+    The host-wide files must be alone on their hosts, not on the machine: with two hosts of their own they
+    go beside the rest (alone they keep about one core busy; they wait on keepalives, stalled jobs, a reboot).
     """
     if len(stages) != 2:
         return stages

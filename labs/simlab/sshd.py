@@ -133,15 +133,19 @@ class SimSshd:
     def started(self) -> list[int]:
         """Every process running sshd with our config: a start killed between its fork and the pidfile leaves
         a listener no pidfile names."""
+        try:
+            sshd = os.path.realpath(find_sshd())
+        except InfraError:
+            return []
         needle = str(self.config).encode()
         found = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                text = cmdline.read_bytes()
+                # an editor or a grep naming the file is not one: the program must be sshd
+                if needle in (proc / "cmdline").read_bytes() and os.readlink(proc / "exe").startswith(sshd):
+                    found.append(int(proc.name))
             except OSError:
                 continue
-            if needle in text and b"sshd" in text:
-                found.append(int(cmdline.parent.name))
         return found
 
     def stop(self, timeout: float = 5.0) -> bool:
