@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from labs.cli import main
@@ -202,3 +203,40 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_sigterm_ends_a_pytest_run_through_its_teardown_no_sim_sshd_left(tmp_path: Path) -> None:
+    """pytest SIGTERMed (tox, CI, the nested stage's budget, `lab defects` ending its runs) tears down as after
+    Ctrl-C: its sim lab's sshds go with it (by default SIGTERM killed it where it stood, and they stayed)."""
+    from tests.conftest import write_sim_inventory
+
+    inventory = write_sim_inventory(tmp_path)
+    ready = tmp_path / "ready"
+    test = tmp_path / "test_waits.py"
+    test.write_text(
+        "import pathlib, time\n\n"
+        "def test_waits(lab):\n"
+        "    lab.ssh('hostA').run('true')\n"
+        f"    pathlib.Path({str(ready)!r}).touch()\n"
+        "    time.sleep(120)\n"
+    )
+    cmd = [sys.executable, "-m", "pytest", str(test), f"--inventory={inventory}", "--lab-no-doctor", "-q"]
+    proc = subprocess.Popen(
+        [*cmd, "-p", "no:randomly", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.exists(), proc.communicate(timeout=30)[0].decode()[-2000:]
+    sshds = _sshds(_descendants(proc.pid))
+    assert len(sshds) == 2, "the sim lab's two sshds are not the run's"
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-2000:]
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in sshds) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in sshds if _running(p)], "a sim sshd outlived the SIGTERMed pytest run"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
@@ -93,7 +95,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+SIGTERM_SET = pytest.StashKey[bool]()
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (tox, CI, the nested stage's budget, `lab defects` ending its runs) ends the run as Ctrl-C does,
+    # through the teardowns: by default it kills pytest where it stands, its sim sshds, VMs and locks left behind
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+        config.stash[SIGTERM_SET] = True
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     state = LabState(config)
@@ -126,6 +140,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
         state.close()
+    if config.stash.get(SIGTERM_SET, False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # -- parametrization ---------------------------------------------------------
