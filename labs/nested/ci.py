@@ -45,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 
 from labs.junit import cases as junit_cases
+from labs.lowprio import parent_death_signal
 from labs.paths import REPO_ROOT
 
 DEFAULT_SUITES = (
@@ -432,4 +433,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # tox killed (not interrupted) leaves its commands running, and the hosts would run on at full CPU: a SIGTERM
+    # then, which main turns into both labs' `down`
+    parent_death_signal(signal.SIGTERM)
     sys.exit(main(sys.argv[1:]))
