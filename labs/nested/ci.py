@@ -179,29 +179,32 @@ def second_lab() -> dict[str, str]:
     """What names the second lab: its own run dir, ports and inventory beside the first one's."""
     from labs.nested import lifecycle
 
-    inv = lifecycle.NESTED_INVENTORY
+    inv, run = lifecycle.NESTED_INVENTORY, lifecycle.run_dir()
     return {
-        "LABS_NESTED_RUN_DIR": str(lifecycle.run_dir().with_name(f"{lifecycle.run_dir().name}-2")),
+        "LABS_NESTED_RUN_DIR": str(run.with_name(f"{run.name}-2")),
         "LABS_NESTED_BASE_PORT": str(lifecycle.base_port() + 100),
         "LABS_NESTED_INVENTORY": str(inv.with_name(f"{inv.stem}-2{inv.suffix}")),
     }
 
 
+def two_labs_asked() -> bool:
+    return os.environ.get("LABS_NESTED_LABS", "1").strip() == "2"
+
+
 def no_second_lab() -> str | None:
-    """Why the second stage does not get a lab of its own (None: it does)."""
+    """Why the second stage, asked a lab of its own, does not get one (None: it does)."""
     from labs.nested import lifecycle
 
-    if os.environ.get("LABS_NESTED_LABS", "1").strip() != "2":
-        return "one lab unless LABS_NESTED_LABS=2"
     if os.environ.get("LABS_NESTED_REUSE") == "1":
         return "the run reuses a lab (LABS_NESTED_REUSE=1)"
+    hosts = 2 * lifecycle.specs()  # both labs' (the same specs, other ports)
     # a TCG host takes a core when busy; on 2 cores four of them doubled every run's time and broke a downtime
     # verdict (docs/nested-findings.md)
     cpus = os.cpu_count() or 1
-    if cpus < 2 * len(lifecycle.specs()):
-        return f"{cpus} CPUs, four TCG hosts need {2 * len(lifecycle.specs())}"
+    if cpus < len(hosts):
+        return f"{cpus} CPUs, four TCG hosts need {len(hosts)}"
     # four hosts' RAM, the first two's counted whole: they fill as their VMs run
-    need_mb = 2 * sum(s.memory_mb for s in lifecycle.specs()) + SECOND_LAB_SPARE_MB
+    need_mb = sum(s.memory_mb for s in hosts) + SECOND_LAB_SPARE_MB
     free_mb = _mem_available_mb()
     if free_mb < need_mb:
         return f"{free_mb} MB of memory available, two labs need {need_mb} MB"
@@ -359,14 +362,15 @@ def main(argv: list[str]) -> int:
         first = True
         junits: list[Path] = []
         stages = runs()
-        why_not = no_second_lab() if len(stages) == 2 else "one stage"
+        asked = two_labs_asked()
+        why_not = (no_second_lab() if len(stages) == 2 else "one stage") if asked else "not asked"
         if why_not is None:
             second = second_lab()
             if not _someone_elses(second):
                 second_up = True  # from here on the second lab is this run's to take down, whatever happens
                 if _second_up(second):
                     stages = on_two_labs(stages, second)
-        elif os.environ.get("LABS_NESTED_LABS", "").strip() == "2":
+        elif asked:
             print(f"nested: no second lab ({why_not}): the stages go one after the other", flush=True)
         for stage in stages:
             if time.monotonic() >= deadline:

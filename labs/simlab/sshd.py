@@ -150,8 +150,7 @@ class SimSshd:
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the listener and every session it spawned, like a host going down."""
-        pid = self.pid()
-        listeners = list(dict.fromkeys([pid, *self.started()] if pid is not None else self.started()))
+        listeners = self.started()  # the pidfile's listener among them
         if not listeners:
             self.pidfile.unlink(missing_ok=True)
             return False
