@@ -28,6 +28,7 @@ from labs.virt.migrate import JobSample, MigrationHung, MigrationOptions, Migrat
 from labs.virt.sequence import (
     FAILED_DESTINATION,
     FAILED_SOURCE,
+    LOST_RESUME,
     MIGRATED_DESTINATION,
     MIGRATED_SOURCE,
     EventPattern,
@@ -77,14 +78,22 @@ class Leg:
 
     @property
     def stack_issues(self) -> list[str]:
-        """libvirt's known issue where the record it kept was this VM's own (left by this test's failed job)."""
-        if self.released is None or self.released.domain != self.result.domain:
-            return []
-        return [
-            f"known issue of libvirt ({self.released}): a domain taken away without its stop keeps its mdev "
-            "reserved (seen after a destroy racing the incoming finish); released by a start under its name "
-            "[docs/nested-findings.md: destroy during finish, 2026-12-05]"
-        ]
+        """Known issues of libvirt and QEMU this leg met: the record libvirt kept was this VM's own (left by this
+        test's failed job); libvirt's resume of the failed job's source lost to QEMU's own."""
+        out = []
+        if self.released is not None and self.released.domain == self.result.domain:
+            out.append(
+                f"known issue of libvirt ({self.released}): a domain taken away without its stop keeps its mdev "
+                "reserved (seen after a destroy racing the incoming finish); released by a start under its name "
+                "[docs/nested-findings.md: destroy during finish, 2026-12-05]"
+            )
+        if not self.result.ok and self.events and LOST_RESUME in tokens(self.events.get("source", [])):
+            out.append(
+                f"known issue of libvirt with QEMU: {self.source}'s libvirt failed to resume the guest after the "
+                f"failed job ({LOST_RESUME}), QEMU resumed it by itself [docs/nested-findings.md: a lost resume, "
+                "2026-12-05]"
+            )
+        return out
 
     @property
     def expectation(self) -> LegExpectation:

@@ -59,7 +59,10 @@ NOTHING = EventPattern("", "")
 # incoming QEMU starts (paused) and resumes
 MIGRATED_SOURCE = seq(ev("suspended/migrated"), ev("stopped/migrated"))
 MIGRATED_DESTINATION = seq(ev("started/migrated"), many(ev("resumed/migrated")))
+# libvirt's resume of a failed job's source can reach QEMU while it still finishes the job ("Migration is not
+# finalized yet"): libvirt marks the guest paused by an API error, then QEMU's own restart resumes it
+LOST_RESUME = "suspended/api_error"
 # A failed one that the source survives: paused for the switchover at most, then resumed; the incoming
 # QEMU, if it was started, is stopped again (never resumed)
-FAILED_SOURCE = opt(ev("suspended/migrated"), many(ev("resumed/(migrated|unpaused)")))
+FAILED_SOURCE = opt(ev("suspended/migrated"), opt(ev(LOST_RESUME)), many(ev("resumed/(migrated|unpaused)")))
 FAILED_DESTINATION = opt(ev("started/migrated"), ev("stopped/(failed|crashed|destroyed)"))
