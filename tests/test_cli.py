@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +15,11 @@ from click.testing import CliRunner
 
 from labs.cli import main
 from labs.paths import INVENTORIES, REPO_ROOT
+
+# a hang guard, never a speed: at nice 19 beside the nested lab's boot (`./lab test`) a run gets almost no CPU
+# for minutes; a child that must outlive the guard when the behaviour under test is missing sleeps FOREVER_S
+HANG_S = 600.0
+FOREVER_S = 3600
 
 
 def lab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -113,13 +119,13 @@ def test_lowprio_runs_the_command_niced_in_a_session_of_its_own(tmp_path: Path) 
 
 
 def test_lowprio_passes_a_signal_on_and_says_what_cannot_run() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "labs.lowprio", "sleep", "60"], cwd=REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "labs.lowprio", "sleep", str(FOREVER_S)], cwd=REPO_ROOT)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not children.read_text().strip() and time.monotonic() < deadline:  # its handlers come before the child
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGTERM
     res = subprocess.run(
         [sys.executable, "-m", "labs.lowprio", "no-such-command-here"], cwd=REPO_ROOT, capture_output=True, text=True
     )
@@ -129,17 +135,21 @@ def test_lowprio_passes_a_signal_on_and_says_what_cannot_run() -> None:
 def test_lowprio_ends_the_command_when_its_caller_dies_without_a_word(tmp_path: Path) -> None:
     """The command has a session of its own: a caller killed outright (tox SIGKILLed) must not leave it running."""
     pidfile = tmp_path / "pid"
-    wrapped = f"{sys.executable} -m labs.lowprio sh -c 'echo $$ > {pidfile}; exec sleep 120'"
+    wrapped = f"{sys.executable} -m labs.lowprio sh -c 'echo $$ > {pidfile}; exec sleep {FOREVER_S}'"
     caller = subprocess.Popen(["sh", "-c", f"{wrapped} & wait"], cwd=REPO_ROOT)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.1)
     command = int(pidfile.read_text())
     caller.kill()
     caller.wait()
-    while Path(f"/proc/{command}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{command}").exists(), "the command outlived its caller"
+    deadline = time.monotonic() + HANG_S
+    try:
+        while Path(f"/proc/{command}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{command}").exists(), "the command outlived its caller"
+    finally:
+        _kill({command}, b"sleep")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -176,7 +186,7 @@ def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline, sshds = time.monotonic() + 120, set[int]()
+    deadline, sshds = time.monotonic() + HANG_S, set[int]()
     while len(sshds) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
         sshds = _sshds(_descendants(proc.pid))
@@ -187,14 +197,24 @@ def test_sigterm_ends_a_command_with_its_cleanup_no_sim_sshd_left() -> None:
     work = Path(found.group(1).decode())
     everything = _descendants(proc.pid)  # the sshds, the pytest runs, their agents
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    # its own deadline: a start that took most of the first one (nice 19 beside the nested lab) leaves no wait
-    deadline = time.monotonic() + 30
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + HANG_S
     while any(_running(p) for p in everything) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in sshds if _running(p)], "a sim sshd outlived `lab defects`"
     assert not [p for p in everything if _running(p)], "a process outlived `lab defects`"
     assert not work.exists(), f"{work} outlived `lab defects`"
+
+
+def _kill(pids: set[int], mark: bytes) -> None:
+    """What a failed test leaves running goes down with it: those still running with `mark` on their command line
+    (a gone one's pid may be another process's by now)."""
+    for pid in pids:
+        try:
+            if _running(pid) and mark in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def _running(pid: int) -> bool:
@@ -218,7 +238,7 @@ def test_sigterm_ends_a_pytest_run_through_its_teardown_no_sim_sshd_left(tmp_pat
         "def test_waits(lab):\n"
         "    lab.ssh('hostA').run('true')\n"
         f"    pathlib.Path({str(ready)!r}).touch()\n"
-        "    time.sleep(120)\n"
+        f"    time.sleep({FOREVER_S})\n"
     )
     cmd = [sys.executable, "-m", "pytest", str(test), f"--inventory={inventory}", "--lab-no-doctor", "-q"]
     proc = subprocess.Popen(
@@ -227,16 +247,25 @@ def test_sigterm_ends_a_pytest_run_through_its_teardown_no_sim_sshd_left(tmp_pat
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ready.exists(), proc.communicate(timeout=30)[0].decode()[-2000:]
     sshds = _sshds(_descendants(proc.pid))
-    assert len(sshds) == 2, "the sim lab's two sshds are not the run's"
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-2000:]
-    deadline = time.monotonic() + 30
-    while any(_running(p) for p in sshds) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in sshds if _running(p)], "a sim sshd outlived the SIGTERMed pytest run"
+    if not ready.exists():
+        proc.kill()
+        _kill(sshds, b"sshd_config")
+        pytest.fail(f"the run never reached its test: {proc.communicate()[0].decode()[-2000:]}")
+    try:
+        assert len(sshds) == 2, "the sim lab's two sshds are not the run's"
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=HANG_S)[0].decode()
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED, out[-2000:]
+        deadline = time.monotonic() + HANG_S
+        while any(_running(p) for p in sshds) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in sshds if _running(p)], "a sim sshd outlived the SIGTERMed pytest run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _kill(sshds, b"sshd_config")
