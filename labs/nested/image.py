@@ -2,7 +2,8 @@
 
 The build runs in stages inside one cache directory (see recipe.image_dir):
 debootstrap, packages (apt in a chroot), mtty (kbuild against the image's own
-kernel headers), configure, then pack (ext4 via `mkfs.ext4 -d`, no loop mount,
+kernel headers), configure, outer (the image's QEMU copied out beside it to run
+the hosts, labs.nested.outer), then pack (ext4 via `mkfs.ext4 -d`, no loop mount,
 converted to qcow2). Each stage leaves a marker, so an interrupted build picks
 up where it stopped; `manifest.json` is written last and marks a usable image.
 Everything comes from the Debian mirror through debootstrap and apt.
@@ -25,6 +26,7 @@ from typing import Protocol
 from filelock import FileLock, Timeout
 
 from labs.errors import InfraError
+from labs.nested.outer import COPY_SCRIPT, OUTER_DIR, STAGED
 from labs.nested.recipe import GUEST_DIR, Recipe, image_dir
 
 
@@ -59,7 +61,7 @@ class BaseImage:
 
 MANIFEST = "manifest.json"
 GUEST_SOURCES_DIR = "/usr/local/share/labs-guest"  # in the image: labs/nested/guest, run by the build
-STAGES = ("debootstrap", "packages", "mtty", "configure", "pack")
+STAGES = ("debootstrap", "packages", "mtty", "configure", "outer", "pack")
 
 # Runs first at boot: takes this host's identity (hostname, SSH keys, addresses)
 # from the read-only seed disk that vm.py makes at `up` time, so one base image
@@ -296,6 +298,7 @@ class Builder:
             "packages": self.packages,
             "mtty": self.mtty,
             "configure": self.configure,
+            "outer": self.outer,
             "pack": self.pack,
         }
         for name in STAGES:
@@ -478,6 +481,14 @@ class Builder:
         shutil.copy(root / f"boot/vmlinuz-{kver}", self.out / "vmlinuz")
         shutil.copy(root / f"boot/initrd.img-{kver}", self.out / "initrd.img")
         (self.work / "kernel_version").write_text(kver)
+
+    def outer(self) -> None:
+        self.reporter.stage("copy out the outer QEMU", total=None)
+        self.chroot("sh", "-c", COPY_SCRIPT)
+        dest = self.out / OUTER_DIR
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(self.root / STAGED, dest)
 
     def pack(self) -> None:
         size = f"{self.recipe.image_size_gb}G"

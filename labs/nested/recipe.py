@@ -138,7 +138,7 @@ class Recipe:
         "ClientAliveInterval 30",
     )
     # Bumped by hand when image.py changes how it assembles the image.
-    builder_version: int = 3
+    builder_version: int = 4
     mirror: str = field(default_factory=default_mirror)
 
     def as_dict(self) -> dict[str, object]:

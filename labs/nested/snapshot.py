@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from labs.errors import InfraError
+from labs.nested import outer
 from labs.nested.image import BaseImage
 from labs.nested.qmp import Qmp
 from labs.nested.recipe import cache_root
@@ -90,11 +91,11 @@ def enabled() -> bool:
 
 
 @functools.cache
-def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
+def qemu_version(qemu: tuple[str, ...] = (outer.BINARY,)) -> str:
     try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([*qemu, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise InfraError(f"{qemu} --version failed: {exc}") from None
+        raise InfraError(f"{' '.join(qemu)} --version failed: {exc}") from None
     return out.splitlines()[0] if out else ""
 
 
@@ -107,7 +108,7 @@ def key_inputs(image: BaseImage, specs: list[VmSpec], setup: str) -> dict[str, A
         "image": image.dir.name,
         "image_manifest": hashlib.sha256((image.dir / "manifest.json").read_bytes()).hexdigest(),
         "image_disk": [str(image.disk), stat.st_size, stat.st_mtime_ns],
-        "qemu": qemu_version(),
+        "qemu": qemu_version(tuple(outer.command(image.dir))),
         "argv": [qemu_argv(s, image, VmPaths(Path("/run") / s.name)) for s in portless],
         "link_net": LINK_NET,
         "setup": setup,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labs.errors import InfraError
+from labs.nested import outer
 from labs.nested.image import BaseImage
 
 LINK_NET = "192.168.123"
@@ -116,14 +117,14 @@ def kernel_cmdline(spec: VmSpec) -> str:
     return f"root=/dev/vda rw console=ttyS0,115200 panic=-1 mitigations=off labs.host={spec.name}"
 
 
-def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths, qemu: str = "qemu-system-x86_64") -> list[str]:
+def qemu_argv(spec: VmSpec, image: BaseImage, paths: VmPaths) -> list[str]:
     # one TCG thread for all vCPUs: multi-threaded TCG races the guest's live code patching (docs/incidents.md)
     accel = "kvm" if spec.accel == "kvm" else "tcg,thread=single,tb-size=256"
     # no CMPXCHG16B under TCG: the controller's QEMU 7.2 left garbage EFLAGS (TF set) after the guest kernel's SLUB
     # fast path used it, a double fault twice (docs/incidents.md); without it the kernel takes SLUB's locked path
     cpu = "host" if spec.accel == "kvm" else "max,cx16=off"
     return [
-        qemu,
+        *outer.command(image.dir),
         "-name", f"{spec.name},process=labs-{spec.name}",
         "-machine", "q35",
         "-accel", accel,

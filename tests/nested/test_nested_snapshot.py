@@ -23,7 +23,7 @@ from labs.nested import lifecycle as lab
 def base(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> image.BaseImage:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "run"))
-    monkeypatch.setattr(snapshot, "qemu_version", lambda: "QEMU emulator version 7.2.22")
+    monkeypatch.setattr(snapshot, "qemu_version", lambda *_: "QEMU emulator version 7.2.22")
     d = tmp_path / "img" / "0123456789abcdef"
     d.mkdir(parents=True)
     for name in ("base.qcow2", "vmlinuz", "initrd.img"):
@@ -53,7 +53,7 @@ def test_key_follows_the_image_bytes_qemu_and_setup(base: image.BaseImage, monke
     base.disk.write_bytes(b"rebuilt")  # same recipe, other bytes under the saved disk
     second = key(base)
     assert second != first
-    monkeypatch.setattr(snapshot, "qemu_version", lambda: "QEMU emulator version 8.2.0")
+    monkeypatch.setattr(snapshot, "qemu_version", lambda *_: "QEMU emulator version 8.2.0")
     assert key(base) != second
     specs = lab.specs()
     assert snapshot.snapshot_key(base, specs, lab.host_setup() + "more") != snapshot.snapshot_key(

@@ -17,7 +17,7 @@ from labs import models
 from labs.errors import InfraError
 from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
-from labs.nested import image, lifecycle, recipe, vm
+from labs.nested import image, lifecycle, outer, recipe, vm
 from suites.conformance.conftest import peer_of
 
 
@@ -114,6 +114,21 @@ def test_qemu_argv_tcg(tmp_path: Path) -> None:
     # every path the VM uses is under its run dir, so `pid()` can recognise the process
     assert str(paths.dir) in joined
     assert "labs.host=nested-a" in argv[argv.index("-append") + 1]
+
+
+def test_the_hosts_run_under_the_images_own_qemu_where_the_build_copied_it(tmp_path: Path) -> None:
+    spec = vm.VmSpec("nested-a", 1, ssh_port=1, link_port=2, peer_link_port=3)
+    paths = vm.VmPaths(tmp_path / "nested-a")
+    outer_dir = tmp_path / outer.OUTER_DIR
+    (outer_dir / "lib").mkdir(parents=True)
+    (outer_dir / outer.BINARY).write_text("")
+    assert vm.qemu_argv(spec, fake_image(tmp_path), paths)[0] == "qemu-system-x86_64", "no loader: the controller's"
+    (outer_dir / "lib" / outer.LOADER).write_text("")
+    argv = vm.qemu_argv(spec, fake_image(tmp_path), paths)
+    # the image's loader runs the image's binary on the image's libraries, with the image's firmware first
+    assert argv[:5] == [str(outer_dir / "lib" / outer.LOADER), "--library-path", str(outer_dir / "lib"),
+                        str(outer_dir / outer.BINARY), "-L"]  # fmt: skip
+    assert argv[5] == str(outer_dir / "share") and argv[6:8] == ["-name", "nested-a,process=labs-nested-a"]
 
 
 def test_qemu_argv_kvm(tmp_path: Path) -> None:
