@@ -213,7 +213,7 @@ def _kill(pids: set[int], mark: bytes) -> None:
         try:
             if _running(pid) and mark in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone meanwhile (ProcessLookupError among them)
             pass
 
 

@@ -362,16 +362,16 @@ def main(argv: list[str]) -> int:
         first = True
         junits: list[Path] = []
         stages = runs()
-        asked = two_labs_asked()
-        why_not = (no_second_lab() if len(stages) == 2 else "one stage") if asked else "not asked"
-        if why_not is None:
-            second = second_lab()
-            if not _someone_elses(second):
-                second_up = True  # from here on the second lab is this run's to take down, whatever happens
-                if _second_up(second):
-                    stages = on_two_labs(stages, second)
-        elif asked:
-            print(f"nested: no second lab ({why_not}): the stages go one after the other", flush=True)
+        if two_labs_asked():
+            why_not = no_second_lab() if len(stages) == 2 else "one stage"
+            if why_not is not None:
+                print(f"nested: no second lab ({why_not}): the stages go one after the other", flush=True)
+            else:
+                second = second_lab()
+                if not _someone_elses(second):
+                    second_up = True  # from here on the second lab is this run's to take down, whatever happens
+                    if _second_up(second):
+                        stages = on_two_labs(stages, second)
         for stage in stages:
             if time.monotonic() >= deadline:
                 print(f"nested: the run's budget ({budget():g}s) is spent; not starting the next stage", flush=True)

@@ -91,7 +91,7 @@ def enabled() -> bool:
 
 
 @functools.cache
-def qemu_version(qemu: tuple[str, ...] = (outer.BINARY,)) -> str:
+def qemu_version(qemu: tuple[str, ...]) -> str:
     try:
         out = subprocess.run([*qemu, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:

@@ -155,7 +155,7 @@ class SimSshd:
             self.pidfile.unlink(missing_ok=True)
             return False
         # Session processes call setsid() and outlive their listener: collect them first.
-        victims = list(dict.fromkeys(v for p in listeners for v in (p, *_descendants(p))))
+        victims = list(dict.fromkeys([*listeners, *_descendants(listeners)]))
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
             for victim in victims:
                 try:
@@ -172,7 +172,8 @@ class SimSshd:
         return True
 
 
-def _descendants(root: int) -> list[int]:
+def _descendants(roots: list[int]) -> list[int]:
+    """Every process below `roots`, from one pass over /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -181,7 +182,7 @@ def _descendants(root: int) -> list[int]:
         except (OSError, IndexError):
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root]
+    out, todo = [], list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)
