@@ -83,6 +83,11 @@ FRAMES_OUT = frozenset(["data_read", "v1_save", "blob"])
 FRAME_HDR = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 DEFAULT_CHUNK = 1 << 20
+# Linux's fcntl numbers (Python has the names from 3.10 on)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# a whole frame in the pipe to sshd: the device's next read overlaps the sending of this one
+PIPE_BYTES = DEFAULT_CHUNK
 
 
 class ProtocolError(Exception):
@@ -105,6 +110,7 @@ class Wire(object):
         self.wfd = wfd
         self.buf = bytearray()
         self.wlock = threading.Lock()
+        self.pipe_bytes = [None, None]  # stdin's and stdout's pipe buffers (widen_pipes)
 
     def _fill(self):
         data = os.read(self.rfd, 1 << 20)
@@ -423,6 +429,7 @@ class Agent(object):
             "sim_dir": os.environ.get("LABS_SIM_DIR"),
             "dev_vfio": os.path.isdir("/dev/vfio"),
             "vfio_cdev": os.path.isdir("/dev/vfio/devices"),
+            "pipe_bytes": self.wire.pipe_bytes,
         }
 
     def op_ping(self, args):
@@ -903,8 +910,19 @@ def _add_sys_path(entries):
     sys.path[0:0] = [e for e in entries or [] if e not in sys.path]
 
 
+def widen_pipe(fd, size=PIPE_BYTES):
+    """The fd's pipe buffer raised to `size`; its size after, or None where it is not a pipe."""
+    try:
+        if fcntl.fcntl(fd, F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except (OSError, IOError):  # a socket or a tty; or over pipe-max-size: the default buffer stays
+        return None
+
+
 def main():
     wire = Wire(0, 1)
+    wire.pipe_bytes = [widen_pipe(0), widen_pipe(1)]
     agent = Agent(wire)
 
     def _terminate(signum, _frame):
