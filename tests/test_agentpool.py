@@ -30,11 +30,11 @@ def test_an_agent_is_lent_to_one_borrower_and_reused(lab: LabSession) -> None:
 
 
 def test_an_agent_over_ssh_sends_through_a_pipe_a_frame_wide(lab: LabSession) -> None:
-    """sshd hands the agent pipes (not sockets): widened, a frame waits there while the next is read."""
+    """sshd hands the agent a pipe (not a socket): widened, a frame waits there while the next is read."""
     from labs.vfio import agent
 
     with agent_for(lab, "hostA") as client:
-        assert client.info["pipe_bytes"] == [agent.PIPE_BYTES, agent.PIPE_BYTES]
+        assert client.info["pipe_bytes"] == agent.PIPE_BYTES
 
 
 def test_a_dead_agent_is_not_lent_again(lab: LabSession) -> None:

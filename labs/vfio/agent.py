@@ -86,7 +86,8 @@ DEFAULT_CHUNK = 1 << 20
 # Linux's fcntl numbers (Python has the names from 3.10 on)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-# a whole frame in the pipe to sshd: the device's next read overlaps the sending of this one
+# a whole frame in the pipe to sshd: the device's next read overlaps the sending of this one. Stdout
+# only: resumes gained nothing measurable from a wider stdin, and a non-root user's pipes share a quota
 PIPE_BYTES = DEFAULT_CHUNK
 
 
@@ -110,7 +111,7 @@ class Wire(object):
         self.wfd = wfd
         self.buf = bytearray()
         self.wlock = threading.Lock()
-        self.pipe_bytes = [None, None]  # stdin's and stdout's pipe buffers (widen_pipes)
+        self.pipe_bytes = None  # stdout's pipe buffer (widen_pipe)
 
     def _fill(self):
         data = os.read(self.rfd, 1 << 20)
@@ -911,7 +912,7 @@ def _add_sys_path(entries):
 
 
 def widen_pipe(fd, size=PIPE_BYTES):
-    """The fd's pipe buffer raised to `size`; its size after, or None where it is not a pipe."""
+    """The fd's pipe buffer raised to `size`; its size after, or None where it is not a pipe (or stays as it was)."""
     try:
         if fcntl.fcntl(fd, F_GETPIPE_SZ) < size:
             fcntl.fcntl(fd, F_SETPIPE_SZ, size)
@@ -922,7 +923,7 @@ def widen_pipe(fd, size=PIPE_BYTES):
 
 def main():
     wire = Wire(0, 1)
-    wire.pipe_bytes = [widen_pipe(0), widen_pipe(1)]
+    wire.pipe_bytes = widen_pipe(1)
     agent = Agent(wire)
 
     def _terminate(signum, _frame):
