@@ -15,6 +15,11 @@ from labs.simlab import generate
 
 pytest_plugins = ["pytester"]
 
+# a hang guard, never a speed: at nice 19 beside the nested lab's boot (`./lab test`) a run gets almost no CPU
+# for minutes; a child that must outlive the guard when the behaviour under test is missing sleeps FOREVER_S
+HANG_S = 600.0
+FOREVER_S = 3600
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _own_image_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

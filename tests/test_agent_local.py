@@ -21,6 +21,7 @@ from labs.vfio.client import (
     copy_stream,
 )
 from labs.vfio.device import DeviceHandle
+from tests.conftest import FOREVER_S, HANG_S
 
 V2 = "labs.sim.v2:V2Driver"
 
@@ -78,9 +79,9 @@ def test_watchdog_kills_a_stuck_op() -> None:
     assert isinstance(duplex, SubprocessDuplex)
     start = time.monotonic()
     with pytest.raises(AgentWatchdogError, match="no progress"):
-        client.call("sleep", seconds=30, timeout=0.3)
-    assert time.monotonic() - start < 5
-    assert duplex.proc.wait(timeout=5) == 3
+        client.call("sleep", seconds=FOREVER_S, timeout=0.3)
+    assert time.monotonic() - start < HANG_S  # the watchdog ended it, not the sleep
+    assert duplex.proc.wait(timeout=HANG_S) == 3
     with pytest.raises(AgentInfraError):
         client.ping()
     client.close()
@@ -109,7 +110,7 @@ def test_device_is_exclusive_and_released_on_eof(tmp_path: Path) -> None:
         duplex = first.duplex
         assert isinstance(duplex, SubprocessDuplex) and duplex.proc.stdin is not None
         duplex.proc.stdin.close()  # the controller vanished: no shutdown op, only EOF
-        assert duplex.proc.wait(timeout=5) == 0
+        assert duplex.proc.wait(timeout=HANG_S) == 0
         first.kill()
         again = DeviceHandle.open_sim(second, V2, str(tmp_path), name="d")
         assert again.state() == "RUNNING"
@@ -126,7 +127,7 @@ def test_signals_close_everything(tmp_path: Path, how: str) -> None:
     DeviceHandle.open_sim(client, V2, str(tmp_path), name="d")
     assert isinstance(client.duplex, SubprocessDuplex)
     getattr(client.duplex.proc, how)()
-    client.duplex.proc.wait(timeout=5)
+    client.duplex.proc.wait(timeout=HANG_S)
     client.kill()
     with AgentClient.local("u") as other:
         DeviceHandle.open_sim(other, V2, str(tmp_path), name="d").close()

@@ -15,11 +15,7 @@ from click.testing import CliRunner
 
 from labs.cli import main
 from labs.paths import INVENTORIES, REPO_ROOT
-
-# a hang guard, never a speed: at nice 19 beside the nested lab's boot (`./lab test`) a run gets almost no CPU
-# for minutes; a child that must outlive the guard when the behaviour under test is missing sleeps FOREVER_S
-HANG_S = 600.0
-FOREVER_S = 3600
+from tests.conftest import FOREVER_S, HANG_S
 
 
 def lab(*args: str) -> subprocess.CompletedProcess[str]:

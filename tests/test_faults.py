@@ -36,6 +36,7 @@ from labs.transport import Result
 from labs.vfio.client import AgentInfraError, AgentOSError
 from labs.virt.domain import hypervisor
 from labs.virt.xml import DomainSpec
+from tests.conftest import FOREVER_S, HANG_S
 
 UUID = "0b0c5a3e-7c1d-4c8e-9a57-6d1f0e2b3c4d"
 RUN = "labs-20261125-010203-abc123"
@@ -357,14 +358,14 @@ def test_only_an_errno_from_the_device_is_a_refusal() -> None:
 
 
 def test_kill_destination_qemu_kills_by_pid(sim_session: LabSession, tmp_path: Path) -> None:
-    proc = subprocess.Popen(["sleep", "300"])
+    proc = subprocess.Popen(["sleep", str(FOREVER_S)])
     try:
         (tmp_path / "labs-x-dom.pid").write_text(f"{proc.pid}\n")
         fault = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-dom", pid_dir=str(tmp_path))
         if os.geteuid() != 0 and sim_session.inventory.host("hostB").spec.sudo:
             pytest.skip("needs to signal our own process without sudo")
         fault.inject()
-        assert proc.wait(timeout=10) == -9
+        assert proc.wait(timeout=HANG_S) == -9
         fault.undo()
         assert fault.record.actions[0] == f"kill -9 {proc.pid} (QEMU of labs-x-dom) on hostB"
         missing = KillDestinationQemu(sim_session.ssh("hostB"), "labs-x-none", pid_dir=str(tmp_path), wait=0.3)

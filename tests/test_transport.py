@@ -16,6 +16,7 @@ from labs.session import LabSession, open_inventory
 from labs.simlab import keys
 from labs.simlab.sshd import SimSshd
 from labs.transport import CommandFailed, ConnectionLost, HostConnection, HostKeyError
+from tests.conftest import HANG_S
 
 
 def fresh_connection(session: LabSession, host: str, **changes: object) -> HostConnection:
@@ -171,7 +172,7 @@ def test_jump_host(sim_session: LabSession) -> None:
     transport = conn.client().get_transport()
     assert transport is not None and transport.is_active()
     jump.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + HANG_S
     while transport.is_active() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not transport.is_active()

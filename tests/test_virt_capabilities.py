@@ -6,6 +6,7 @@ from labs.session import LabSession
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import hypervisor
 from labs.virt.xml import DomainSpec
+from tests.conftest import HANG_S
 
 
 def test_test_driver_saves_but_cannot_migrate(sim_session: LabSession) -> None:
@@ -35,9 +36,9 @@ def test_lifecycle_events_are_collected(sim_session: LabSession) -> None:
     vm = hv.define(DomainSpec(name, virt_type=hv.virt_type))
     try:
         vm.start()
-        assert hv.events.wait_for(name, "started", since=mark, timeout=5)
+        assert hv.events.wait_for(name, "started", since=mark, timeout=HANG_S)
         vm.destroy()
-        assert hv.events.wait_for(name, "stopped", since=mark, timeout=5)
+        assert hv.events.wait_for(name, "stopped", since=mark, timeout=HANG_S)
     finally:
         vm.remove()
     assert [e.event for e in hv.events.since(mark, name)][:3] == ["defined", "started", "stopped"]
