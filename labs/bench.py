@@ -44,6 +44,36 @@ def _cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def proc_cpu_s(pid: int) -> float:
+    """A local process's CPU seconds so far, user and system (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sshd_of(pid: int) -> int:
+    """The sshd process a local process runs under (its connection's: the one that ciphers its channels)."""
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.index("(") + 1 : stat.rindex(")")].startswith("sshd"):
+            return pid
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    raise LookupError("not under an sshd")
+
+
+class CpuSplit:
+    """CPU seconds per GiB moved by process: the controller (all its threads), the agent, its connection's sshd."""
+
+    def __init__(self, agent_pid: int) -> None:
+        self.pids = {"agent": agent_pid, "sshd": sshd_of(agent_pid)}
+
+    def now(self) -> dict[str, float]:
+        return {"controller": time.process_time(), **{k: proc_cpu_s(p) for k, p in self.pids.items()}}
+
+    @staticmethod
+    def per_gib(before: dict[str, float], after: dict[str, float], moved: int) -> dict[str, float]:
+        return {k: round((after[k] - before[k]) / (moved / (1 << 30)), 2) for k in before}
+
+
 def machine_busy(since: tuple[int, int]) -> float:
     """The fraction of all cores' time spent busy since `since` (1.0: every core all the time)."""
     busy, total = _cpu_ticks()
@@ -110,12 +140,22 @@ def bench_agent(tmp: Path, ops: int = 200) -> dict[str, Any]:
             result["agent_op_ms"] = _summary(_times(agent.ping, ops))
             result["agent_stream_mbps"] = round(agent.frames("blob", length=256 << 20).drain().mbps, 1)
             ticks = _cpu_ticks()
-            rounds = []
+            split = CpuSplit(int(agent.info["pid"]))
+            rounds, cpu = [], []
             for _ in range(STREAM_ROUNDS):  # one round's ratio ranged 1.0-1.8x on an idle machine
+                t0 = split.now()
                 saved = _device_save(agent, ssh.name)
+                t1 = split.now()
                 # the raw copy right after the save, so both meet the same machine load
                 rounds.append((saved, _raw_copy_mbps(ssh, 1 << 30)))
+                t2 = split.now()
+                cpu.append((split.per_gib(t0, t1, saved["bytes"]), split.per_gib(t1, t2, 1 << 30)))
             result["stream_machine_busy"] = machine_busy(ticks)
+            # where the ratio comes from on a sim lab: every process here shares the controller's cores
+            result["stream_cpu_s_per_gib"] = {
+                what: {k: statistics.median(c[i][k] for c in cpu) for k in cpu[0][i]}
+                for i, what in enumerate(("save", "raw"))
+            }
         result["stream_rounds"] = [{"save_mbps": s["mbps"], "raw_mbps": r} for s, r in rounds]
         result["device_save_1gib"] = {
             "bytes": rounds[0][0]["bytes"],
@@ -388,6 +428,16 @@ def headline(results: dict[str, Any]) -> list[tuple[str, str]]:
                 f"before {BASELINES['stream']}",
             )
         )
+        split = agent.get("stream_cpu_s_per_gib")
+        if split:
+            s, r = split["save"], split["raw"]
+            rows.append(
+                (
+                    "CPU-s per GiB, save vs raw copy (controller + agent with the sim device + sshd)",
+                    f"{s['controller']} + {s['agent']} + {s['sshd']} = {round(sum(s.values()), 2)} vs "
+                    f"{r['controller']} + {r['agent']} + {r['sshd']} = {round(sum(r.values()), 2)}",
+                )
+            )
     ups: dict[str, Any] = (results.get("up") or {}).get("runs") or {}
     for name, label, base in (("warm", "restored", "warm_up"), ("boot", "booted, no snapshot", "warm_up")):
         u = ups.get(name)

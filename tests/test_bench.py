@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from labs import bench
+from labs.agentpool import agent_for
 from labs.bench import headline
+from labs.session import LabSession
 
 
 def test_headline_rows_from_each_step() -> None:
@@ -29,7 +31,9 @@ def test_headline_rows_from_each_step() -> None:
 def test_headline_shows_new_figures_beside_their_baselines() -> None:
     results = {
         "agent": {"agent_op_ms": {"p50": 0.3, "p95": 0.4}, "ssh_exec_per_op_ms": {"p50": 100, "p95": 130},
-                  "device_save_1gib": {"mbps": 100.0}, "raw_ssh_copy_mbps": 110.0, "stream_ratio": 1.1},
+                  "device_save_1gib": {"mbps": 100.0}, "raw_ssh_copy_mbps": 110.0, "stream_ratio": 1.1,
+                  "stream_cpu_s_per_gib": {"save": {"controller": 3.0, "agent": 1.5, "sshd": 1.0},
+                                           "raw": {"controller": 1.8, "agent": 0.0, "sshd": 1.1}}},
         "up": {"runs": {"first": {"wall_s": 120.0, "how": "booted"}, "warm": {"wall_s": 9.5, "how": "restored"},
                         "boot": {"wall_s": 95.0, "how": "booted"}}},
     }  # fmt: skip
@@ -38,8 +42,25 @@ def test_headline_shows_new_figures_beside_their_baselines() -> None:
         "1.1x (100.0 vs 110.0 MB/s, median of 1); before 2.1x (118 vs 251 MB/s)"
     )
     assert rows["nested lab `up`, restored"] == "9.5 s (restored); before 73-90 s (booted)"
+    assert rows["CPU-s per GiB, save vs raw copy (controller + agent with the sim device + sshd)"] == (
+        "3.0 + 1.5 + 1.0 = 5.5 vs 1.8 + 0.0 + 1.1 = 2.9"
+    )
     assert rows["nested lab `up`, booted, no snapshot"].startswith("95.0 s (booted)")
     assert rows["nested lab `up` booted and saved (first after a build)"] == "120.0 s"
+
+
+def test_the_stream_cpu_split_counts_the_agent_and_the_sshd_of_its_connection(sim_session: LabSession) -> None:
+    with agent_for(sim_session, "hostA") as client:
+        split = bench.CpuSplit(int(client.info["pid"]))
+        sshd = Path(f"/proc/{split.pids['sshd']}/comm").read_text()
+        assert sshd.startswith("sshd") and split.pids["sshd"] != split.pids["agent"]
+        before = split.now()
+        client.frames("blob", length=64 << 20).drain()
+        after = split.now()
+    per_gib = bench.CpuSplit.per_gib(before, after, 64 << 20)
+    assert set(per_gib) == {"controller", "agent", "sshd"}
+    assert per_gib["sshd"] > 0  # it ciphered the 64 MiB: its CPU, read from /proc, moved
+    assert bench.CpuSplit.per_gib({"agent": 1.0}, {"agent": 1.5}, 1 << 29) == {"agent": 1.0}
 
 
 def test_lab_test_records_its_time_and_each_environments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
