@@ -141,7 +141,8 @@ def bench_agent(tmp: Path, ops: int = 200) -> dict[str, Any]:
             result["agent_stream_mbps"] = round(agent.frames("blob", length=256 << 20).drain().mbps, 1)
             ticks = _cpu_ticks()
             split = CpuSplit(int(agent.info["pid"]))
-            rounds, cpu = [], []
+            rounds = []
+            cpu: dict[str, list[dict[str, float]]] = {"save": [], "raw": []}
             for _ in range(STREAM_ROUNDS):  # one round's ratio ranged 1.0-1.8x on an idle machine
                 t0 = split.now()
                 saved = _device_save(agent, ssh.name)
@@ -149,12 +150,12 @@ def bench_agent(tmp: Path, ops: int = 200) -> dict[str, Any]:
                 # the raw copy right after the save, so both meet the same machine load
                 rounds.append((saved, _raw_copy_mbps(ssh, 1 << 30)))
                 t2 = split.now()
-                cpu.append((split.per_gib(t0, t1, saved["bytes"]), split.per_gib(t1, t2, 1 << 30)))
+                cpu["save"].append(split.per_gib(t0, t1, saved["bytes"]))
+                cpu["raw"].append(split.per_gib(t1, t2, 1 << 30))
             result["stream_machine_busy"] = machine_busy(ticks)
             # where the ratio comes from on a sim lab: every process here shares the controller's cores
             result["stream_cpu_s_per_gib"] = {
-                what: {k: statistics.median(c[i][k] for c in cpu) for k in cpu[0][i]}
-                for i, what in enumerate(("save", "raw"))
+                what: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for what, runs in cpu.items()
             }
         result["stream_rounds"] = [{"save_mbps": s["mbps"], "raw_mbps": r} for s, r in rounds]
         result["device_save_1gib"] = {

@@ -46,7 +46,8 @@ def test_the_agent_widens_its_stdout_pipe_to_a_whole_frame() -> None:
         assert client.info["pipe_bytes"] == agent.PIPE_BYTES
     left, right = socket.socketpair()
     with left, right:
-        assert agent.widen_pipe(left.fileno()) is None  # not a pipe: left as it is
+        agent.widen_pipe(left.fileno())
+        assert agent.pipe_size(left.fileno()) is None  # not a pipe: left as it is
 
 
 def test_transcript_cursor_survives_a_long_lived_agent() -> None:

@@ -111,7 +111,6 @@ class Wire(object):
         self.wfd = wfd
         self.buf = bytearray()
         self.wlock = threading.Lock()
-        self.pipe_bytes = None  # stdout's pipe buffer (widen_pipe)
 
     def _fill(self):
         data = os.read(self.rfd, 1 << 20)
@@ -430,7 +429,7 @@ class Agent(object):
             "sim_dir": os.environ.get("LABS_SIM_DIR"),
             "dev_vfio": os.path.isdir("/dev/vfio"),
             "vfio_cdev": os.path.isdir("/dev/vfio/devices"),
-            "pipe_bytes": self.wire.pipe_bytes,
+            "pipe_bytes": pipe_size(self.wire.wfd),
         }
 
     def op_ping(self, args):
@@ -911,19 +910,27 @@ def _add_sys_path(entries):
     sys.path[0:0] = [e for e in entries or [] if e not in sys.path]
 
 
-def widen_pipe(fd, size=PIPE_BYTES):
-    """The fd's pipe buffer raised to `size`; its size after, or None where it is not a pipe (or stays as it was)."""
+def pipe_size(fd):
+    """The fd's pipe buffer in bytes; None where it is not a pipe."""
     try:
-        if fcntl.fcntl(fd, F_GETPIPE_SZ) < size:
-            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
         return fcntl.fcntl(fd, F_GETPIPE_SZ)
-    except (OSError, IOError):  # a socket or a tty; or over pipe-max-size: the default buffer stays
+    except (OSError, IOError):
         return None
+
+
+def widen_pipe(fd, size=PIPE_BYTES):
+    """The fd's pipe buffer raised to `size` where it is a smaller pipe."""
+    current = pipe_size(fd)
+    if current is not None and current < size:
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+        except (OSError, IOError):  # over pipe-max-size for this user: the default buffer stays
+            pass
 
 
 def main():
     wire = Wire(0, 1)
-    wire.pipe_bytes = widen_pipe(1)
+    widen_pipe(1)
     agent = Agent(wire)
 
     def _terminate(signum, _frame):
