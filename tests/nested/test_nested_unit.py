@@ -19,6 +19,7 @@ from labs.inventory.loader import load_inventory
 from labs.inventory.models import InventoryDoc
 from labs.nested import image, lifecycle, outer, recipe, vm
 from suites.conformance.conftest import peer_of
+from tests.conftest import FOREVER_S
 
 
 def test_digest_is_stable_and_short() -> None:
@@ -302,9 +303,11 @@ def test_two_labs_in_one_checkout_never_take_each_others_inventory(
     # the other lab's nested-a QEMU: a process naming its directory, as vm.Vm.pid() checks
     other = vm.Vm(lifecycle.specs()[0], tmp_path / "other")
     other.paths.dir.mkdir(parents=True)
-    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(other.paths.dir)])
+    qemu = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({FOREVER_S})", str(other.paths.dir)])
     try:
         other.paths.pidfile.write_text(f"{qemu.pid}\n")
+        # the check below needs its stand-in running: say so if it is not, rather than blame up
+        assert other.pid() == qemu.pid, f"the stand-in QEMU is not running (exit status {qemu.poll()})"
         monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "mine"))
         # past the check, up would build and boot a real lab
         monkeypatch.setattr(lifecycle, "ensure_image", lambda *_a, **_k: pytest.fail("up went past the check"))
