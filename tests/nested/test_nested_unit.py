@@ -303,10 +303,18 @@ def test_two_labs_in_one_checkout_never_take_each_others_inventory(
     # the other lab's nested-a QEMU: a process naming its directory, as vm.Vm.pid() checks
     other = vm.Vm(lifecycle.specs()[0], tmp_path / "other")
     other.paths.dir.mkdir(parents=True)
-    qemu = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({FOREVER_S})", str(other.paths.dir)])
+    # it writes its own pidfile, as QEMU's -pidfile does: right after Popen returns, /proc/PID/cmdline can still
+    # be empty (exec has not set up the new argv yet), so a pidfile written by the parent can name no lab
+    stand_in = (
+        "import os, sys, time; open(sys.argv[2], 'w').write(f'{os.getpid()}\\n'); print(flush=True); "
+        "time.sleep(int(sys.argv[3]))"
+    )
+    qemu = subprocess.Popen(
+        [sys.executable, "-c", stand_in, str(other.paths.dir), str(other.paths.pidfile), str(FOREVER_S)],
+        stdout=subprocess.PIPE,
+    )
     try:
-        other.paths.pidfile.write_text(f"{qemu.pid}\n")
-        # the check below needs its stand-in running: say so if it is not, rather than blame up
+        assert qemu.stdout is not None and qemu.stdout.readline() == b"\n", "the stand-in QEMU did not start"
         assert other.pid() == qemu.pid, f"the stand-in QEMU is not running (exit status {qemu.poll()})"
         monkeypatch.setenv("LABS_NESTED_RUN_DIR", str(tmp_path / "mine"))
         # past the check, up would build and boot a real lab
@@ -316,7 +324,7 @@ def test_two_labs_in_one_checkout_never_take_each_others_inventory(
         assert lifecycle.down(inventory) == [] and lifecycle.inventory_owner(inventory) == tmp_path / "other"
     finally:
         qemu.kill()
-        qemu.wait()
+        qemu.communicate()
 
 
 def test_status_when_down(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
