@@ -26,7 +26,14 @@ from labs.scenarios import migration as mig
 from labs.scenarios import recovery as rc
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.faulted import FaultedMigration, Trigger, migrate_under_fault
+from labs.scenarios.faulted import (
+    LANDING_ATTEMPTS,
+    FaultedMigration,
+    Trigger,
+    check_faulted,
+    land_fault,
+    migrate_under_fault,
+)
 from labs.scenarios.known import known_issue, xfail_known
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import DeviceView, Readback, SideView
@@ -308,6 +315,81 @@ def test_a_fault_that_came_too_late_is_no_verdict_and_nothing_follows(
     _vm, run = migrate_under_fault(scenario, vm, LabPair(src, dst), lambda _v: fault, "mid-flight")
     assert fault.attempted and run.following is None and len(calls) == 1
     assert run.missed == "too-late came after the job completed"
+
+
+def _late_then(monkeypatch: pytest.MonkeyPatch, late_jobs: int) -> list[MigrationOptions]:
+    """Jobs that complete before the fault reaches them `late_jobs` times, then one the fault fails, then a
+    refused following one; test:/// cannot migrate, so the outcomes are given and the retries are real."""
+    calls: list[MigrationOptions] = []
+
+    def job(vm: object, dst_hv: object, opts: MigrationOptions, on_progress: object) -> MigrationResult:
+        calls.append(opts)
+        if on_progress is None:  # the migration after the fault
+            return MigrationResult("hostA", "hostB", "late", error="refused")
+        on_progress(_job(0.2, 300_000, 900_000_000))  # type: ignore[operator]
+        if len(calls) <= late_jobs:
+            return MigrationResult("hostA", "hostB", "late", ok=True, duration=0.5)
+        return MigrationResult("hostA", "hostB", "late", error="aborted", duration=0.5)
+
+    monkeypatch.setattr(mig, "migrate", job)
+    return calls
+
+
+@pytest.mark.parametrize("late_jobs", [1, 2])
+def test_a_fault_that_missed_is_tried_again_on_a_fresh_vm_until_it_lands(
+    sim_session: LabSession, scenario: Scenario, monkeypatch: pytest.MonkeyPatch, late_jobs: int
+) -> None:
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    calls = _late_then(monkeypatch, late_jobs)
+    faults: list[TooLate] = []
+
+    def make(_vm: object) -> TooLate:
+        faults.append(TooLate("hostB"))
+        return faults[-1]
+
+    _vm, run = land_fault(scenario, LabPair(src, dst), "late", make, "mid-flight", memory_mib=None)
+    assert run.missed is None and run.earlier_misses == ["too-late came after the job completed"] * late_jobs
+    assert len(faults) == late_jobs + 1 and all(f.attempted for f in faults)
+    assert len(calls) == late_jobs + 2  # each attempt's job, then the one after the fault that landed
+    titles = [r.title for r in scenario.steps.records]
+    assert sum(t.startswith("start ") for t in titles) == late_jobs + 1
+    retries = [r for r in scenario.steps.records if "missed its window" in r.title]
+    assert len(retries) == late_jobs
+    assert all(any(d.startswith("destroyed") for d in r.detail["removed"]) for r in retries)  # type: ignore[index]
+
+
+def test_a_fault_that_missed_every_attempt_is_no_verdict_and_says_so(
+    sim_session: LabSession, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    calls = _late_then(monkeypatch, late_jobs=99)
+    _vm, run = land_fault(
+        scenario, LabPair(src, dst), "late", lambda _v: TooLate("hostB"), "mid-flight", memory_mib=None
+    )
+    assert len(calls) == LANDING_ATTEMPTS and len(run.earlier_misses) == LANDING_ATTEMPTS - 1
+    with pytest.raises(
+        pytest.skip.Exception, match=f"missed in each of {LANDING_ATTEMPTS} attempts; the last: too-late"
+    ):
+        check_faulted(run)
+
+
+def test_a_migration_the_fault_missed_is_judged_as_a_plain_one(
+    sim_session: LabSession, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job completed before the fault was due, but the VM is not where a completed migration leaves it (on
+    test:/// it never moved): that is a failure of the migration, not a missed fault, and no retry hides it."""
+    src, dst = sim_device(sim_session, "hostA"), sim_device(sim_session, "hostB")
+    calls: list[MigrationOptions] = []
+
+    def job(vm: object, dst_hv: object, opts: MigrationOptions, on_progress: object) -> MigrationResult:
+        calls.append(opts)
+        return MigrationResult("hostA", "hostB", "plain", ok=True, duration=0.5)
+
+    monkeypatch.setattr(mig, "migrate", job)
+    _vm, run = land_fault(scenario, LabPair(src, dst), "plain", lambda _v: NoteOnly("hostB"), "finish", memory_mib=None)
+    assert run.never_injected and run.missed is not None and len(calls) == 1
+    with pytest.raises(AssertionError, match=r"the migration note-only missed \(judged as a plain one\): .*hostB"):
+        check_faulted(run)
 
 
 def test_readback_problems() -> None:

@@ -15,7 +15,7 @@ from labs.faults.network import rule_tag
 from labs.inventory import LabPair
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.faulted import IN_FLIGHT_MEMORY_MIB, Trigger, check_faulted, migrate_under_fault
+from labs.scenarios.faulted import IN_FLIGHT_MEMORY_MIB, Trigger, check_faulted, land_fault, migrate_under_fault
 from labs.virt.domain import VM
 
 pytestmark = [pytest.mark.live_migration, pytest.mark.fault]
@@ -32,8 +32,7 @@ def _daemon_fault(
     host = migratable.source.host if side == "source" else migratable.destination.host
     ssh = scenario.session.ssh(host.name)
     label = f"{'stop' if fault is StopDaemon else 'kill'}{side[:3]}{trigger[:3]}"
-    vm = sr.start_vm(scenario, migratable.source, label, IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda _v: fault(ssh), trigger)
+    _vm, run = land_fault(scenario, migratable, label, lambda _v: fault(ssh), trigger)
     check_faulted(run)
 
 
@@ -78,8 +77,8 @@ def test_cut_migration_link(migratable: LabPair, scenario: Scenario) -> None:
     # than the firewall rule's round trip. LABS_CUT_BEFORE_JOB=1 cuts before (QEMU's connect then waits ~150 s
     # on the dropped SYNs before our deadline ends it).
     trigger: Trigger = "before" if os.environ.get("LABS_CUT_BEFORE_JOB") == "1" else "mid-flight"
-    vm = sr.start_vm(scenario, migratable.source, "cut", IN_FLIGHT_MEMORY_MIB if trigger != "before" else None)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, cut, trigger, timeout=STALL_TIMEOUT)
+    memory = IN_FLIGHT_MEMORY_MIB if trigger != "before" else None
+    _vm, run = land_fault(scenario, migratable, "cut", cut, trigger, memory_mib=memory, timeout=STALL_TIMEOUT)
     check_faulted(run)
     assert run.failed.result.timed_out or run.failed.result.error
 
@@ -98,7 +97,6 @@ def test_destination_host_reboots(migratable: LabPair, scenario: Scenario) -> No
     def make(_vm: VM) -> Fault:
         return RebootHost(ssh, reboot)
 
-    vm = sr.start_vm(scenario, migratable.source, "reboot", IN_FLIGHT_MEMORY_MIB)
     # a rebooted host sends nothing more: the job stalls until our deadline (or fails once the host is back)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, make, "mid-flight", timeout=STALL_TIMEOUT)
+    _vm, run = land_fault(scenario, migratable, "reboot", make, "mid-flight", timeout=STALL_TIMEOUT)
     check_faulted(run)

@@ -22,7 +22,7 @@ from labs.inventory.models import MdevDevice
 from labs.models import model_of
 from labs.scenarios import save_resume as sr
 from labs.scenarios.context import Scenario
-from labs.scenarios.faulted import IN_FLIGHT_MEMORY_MIB, Trigger, check_faulted, migrate_under_fault
+from labs.scenarios.faulted import Trigger, check_faulted, land_fault, migrate_under_fault
 from labs.scenarios.support import require
 from labs.virt.capabilities import VirtCapability
 from labs.virt.domain import VM
@@ -33,8 +33,7 @@ pytestmark = [pytest.mark.live_migration, pytest.mark.fault]
 
 def test_abort_mid_flight(migratable: LabPair, scenario: Scenario) -> None:
     require(scenario.session, [migratable.source.host], VirtCapability.ABORT_JOB)
-    vm = sr.start_vm(scenario, migratable.source, "abort", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, AbortJob, "mid-flight")
+    _vm, run = land_fault(scenario, migratable, "abort", AbortJob, "mid-flight")
     check_faulted(run)
 
 
@@ -43,8 +42,7 @@ def test_kill_destination_qemu(migratable: LabPair, scenario: Scenario, trigger:
     """mid-flight: the incoming QEMU receives data, the job fails with QEMU's error; started: as soon as the
     job runs, in whichever preparation step libvirt is (each has its own error, KillDestinationQemu)."""
     ssh = scenario.session.ssh(migratable.destination.host.name)
-    vm = sr.start_vm(scenario, migratable.source, "killdst", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillDestinationQemu(ssh, v.name), trigger)
+    _vm, run = land_fault(scenario, migratable, "killdst", lambda v: KillDestinationQemu(ssh, v.name), trigger)
     check_faulted(run)
 
 
@@ -52,15 +50,13 @@ def test_kill_source_qemu(migratable: LabPair, scenario: Scenario) -> None:
     """The source's QEMU killed while data moves: the VM is lost, nothing runs on either side, the source keeps
     its definition shut off, the devices are judged, and the VM started again migrates."""
     ssh = scenario.session.ssh(migratable.source.host.name)
-    vm = sr.start_vm(scenario, migratable.source, "killsrc", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: KillSourceQemu(ssh, v.name), "mid-flight")
+    _vm, run = land_fault(scenario, migratable, "killsrc", lambda v: KillSourceQemu(ssh, v.name), "mid-flight")
     check_faulted(run)
 
 
 def test_abort_on_destination(migratable: LabPair, scenario: Scenario) -> None:
     dst = scenario.hv(migratable.destination.host)
-    vm = sr.start_vm(scenario, migratable.source, "abortdst", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: AbortOnDestination(dst, v.name), "mid-flight")
+    _vm, run = land_fault(scenario, migratable, "abortdst", lambda v: AbortOnDestination(dst, v.name), "mid-flight")
     check_faulted(run)
 
 
@@ -68,15 +64,13 @@ def test_deadline_suspends_the_source(migratable: LabPair, scenario: Scenario) -
     """virsh migrate --timeout-suspend: at the deadline (here: while data moves) the source is paused and the
     job completes offline; then it migrates back (the `postcopy` action: post-copy refused, test_live_migration)."""
     dst = scenario.hv(migratable.destination.host)
-    vm = sr.start_vm(scenario, migratable.source, "deadline", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: MigrationDeadline(v, dst), "mid-flight")
+    _vm, run = land_fault(scenario, migratable, "deadline", lambda v: MigrationDeadline(v, dst), "mid-flight")
     check_faulted(run)
 
 
 def test_destroy_during_finish(migratable: LabPair, scenario: Scenario) -> None:
     dst = scenario.hv(migratable.destination.host)
-    vm = sr.start_vm(scenario, migratable.source, "finish", IN_FLIGHT_MEMORY_MIB)
-    _vm, run = migrate_under_fault(scenario, vm, migratable, lambda v: DestroyDuringFinish(dst, v.name), "finish")
+    _vm, run = land_fault(scenario, migratable, "finish", lambda v: DestroyDuringFinish(dst, v.name), "finish")
     check_faulted(run)
 
 
