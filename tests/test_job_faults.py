@@ -8,6 +8,7 @@ import pytest
 
 from labs.errors import InfraError
 from labs.faults import (
+    AbortJob,
     AbortOnDestination,
     DegradedLink,
     DestroyDuringFinish,
@@ -92,6 +93,23 @@ def test_a_fault_the_job_must_survive_fails_the_test_when_the_job_fails() -> Non
     assert problems[0] == "migration under abort-on-destination failed; it should have completed: operation failed"
     assert "after abort-on-destination: d should run exactly once, on hostB; runs on ['hostA']" in problems
     assert "no following migration was run" in _run(fault, ok=True, following=False).problems
+
+
+def test_a_fault_is_missed_only_when_it_never_met_a_job_that_completed() -> None:
+    """Never injected and the job completed: no verdict; never injected and the job failed by itself: a failure;
+    injected and the job completed anyway: judged by the fault's outcome, not missed."""
+    never = bare(AbortJob)
+    never._attempted = False
+    run = _run(never, ok=True)
+    first = {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_processed": 1, "data_remaining": 5}
+    run.failed.result.samples = [JobSample(0.2, {**first, "data_processed": 0}), JobSample(0.4, first)]
+    assert run.missed is not None and "the first sample with data sent, at 0.4s, had 5 bytes left" in run.missed
+    failed = _run(never, ok=False)
+    assert failed.missed is None
+    assert failed.problems[0] == "the migration failed before abort-job was injected: operation failed"
+    landed = _run(bare(AbortJob), ok=True)
+    assert landed.missed is None
+    assert "migration under abort-job succeeded; it should have failed" in landed.problems
 
 
 @pytest.mark.parametrize("cls", [StopDaemon, DegradedLink])

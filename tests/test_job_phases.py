@@ -47,3 +47,7 @@ def test_phases() -> None:
 def test_a_fault_is_due_only_in_the_phase_it_is_meant_for(trigger: str, lands_at: list[JobSample]) -> None:
     every = [SETUP, ITERATING, SENT, STOP_COPY, FINISH, COMPLETING]
     assert [s for s in every if due(trigger, s)] == lands_at  # type: ignore[arg-type]
+
+
+def test_a_mid_flight_fault_is_due_while_a_byte_is_left_to_send() -> None:
+    assert due("mid-flight", sample(9299, 1)) and not due("mid-flight", sample(9300, 0))

@@ -522,6 +522,7 @@ def test_a_completed_migration_must_move_the_devices_whole_state() -> None:
     assert leg(80).problems == ["the migration moved 80 device bytes, not the devices' state of 96"]
     assert leg(112).problems == ["the migration moved 112 device bytes, not the devices' state of 96"]
     assert leg(4252, multifd=True).problems == []  # multifd's packet framing is counted with the bytes
+    assert leg(96, multifd=True).problems == []  # exactly the state: nothing framed it, nothing short
     assert leg(80, multifd=True).problems == [
         "the migration moved 80 device bytes over multifd, less than the devices' state (96)"
     ]

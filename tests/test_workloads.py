@@ -230,3 +230,11 @@ def test_a_guest_pause_over_the_downtime_budget_fails_the_leg_that_libvirt_passe
         "(libvirt's downtime: 805 ms)"
     ]
     assert leg(short).downtime_problems == []
+    at_most = leg(reading)  # the boundary: at least 8 s by the guest's clock keeps to 8000 ms, not to 7999 ms
+    at_most.downtime_budget_ms = 8000
+    assert at_most.downtime_problems == []
+    at_most.downtime_budget_ms = 7999
+    assert at_most.downtime_problems == [
+        "the guest stood still at least 8 s by its clock, over the lab's downtime budget of 7999 ms "
+        "(libvirt's downtime: 805 ms)"
+    ]
