@@ -28,7 +28,7 @@ from labs.scenarios.context import Scenario
 from labs.scenarios.faulted import FaultedMigration, check_faulted, expectation, migrate_under_fault
 from labs.scenarios.full_save import FailedSave
 from labs.scenarios.migration import Leg
-from labs.scenarios.readback import Readback, SideView
+from labs.scenarios.readback import DeviceView, Readback, SideView
 from labs.session import LabSession
 from labs.virt.domain import VM, hypervisor
 from labs.virt.events import DomainEvent
@@ -220,6 +220,20 @@ def test_a_save_to_a_full_filesystem_must_fail_with_its_error_and_leave_the_vm_r
     assert "the save under a full filesystem succeeded" in full.problems
     full.state_after = "paused"
     assert "after the failed save the VM is paused, not running" in full.problems
+    full.readback = Readback("d", [SideView("hostA", "absent")])  # the VM gone after the failed save
+    assert "after the failed save: d should run exactly once, on hostA; runs on no host" in full.problems
+
+
+def test_a_failed_save_carries_the_known_issues_of_both_readbacks() -> None:
+    fault = FullFilesystem.__new__(FullFilesystem)
+    Fault.__init__(fault, "hostA:/var/tmp/labs-full/x")
+
+    def rb(known: str) -> Readback:
+        return Readback("d", [SideView("hostA", "running")], [DeviceView("hostA:x", state="RUNNING", known=known)])
+
+    following = sr.SaveResumeResult(vm=None, readbacks=[rb("K2")])  # type: ignore[arg-type]
+    full = FailedSave(fault, "hostA", "no space", libvirt.VIR_FROM_QEMU, 1, "running", rb("K1"), following)
+    assert full.known_issues == ["K1", "K2"]
 
 
 class _NoDomain(libvirt.libvirtError):

@@ -100,6 +100,9 @@ def test_viommu_refusal_judged_by_error_domain_and_code() -> None:
     assert viommu.refusal_problems(viommu.Refusal("")) != []  # migrated: the blocker did not apply
     wrong = viommu.refusal_problems(viommu.Refusal("start", libvirt.VIR_FROM_RPC, libvirt.VIR_ERR_SYSTEM_ERROR, "x"))
     assert wrong and "VIR_FROM_RPC" in wrong[0]
+    # the domain and the code must both match: one right is not enough
+    assert viommu.refusal_problems(viommu.Refusal("start", libvirt.VIR_FROM_QEMU, libvirt.VIR_ERR_SYSTEM_ERROR, "x"))
+    assert viommu.refusal_problems(viommu.Refusal("start", libvirt.VIR_FROM_RPC, libvirt.VIR_ERR_INTERNAL_ERROR, "x"))
 
 
 # What QEMU 10's log backend writes (pid@time prefix), and QEMU 8's numbered form

@@ -37,6 +37,7 @@ from labs.scenarios.faulted import (
 from labs.scenarios.known import known_issue, xfail_known
 from labs.scenarios.migration import Leg
 from labs.scenarios.readback import DeviceView, Readback, SideView
+from labs.scenarios.roundtrip import ContentCheck
 from labs.scenarios.support import skip_where_no_device
 from labs.session import LabSession
 from labs.vfio.client import AgentInfraError, AgentOSError
@@ -427,6 +428,57 @@ def test_device_round_trip_through_the_agent(sim_session: LabSession, scenario: 
     assert rt.problems == [] and rt.check is not None and rt.check.undecided is None
     assert rt.check.before != rt.check.source_content == rt.check.after and rt.check.state_after == "RUNNING"
     assert any("through the agent" in s.title for s in scenario.steps.records)
+
+
+def _recovered(**changes: Any) -> rc.Recovery:
+    """A device the knob put in ERROR, every transition refused there, RESET back to RUNNING, the old data_fd
+    dead, and a save/resume cycle that carried its content."""
+    cycle = ContentCheck("a", "b", "digest", True, source_content="x", before="y", after="x", state_after="RUNNING")
+    fields: dict[str, Any] = {
+        "entered": "ERROR",
+        "entry_error": "AgentOSError: set_state: EIO",
+        "refusals": {"STOP": "EINVAL", "RUNNING": "EINVAL"},
+        "states_seen": {"STOP": "ERROR", "RUNNING": "ERROR"},
+        "after_reset": "RUNNING",
+        "old_fd": "EBADF",
+        "cycle": [cycle],
+        "state_after_cycle": "RUNNING",
+    }
+    return rc.Recovery("hostA:simv2", "knob", **(fields | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({}, None),
+        ({"entered": None}, "hostA:simv2: the fault (knob) did not run"),
+        ({"entered": "STOP", "states_seen": {"STOP": "STOP", "RUNNING": "STOP"}}, "armed to land in ERROR left STOP"),
+        ({"entry_error": None}, "the knob fault was accepted; the device is ERROR"),
+        ({"entered": "RUNNING", "states_seen": {"STOP": "RUNNING", "RUNNING": "RUNNING"}}, "RUNNING after a refused"),
+        ({"refusals": {"STOP": "ACCEPTED"}, "states_seen": {"STOP": "ERROR"}}, "ERROR -> STOP was accepted"),
+        ({"states_seen": {"STOP": "STOP", "RUNNING": "ERROR"}}, "ERROR -> STOP refused but the state is now STOP"),
+        ({"after_reset": "ERROR"}, "ERROR after VFIO_DEVICE_RESET, not RUNNING"),
+        ({"old_fd": "ACCEPTED"}, "the old data_fd still works after the reset"),
+        ({"state_after_cycle": "STOP"}, "STOP after the save/resume cycle"),
+        ({"cycle": []}, "no save/resume cycle was made after the recovery"),
+    ],
+)
+def test_a_recovery_from_error_is_judged_on_every_step(changes: dict[str, Any], problem: str | None) -> None:
+    """Each step of the recovery verdict (V2-R14/R15/R16, V1-R9/R17/R19) fails a device that breaks only it."""
+    problems = _recovered(**changes).problems
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
+
+
+def test_a_stream_refused_into_resuming_is_a_recovery_entry_too() -> None:
+    """Only the knob is armed to land in ERROR: a refused stream may leave the device RESUMING."""
+    stream = _recovered(entered="RESUMING", states_seen={"STOP": "RESUMING", "RUNNING": "RESUMING"})
+    stream.entry = "truncate"
+    assert stream.problems == []
+    no_cycle_after_a_failed_reset = _recovered(after_reset="ERROR", old_fd="ACCEPTED", cycle=[])
+    assert len(no_cycle_after_a_failed_reset.problems) == 1  # the cycle's checks need a device that recovered
 
 
 def test_recovery_counts_only_an_errno_as_a_refusal() -> None:
