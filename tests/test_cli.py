@@ -151,7 +151,11 @@ def test_lowprio_ends_the_command_when_its_caller_dies_without_a_word(tmp_path: 
 def _descendants(pid: int) -> set[int]:
     found, todo = set[int](), [pid]
     while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+        try:
+            tasks = list(Path(f"/proc/{todo.pop()}/task").iterdir())
+        except OSError:  # it exited after its parent named it
+            continue
+        for task in tasks:
             try:
                 kids = {int(k) for k in (task / "children").read_text().split()}
             except OSError:
